@@ -1,0 +1,66 @@
+"""The edgeloop wire contract, defined once and imported by the server and the agent.
+
+Everything that crosses a process boundary is described here: the signed model manifest and its
+envelope, the MQTT topic names, and the JSON messages on those topics and on the HTTP API that
+devices call. The module depends on the standard library and ``cryptography`` only, so an edge
+device can import it without the server's or the trainer's dependencies.
+
+Exception tree::
+
+    ContractError                 (bad content: never retried, always reported)
+    ├── SignatureError            (envelope not signed by a trusted key, or malformed)
+    ├── ManifestError             (signed payload does not describe a valid manifest)
+    └── MessageError              (an MQTT/HTTP message does not match its schema)
+"""
+
+from contract._errors import ContractError, ManifestError, MessageError, SignatureError
+from contract.envelope import (
+    PAYLOAD_TYPE,
+    SignedEnvelope,
+    key_id,
+    load_private_key,
+    load_public_key,
+    pae,
+    sign_payload,
+    verify_envelope,
+)
+from contract.manifest import OUTPUT_NAME, ArtifactRef, InputSpec, Manifest, verify_manifest
+from contract.messages import (
+    DeviceState,
+    MetricsReport,
+    SampleRecord,
+    StatusReport,
+    TargetMessage,
+    decode_input,
+    encode_input,
+)
+from contract.topics import TOPIC_PREFIX, Topics
+
+__all__ = [
+    "OUTPUT_NAME",
+    "PAYLOAD_TYPE",
+    "TOPIC_PREFIX",
+    "ArtifactRef",
+    "ContractError",
+    "DeviceState",
+    "InputSpec",
+    "Manifest",
+    "ManifestError",
+    "MessageError",
+    "MetricsReport",
+    "SampleRecord",
+    "SignatureError",
+    "SignedEnvelope",
+    "StatusReport",
+    "TargetMessage",
+    "Topics",
+    "decode_input",
+    "encode_input",
+    "key_id",
+    "load_private_key",
+    "load_public_key",
+    "pae",
+    "sign_payload",
+    "verify_envelope",
+    "verify_manifest",
+]

@@ -1,0 +1,245 @@
+"""JSON messages exchanged between devices and the server.
+
+Each message is a frozen dataclass with ``to_dict`` and a validating ``from_dict`` that raises
+``MessageError`` naming the offending field. The server's pydantic schemas mirror these for the
+OpenAPI document; these dataclasses are the source of truth for field names.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+from contract._errors import MessageError
+from contract.topics import valid_device_id
+
+# Limits on what one message may carry.
+MAX_MESSAGE_BYTES = 256 * 1024  # bytes, one MQTT status/metrics message
+MAX_REASON_CHARS = 1000  # characters in a free-text reason
+MAX_INPUT_VALUES = 1 << 20  # values in one sample's input tensor
+
+
+class DeviceState(StrEnum):
+    """Where a device stands with an update (Mender/AWS IoT Jobs vocabulary)."""
+
+    IDLE = "idle"
+    NOTIFIED = "notified"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    INSTALLING = "installing"
+    INSTALLED = "installed"  # swapped in and serving
+    COMMITTED = "committed"  # kept after its watch window (immediately, until probation exists)
+    ALREADY_INSTALLED = "already_installed"
+    REFUSED = "refused"  # failed a signature, hash, size, version or targeting check
+    FAILED = "failed"  # transient or runtime failure (download, load)
+    ROLLED_BACK = "rolled_back"
+
+
+def _field(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...], *, optional=False):
+    if name not in data or data[name] is None:
+        if optional:
+            return None
+        raise MessageError(f"missing field {name!r}")
+    value = data[name]
+    if isinstance(value, bool) and kind is not bool and bool not in (
+        kind if isinstance(kind, tuple) else (kind,)
+    ):
+        raise MessageError(f"field {name!r} must be {getattr(kind, '__name__', kind)}")
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise MessageError(f"field {name!r} must be {names}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise MessageError(f"field {name!r} must be finite")
+    return value
+
+
+def _device_id(data: Mapping[str, Any]) -> str:
+    device_id = _field(data, "device_id", str)
+    if not valid_device_id(device_id):
+        raise MessageError("device_id must be 1-128 of [A-Za-z0-9._:-] starting alphanumeric")
+    return device_id
+
+
+def _as_mapping(data: Any) -> Mapping[str, Any]:
+    if isinstance(data, bytes | str):
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise MessageError(f"message is {len(data)} bytes, limit {MAX_MESSAGE_BYTES}")
+        try:
+            data = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MessageError(f"message is not JSON: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise MessageError("message must be a JSON object")
+    return data
+
+
+@dataclass(frozen=True)
+class TargetMessage:
+    """Server -> device: run this signed release. ``artifact_url`` is only a hint."""
+
+    model_line: str
+    envelope: dict[str, Any]  # SignedEnvelope.to_dict(); the device verifies it
+    artifact_url: str
+    rollout_id: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TargetMessage:
+        d = _as_mapping(data)
+        return cls(
+            model_line=_field(d, "model_line", str),
+            envelope=dict(_field(d, "envelope", dict)),
+            artifact_url=_field(d, "artifact_url", str),
+            rollout_id=_field(d, "rollout_id", int, optional=True),
+        )
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """Device -> server: a step of an update, or the state it settled in."""
+
+    device_id: str
+    ts: float  # unix seconds, device clock
+    state: DeviceState
+    model_line: str
+    model_version: int | None  # the model the device serves right now
+    release: int | None  # highest release the device has accepted
+    rollout_id: int | None = None
+    target_release: int | None = None  # the release this report is about
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["state"] = self.state.value
+        return d
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_dict(cls, data: Any) -> StatusReport:
+        d = _as_mapping(data)
+        state = _field(d, "state", str)
+        try:
+            state_enum = DeviceState(state)
+        except ValueError as exc:
+            allowed = ", ".join(s.value for s in DeviceState)
+            raise MessageError(f"state {state!r} is not one of: {allowed}") from exc
+        reason = _field(d, "reason", str, optional=True)
+        if reason is not None and len(reason) > MAX_REASON_CHARS:
+            reason = reason[:MAX_REASON_CHARS]
+        return cls(
+            device_id=_device_id(d),
+            ts=float(_field(d, "ts", (int, float))),
+            state=state_enum,
+            model_line=_field(d, "model_line", str),
+            model_version=_field(d, "model_version", int, optional=True),
+            release=_field(d, "release", int, optional=True),
+            rollout_id=_field(d, "rollout_id", int, optional=True),
+            target_release=_field(d, "target_release", int, optional=True),
+            reason=reason,
+        )
+
+
+@dataclass(frozen=True)
+class MetricsReport:
+    """Device -> server: live metrics of one model version over one window."""
+
+    device_id: str
+    ts: float  # unix seconds at the end of the window, device clock
+    model_line: str
+    model_version: int
+    window_s: float  # seconds covered
+    inferences: int
+    errors: int  # inferences that raised
+    labelled: int  # inferences whose ground truth arrived in this window
+    correct: int  # of those, how many the model got right
+    latency_ms_p50: float
+    latency_ms_p95: float
+    rollout_id: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_dict(cls, data: Any) -> MetricsReport:
+        d = _as_mapping(data)
+        counts = {k: _field(d, k, int) for k in ("inferences", "errors", "labelled", "correct")}
+        if any(v < 0 for v in counts.values()):
+            raise MessageError("counts must be >= 0")
+        if counts["correct"] > counts["labelled"]:
+            raise MessageError("correct must not exceed labelled")
+        if counts["errors"] > counts["inferences"]:
+            raise MessageError("errors must not exceed inferences")
+        p50 = float(_field(d, "latency_ms_p50", (int, float)))
+        p95 = float(_field(d, "latency_ms_p95", (int, float)))
+        window = float(_field(d, "window_s", (int, float)))
+        if p50 < 0 or p95 < 0 or window <= 0:
+            raise MessageError("latencies must be >= 0 and window_s > 0")
+        return cls(
+            device_id=_device_id(d),
+            ts=float(_field(d, "ts", (int, float))),
+            model_line=_field(d, "model_line", str),
+            model_version=_field(d, "model_version", int),
+            window_s=window,
+            latency_ms_p50=p50,
+            latency_ms_p95=p95,
+            rollout_id=_field(d, "rollout_id", int, optional=True),
+            **counts,
+        )
+
+
+def encode_input(x: np.ndarray) -> str:
+    """Base64 of the little-endian float32 bytes of one sample's input."""
+    return base64.b64encode(np.ascontiguousarray(x, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_input(b64: str, expected_values: int) -> np.ndarray:
+    """Inverse of ``encode_input``; checks the value count. Raises MessageError."""
+    if expected_values > MAX_INPUT_VALUES:
+        raise MessageError(f"input of {expected_values} values exceeds {MAX_INPUT_VALUES}")
+    if len(b64) > (expected_values * 4 * 4) // 3 + 8:
+        raise MessageError(f"input is longer than {expected_values} float32 values")
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MessageError("input is not valid base64") from exc
+    if len(raw) != expected_values * 4:
+        raise MessageError(
+            f"input holds {len(raw) // 4} float32 values, the model line expects {expected_values}"
+        )
+    return np.frombuffer(raw, dtype="<f4")
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """Device -> server (HTTP): one captured sample the model got wrong or was unsure of."""
+
+    sample_id: str  # globally unique (uuid4 hex); makes uploads idempotent
+    device_id: str
+    model_line: str
+    model_version: int
+    input_b64: str  # encode_input(x)
+    true_label: int
+    predicted_label: int
+    confidence: float  # top-class probability, 0..1
+    captured_at: float  # unix seconds, device clock
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

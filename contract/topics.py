@@ -1,0 +1,56 @@
+"""MQTT topic names. One place, so server ACLs, agents and tests cannot disagree.
+
+Direction and QoS:
+
+- ``{prefix}/devices/{device_id}/target``   server -> device, QoS 1, retained. The current signed
+  target (TargetMessage). Retained so that a device that was offline converges on reconnect.
+- ``{prefix}/devices/{device_id}/status``   device -> server, QoS 1. Update progress (StatusReport).
+- ``{prefix}/devices/{device_id}/metrics``  device -> server, QoS 0. Live metrics (MetricsReport).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+TOPIC_PREFIX = "edgeloop/v1"
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+def valid_device_id(device_id: str) -> bool:
+    """Device ids are also topic levels: no '/', '+', '#', and at most 128 characters."""
+    return bool(_DEVICE_ID.match(device_id))
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str = TOPIC_PREFIX
+
+    def target(self, device_id: str) -> str:
+        return f"{self.prefix}/devices/{device_id}/target"
+
+    def status(self, device_id: str) -> str:
+        return f"{self.prefix}/devices/{device_id}/status"
+
+    def metrics(self, device_id: str) -> str:
+        return f"{self.prefix}/devices/{device_id}/metrics"
+
+    @property
+    def all_status(self) -> str:
+        return f"{self.prefix}/devices/+/status"
+
+    @property
+    def all_metrics(self) -> str:
+        return f"{self.prefix}/devices/+/metrics"
+
+    def parse(self, topic: str) -> tuple[str, str] | None:
+        """Split a device topic into (device_id, kind); None if it is not one of ours."""
+        head = f"{self.prefix}/devices/"
+        if not topic.startswith(head):
+            return None
+        rest = topic[len(head) :].split("/")
+        if len(rest) != 2 or not valid_device_id(rest[0]):
+            return None
+        if rest[1] not in ("target", "status", "metrics"):
+            return None
+        return rest[0], rest[1]

@@ -1,0 +1,1 @@
+"""edgeloop training: versioned datasets, trainers, champion/challenger gate, ONNX export."""
