@@ -9,81 +9,29 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from firmware_sim.services import Mosquitto, free_port, wait_port  # noqa: F401 (re-exported)
+
 PG_URL = os.environ.get(
     "EDGELOOP_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
-
-
-@dataclass
-class Broker:
-    """A real mosquitto process; ``stop()``/``start()`` simulate a broker outage."""
-
-    port: int
-    workdir: Path
-    proc: subprocess.Popen | None = None
-
-    @property
-    def host(self) -> str:
-        return "127.0.0.1"
-
-    def start(self) -> None:
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
-            f"persistence_location {self.workdir}/\n"
-            "max_queued_messages 100000\n"
-        )
-        self.proc = subprocess.Popen(
-            [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        wait_port(self.port)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
-
-
 @pytest.fixture
-def broker(tmp_path_factory) -> Iterator[Broker]:
-    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
-        pytest.fail("mosquitto is not installed: run scripts/setup.sh")
-    b = Broker(port=free_port(), workdir=tmp_path_factory.mktemp("mosquitto"))
-    b.start()
+def broker(tmp_path_factory) -> Iterator[Mosquitto]:
+    """A real mosquitto on a free port; ``.stop()``/``.start()`` simulate a broker outage."""
+    try:
+        b = Mosquitto(tmp_path_factory.mktemp("mosquitto")).start()
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
     yield b
     b.stop()
 

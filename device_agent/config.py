@@ -1,0 +1,177 @@
+"""Agent configuration: one dataclass holding every limit, each with its unit.
+
+``load_config`` reads a JSON file whose keys are the field names of ``AgentConfig``, except that
+trusted keys are given as ``trusted_key_files`` (PEM paths, relative to the config file). Any field
+can be overridden by an environment variable ``EDGELOOP_AGENT_<FIELD>`` (upper case); for
+``trusted_key_files`` the variable holds paths separated by ``os.pathsep``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from contract.envelope import load_public_key
+from contract.topics import valid_device_id
+from device_agent.errors import ConfigError
+
+AGENT_VERSION = "0.1.0"
+ENV_PREFIX = "EDGELOOP_AGENT_"
+MiB = 1024 * 1024
+
+
+@dataclass
+class AgentConfig:
+    """Everything one agent needs. No global state: 20+ agents may share a process."""
+
+    device_id: str
+    model_line: str
+    server_url: str = "http://127.0.0.1:8000"
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_keepalive_s: int = 30  # seconds between MQTT pings
+    mqtt_session_expiry_s: int = 7 * 24 * 3600  # seconds the broker keeps our session offline
+    mqtt_reconnect_min_s: float = 1.0  # seconds, first MQTT reconnect delay
+    mqtt_reconnect_max_s: float = 60.0  # seconds, cap on the MQTT reconnect delay
+    state_dir: Path = Path(".edgeloop/agent")
+    trusted_keys: list[bytes] = field(default_factory=list)  # PEM Ed25519 public keys
+    signature_threshold: int = 1  # distinct trusted signatures a manifest needs
+    hardware: str = "sim"
+    agent_version: str = AGENT_VERSION
+    intra_op_num_threads: int = 1  # ONNX Runtime threads per inference session
+    # Capture of samples worth retraining on.
+    confidence_floor: float = 0.6  # probability: capture if the top-class confidence is below
+    capture_wrong: bool = True  # capture when ground truth disagrees with the prediction
+    pending_labels_max: int = 10_000  # predictions awaiting ground truth; the oldest is dropped
+    upload_batch_max: int = 200  # samples per upload batch (one spool file)
+    upload_interval_s: float = 1.0  # seconds between upload attempts
+    upload_backoff_cap_s: float = 60.0  # seconds, cap on the upload retry delay
+    spool_max_bytes: int = 64 * MiB  # bytes of spooled batches; the oldest batch is dropped
+    metrics_interval_s: float = 5.0  # seconds per metrics window
+    latency_samples_max: int = 10_000  # latencies kept per window and model version
+    # Network.
+    http_timeout_s: float = 10.0  # seconds, connect/read timeout of every HTTP request
+    download_chunk_bytes: int = 64 * 1024  # bytes read per chunk while streaming an artifact
+    max_artifact_bytes: int = 256 * MiB  # bytes, hard cap enforced while streaming
+    download_retries: int = 4  # extra attempts after a failed download
+    backoff_base_s: float = 0.5  # seconds, first retry delay (doubles per attempt)
+    backoff_cap_s: float = 30.0  # seconds, cap on one retry delay (before jitter)
+    connect_retry_s: float = 5.0  # seconds between register / target-poll attempts
+    update_retry_s: float = 30.0  # seconds before a FAILED (transient) target is retried
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir)
+        if not valid_device_id(self.device_id):
+            raise ConfigError(f"device_id {self.device_id!r} is not a valid topic level")
+        if not self.model_line:
+            raise ConfigError("model_line is required")
+        if not 0.0 <= self.confidence_floor <= 1.0:
+            raise ConfigError("confidence_floor must be within 0..1")
+        for name in (
+            "pending_labels_max",
+            "upload_batch_max",
+            "spool_max_bytes",
+            "download_chunk_bytes",
+            "max_artifact_bytes",
+            "intra_op_num_threads",
+            "signature_threshold",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+        self.server_url = self.server_url.rstrip("/")
+
+
+def _coerce(name: str, kind: str, raw: str) -> Any:
+    """Turn an environment string into the field's type (annotations are strings here)."""
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == "Path":
+            return Path(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from exc
+    return raw
+
+
+def _read_keys(paths: list[Any], base: Path) -> list[bytes]:
+    keys: list[bytes] = []
+    for p in paths:
+        path = Path(p) if Path(p).is_absolute() else base / p
+        try:
+            pem = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read trusted key {path}: {exc}") from exc
+        try:
+            load_public_key(pem)
+        except Exception as exc:
+            raise ConfigError(f"{path} is not an Ed25519 public key: {exc}") from exc
+        keys.append(pem)
+    return keys
+
+
+def config_from_mapping(
+    data: Mapping[str, Any], *, base: Path, env: Mapping[str, str] | None = None
+) -> AgentConfig:
+    """Build a config from parsed JSON plus environment overrides (``env`` defaults to os.environ).
+
+    Raises:
+        ConfigError: unknown key, bad value or unreadable key file.
+    """
+    env = os.environ if env is None else env
+    known = {f.name: f for f in fields(AgentConfig)}
+    values: dict[str, Any] = {}
+    key_files: list[Any] = []
+    for key, value in data.items():
+        if key == "trusted_key_files":
+            if not isinstance(value, list):
+                raise ConfigError("trusted_key_files must be a list of paths")
+            key_files = list(value)
+        elif key == "trusted_keys":
+            raise ConfigError("give trusted keys as trusted_key_files (PEM paths)")
+        elif key in known:
+            values[key] = value
+        else:
+            raise ConfigError(f"unknown config key {key!r}")
+    for name, f in known.items():
+        raw = env.get(f"{ENV_PREFIX}{name.upper()}")
+        if raw is not None and name != "trusted_keys":
+            values[name] = _coerce(name, str(f.type), raw)
+    raw_keys = env.get(f"{ENV_PREFIX}TRUSTED_KEY_FILES")
+    if raw_keys is not None:
+        key_files, base = [p for p in raw_keys.split(os.pathsep) if p], Path.cwd()
+    values["trusted_keys"] = _read_keys(key_files, base)
+    if "state_dir" in values:
+        sd = Path(values["state_dir"])
+        values["state_dir"] = sd if sd.is_absolute() else base / sd
+    try:
+        return AgentConfig(**values)
+    except TypeError as exc:
+        raise ConfigError(f"invalid config: {exc}") from exc
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read an agent config JSON file, applying ``EDGELOOP_AGENT_<FIELD>`` overrides.
+
+    Raises:
+        ConfigError: the file is unreadable or invalid.
+    """
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read config {p}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError("config must be a JSON object")
+    return config_from_mapping(data, base=p.resolve().parent, env=env)

@@ -1,0 +1,98 @@
+"""Exception family of the device agent.
+
+Two roots matter to callers: *bad content* is never retried and is reported as REFUSED; *bad
+transport* is transient, retried with backoff, and reported as FAILED once retries run out.
+Foreign errors (contract, httpx, onnxruntime) are translated at the boundary with
+``raise ... from exc`` so callers only ever see this family::
+
+    AgentError
+    ├── ContentError                 (bad content: REFUSED, never retried)
+    │   ├── SignatureInvalidError    (envelope malformed or not signed by a trusted key)
+    │   ├── ManifestInvalidError     (signed payload is not a valid manifest)
+    │   ├── ExpiredManifestError     (manifest past its expires_at)
+    │   ├── ModelLineMismatchError   (target is for another model line)
+    │   ├── RollbackRefusedError     (release lower than the highest accepted)
+    │   ├── LengthError              (artifact larger/smaller than signed, or over the cap)
+    │   └── HashMismatchError        (artifact bytes do not match the signed sha256)
+    ├── TransportError               (network, HTTP status, timeouts: retryable, FAILED)
+    ├── ModelLoadError               (verified artifact does not load or has the wrong shape)
+    ├── NoModelError                 (predict before any model serves)
+    ├── UnknownPredictionError       (feedback for a prediction id not held, or evicted)
+    └── ConfigError                  (agent configuration is invalid)
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Root of every error the device agent raises."""
+
+
+class ContentError(AgentError):
+    """The content offered is unacceptable. Retrying the same bytes cannot help."""
+
+
+class SignatureInvalidError(ContentError):
+    """The manifest envelope is malformed or lacks a valid signature from a trusted key."""
+
+
+class ManifestInvalidError(ContentError):
+    """The signed payload does not describe a valid manifest."""
+
+
+class ExpiredManifestError(ContentError):
+    """The manifest is validly signed but past its ``expires_at``."""
+
+
+class ModelLineMismatchError(ContentError):
+    """The target or manifest names a model line this device does not serve."""
+
+
+class RollbackRefusedError(ContentError):
+    """The release is lower than the highest release this device has accepted."""
+
+
+class LengthError(ContentError):
+    """The artifact size differs from the signed size, or exceeds the configured cap."""
+
+
+class HashMismatchError(ContentError):
+    """The artifact's sha256 differs from the signed one."""
+
+
+class TransportError(AgentError):
+    """A network operation failed (connection, HTTP status, timeout). Transient: retry later."""
+
+
+class ModelLoadError(AgentError):
+    """A verified artifact could not be turned into a working inference session."""
+
+
+class NoModelError(AgentError):
+    """No verified model is serving yet."""
+
+
+class UnknownPredictionError(AgentError):
+    """Feedback names a prediction id the agent does not hold (never made, or evicted)."""
+
+
+class ConfigError(AgentError):
+    """The agent configuration is invalid."""
+
+
+__all__ = [
+    "AgentError",
+    "ConfigError",
+    "ContentError",
+    "ExpiredManifestError",
+    "HashMismatchError",
+    "LengthError",
+    "ManifestInvalidError",
+    "ModelLineMismatchError",
+    "ModelLoadError",
+    "NoModelError",
+    "RollbackRefusedError",
+    "SignatureInvalidError",
+    "TransportError",
+    "UnknownPredictionError",
+]

@@ -1,0 +1,322 @@
+"""The closed loop, end to end, on real parts: ``python -m firmware_sim.demo``.
+
+Starts its own Mosquitto and edgeloop server, boots a fleet of simulated devices (each a real
+agent with its own MQTT session), and walks the loop: healthy fleet -> drift -> misclassified
+samples flow in -> threshold -> retraining -> gate -> signing -> operator approval (through the
+``edgeloop`` CLI) -> canary -> full rollout. Prints a summary and exits non-zero when the loop did
+not close or did not help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from firmware_sim.fleet import Fleet, FleetConfig, Inputs, Tally
+from firmware_sim.services import Mosquitto, ServerProcess
+
+BOLD, DIM, GREEN, RED, RESET = "\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[0m"
+
+
+class LoopDidNotClose(RuntimeError):
+    """The demo's loop stopped somewhere; the message says where."""
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def phase(n: int, title: str) -> None:
+    say(f"\n{BOLD}[{n}] {title}{RESET}")
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise LoopDidNotClose(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@dataclass
+class Options:
+    devices: int
+    threshold: int
+    canary_percent: int
+    rate_hz: float
+    measure_rounds: int
+    trainer: str
+    workdir: Path | None
+    keep: bool
+    timeout_s: float
+
+
+class Demo:
+    def __init__(self, opts: Options) -> None:
+        self.o = opts
+        self.root = opts.workdir or Path(tempfile.mkdtemp(prefix="edgeloop-demo-"))
+        self.broker = Mosquitto(self.root / "mosquitto")
+        self.server: ServerProcess | None = None
+        self.fleet: Fleet | None = None
+        self.http = httpx.Client(timeout=10.0)
+
+    # Server API helpers ----------------------------------------------------------------------
+
+    @property
+    def api(self) -> str:
+        assert self.server is not None
+        return f"{self.server.url}/api/v1"
+
+    def get(self, path: str) -> Any:
+        r = self.http.get(f"{self.api}{path}")
+        r.raise_for_status()
+        return r.json()
+
+    def line(self) -> dict[str, Any]:
+        return self.get("/model-lines/digits")
+
+    def cli(self, *args: str) -> str:
+        """Run the operator CLI, exactly as a person would."""
+        assert self.server is not None
+        cmd = [sys.executable, "-m", "server.cli", "--server", self.server.url, *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise LoopDidNotClose(f"`edgeloop {' '.join(args)}` failed: {done.stderr or done.stdout}")
+        return done.stdout
+
+    # The loop ----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        o = self.o
+        t_start = time.monotonic()
+        phase(0, "Control plane: Mosquitto, edgeloop server, initial model")
+        self.broker.start()
+        say(f"  mosquitto on 127.0.0.1:{self.broker.port}")
+        self.server = ServerProcess(
+            self.root / "server",
+            mqtt_port=self.broker.port,
+            env={
+                "EDGELOOP_BOOTSTRAP_LINE": "digits",
+                "EDGELOOP_BOOTSTRAP_TRAINER": o.trainer,
+                "EDGELOOP_RETRAIN_THRESHOLD": str(o.threshold),
+                "EDGELOOP_CANARY_PERCENT": str(o.canary_percent),
+                "EDGELOOP_MIN_LABELLED": "60",
+                "EDGELOOP_CANARY_MIN_SOAK_S": "4",
+                "EDGELOOP_ROLLOUT_TICK_S": "1",
+            },
+        ).start()
+        say(f"  server on {self.server.url} (data in {self.server.data_dir})")
+        v1 = wait_for(
+            "the initial model (v1) to be trained, signed and released",
+            lambda: (ln := self.line()).get("champion_version") and ln,
+            timeout=300,
+        )
+        say(f"  model line 'digits': champion v{v1['champion_version']}, release {v1['current_release']}")
+        say("  building the field inputs (clean and drifted with torchvision) ...")
+        inputs = Inputs.build()
+
+        phase(1, f"Fleet: {o.devices} simulated devices, each a real agent with its own MQTT session")
+        self.fleet = Fleet(
+            FleetConfig(
+                server_url=self.server.url,
+                mqtt_host="127.0.0.1",
+                mqtt_port=self.broker.port,
+                trusted_keys=[self.server.public_key_path.read_bytes()],
+                state_root=self.root / "devices",
+                devices=o.devices,
+                metrics_interval_s=1.0,
+            ),
+            inputs,
+        )
+        self.fleet.start()
+        if not self.fleet.wait_ready(120):
+            raise LoopDidNotClose("devices did not install the initial model")
+        say(f"  all {o.devices} devices verified and serve v{v1['champion_version']}")
+
+        phase(2, "Healthy fleet: clean inputs")
+        healthy = self.fleet.run_rounds(o.measure_rounds, drifted=False)
+        say(f"  fleet accuracy {healthy.accuracy:.3f} over {healthy.predictions} predictions")
+
+        phase(3, "Drift: the cameras are knocked askew and lose focus (rotation, blur, contrast)")
+        drifted_old = self.fleet.run_rounds(o.measure_rounds, drifted=True)
+        say(f"  fleet accuracy under drift, old model: {RED}{drifted_old.accuracy:.3f}{RESET}")
+
+        phase(4, f"Misclassified samples flow to the server (retraining threshold {o.threshold})")
+        self.fleet.drifted = True
+        self.fleet.start_traffic(o.rate_hz)
+        job = wait_for(
+            "the retraining threshold to be hit",
+            self._threshold_job,
+            timeout=o.timeout_s,
+            every=0.25,
+        )
+        t_threshold = time.monotonic()
+        say(f"  threshold reached: training job #{job['id']} queued ({job.get('trigger')})")
+
+        phase(5, "Retraining, golden-set gate, ONNX export and parity, signing")
+        job = wait_for(
+            f"training job #{job['id']} to finish",
+            lambda: (j := self.get(f"/training-jobs/{job['id']}"))["status"]
+            not in ("queued", "running")
+            and j,
+            timeout=o.timeout_s,
+        )
+        if job["status"] != "succeeded":
+            raise LoopDidNotClose(f"training job ended {job['status']}: {job.get('error')}")
+        version = self.get(f"/model-lines/digits/versions/{job['result_version']}")
+        self._print_gate(version)
+
+        phase(6, "Staged rollout waits for an operator; approving with the edgeloop CLI")
+        rollout = wait_for(
+            "a rollout pending approval",
+            lambda: next(
+                (r for r in self.get("/rollouts?model_line=digits")
+                 if r["state"] == "pending_approval"),
+                None,
+            ),
+            timeout=60,
+        )
+        say(f"  rollout #{rollout['id']}: v{rollout['from_version']} -> v{rollout['to_version']}, "
+            f"state {rollout['state']}")
+        say(DIM + self.cli("rollouts", "approve", str(rollout["id"]), "--as", "demo-operator").strip()
+            + RESET)
+
+        phase(7, f"Canary ({o.canary_percent}% of the fleet), gated on live metrics, then everyone")
+        final = self._watch_rollout(rollout["id"])
+        if final["state"] != "completed":
+            raise LoopDidNotClose(
+                f"rollout #{rollout['id']} ended {final['state']}: {final.get('reason')}"
+            )
+        t_done = time.monotonic()
+        self.fleet.stop_traffic()
+        new_version = final["to_version"]
+        wait_for(
+            f"every device to serve v{new_version}",
+            lambda: all(v == new_version for v in self.fleet.versions().values()),
+            timeout=60,
+        )
+
+        phase(8, "After the update: drifted inputs, new model")
+        after = self.fleet.run_rounds(o.measure_rounds, drifted=True)
+        say(f"  fleet accuracy under drift, new model: {GREEN}{after.accuracy:.3f}{RESET}")
+
+        return self._summary(
+            healthy, drifted_old, after, v1["champion_version"], new_version,
+            t_done - t_threshold, time.monotonic() - t_start,
+        )
+
+    def _threshold_job(self) -> dict[str, Any] | None:
+        jobs = self.get("/training-jobs?model_line=digits")
+        return next((j for j in jobs if j.get("trigger") == "threshold"), None)
+
+    def _print_gate(self, version: dict[str, Any]) -> None:
+        report = version.get("report") or {}
+        m = report.get("metrics", {})
+        ch, cp = m.get("challenger") or {}, m.get("champion") or {}
+        ds = report.get("dataset", {})
+        say(f"  dataset {str(report.get('dataset_version', '?'))[:16]}: {ds.get('base_count')} base "
+            f"+ {ds.get('sample_count')} field samples ({ds.get('field_eval_count')} held for eval)")
+        say(f"  golden holdout accuracy: champion {cp.get('golden_accuracy', float('nan')):.3f}, "
+            f"challenger {ch.get('golden_accuracy', float('nan')):.3f}")
+        if ch.get("field_accuracy") is not None:
+            say(f"  recent-field accuracy:   champion {cp.get('field_accuracy', float('nan')):.3f}, "
+                f"challenger {ch.get('field_accuracy'):.3f}")
+        par = report.get("parity", {})
+        say(f"  ONNX Runtime parity: argmax agreement {par.get('argmax_agreement')}, "
+            f"max |diff| {par.get('max_abs_diff')}")
+        say(f"  gate: {report.get('reason')} -> v{version['version']} ({version.get('status')}), "
+            f"signed")
+
+    def _watch_rollout(self, rollout_id: int) -> dict[str, Any]:
+        assert self.fleet is not None
+        last = None
+        deadline = time.monotonic() + self.o.timeout_s
+        while time.monotonic() < deadline:
+            r = self.get(f"/rollouts/{rollout_id}")
+            versions = self.fleet.versions()
+            on_new = sum(v == r["to_version"] for v in versions.values())
+            line = f"  {r['state']:<11} devices on v{r['to_version']}: {on_new}/{len(versions)}"
+            if r.get("reason"):
+                line += f"  ({r['reason']})"
+            if line != last:
+                say(line)
+                last = line
+            if r["state"] in ("completed", "rolled_back", "aborted"):
+                return r
+            time.sleep(0.5)
+        raise LoopDidNotClose(f"rollout #{rollout_id} did not finish in {self.o.timeout_s:.0f}s")
+
+    def _summary(
+        self, healthy: Tally, drifted_old: Tally, after: Tally, v_old: int, v_new: int,
+        loop_s: float, total_s: float,
+    ) -> int:
+        closed = after.accuracy > drifted_old.accuracy and not math.isnan(after.accuracy)
+        say(f"\n{BOLD}Summary{RESET}")
+        say(f"  devices                                  {self.o.devices}")
+        say(f"  fleet accuracy before drift (v{v_old})        {healthy.accuracy:.3f}")
+        say(f"  fleet accuracy under drift, old model (v{v_old}) {drifted_old.accuracy:.3f}")
+        say(f"  fleet accuracy under drift, new model (v{v_new}) {after.accuracy:.3f}")
+        say(f"  versions                                 v{v_old} -> v{v_new}")
+        say(f"  threshold -> full fleet updated          {loop_s:.1f} s")
+        say(f"  demo wall time                           {total_s:.1f} s")
+        say(f"  failed inferences                        "
+            f"{healthy.failed + drifted_old.failed + after.failed}")
+        if closed:
+            say(f"{GREEN}{BOLD}The loop closed: the fleet recovered from drift by itself.{RESET}")
+            return 0
+        say(f"{RED}{BOLD}The update did not improve accuracy under drift.{RESET}")
+        return 1
+
+    def close(self) -> None:
+        if self.fleet:
+            self.fleet.stop()
+        if self.server:
+            self.server.stop()
+        self.broker.stop()
+        self.http.close()
+        if not self.o.keep and self.o.workdir is None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="edgeloop-sim", description=__doc__.splitlines()[0])
+    p.add_argument("--devices", type=int, default=24)
+    p.add_argument("--threshold", type=int, default=300, help="samples that trigger retraining")
+    p.add_argument("--canary-percent", type=int, default=20)
+    p.add_argument("--rate", type=float, default=4.0, help="inferences per device per second")
+    p.add_argument("--measure-rounds", type=int, default=40, help="inferences per device per measurement")
+    p.add_argument("--trainer", default="sklearn-mlp", choices=["sklearn-mlp", "sklearn-logreg", "torch-cnn"])
+    p.add_argument("--workdir", type=Path, default=None, help="keep state here instead of a temp dir")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, databases)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds any one phase may take")
+    a = p.parse_args(argv)
+    demo = Demo(Options(a.devices, a.threshold, a.canary_percent, a.rate, a.measure_rounds,
+                        a.trainer, a.workdir, a.keep, a.timeout))
+    try:
+        return demo.run()
+    except LoopDidNotClose as exc:
+        say(f"\n{RED}{BOLD}The loop did not close: {exc}{RESET}")
+        if demo.server:
+            say(f"{DIM}server log tail:\n{demo.server.log_tail()}{RESET}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        demo.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

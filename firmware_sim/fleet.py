@@ -1,0 +1,247 @@
+"""A fleet of simulated devices, each one a real ``device_agent.Agent``.
+
+The world model is simple and honest: every device sees digits from the ``field`` pool, clean or
+drifted (torchvision rotation, blur and contrast loss, see ``training.data.drift``), and learns the
+true label of each input right after predicting it, as a quality-control station would. Accuracy is
+measured here, from the predictions the agents really returned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from device_agent import Agent, AgentConfig, NoModelError
+from training.data import digits_pools, drift
+
+log = logging.getLogger("edgeloop.sim")
+
+
+@dataclass
+class Inputs:
+    """The field pool, clean and drifted (computed once, shared by every device)."""
+
+    clean: np.ndarray
+    drifted: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def build(cls, *, severity: float = 1.0, seed: int = 1) -> Inputs:
+        pool = digits_pools().field
+        return cls(pool.X, drift(pool.X, severity=severity, seed=seed), pool.y)
+
+
+@dataclass
+class Tally:
+    """Predictions and hits per model version, over a measurement window."""
+
+    predictions: int = 0
+    correct: int = 0
+    failed: int = 0
+    by_version: dict[int, list[int]] = field(default_factory=dict)  # version -> [n, correct]
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.predictions if self.predictions else float("nan")
+
+    def add(self, version: int, ok: bool) -> None:
+        self.predictions += 1
+        self.correct += ok
+        n_ok = self.by_version.setdefault(version, [0, 0])
+        n_ok[0] += 1
+        n_ok[1] += ok
+
+
+class SimDevice:
+    """One device: a real agent plus the camera that feeds it."""
+
+    def __init__(self, agent: Agent, seed: int) -> None:
+        self.agent = agent
+        self.rng = np.random.default_rng(seed)
+
+    @property
+    def device_id(self) -> str:
+        return self.agent.config.device_id
+
+    def step(self, inputs: Inputs, drifted: bool, tally: Tally) -> None:
+        i = int(self.rng.integers(len(inputs.labels)))
+        x = inputs.drifted[i] if drifted else inputs.clean[i]
+        truth = int(inputs.labels[i])
+        try:
+            pred = self.agent.predict(x)
+        except NoModelError:
+            tally.failed += 1
+            return
+        tally.add(pred.model_version, pred.label == truth)
+        self.agent.feedback(pred.prediction_id, truth)
+
+
+@dataclass
+class FleetConfig:
+    server_url: str
+    mqtt_host: str
+    mqtt_port: int
+    trusted_keys: Sequence[bytes]
+    state_root: Path
+    model_line: str = "digits"
+    devices: int = 24
+    id_prefix: str = "sim"
+    metrics_interval_s: float = 2.0
+    upload_interval_s: float = 0.5
+    confidence_floor: float = 0.6
+
+
+class Fleet:
+    """Starts, drives and stops a set of simulated devices."""
+
+    def __init__(self, config: FleetConfig, inputs: Inputs | None = None) -> None:
+        self.config = config
+        self.inputs = inputs if inputs is not None else Inputs.build()
+        self.devices: list[SimDevice] = []
+        self.drifted = False
+        self._stop = threading.Event()
+        self._driver: threading.Thread | None = None
+        self._tally = Tally()
+        self._tally_lock = threading.Lock()
+
+    def agent_config(self, index: int) -> AgentConfig:
+        c = self.config
+        device_id = f"{c.id_prefix}-{index:04d}"
+        return AgentConfig(
+            device_id=device_id,
+            model_line=c.model_line,
+            server_url=c.server_url,
+            mqtt_host=c.mqtt_host,
+            mqtt_port=c.mqtt_port,
+            state_dir=c.state_root / device_id,
+            trusted_keys=list(c.trusted_keys),
+            metrics_interval_s=c.metrics_interval_s,
+            upload_interval_s=c.upload_interval_s,
+            confidence_floor=c.confidence_floor,
+        )
+
+    def start(self) -> None:
+        for i in range(self.config.devices):
+            agent = Agent(self.agent_config(i))
+            agent.start()
+            self.devices.append(SimDevice(agent, seed=i))
+
+    def wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        for d in self.devices:
+            if not d.agent.wait_ready(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    def versions(self) -> dict[str, int | None]:
+        return {d.device_id: d.agent.status().get("model_version") for d in self.devices}
+
+    # Traffic ---------------------------------------------------------------------------------
+
+    def run_rounds(self, rounds: int, *, drifted: bool | None = None) -> Tally:
+        """Each device predicts ``rounds`` inputs (synchronously); returns their tally."""
+        tally = Tally()
+        use_drift = self.drifted if drifted is None else drifted
+        for _ in range(rounds):
+            for d in self.devices:
+                d.step(self.inputs, use_drift, tally)
+        return tally
+
+    def start_traffic(self, rate_hz: float) -> None:
+        """Background traffic: every device predicts ``rate_hz`` times a second."""
+
+        def drive() -> None:
+            period = 1.0 / rate_hz
+            next_t = time.monotonic()
+            while not self._stop.is_set():
+                t = self.run_rounds(1)
+                with self._tally_lock:
+                    self._merge(t)
+                next_t += period
+                self._stop.wait(max(0.0, next_t - time.monotonic()))
+
+        self._stop.clear()
+        self._driver = threading.Thread(target=drive, name="sim-traffic", daemon=True)
+        self._driver.start()
+
+    def _merge(self, t: Tally) -> None:
+        self._tally.predictions += t.predictions
+        self._tally.correct += t.correct
+        self._tally.failed += t.failed
+        for v, (n, ok) in t.by_version.items():
+            acc = self._tally.by_version.setdefault(v, [0, 0])
+            acc[0] += n
+            acc[1] += ok
+
+    def take_tally(self) -> Tally:
+        """The background traffic's tally since the last call."""
+        with self._tally_lock:
+            t, self._tally = self._tally, Tally()
+        return t
+
+    def stop_traffic(self) -> None:
+        self._stop.set()
+        if self._driver:
+            self._driver.join(10)
+            self._driver = None
+
+    def stop(self) -> None:
+        self.stop_traffic()
+        for d in self.devices:
+            d.agent.stop()
+
+
+def read_keys(paths: Iterable[str]) -> list[bytes]:
+    return [Path(p).read_bytes() for p in paths]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a fleet against an existing server until interrupted (used by docker-compose)."""
+    p = argparse.ArgumentParser(prog="python -m firmware_sim.fleet", description=main.__doc__)
+    p.add_argument("--server", required=True, help="server base URL")
+    p.add_argument("--mqtt-host", default="127.0.0.1")
+    p.add_argument("--mqtt-port", type=int, default=1883)
+    p.add_argument("--devices", type=int, default=5)
+    p.add_argument("--trusted-key", action="append", required=True, help="PEM public key file")
+    p.add_argument("--state-root", default="./var/fleet")
+    p.add_argument("--rate", type=float, default=2.0, help="inferences per device per second")
+    p.add_argument("--drift", action="store_true", help="feed drifted inputs")
+    p.add_argument("--id-prefix", default="sim")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    fleet = Fleet(
+        FleetConfig(
+            server_url=a.server,
+            mqtt_host=a.mqtt_host,
+            mqtt_port=a.mqtt_port,
+            trusted_keys=read_keys(a.trusted_key),
+            state_root=Path(a.state_root),
+            devices=a.devices,
+            id_prefix=a.id_prefix,
+        )
+    )
+    fleet.drifted = a.drift
+    fleet.start()
+    fleet.wait_ready(600)
+    fleet.start_traffic(a.rate)
+    try:
+        while True:
+            time.sleep(10)
+            t = fleet.take_tally()
+            log.info("accuracy %.3f over %d predictions", t.accuracy, t.predictions)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fleet.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""Start the real services the demo, the tests and the benchmarks run against.
+
+``Mosquitto`` runs the broker binary on a free port in its own directory (so a test can stop and
+restart it); ``ServerProcess`` runs the edgeloop server in a subprocess configured by environment
+variables, exactly as an operator would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+def mosquitto_binary() -> str:
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(exe).exists():
+        raise FileNotFoundError("mosquitto is not installed: run scripts/setup.sh")
+    return exe
+
+
+class Mosquitto:
+    """A mosquitto broker process on a free loopback port; ``stop()``/``start()`` for outages."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Mosquitto:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {self.workdir}/\n"
+            "max_queued_messages 100000\n"
+        )
+        self.proc = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+class ServerProcess:
+    """The edgeloop server (uvicorn) in a subprocess, configured through EDGELOOP_* variables."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        mqtt_port: int,
+        env: Mapping[str, str] | None = None,
+        port: int | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.python = python
+        self.env = {
+            "EDGELOOP_ENVIRONMENT": "development",
+            "EDGELOOP_DATA_DIR": str(self.data_dir),
+            "EDGELOOP_DATABASE_URL": f"sqlite:///{self.data_dir}/edgeloop.db",
+            "EDGELOOP_HOST": "127.0.0.1",
+            "EDGELOOP_PORT": str(self.port),
+            "EDGELOOP_PUBLIC_URL": self.url,
+            "EDGELOOP_MQTT_HOST": "127.0.0.1",
+            "EDGELOOP_MQTT_PORT": str(mqtt_port),
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.data_dir / "server.log"
+
+    @property
+    def public_key_path(self) -> Path:
+        return self.data_dir / "keys" / "signing.pub.pem"
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.env}
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [self.python, "-c", "from server.main import run; run()"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not healthy after {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.proc and self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None

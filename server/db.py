@@ -1,0 +1,287 @@
+"""ORM models and the engine factory (SQLite with WAL, or PostgreSQL via psycopg 3).
+
+SQLite transactions start with ``BEGIN IMMEDIATE`` so a read-then-write transaction cannot fail
+with SQLITE_BUSY when it upgrades its lock; with ``busy_timeout`` writers queue instead.
+PostgreSQL runs at READ COMMITTED; state transitions are guarded UPDATEs (``WHERE state = ...``)
+and counters are atomic ``UPDATE ... RETURNING``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+from server.errors import ConfigError
+
+# Autoincrement keys: BIGINT on PostgreSQL, the rowid alias on SQLite.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on both backends (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ModelLine(Base):
+    __tablename__ = "model_lines"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    trainer: Mapped[str] = mapped_column(String(32))
+    hyperparams: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    input_spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    labels: Mapped[list[str]] = mapped_column(JSON)
+    retrain_threshold: Mapped[int] = mapped_column(Integer)
+    champion_version: Mapped[int | None] = mapped_column(Integer)
+    current_release: Mapped[int | None] = mapped_column(Integer)
+    last_release: Mapped[int] = mapped_column(Integer, default=0)
+    new_samples: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model_line: Mapped[str] = mapped_column(ForeignKey("model_lines.name"), index=True)
+    hardware: Mapped[str | None] = mapped_column(String(128))
+    groups: Mapped[list[str]] = mapped_column(JSON, default=list)
+    agent_version: Mapped[str | None] = mapped_column(String(64))
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    state: Mapped[str | None] = mapped_column(String(32))
+    model_version: Mapped[int | None] = mapped_column(Integer)
+    release: Mapped[int | None] = mapped_column(Integer)
+    last_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("line", "version"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    line: Mapped[str] = mapped_column(ForeignKey("model_lines.name"))
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))  # champion/candidate/rejected/retired
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    parent_version: Mapped[int | None] = mapped_column(Integer)
+    dataset_version: Mapped[str | None] = mapped_column(String(128))
+    trainer: Mapped[str] = mapped_column(String(32))
+    hyperparams: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    sample_count: Mapped[int] = mapped_column(Integer, default=0)
+    job_id: Mapped[int | None] = mapped_column(BigInteger)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Release(Base):
+    __tablename__ = "releases"
+    __table_args__ = (UniqueConstraint("line", "release"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    line: Mapped[str] = mapped_column(ForeignKey("model_lines.name"))
+    release: Mapped[int] = mapped_column(Integer)
+    model_version: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    envelope: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Sample(Base):
+    __tablename__ = "samples"
+    __table_args__ = (Index("ix_samples_line", "model_line"),)
+
+    sample_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.device_id"))
+    model_line: Mapped[str] = mapped_column(ForeignKey("model_lines.name"))
+    model_version: Mapped[int] = mapped_column(Integer)
+    input: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian
+    true_label: Mapped[int] = mapped_column(Integer)
+    predicted_label: Mapped[int] = mapped_column(Integer)
+    confidence: Mapped[float] = mapped_column(Float)
+    captured_at: Mapped[float] = mapped_column(Float)  # unix seconds, device clock
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class TrainingJob(Base):
+    __tablename__ = "training_jobs"
+    __table_args__ = (Index("ix_jobs_line_status", "model_line", "status"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    model_line: Mapped[str] = mapped_column(ForeignKey("model_lines.name"))
+    status: Mapped[str] = mapped_column(String(16))  # queued/running/succeeded/failed/rejected
+    trigger: Mapped[str] = mapped_column(String(16))  # threshold/manual/initial
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    error: Mapped[str | None] = mapped_column(Text)
+    result_version: Mapped[int | None] = mapped_column(Integer)
+    sample_count: Mapped[int | None] = mapped_column(Integer)
+
+
+class Rollout(Base):
+    __tablename__ = "rollouts"
+    __table_args__ = (Index("ix_rollouts_line_state", "model_line", "state"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    model_line: Mapped[str] = mapped_column(ForeignKey("model_lines.name"))
+    from_version: Mapped[int | None] = mapped_column(Integer)
+    to_version: Mapped[int] = mapped_column(Integer)
+    release: Mapped[int | None] = mapped_column(Integer)
+    rollback_release: Mapped[int | None] = mapped_column(Integer)
+    # pending_approval/canary/full/completed/rolled_back/paused/aborted
+    state: Mapped[str] = mapped_column(String(24))
+    paused_state: Mapped[str | None] = mapped_column(String(24))  # what resume returns to
+    stage: Mapped[int] = mapped_column(Integer, default=0)
+    canary_percent: Mapped[int] = mapped_column(Integer)
+    created_by: Mapped[str] = mapped_column(String(128))
+    approved_by: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    approved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    stage_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    full_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    reason: Mapped[str | None] = mapped_column(Text)
+    gates: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class RolloutDevice(Base):
+    __tablename__ = "rollout_devices"
+
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.device_id"), primary_key=True)
+    stage: Mapped[int] = mapped_column(Integer)  # 0 = canary, 1 = the rest
+    state: Mapped[str] = mapped_column(String(32))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    installed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # server clock
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+class DeviceMetric(Base):
+    __tablename__ = "device_metrics"
+    __table_args__ = (Index("ix_metrics_line_version", "model_line", "model_version"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(128), index=True)
+    model_line: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[int] = mapped_column(Integer)
+    rollout_id: Mapped[int | None] = mapped_column(BigInteger)
+    ts: Mapped[float] = mapped_column(Float)  # device clock
+    window_s: Mapped[float] = mapped_column(Float)
+    inferences: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)
+    labelled: Mapped[int] = mapped_column(BigInteger)
+    correct: Mapped[int] = mapped_column(BigInteger)
+    p50: Mapped[float] = mapped_column(Float)
+    p95: Mapped[float] = mapped_column(Float)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class DeviceEvent(Base):
+    """Status history: every StatusReport accepted, for operators chasing a stuck device."""
+
+    __tablename__ = "device_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(128), index=True)
+    ts: Mapped[float] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(32))
+    model_version: Mapped[int | None] = mapped_column(Integer)
+    release: Mapped[int | None] = mapped_column(Integer)
+    rollout_id: Mapped[int | None] = mapped_column(BigInteger)
+    target_release: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+def make_engine(url: str) -> Engine:
+    """Build an engine for ``url``: SQLite (WAL, busy_timeout, BEGIN IMMEDIATE) or PostgreSQL.
+
+    Raises:
+        ConfigError: the URL names another backend.
+    """
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    raise ConfigError(f"unsupported database URL {url!r}: use sqlite:/// or postgresql://")
+
+
+SessionFactory = Callable[[], Session]
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def create_all(engine: Engine) -> None:
+    Base.metadata.create_all(engine)

@@ -1,0 +1,63 @@
+"""The server's one exception family.
+
+Exception tree::
+
+    EdgeloopError                 (root; carries the HTTP status it maps to)
+    ├── ConfigError               (settings or key material unusable; fatal at startup)
+    ├── NotFoundError             (404: the named thing does not exist)
+    ├── ConflictError             (409: the request clashes with the current state)
+    ├── InvalidRequestError       (422: the request is well-formed JSON but not acceptable)
+    ├── PayloadTooLargeError      (413: the request body is over its limit)
+    ├── UnavailableError          (503, transient: a queue is full or a dependency is down)
+    ├── ArtifactError             (stored bytes do not match their hash)
+    └── TrainingError             (a training run crashed or wrote no usable output)
+
+Foreign errors (SQLAlchemy, paho, contract) are translated at the boundary with
+``raise XError(...) from exc`` so callers see one family.
+"""
+
+from __future__ import annotations
+
+
+class EdgeloopError(Exception):
+    """Root of every error the server raises on purpose."""
+
+    status_code: int = 500
+    transient: bool = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(EdgeloopError):
+    """Settings or key material are unusable; the server refuses to start."""
+
+
+class NotFoundError(EdgeloopError):
+    status_code = 404
+
+
+class ConflictError(EdgeloopError):
+    status_code = 409
+
+
+class InvalidRequestError(EdgeloopError):
+    status_code = 422
+
+
+class PayloadTooLargeError(EdgeloopError):
+    status_code = 413
+
+
+class UnavailableError(EdgeloopError):
+    status_code = 503
+    transient = True
+
+
+class ArtifactError(EdgeloopError):
+    """Bytes in the artifact store (or offered to it) do not match their sha256."""
+
+
+class TrainingError(EdgeloopError):
+    """A training subprocess crashed or left no usable report."""
