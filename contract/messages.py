@@ -49,8 +49,10 @@ def _field(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...], *,
             return None
         raise MessageError(f"missing field {name!r}")
     value = data[name]
-    if isinstance(value, bool) and kind is not bool and bool not in (
-        kind if isinstance(kind, tuple) else (kind,)
+    if (
+        isinstance(value, bool)
+        and kind is not bool
+        and bool not in (kind if isinstance(kind, tuple) else (kind,))
     ):
         raise MessageError(f"field {name!r} must be {getattr(kind, '__name__', kind)}")
     if not isinstance(value, kind):

@@ -282,6 +282,7 @@ class Uploader:
         self._client = client
         self._stop = stop
         self._failures = 0
+        self.rounds = 0  # upload rounds completed by ``run`` (observability, tests)
         self.last_error: str | None = None
 
     def upload_once(self) -> bool:
@@ -338,6 +339,7 @@ class Uploader:
             except Exception:  # never let the thread die: the spool is durable
                 log.exception("uploader error")
                 ok = False
+            self.rounds += 1
             if ok:
                 self._failures = 0
                 delay = self._cfg.upload_interval_s

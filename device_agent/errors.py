@@ -16,6 +16,7 @@ Foreign errors (contract, httpx, onnxruntime) are translated at the boundary wit
     │   └── HashMismatchError        (artifact bytes do not match the signed sha256)
     ├── TransportError               (network, HTTP status, timeouts: retryable, FAILED)
     ├── ModelLoadError               (verified artifact does not load or has the wrong shape)
+    ├── InferenceError               (ONNX Runtime failed on one inference)
     ├── NoModelError                 (predict before any model serves)
     ├── UnknownPredictionError       (feedback for a prediction id not held, or evicted)
     └── ConfigError                  (agent configuration is invalid)
@@ -68,6 +69,14 @@ class ModelLoadError(AgentError):
     """A verified artifact could not be turned into a working inference session."""
 
 
+class InferenceError(AgentError):
+    """ONNX Runtime raised while serving one inference (counted as an error in metrics)."""
+
+    def __init__(self, message: str, *, model_version: int) -> None:
+        super().__init__(message)
+        self.model_version = model_version
+
+
 class NoModelError(AgentError):
     """No verified model is serving yet."""
 
@@ -86,6 +95,7 @@ __all__ = [
     "ContentError",
     "ExpiredManifestError",
     "HashMismatchError",
+    "InferenceError",
     "LengthError",
     "ManifestInvalidError",
     "ModelLineMismatchError",

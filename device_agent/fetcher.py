@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
-def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
+def backoff_delay(
+    attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None
+) -> float:
     """Exponential backoff with "equal jitter": half fixed, half random, capped (seconds)."""
     ceiling = min(cap_s, base_s * (2**attempt))
     r = (rng or random).random()
@@ -96,8 +98,12 @@ class HttpFetcher(Fetcher):
                 delay = backoff_delay(attempt, self._cfg.backoff_base_s, self._cfg.backoff_cap_s)
                 log.warning(
                     "download failed, retrying",
-                    extra={"url": url, "attempt": attempt + 1, "delay_s": round(delay, 3),
-                           "error": str(exc)},
+                    extra={
+                        "url": url,
+                        "attempt": attempt + 1,
+                        "delay_s": round(delay, 3),
+                        "error": str(exc),
+                    },
                 )
                 if self._stop.wait(delay):
                     raise TransportError("download interrupted: agent stopping") from exc
@@ -119,10 +125,13 @@ class HttpFetcher(Fetcher):
                 mode = self._check_response(resp, dest, have)
                 if mode == "wb":
                     have = 0
-                declared = resp.headers.get("Content-Length")
-                if declared is not None and declared.isdigit() and have + int(declared) > expected:
+                total = self._announced_size(resp, have)
+                if total is not None and total != expected:
+                    # A complete file of another size is wrong content, not a bad transfer.
+                    dest.unlink(missing_ok=True)
                     raise LengthError(
-                        f"server announces {have + int(declared)} bytes, manifest says {expected}"
+                        f"artifact size announced by the server is {total} bytes, "
+                        f"the signed size is {expected} bytes"
                     )
                 self._stream(resp, dest, mode, have, expected, progress)
         except httpx.HTTPError as exc:
@@ -130,6 +139,18 @@ class HttpFetcher(Fetcher):
         got = dest.stat().st_size if dest.exists() else 0
         if got < expected:
             raise TransportError(f"GET {url}: body ended after {got} of {expected} bytes")
+
+    @staticmethod
+    def _announced_size(resp: httpx.Response, have: int) -> int | None:
+        """Full artifact size the response claims (Content-Range total or Content-Length)."""
+        if resp.status_code == 206:
+            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+            if m and m.group(3).isdigit():
+                return int(m.group(3))
+        declared = resp.headers.get("Content-Length", "")
+        if declared.isdigit():
+            return int(declared) + (have if resp.status_code == 206 else 0)
+        return None
 
     @staticmethod
     def _check_response(resp: httpx.Response, dest: Path, have: int) -> str:
@@ -169,7 +190,7 @@ class HttpFetcher(Fetcher):
                     # write none of it, and drop the partial file from a misbehaving source.
                     fh.close()
                     dest.unlink(missing_ok=True)
-                    raise LengthError(f"server sent more than the signed {expected} bytes")
+                    raise LengthError(f"server sent more than the signed size of {expected} bytes")
                 fh.write(chunk)
                 written += len(chunk)
                 if progress is not None:

@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from contract.manifest import OUTPUT_NAME, Manifest
-from device_agent.errors import ModelLoadError, NoModelError
+from device_agent.errors import InferenceError, ModelLoadError, NoModelError
 
 _NP_DTYPES = {"float32": np.float32, "float64": np.float64, "uint8": np.uint8, "int64": np.int64}
 
@@ -120,6 +120,7 @@ class ModelRuntime:
 
         Raises:
             NoModelError: no model serves yet.
+            InferenceError: ONNX Runtime failed (carries the model version).
             ValueError: ``x`` holds the wrong number of values.
         """
         loaded = self._loaded  # read once: the whole call uses this session
@@ -129,9 +130,16 @@ class ModelRuntime:
         arr = np.asarray(x)
         if arr.size != spec.features:
             raise ValueError(f"input holds {arr.size} values, the model expects {spec.features}")
-        feed = arr.astype(_NP_DTYPES[spec.dtype], copy=False).reshape(_sample_shape(loaded.manifest))
+        feed = arr.astype(_NP_DTYPES[spec.dtype], copy=False).reshape(
+            _sample_shape(loaded.manifest)
+        )
         t0 = time.perf_counter()
-        probs = loaded.session.run([OUTPUT_NAME], {loaded.input_name: feed})[0][0]
+        try:
+            probs = loaded.session.run([OUTPUT_NAME], {loaded.input_name: feed})[0][0]
+        except Exception as exc:
+            raise InferenceError(
+                f"inference failed: {exc}", model_version=loaded.model_version
+            ) from exc
         latency_ms = (time.perf_counter() - t0) * 1000.0
         label = int(np.argmax(probs))
         raw = RawPrediction(

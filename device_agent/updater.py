@@ -126,7 +126,11 @@ class Updater:
             self._report(DeviceState.NOTIFIED, target, release)
             cur = self._state.current
             serving = self._runtime.current
-            if cur is not None and serving is not None and serving.sha256 == manifest.artifact.sha256:
+            if (
+                cur is not None
+                and serving is not None
+                and serving.sha256 == manifest.artifact.sha256
+            ):
                 return self._already_installed(target, manifest, cur)
             path = self._obtain(target, manifest)
             self._report(DeviceState.INSTALLING, target, release)
@@ -160,8 +164,11 @@ class Updater:
         if manifest.release > cur.release or target.rollout_id != cur.rollout_id:
             rec = self._record(target, manifest)
             self._persist(
-                replace(self._state, current=rec, highest_release=max(
-                    self._state.highest_release, manifest.release))
+                replace(
+                    self._state,
+                    current=rec,
+                    highest_release=max(self._state.highest_release, manifest.release),
+                )
             )
         self._report(DeviceState.ALREADY_INSTALLED, target, manifest.release)
         return DeviceState.ALREADY_INSTALLED
@@ -221,6 +228,11 @@ class Updater:
         removed = self._store.collect_garbage(keep)
         if removed:
             log.info("garbage-collected %s", ", ".join(removed))
+
+    def refuse_message(self, reason: str) -> None:
+        """Report a target message that could not even be parsed."""
+        self.last_error = reason[:MAX_REASON_CHARS]
+        self._report(DeviceState.REFUSED, None, None, self.last_error)
 
     # ---- helpers -----------------------------------------------------------------------------
     def _record(self, target: TargetMessage, manifest: Manifest) -> InstallRecord:

@@ -37,7 +37,9 @@ def load_trusted_keys(pems: Iterable[bytes]) -> list[Ed25519PublicKey]:
         raise SignatureInvalidError(str(exc)) from exc
 
 
-def _signed_manifest(envelope: Mapping[str, Any], trusted: list[Ed25519PublicKey], threshold: int) -> Manifest:
+def _signed_manifest(
+    envelope: Mapping[str, Any], trusted: list[Ed25519PublicKey], threshold: int
+) -> Manifest:
     """Signature check and parse only (no expiry). Raises a ContentError."""
     try:
         payload = verify_envelope(SignedEnvelope.from_dict(envelope), trusted, threshold=threshold)
@@ -123,7 +125,9 @@ def verify_artifact(path: Path, artifact: ArtifactRef) -> None:
     """
     size = path.stat().st_size
     if size != artifact.size:
-        raise LengthError(f"artifact is {size} bytes, manifest signs {artifact.size}")
+        raise LengthError(f"artifact size is {size} bytes, the signed size is {artifact.size}")
     digest = sha256_file(path)
     if digest != artifact.sha256:
-        raise HashMismatchError(f"artifact sha256 {digest[:16]}... != signed {artifact.sha256[:16]}...")
+        raise HashMismatchError(
+            f"artifact sha256 {digest[:16]}... != signed {artifact.sha256[:16]}..."
+        )

@@ -33,6 +33,10 @@ class LoopDidNotClose(RuntimeError):
     """The demo's loop stopped somewhere; the message says where."""
 
 
+def num(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, int | float) else "n/a"
+
+
 def say(msg: str) -> None:
     print(msg, flush=True)
 
@@ -94,7 +98,9 @@ class Demo:
         cmd = [sys.executable, "-m", "server.cli", "--server", self.server.url, *args]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
-            raise LoopDidNotClose(f"`edgeloop {' '.join(args)}` failed: {done.stderr or done.stdout}")
+            raise LoopDidNotClose(
+                f"`edgeloop {' '.join(args)}` failed: {done.stderr or done.stdout}"
+            )
         return done.stdout
 
     # The loop ----------------------------------------------------------------------------------
@@ -124,11 +130,13 @@ class Demo:
             lambda: (ln := self.line()).get("champion_version") and ln,
             timeout=300,
         )
-        say(f"  model line 'digits': champion v{v1['champion_version']}, release {v1['current_release']}")
+        say(f"  model line 'digits': v{v1['champion_version']}, release {v1['current_release']}")
         say("  building the field inputs (clean and drifted with torchvision) ...")
         inputs = Inputs.build()
 
-        phase(1, f"Fleet: {o.devices} simulated devices, each a real agent with its own MQTT session")
+        phase(
+            1, f"Fleet: {o.devices} simulated devices, each a real agent with its own MQTT session"
+        )
         self.fleet = Fleet(
             FleetConfig(
                 server_url=self.server.url,
@@ -169,9 +177,11 @@ class Demo:
         phase(5, "Retraining, golden-set gate, ONNX export and parity, signing")
         job = wait_for(
             f"training job #{job['id']} to finish",
-            lambda: (j := self.get(f"/training-jobs/{job['id']}"))["status"]
-            not in ("queued", "running")
-            and j,
+            lambda: (
+                (j := self.get(f"/training-jobs/{job['id']}"))["status"]
+                not in ("queued", "running")
+                and j
+            ),
             timeout=o.timeout_s,
         )
         if job["status"] != "succeeded":
@@ -183,16 +193,24 @@ class Demo:
         rollout = wait_for(
             "a rollout pending approval",
             lambda: next(
-                (r for r in self.get("/rollouts?model_line=digits")
-                 if r["state"] == "pending_approval"),
+                (
+                    r
+                    for r in self.get("/rollouts?model_line=digits")
+                    if r["state"] == "pending_approval"
+                ),
                 None,
             ),
             timeout=60,
         )
-        say(f"  rollout #{rollout['id']}: v{rollout['from_version']} -> v{rollout['to_version']}, "
-            f"state {rollout['state']}")
-        say(DIM + self.cli("rollouts", "approve", str(rollout["id"]), "--as", "demo-operator").strip()
-            + RESET)
+        say(
+            f"  rollout #{rollout['id']}: v{rollout['from_version']} -> v{rollout['to_version']}, "
+            f"state {rollout['state']}"
+        )
+        say(
+            DIM
+            + self.cli("rollouts", "approve", str(rollout["id"]), "--as", "demo-operator").strip()
+            + RESET
+        )
 
         phase(7, f"Canary ({o.canary_percent}% of the fleet), gated on live metrics, then everyone")
         final = self._watch_rollout(rollout["id"])
@@ -214,8 +232,13 @@ class Demo:
         say(f"  fleet accuracy under drift, new model: {GREEN}{after.accuracy:.3f}{RESET}")
 
         return self._summary(
-            healthy, drifted_old, after, v1["champion_version"], new_version,
-            t_done - t_threshold, time.monotonic() - t_start,
+            healthy,
+            drifted_old,
+            after,
+            v1["champion_version"],
+            new_version,
+            t_done - t_threshold,
+            time.monotonic() - t_start,
         )
 
     def _threshold_job(self) -> dict[str, Any] | None:
@@ -227,18 +250,29 @@ class Demo:
         m = report.get("metrics", {})
         ch, cp = m.get("challenger") or {}, m.get("champion") or {}
         ds = report.get("dataset", {})
-        say(f"  dataset {str(report.get('dataset_version', '?'))[:16]}: {ds.get('base_count')} base "
-            f"+ {ds.get('sample_count')} field samples ({ds.get('field_eval_count')} held for eval)")
-        say(f"  golden holdout accuracy: champion {cp.get('golden_accuracy', float('nan')):.3f}, "
-            f"challenger {ch.get('golden_accuracy', float('nan')):.3f}")
-        if ch.get("field_accuracy") is not None:
-            say(f"  recent-field accuracy:   champion {cp.get('field_accuracy', float('nan')):.3f}, "
-                f"challenger {ch.get('field_accuracy'):.3f}")
+        version_id = str(report.get("dataset_version", "?"))[:16]
+        say(
+            f"  dataset {version_id}: {ds.get('base_count')} base + {ds.get('sample_count')} "
+            f"field samples ({ds.get('field_eval_count')} held out for evaluation)"
+        )
+        for name, key in (
+            ("golden holdout", "golden_accuracy"),
+            ("recent field", "field_accuracy"),
+        ):
+            if ch.get(key) is not None:
+                say(
+                    f"  {name + ' accuracy:':<26} champion {num(cp.get(key))}, "
+                    f"challenger {num(ch.get(key))}"
+                )
         par = report.get("parity", {})
-        say(f"  ONNX Runtime parity: argmax agreement {par.get('argmax_agreement')}, "
-            f"max |diff| {par.get('max_abs_diff')}")
-        say(f"  gate: {report.get('reason')} -> v{version['version']} ({version.get('status')}), "
-            f"signed")
+        say(
+            f"  ONNX Runtime parity: argmax agreement {par.get('argmax_agreement')}, "
+            f"max |diff| {par.get('max_abs_diff')}"
+        )
+        say(
+            f"  gate: {report.get('reason')} -> v{version['version']} ({version.get('status')}), "
+            f"signed"
+        )
 
     def _watch_rollout(self, rollout_id: int) -> dict[str, Any]:
         assert self.fleet is not None
@@ -260,8 +294,14 @@ class Demo:
         raise LoopDidNotClose(f"rollout #{rollout_id} did not finish in {self.o.timeout_s:.0f}s")
 
     def _summary(
-        self, healthy: Tally, drifted_old: Tally, after: Tally, v_old: int, v_new: int,
-        loop_s: float, total_s: float,
+        self,
+        healthy: Tally,
+        drifted_old: Tally,
+        after: Tally,
+        v_old: int,
+        v_new: int,
+        loop_s: float,
+        total_s: float,
     ) -> int:
         closed = after.accuracy > drifted_old.accuracy and not math.isnan(after.accuracy)
         say(f"\n{BOLD}Summary{RESET}")
@@ -272,8 +312,10 @@ class Demo:
         say(f"  versions                                 v{v_old} -> v{v_new}")
         say(f"  threshold -> full fleet updated          {loop_s:.1f} s")
         say(f"  demo wall time                           {total_s:.1f} s")
-        say(f"  failed inferences                        "
-            f"{healthy.failed + drifted_old.failed + after.failed}")
+        say(
+            f"  failed inferences                        "
+            f"{healthy.failed + drifted_old.failed + after.failed}"
+        )
         if closed:
             say(f"{GREEN}{BOLD}The loop closed: the fleet recovered from drift by itself.{RESET}")
             return 0
@@ -297,14 +339,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=int, default=300, help="samples that trigger retraining")
     p.add_argument("--canary-percent", type=int, default=20)
     p.add_argument("--rate", type=float, default=4.0, help="inferences per device per second")
-    p.add_argument("--measure-rounds", type=int, default=40, help="inferences per device per measurement")
-    p.add_argument("--trainer", default="sklearn-mlp", choices=["sklearn-mlp", "sklearn-logreg", "torch-cnn"])
-    p.add_argument("--workdir", type=Path, default=None, help="keep state here instead of a temp dir")
+    p.add_argument(
+        "--measure-rounds", type=int, default=40, help="inferences per device per measurement"
+    )
+    p.add_argument(
+        "--trainer", default="sklearn-mlp", choices=["sklearn-mlp", "sklearn-logreg", "torch-cnn"]
+    )
+    p.add_argument(
+        "--workdir", type=Path, default=None, help="keep state here instead of a temp dir"
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, databases)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds any one phase may take")
     a = p.parse_args(argv)
-    demo = Demo(Options(a.devices, a.threshold, a.canary_percent, a.rate, a.measure_rounds,
-                        a.trainer, a.workdir, a.keep, a.timeout))
+    demo = Demo(
+        Options(
+            a.devices,
+            a.threshold,
+            a.canary_percent,
+            a.rate,
+            a.measure_rounds,
+            a.trainer,
+            a.workdir,
+            a.keep,
+            a.timeout,
+        )
+    )
     try:
         return demo.run()
     except LoopDidNotClose as exc:

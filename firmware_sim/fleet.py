@@ -135,10 +135,7 @@ class Fleet:
 
     def wait_ready(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        for d in self.devices:
-            if not d.agent.wait_ready(max(0.0, deadline - time.monotonic())):
-                return False
-        return True
+        return all(d.agent.wait_ready(max(0.0, deadline - time.monotonic())) for d in self.devices)
 
     def versions(self) -> dict[str, int | None]:
         return {d.device_id: d.agent.status().get("model_version") for d in self.devices}

@@ -29,18 +29,23 @@ def main(agent_exe: str) -> int:
         while not server.public_key_path.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         cfg = root / "agent.json"
-        cfg.write_text(json.dumps({
-            "device_id": "smoke-0001",
-            "model_line": "digits",
-            "server_url": server.url,
-            "mqtt_host": "127.0.0.1",
-            "mqtt_port": broker.port,
-            "state_dir": str(root / "agent"),
-            "trusted_key_files": [str(server.public_key_path)],
-        }))
+        cfg.write_text(
+            json.dumps(
+                {
+                    "device_id": "smoke-0001",
+                    "model_line": "digits",
+                    "server_url": server.url,
+                    "mqtt_host": "127.0.0.1",
+                    "mqtt_port": broker.port,
+                    "state_dir": str(root / "agent"),
+                    "trusted_key_files": [str(server.public_key_path)],
+                }
+            )
+        )
         agent = subprocess.Popen(
             [agent_exe, "run", "--config", str(cfg), "--listen", "127.0.0.1:0"],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         line = agent.stdout.readline() if agent.stdout else ""
         if "listening on" not in line:
@@ -57,9 +62,11 @@ def main(agent_exe: str) -> int:
             return 1
         r = httpx.post(f"{url}/predict", json={"input": [0.0] * 64})
         r.raise_for_status()
-        print(f"agent-only install serves v{status['model_version']} "
-              f"(release {status['release']}): prediction {r.json()['label']} "
-              f"in {r.json()['latency_ms']:.2f} ms")
+        print(
+            f"agent-only install serves v{status['model_version']} "
+            f"(release {status['release']}): prediction {r.json()['label']} "
+            f"in {r.json()['latency_ms']:.2f} ms"
+        )
         return 0
     finally:
         if agent:

@@ -133,6 +133,8 @@ def decide(snap: StageSnapshot, th: Thresholds) -> Decision:
         return Decision(action, reason, timed_out, gates)
 
     if total == 0:
+        if snap.stage == 1:
+            return out(Action.ADVANCE, "no devices outside the canary")
         return out(Action.WAIT, "no devices in this stage yet")
     failed_ratio = failed / total
     gates["failed_ratio"] = failed_ratio
@@ -158,8 +160,10 @@ def decide(snap: StageSnapshot, th: Thresholds) -> Decision:
     gates["reference_metrics"] = reference.to_dict() if reference is not None else None
 
     err = canary.error_rate
-    if err is not None and canary.inferences >= max(th.min_labelled, 1) and (
-        err > th.max_error_rate
+    if (
+        err is not None
+        and canary.inferences >= max(th.min_labelled, 1)
+        and (err > th.max_error_rate)
     ):
         return out(
             Action.ROLLBACK,

@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -147,8 +146,16 @@ def agent_proc(server, broker, workdir) -> Iterator[tuple[subprocess.Popen[str],
     path = workdir / "agent.json"
     path.write_text(json.dumps(cfg))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "device_agent.cli", "run", "--config", str(path),
-         "--listen", "127.0.0.1:0"],
+        [
+            sys.executable,
+            "-m",
+            "device_agent.cli",
+            "run",
+            "--config",
+            str(path),
+            "--listen",
+            "127.0.0.1:0",
+        ],
         stdout=subprocess.PIPE,
         stderr=open(workdir / "agent.log", "w"),  # noqa: SIM115
         text=True,
@@ -169,8 +176,10 @@ def test_agent_process_installs_signed_model_over_mqtt_and_refuses_attacks(
     listener = StatusListener(broker.host, broker.port)
     try:
         # 1. The factory model (v1, release 1) arrives over the HTTP fallback and serves.
-        status = poll("agent serving v1",
-                      lambda: (s := httpx.get(f"{agent_url}/status").json())["model_version"] and s)
+        status = poll(
+            "agent serving v1",
+            lambda: (s := httpx.get(f"{agent_url}/status").json())["model_version"] and s,
+        )
         assert status["model_version"] == 1
 
         pools = digits_pools()
@@ -184,34 +193,62 @@ def test_agent_process_installs_signed_model_over_mqtt_and_refuses_attacks(
 
         # 2. A challenger is trained (manual trigger), gated and signed; an operator approves.
         job = httpx.post(f"{api}/training-jobs", json={"model_line": "digits"}).json()
-        job = poll("training job", lambda: (j := httpx.get(f"{api}/training-jobs/{job['id']}")
-                                            .json())["status"] not in ("queued", "running") and j)
+        job = poll(
+            "training job",
+            lambda: (
+                (j := httpx.get(f"{api}/training-jobs/{job['id']}").json())["status"]
+                not in ("queued", "running")
+                and j
+            ),
+        )
         assert job["status"] == "succeeded", job
-        rollout = poll("rollout pending approval", lambda: next(
-            (r for r in httpx.get(f"{api}/rollouts").json() if r["state"] == "pending_approval"),
-            None))
+        rollout = poll(
+            "rollout pending approval",
+            lambda: next(
+                (
+                    r
+                    for r in httpx.get(f"{api}/rollouts").json()
+                    if r["state"] == "pending_approval"
+                ),
+                None,
+            ),
+        )
         r = httpx.post(f"{api}/rollouts/{rollout['id']}/approve", json={"approver": "e2e-operator"})
         assert r.status_code == 200, r.text
 
         # 3. The agent receives the target over MQTT, swaps, and reports back.
         report = listener.wait_for(
-            lambda s: s.state in (DeviceState.INSTALLED, DeviceState.COMMITTED)
-            and s.model_version == rollout["to_version"]
+            lambda s: (
+                s.state in (DeviceState.INSTALLED, DeviceState.COMMITTED)
+                and s.model_version == rollout["to_version"]
+            )
         )
         assert report.rollout_id == rollout["id"]
         assert predict(pools.golden.X[1])["model_version"] == rollout["to_version"]
         # Labelled traffic feeds the live metrics that gate the rollout.
         for i in range(60):
             p = predict(pools.field.X[i])
-            httpx.post(f"{agent_url}/feedback",
-                       json={"prediction_id": p["prediction_id"], "true_label": int(pools.field.y[i])})
-        device = poll("server sees the device on the new model", lambda: (
-            d := httpx.get(f"{api}/devices/{DEVICE}").json())["model_version"]
-            == rollout["to_version"] and d)
+            httpx.post(
+                f"{agent_url}/feedback",
+                json={"prediction_id": p["prediction_id"], "true_label": int(pools.field.y[i])},
+            )
+        device = poll(
+            "server sees the device on the new model",
+            lambda: (
+                (d := httpx.get(f"{api}/devices/{DEVICE}").json())["model_version"]
+                == rollout["to_version"]
+                and d
+            ),
+        )
         assert device["state"] in ("installed", "committed")
-        done = poll("rollout completed", lambda: (
-            x := httpx.get(f"{api}/rollouts/{rollout['id']}").json())["state"]
-            in ("completed", "rolled_back") and x)
+        done = poll(
+            "rollout completed",
+            lambda: (
+                (x := httpx.get(f"{api}/rollouts/{rollout['id']}").json())["state"]
+                in ("completed", "rolled_back")
+                and x
+            ),
+        )
         assert done["state"] == "completed", done
         serving = httpx.get(f"{agent_url}/status").json()
         good_version, good_release = serving["model_version"], serving["release"]
@@ -223,11 +260,14 @@ def test_agent_process_installs_signed_model_over_mqtt_and_refuses_attacks(
 
         def manifest(release: int, body: bytes) -> Manifest:
             return Manifest(
-                model_line="digits", release=release, model_version=99,
+                model_line="digits",
+                release=release,
+                model_version=99,
                 artifact=ArtifactRef("model.onnx", hashlib.sha256(body).hexdigest(), len(body)),
                 input_spec=InputSpec("input", (-1, 64), "float32", 0.0, 1.0),
                 labels=tuple(str(i) for i in range(10)),
-                created_at=now, expires_at=now + timedelta(days=1),
+                created_at=now,
+                expires_at=now + timedelta(days=1),
             )
 
         mirror = HostileMirror(forged_model)
@@ -237,7 +277,9 @@ def test_agent_process_installs_signed_model_over_mqtt_and_refuses_attacks(
             listener.publish_target(TargetMessage("digits", forged.to_dict(), mirror.url))
             refused = listener.wait_for(lambda s: s.state == DeviceState.REFUSED)
             assert "signature" in (refused.reason or "").lower()
-            assert mirror.hits == 0, "the agent must not download anything for an untrusted manifest"
+            assert mirror.hits == 0, (
+                "the agent must not download anything for an untrusted manifest"
+            )
 
             # 5. Genuine key, but the mirror serves bytes that do not match the signed hash.
             real_key = load_private_key((server.data_dir / "keys" / "signing.pem").read_bytes())

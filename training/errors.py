@@ -12,7 +12,7 @@ Exception tree::
     ├── SampleError            (the samples file is unreadable or does not match the spec)
     ├── ChampionError          (the champion's ONNX file cannot be loaded or run)
     ├── ExportError            (the challenger could not be converted to a valid ONNX model)
-    └── ParityError            (ONNX Runtime cannot run the exported model, or its output is malformed)
+    └── ParityError            (ORT cannot run the exported model, or its output is malformed)
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from training.errors import ExportError, ParityError
 
 OPSET = 17  # default-domain opset of every exported model
 ML_OPSET = 3  # highest ai.onnx.ml opset skl2onnx may use (LinearClassifier etc.)
+IR_VERSION = 8  # ONNX IR of opset 17; newer IRs are refused by the older ORT on devices
 BATCH_DIM = "batch"  # symbolic name of the dynamic batch dimension
 
 # Parity thresholds between the training framework and ONNX Runtime on the golden holdout.
@@ -55,7 +56,9 @@ def sklearn_to_onnx(estimator: Any, *, n_features: int, input_name: str = "input
         raise
     except Exception as exc:  # skl2onnx and onnx raise many unrelated types
         raise ExportError(f"skl2onnx could not export {type(estimator).__name__}: {exc}") from exc
-    return _finish(model, input_name)
+    import skl2onnx
+
+    return _finish(model, input_name, f"skl2onnx {skl2onnx.__version__}")
 
 
 def torch_to_onnx(net: Any, *, n_features: int, input_name: str = "input") -> bytes:
@@ -83,7 +86,7 @@ def torch_to_onnx(net: Any, *, n_features: int, input_name: str = "input") -> by
         model = onnx.load_from_string(buf.getvalue())
     except Exception as exc:  # the exporter raises many unrelated types
         raise ExportError(f"torch.onnx.export failed: {exc}") from exc
-    return _finish(model, input_name)
+    return _finish(model, input_name, f"torch {torch.__version__}")
 
 
 def _dedupe_opsets(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -97,9 +100,17 @@ def _dedupe_opsets(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _finish(model: onnx.ModelProto, input_name: str) -> bytes:
-    """Normalise names and batch dimension, then check the model is valid and self-contained."""
+def _finish(model: onnx.ModelProto, input_name: str, exporter: str) -> bytes:
+    """Normalise names and batch dimension, then check the model is valid and self-contained.
+
+    Exporters put random ids in the graph name; a fixed name keeps the bytes (and so the hash
+    that gets signed) a function of the weights alone.
+    """
     model = _dedupe_opsets(model)
+    model.ir_version = IR_VERSION
+    model.graph.name = "edgeloop"
+    model.producer_name = "edgeloop-training"
+    model.producer_version = exporter
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
     if inputs != [input_name] or outputs != [OUTPUT_NAME]:

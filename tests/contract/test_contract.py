@@ -61,7 +61,10 @@ def test_signature_covers_exact_pae_bytes(signing_key):
     payload = base64.b64decode(wire["payload"])
     sig = base64.b64decode(wire["signatures"][0]["sig"])
     message = b"DSSEv1 %d %s %d %s" % (
-        len(wire["payloadType"]), wire["payloadType"].encode(), len(payload), payload,
+        len(wire["payloadType"]),
+        wire["payloadType"].encode(),
+        len(payload),
+        payload,
     )
     assert message == pae(wire["payloadType"], payload)
     signing_key.public_key().verify(sig, message)  # raises if wrong
@@ -101,8 +104,14 @@ def test_expired_manifest_is_refused(signing_key):
 
 @pytest.mark.parametrize(
     "raw",
-    [b"", b"[]", b"{}", b'{"payloadType":"x","payload":"!!","signatures":[]}',
-     b'{"payloadType":"x","payload":"","signatures":[{"keyid":1}]}', b"\xff\xfe"],
+    [
+        b"",
+        b"[]",
+        b"{}",
+        b'{"payloadType":"x","payload":"!!","signatures":[]}',
+        b'{"payloadType":"x","payload":"","signatures":[{"keyid":1}]}',
+        b"\xff\xfe",
+    ],
 )
 def test_malformed_envelopes_raise_signature_error(raw, signing_key):
     with pytest.raises(SignatureError):

@@ -1,0 +1,342 @@
+"""The Agent: serves the model and runs the update, upload, metrics and bootstrap threads.
+
+One Agent holds no global state, so a simulator can run many in one process, each with its own
+MQTT client and ``state_dir``. Threads per agent: paho's loop, the update worker, the uploader,
+the metrics publisher, and a short-lived bootstrap thread (registration, then an HTTP poll for a
+target while no model is installed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+
+from contract import MessageError
+from contract.manifest import Manifest
+from contract.messages import DeviceState, StatusReport, TargetMessage
+from device_agent.capture import Capture, PendingPrediction, Spool, Uploader
+from device_agent.config import AgentConfig
+from device_agent.errors import InferenceError, TransportError
+from device_agent.fetcher import Fetcher, HttpFetcher, backoff_delay
+from device_agent.metrics import Metrics
+from device_agent.mqtt import MqttLink
+from device_agent.runtime import ModelRuntime
+from device_agent.store import ModelStore
+from device_agent.updater import Updater
+
+log = logging.getLogger(__name__)
+REGISTER_PATH = "/api/v1/devices/register"
+TARGET_PATH = "/api/v1/devices/{device_id}/target"
+_JOIN_TIMEOUT_S = 10.0  # seconds stop() waits for each thread
+
+
+@dataclass(frozen=True)
+class Prediction:
+    prediction_id: str  # pass to feedback() with the ground truth
+    label: int
+    confidence: float  # top-class probability, 0..1
+    model_version: int  # the model that produced this prediction
+    latency_ms: float
+
+
+class Agent:
+    """Coordinates one edge device: serving, updates, capture, uploads and reports.
+
+    Args:
+        config: the device's configuration.
+        fetcher: artifact fetcher (default: HttpFetcher over ``http``).
+        clock: unix-seconds clock used for expiry checks and timestamps (default: time.time).
+        http: httpx client for the server API (default: one owned by the agent).
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        fetcher: Fetcher | None = None,
+        clock: Callable[[], float] | None = None,
+        http: httpx.Client | None = None,
+    ) -> None:
+        self.config = config
+        self._clock = clock or time.time
+        self._stop = threading.Event()
+        self._own_http = http is None
+        self._http = http or httpx.Client(timeout=config.http_timeout_s)
+        self._own_fetcher = fetcher is None
+        self._fetcher = fetcher or HttpFetcher(config, client=self._http, stop=self._stop)
+        self._store = ModelStore(config.state_dir)
+        self._runtime = ModelRuntime(intra_op_num_threads=config.intra_op_num_threads)
+        self._metrics = Metrics(
+            device_id=config.device_id,
+            model_line=config.model_line,
+            clock=self._clock,
+            latency_samples_max=config.latency_samples_max,
+        )
+        self._spool = Spool(
+            config.state_dir / "spool",
+            batch_max=config.upload_batch_max,
+            max_bytes=config.spool_max_bytes,
+        )
+        self._capture = Capture(config, spool=self._spool, metrics=self._metrics, clock=self._clock)
+        self._uploader = Uploader(config, spool=self._spool, client=self._http, stop=self._stop)
+        self._inbox: queue.Queue[bytes] = queue.Queue()
+        self._mqtt: MqttLink | None = None
+        self._updater = Updater(
+            config,
+            store=self._store,
+            runtime=self._runtime,
+            fetcher=self._fetcher,
+            report=self._publish_status,
+            clock=self._clock,
+        )
+        self._ready = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._resumed = False
+        self._started = False
+        self.registered = False
+        self._last_error: str | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def resume(self) -> bool:
+        """Serve the persisted model if it still verifies (no network). Returns True if serving."""
+        if not self._resumed:
+            self._resumed = True
+            if self._updater.resume() is not None:
+                self._ready.set()
+        return self._ready.is_set()
+
+    def start(self) -> None:
+        """Resume the persisted model, connect MQTT and start the background threads.
+
+        Never blocks on the server or the broker: both are retried in the background.
+        """
+        if self._started:
+            return
+        self._started = True
+        self.resume()
+        self._mqtt = MqttLink(self.config, self._inbox)
+        try:
+            self._mqtt.start()
+        except TransportError as exc:
+            self._last_error = str(exc)
+            log.error("%s", exc)
+        name = self.config.device_id
+        for target, label in (
+            (self._update_worker, "update"),
+            (self._uploader.run, "upload"),
+            (self._metrics_loop, "metrics"),
+            (self._bootstrap, "bootstrap"),
+        ):
+            t = threading.Thread(target=target, name=f"agent-{name}-{label}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        """Stop threads, keep unsent samples on disk, disconnect cleanly. Idempotent."""
+        self._stop.set()
+        self._spool.batch_full.set()  # wake the uploader
+        for t in self._threads:
+            t.join(_JOIN_TIMEOUT_S)
+        self._threads.clear()
+        if self._mqtt is not None:
+            self._mqtt.stop()
+            self._mqtt = None
+        self._spool.seal()
+        if self._own_fetcher and isinstance(self._fetcher, HttpFetcher):
+            self._fetcher.close()
+        if self._own_http:
+            self._http.close()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until a verified model serves; True if one does."""
+        return self._ready.wait(timeout)
+
+    # ---- serving ---------------------------------------------------------------------------
+    def predict(self, x: np.ndarray) -> Prediction:
+        """Classify one sample with the model serving at call time.
+
+        Raises:
+            NoModelError: no verified model serves yet.
+            InferenceError: ONNX Runtime failed (counted as an error in metrics).
+            ValueError: ``x`` holds the wrong number of values.
+        """
+        try:
+            raw, loaded = self._runtime.predict(x)
+        except InferenceError as exc:
+            self._metrics.record_error(exc.model_version)
+            raise
+        pid = uuid.uuid4().hex
+        self._metrics.record_inference(loaded.model_version, raw.latency_ms)
+        self._capture.remember(
+            pid,
+            PendingPrediction(
+                x=np.array(x, dtype=np.float32).ravel(),
+                label=raw.label,
+                confidence=raw.confidence,
+                model_version=loaded.model_version,
+            ),
+        )
+        return Prediction(
+            prediction_id=pid,
+            label=raw.label,
+            confidence=raw.confidence,
+            model_version=loaded.model_version,
+            latency_ms=raw.latency_ms,
+        )
+
+    @property
+    def manifest(self) -> Manifest | None:
+        """The verified manifest of the model serving now, if any."""
+        serving = self._runtime.current
+        return serving.manifest if serving else None
+
+    def feedback(self, prediction_id: str, true_label: int) -> bool:
+        """Ground truth for an earlier prediction; True if the sample was captured for upload.
+
+        Raises:
+            UnknownPredictionError: the id is unknown, already labelled, or was evicted.
+        """
+        return self._capture.feedback(prediction_id, true_label)
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready snapshot of where this device stands."""
+        serving = self._runtime.current
+        cur = self._updater.current
+        spool = self._spool.stats()
+        return {
+            "device_id": self.config.device_id,
+            "model_line": self.config.model_line,
+            "state": self._updater.last_state.value,
+            "serving": serving is not None,
+            "model_version": serving.model_version if serving else None,
+            "release": cur.release if cur else None,
+            "highest_release": self._updater.highest_release,
+            "rollout_id": cur.rollout_id if cur else None,
+            "sha256": serving.sha256 if serving else None,
+            "registered": self.registered,
+            "mqtt_connected": bool(self._mqtt and self._mqtt.connected.is_set()),
+            "inferences": self._metrics.total_inferences,
+            "pending_labels": len(self._capture.pending),
+            "spool": {
+                "pending": spool.pending,
+                "uploaded": spool.uploaded,
+                "dropped": spool.dropped,
+                "rejected": spool.rejected,
+            },
+            "last_error": self._updater.last_error or self._uploader.last_error or self._last_error,
+        }
+
+    # ---- threads ---------------------------------------------------------------------------
+    def _publish_status(self, report: StatusReport) -> None:
+        if self._mqtt is not None:
+            self._mqtt.publish_status(report)
+
+    def _next_target(self, timeout: float) -> TargetMessage | None:
+        """Wait for a target; coalesce a burst to the latest message. None on timeout/invalid."""
+        try:
+            payload = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        while True:  # only the newest target matters
+            try:
+                payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+        if not payload:
+            return None  # the retained target was cleared
+        try:
+            return TargetMessage.from_dict(json.loads(payload))
+        except (ValueError, MessageError) as exc:
+            self._updater.refuse_message(f"invalid target message: {exc}")
+            return None
+
+    def _update_worker(self) -> None:
+        retry: TargetMessage | None = None
+        retry_at = 0.0
+        failures = 0
+        while not self._stop.is_set():
+            target = self._next_target(timeout=0.5)
+            if target is None:
+                if retry is None or time.monotonic() < retry_at:
+                    continue
+                target = retry
+            retry = None
+            try:
+                state = self._updater.handle_target(target)
+            except Exception:  # the worker must survive anything; the old model keeps serving
+                log.exception("update worker error")
+                state = DeviceState.FAILED
+            if self._runtime.current is not None:
+                self._ready.set()
+            if state == DeviceState.FAILED:
+                retry = target
+                retry_at = time.monotonic() + backoff_delay(
+                    failures, self.config.update_retry_s, self.config.update_retry_s * 8
+                )
+                failures += 1
+            else:
+                failures = 0
+
+    def _metrics_loop(self) -> None:
+        while not self._stop.wait(self.config.metrics_interval_s):
+            serving = self._runtime.current
+            cur = self._updater.current
+            rollout = cur.rollout_id if cur and serving and cur.sha256 == serving.sha256 else None
+            reports = self._metrics.snapshot_and_reset(
+                serving_version=serving.model_version if serving else None, rollout_id=rollout
+            )
+            if self._mqtt is not None:
+                for r in reports:
+                    self._mqtt.publish_metrics(r)
+
+    def _bootstrap(self) -> None:
+        """Register (retrying), then poll for a target over HTTP until a model serves."""
+        cfg = self.config
+        body = {
+            "device_id": cfg.device_id,
+            "model_line": cfg.model_line,
+            "hardware": cfg.hardware,
+            "agent_version": cfg.agent_version,
+        }
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                resp = self._http.post(cfg.server_url + REGISTER_PATH, json=body)
+                if resp.is_success:
+                    self.registered = True
+                    break
+                if 400 <= resp.status_code < 500 and resp.status_code not in (408, 429):
+                    self._last_error = (
+                        f"register refused: HTTP {resp.status_code} {resp.text[:200]}"
+                    )
+                    log.error("%s", self._last_error)
+                    break
+                self._last_error = f"register: HTTP {resp.status_code}"
+            except httpx.HTTPError as exc:
+                self._last_error = f"register: {type(exc).__name__}: {exc}"
+            delay = backoff_delay(attempt, cfg.connect_retry_s, cfg.backoff_cap_s)
+            attempt += 1
+            if self._stop.wait(delay):
+                return
+        last: bytes | None = None
+        url = cfg.server_url + TARGET_PATH.format(device_id=cfg.device_id)
+        while not self._stop.is_set() and not self._ready.is_set():
+            try:
+                resp = self._http.get(url)
+                if resp.status_code == 200 and resp.content != last:
+                    last = resp.content
+                    self._inbox.put(resp.content)
+            except httpx.HTTPError as exc:
+                log.debug("target poll failed: %s", exc)
+            if self._stop.wait(cfg.connect_retry_s):
+                return

@@ -1,0 +1,120 @@
+"""Thin paho-mqtt 2.x adapter: connect, subscribe to our target topic, publish reports.
+
+No business logic runs on paho's network thread: ``on_message`` only puts the payload on a queue
+that the agent's update worker consumes. The session is persistent (MQTT v5, clean_start=False,
+session expiry), so QoS 1 targets published while the device was offline are delivered on
+reconnect; the server also retains the latest target on the topic.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from contract.messages import MetricsReport, StatusReport
+from contract.topics import Topics
+from device_agent.config import AgentConfig
+from device_agent.errors import TransportError
+
+log = logging.getLogger(__name__)
+
+
+class MqttLink:
+    """One device's MQTT connection. ``start`` never blocks on the broker being up."""
+
+    def __init__(
+        self, config: AgentConfig, inbox: queue.Queue[bytes], *, topics: Topics | None = None
+    ) -> None:
+        self._cfg = config
+        self._inbox = inbox
+        self._topics = topics or Topics()
+        self.connected = threading.Event()
+        self._client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=config.device_id,
+            protocol=mqtt.MQTTv5,
+        )
+        self._client.reconnect_delay_set(
+            min_delay=max(1, int(config.mqtt_reconnect_min_s)),
+            max_delay=max(1, int(config.mqtt_reconnect_max_s)),
+        )
+        self._client.max_queued_messages_set(1000)  # reports kept while offline
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    @property
+    def target_topic(self) -> str:
+        return self._topics.target(self._cfg.device_id)
+
+    def start(self) -> None:
+        """Connect in the background; paho's loop thread reconnects with backoff.
+
+        Raises:
+            TransportError: the connection could not even be attempted (bad host name).
+        """
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self._cfg.mqtt_session_expiry_s
+        try:
+            self._client.connect_async(
+                self._cfg.mqtt_host,
+                self._cfg.mqtt_port,
+                keepalive=self._cfg.mqtt_keepalive_s,
+                clean_start=False,
+                properties=props,
+            )
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"MQTT connect to {self._cfg.mqtt_host}: {exc}") from exc
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        """Disconnect cleanly (the broker keeps the session) and join paho's thread."""
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+        self.connected.clear()
+
+    # ---- paho callbacks: network thread, keep them trivial -----------------------------------
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
+        if reason_code.is_failure:
+            log.warning("MQTT connect refused: %s", reason_code)
+            return
+        # Subscribe on every connect: cheap, and correct when the broker lost our session.
+        client.subscribe(self.target_topic, qos=1)
+        self.connected.set()
+        log.info("MQTT connected (session present: %s)", getattr(flags, "session_present", None))
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
+        self.connected.clear()
+        if reason_code != 0:
+            log.warning("MQTT disconnected: %s", reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self.target_topic:
+            self._inbox.put(bytes(msg.payload))
+
+    # ---- publishing ----------------------------------------------------------------------------
+    def publish_status(self, report: StatusReport) -> None:
+        """QoS 1: queued by paho while offline and delivered on reconnect."""
+        self._publish(self._topics.status(self._cfg.device_id), report.to_json(), qos=1)
+
+    def publish_metrics(self, report: MetricsReport) -> None:
+        """QoS 0: a lost window is replaced by the next one."""
+        self._publish(self._topics.metrics(self._cfg.device_id), report.to_json(), qos=0)
+
+    def _publish(self, topic: str, payload: bytes, *, qos: int) -> None:
+        info = self._client.publish(topic, payload, qos=qos)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.warning("MQTT publish to %s failed: rc=%s", topic, info.rc)

@@ -1,0 +1,84 @@
+"""Devices: registration, listing, their current target, HTTP fallback for status/metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body
+
+from contract import MessageError, MetricsReport, StatusReport
+from server import crud
+from server.api.deps import ServicesDep, SessionDep
+from server.errors import InvalidRequestError
+from server.ingest import InvalidReport, check_report
+from server.schemas import DevicePublic, DeviceRegister, Name
+from server.targets import resolve_target
+
+router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
+
+
+@router.post("/register", response_model=DevicePublic)
+def register(body: DeviceRegister, session: SessionDep, services: ServicesDep) -> Any:
+    return crud.register_device(
+        session,
+        device_id=body.device_id,
+        model_line=body.model_line,
+        hardware=body.hardware,
+        groups=body.groups,
+        agent_version=body.agent_version,
+        now=services.clock(),
+    )
+
+
+@router.get("", response_model=list[DevicePublic])
+def list_devices(session: SessionDep, model_line: Name | None = None) -> Any:
+    return crud.list_devices(session, model_line=model_line)
+
+
+@router.get("/{device_id}", response_model=DevicePublic)
+def get_device(device_id: str, session: SessionDep) -> Any:
+    return crud.get_device(session, device_id=device_id)
+
+
+@router.get("/{device_id}/target")
+def get_target(device_id: str, session: SessionDep, services: ServicesDep) -> dict[str, Any]:
+    """What this device should run now (contract.TargetMessage)."""
+    return resolve_target(
+        session, device_id=device_id, public_url=services.settings.public_url
+    ).to_dict()
+
+
+def _parse(cls: type[StatusReport] | type[MetricsReport], device_id: str, body: Any) -> Any:
+    try:
+        report = cls.from_dict(body)
+        check_report(report)
+    except (MessageError, InvalidReport) as exc:
+        raise InvalidRequestError(str(exc)) from exc
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidRequestError(f"invalid report: {exc}") from exc
+    if report.device_id != device_id:
+        raise InvalidRequestError(
+            f"device_id in the body ({report.device_id!r}) differs from the path ({device_id!r})"
+        )
+    return report
+
+
+@router.post("/{device_id}/status", status_code=202)
+def post_status(
+    device_id: str, session: SessionDep, services: ServicesDep, body: Annotated[Any, Body()]
+) -> dict[str, Any]:
+    """HTTP fallback for devices that cannot reach the broker; same path as MQTT."""
+    report = _parse(StatusReport, device_id, body)
+    crud.get_device(session, device_id=device_id)
+    services.ingest.submit("status", report)
+    return {"queued": True}
+
+
+@router.post("/{device_id}/metrics", status_code=202)
+def post_metrics(
+    device_id: str, session: SessionDep, services: ServicesDep, body: Annotated[Any, Body()]
+) -> dict[str, Any]:
+    report = _parse(MetricsReport, device_id, body)
+    crud.get_device(session, device_id=device_id)
+    services.ingest.submit("metrics", report)
+    return {"queued": True}

@@ -1,0 +1,66 @@
+"""Sample upload: devices send what their model got wrong (or was unsure of)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from server.api.deps import ServicesDep
+from server.errors import InvalidRequestError, PayloadTooLargeError
+from server.samples import upload_samples
+from server.schemas import SamplesResult, SamplesUpload
+
+router = APIRouter(prefix="/api/v1/samples", tags=["samples"])
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    """Read the body, refusing it as soon as it passes ``limit`` bytes (not after)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"request body is {declared} bytes, limit {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post("", response_model=SamplesResult)
+async def post_samples(request: Request, services: ServicesDep) -> Any:
+    settings = services.settings
+    raw = await _read_capped(request, settings.max_request_bytes)
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequestError(f"body is not JSON: {exc}") from exc
+    try:
+        body = SamplesUpload.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRequestError(
+            'body must be {"samples": [...]} with at least one sample: '
+            + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        ) from exc
+    if len(body.samples) > settings.max_samples_per_batch:
+        raise PayloadTooLargeError(
+            f"{len(body.samples)} samples in one batch, limit {settings.max_samples_per_batch}"
+        )
+
+    def work() -> Any:
+        with services.sessions() as session:
+            return upload_samples(session, records=body.samples, now=services.clock())
+
+    result = await run_in_threadpool(work)
+    if result.jobs_triggered:
+        services.jobs.wake()
+    return {
+        "accepted": result.accepted,
+        "duplicates": result.duplicates,
+        "rejected": result.rejected,
+    }

@@ -1,0 +1,30 @@
+"""Training jobs: list, inspect, trigger by hand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from server import crud
+from server.api.deps import IdPath, ServicesDep, SessionDep
+from server.schemas import Name, TrainingJobCreate, TrainingJobPublic
+
+router = APIRouter(prefix="/api/v1/training-jobs", tags=["training"])
+
+
+@router.post("", response_model=TrainingJobPublic, status_code=201)
+def trigger(body: TrainingJobCreate, session: SessionDep, services: ServicesDep) -> Any:
+    job = crud.enqueue_job(session, line=body.model_line, trigger="manual", now=services.clock())
+    services.jobs.wake()
+    return job
+
+
+@router.get("", response_model=list[TrainingJobPublic])
+def list_jobs(session: SessionDep, model_line: Name | None = None) -> Any:
+    return crud.list_jobs(session, model_line=model_line)
+
+
+@router.get("/{job_id}", response_model=TrainingJobPublic)
+def get_job(job_id: IdPath, session: SessionDep) -> Any:
+    return crud.get_job(session, job_id=job_id)

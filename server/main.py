@@ -1,0 +1,104 @@
+"""Application factory, lifespan and the ``edgeloop-server`` entry point."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError, OperationalError
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.api.routes import artifacts, devices, health, models, rollouts, samples, training
+from server.core.config import Settings
+from server.errors import EdgeloopError
+from server.services import Services, build_services
+
+log = logging.getLogger(__name__)
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies whose declared Content-Length is over the limit before reading them."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"content-length" and (
+                    not value.isdigit() or int(value) > self.max_bytes
+                ):
+                    response = JSONResponse(
+                        {"detail": f"request body over {self.max_bytes} bytes"}, status_code=413
+                    )
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings, *, services: Services | None = None) -> FastAPI:
+    """Build the API. Background threads start in the lifespan (``with TestClient(app)``)."""
+    services = services or build_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services.start()
+        try:
+            yield
+        finally:
+            services.stop()
+
+    app = FastAPI(title="edgeloop", version="0.1.0", lifespan=lifespan)
+    app.state.services = services
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+
+    @app.exception_handler(EdgeloopError)
+    async def _edgeloop_error(_r: Request, exc: EdgeloopError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_r: Request, exc: RequestValidationError) -> JSONResponse:
+        # Echo location and message only: the offending input may be huge or not JSON-safe
+        # (NaN), and rendering it must never turn a 422 into a 500.
+        errors = [
+            {
+                "loc": [str(p) for p in e.get("loc", ())],
+                "msg": str(e.get("msg", "")),
+                "type": str(e.get("type", "")),
+            }
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity(_r: Request, exc: IntegrityError) -> JSONResponse:
+        log.info("integrity conflict: %s", exc.orig)
+        return JSONResponse({"detail": "conflicts with stored data; retry"}, status_code=409)
+
+    @app.exception_handler(OperationalError)
+    async def _db_down(_r: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database unavailable: %s", exc.orig)
+        return JSONResponse({"detail": "database unavailable; retry"}, status_code=503)
+
+    for module in (health, devices, samples, models, artifacts, training, rollouts):
+        app.include_router(module.router)
+    return app
+
+
+def run() -> None:
+    """Entry point ``edgeloop-server``: settings from EDGELOOP_* and uvicorn."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = Settings()
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+
+
+if __name__ == "__main__":
+    run()

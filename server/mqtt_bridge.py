@@ -1,0 +1,180 @@
+"""A thin paho-mqtt adapter: inbound device messages go to a bounded queue, targets go out.
+
+Nothing here interprets a message. The paho network thread only puts ``(kind, device_id,
+payload, received_at)`` into the ingest queue (``server.ingest`` parses and writes them), so a
+burst from 10,000 devices never blocks the socket on the database.
+
+Targets are retained, QoS 1 and "latest wins", so the publisher coalesces per device: while the
+broker is down the pending map holds at most one message per device and is flushed on reconnect.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from contract import TargetMessage, Topics
+from server.db import utcnow
+
+log = logging.getLogger(__name__)
+
+IngestItem = tuple[str, str, Any, datetime]  # (kind, topic device_id, payload, received_at)
+
+
+class TargetPublisher(Protocol):
+    """Where the API and the rollout engine hand targets; never blocks on the network."""
+
+    def publish(self, device_id: str, message: TargetMessage) -> None: ...
+
+
+class RecordingPublisher:
+    """Publisher used when MQTT is off: remembers what would have been sent (tests read it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.sent: list[tuple[str, TargetMessage]] = []
+
+    def publish(self, device_id: str, message: TargetMessage) -> None:
+        with self._lock:
+            self.sent.append((device_id, message))
+
+    def latest(self) -> dict[str, TargetMessage]:
+        with self._lock:
+            return dict(self.sent)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.sent.clear()
+
+
+@dataclass
+class BridgeStats:
+    received: int = 0
+    dropped: int = 0  # ingest queue full
+    bad_topic: int = 0
+    published: int = 0
+    connects: int = 0
+
+
+class MqttBridge:
+    """One MQTT v5 connection: subscribes to device status/metrics, publishes targets."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        ingest_queue: queue.Queue[IngestItem],
+        client_id: str = "edgeloop-server",
+        keepalive_s: int = 30,
+        reconnect_min_s: int = 1,
+        reconnect_max_s: int = 30,
+        topics: Topics | None = None,
+    ) -> None:
+        self.host, self.port, self.keepalive_s = host, port, keepalive_s
+        self.topics = topics or Topics()
+        self.ingest_queue = ingest_queue
+        self.stats = BridgeStats()
+        self.connected = threading.Event()
+        self._pending: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._publisher: threading.Thread | None = None
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"{client_id}-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
+        self._client.reconnect_delay_set(reconnect_min_s, reconnect_max_s)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    # ------------------------------------------------------------ network thread callbacks
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            log.warning("MQTT connect refused: %s", reason)
+            return
+        client.subscribe([(self.topics.all_status, 1), (self.topics.all_metrics, 0)])
+        self.stats.connects += 1
+        self.connected.set()
+        self._wake.set()
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self.connected.clear()
+        if not self._stop.is_set():
+            log.warning("MQTT disconnected (%s); paho reconnects with backoff", reason)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        parsed = self.topics.parse(msg.topic)
+        if parsed is None or parsed[1] not in ("status", "metrics"):
+            self.stats.bad_topic += 1
+            return
+        self.stats.received += 1
+        try:
+            self.ingest_queue.put_nowait((parsed[1], parsed[0], bytes(msg.payload), utcnow()))
+        except queue.Full:
+            self.stats.dropped += 1  # metrics are QoS 0 and status is re-sent by the device
+
+    # ------------------------------------------------------------ publishing
+
+    def publish(self, device_id: str, message: TargetMessage) -> None:
+        with self._lock:
+            self._pending[device_id] = message.to_json()
+        self._wake.set()
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def _publish_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            if not self.connected.is_set():
+                continue
+            with self._lock:
+                batch, self._pending = self._pending, {}
+            for n, (device_id, payload) in enumerate(batch.items()):
+                info = self._client.publish(
+                    self.topics.target(device_id), payload, qos=1, retain=True
+                )
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    with self._lock:  # keep anything newer that arrived meanwhile
+                        for did, p in list(batch.items())[n:]:
+                            self._pending.setdefault(did, p)
+                    break
+                self.stats.published += 1
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Connect in the background; a broker that is down is retried with backoff."""
+        self._stop.clear()
+        self._client.connect_async(self.host, self.port, keepalive=self.keepalive_s)
+        self._client.loop_start()
+        self._publisher = threading.Thread(
+            target=self._publish_loop, name="mqtt-publisher", daemon=True
+        )
+        self._publisher.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._publisher is not None:
+            self._publisher.join(timeout=10)
+            self._publisher = None
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()

@@ -1,0 +1,245 @@
+"""Sample intake: per-sample validation, idempotent bulk insert, threshold-triggered retraining.
+
+``validate_sample`` is pure (a record and the facts it is checked against in, a row or a reason
+out); ``upload_samples`` runs one transaction per batch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from contract import InputSpec, MessageError, decode_input
+from server import crud
+from server.db import Device, ModelLine, Sample, TrainingJob
+
+MAX_SAMPLE_ID_CHARS = 64
+MAX_INT32 = 2**31 - 1
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_INSERT_RETRIES = 3  # a concurrent upload of the same ids makes the insert conflict; retry
+
+
+class SampleRejected(Exception):
+    """Internal: one sample is not acceptable (the message is the reason reported back)."""
+
+
+@dataclass(frozen=True)
+class LineFacts:
+    name: str
+    spec: InputSpec
+    n_labels: int
+
+
+@dataclass
+class UploadResult:
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    jobs_triggered: list[int] = field(default_factory=list)
+
+
+def _get(rec: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    if name not in rec or rec[name] is None:
+        raise SampleRejected(f"missing field {name!r}")
+    value = rec[name]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise SampleRejected(f"field {name!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _number(rec: Mapping[str, Any], name: str) -> float:
+    value = float(_get(rec, name, (int, float)))
+    if not math.isfinite(value):
+        raise SampleRejected(f"field {name!r} must be a finite number")
+    return value
+
+
+def sample_id_of(rec: Any) -> str | None:
+    if isinstance(rec, Mapping) and isinstance(rec.get("sample_id"), str):
+        return str(rec["sample_id"])[:MAX_SAMPLE_ID_CHARS]
+    return None
+
+
+def validate_sample(
+    rec: Any,
+    *,
+    devices: Mapping[str, str],
+    lines: Mapping[str, LineFacts],
+    now: datetime,
+) -> dict[str, Any]:
+    """Check one sample record and return the row to insert.
+
+    Args:
+        rec: the JSON value the device sent.
+        devices: registered device_id -> its model line.
+        lines: known model lines.
+
+    Raises:
+        SampleRejected: with the reason reported to the device.
+    """
+    if not isinstance(rec, Mapping):
+        raise SampleRejected("sample must be a JSON object")
+    sample_id = _get(rec, "sample_id", str)
+    if not 1 <= len(sample_id) <= MAX_SAMPLE_ID_CHARS or _CONTROL.search(sample_id):
+        raise SampleRejected(f"sample_id must be 1-{MAX_SAMPLE_ID_CHARS} printable characters")
+    device_id = _get(rec, "device_id", str)
+    line_name = _get(rec, "model_line", str)
+    if device_id not in devices:
+        raise SampleRejected(f"unknown device {device_id[:128]!r}: register it first")
+    if line_name not in lines:
+        raise SampleRejected(f"unknown model line {line_name[:64]!r}")
+    if devices[device_id] != line_name:
+        raise SampleRejected(
+            f"device {device_id!r} is registered to model line {devices[device_id]!r}, "
+            f"not {line_name!r}"
+        )
+    facts = lines[line_name]
+    model_version = _get(rec, "model_version", int)
+    if not 0 <= model_version <= MAX_INT32:
+        raise SampleRejected("model_version out of range")
+    try:
+        x = decode_input(_get(rec, "input_b64", str), facts.spec.features)
+    except MessageError as exc:
+        raise SampleRejected(str(exc)) from exc
+    if not np.all(np.isfinite(x)):
+        raise SampleRejected("input contains NaN or infinite values")
+    if x.size and (float(x.min()) < facts.spec.min or float(x.max()) > facts.spec.max):
+        raise SampleRejected(
+            f"input values must lie in [{facts.spec.min:g}, {facts.spec.max:g}] "
+            f"(got [{float(x.min()):g}, {float(x.max()):g}])"
+        )
+    labels = {}
+    for name in ("true_label", "predicted_label"):
+        labels[name] = _get(rec, name, int)
+        if not 0 <= labels[name] < facts.n_labels:
+            raise SampleRejected(f"{name} {labels[name]} is not in range(0, {facts.n_labels})")
+    confidence = _number(rec, "confidence")
+    if not 0.0 <= confidence <= 1.0:
+        raise SampleRejected(f"confidence {confidence:g} is not in [0, 1]")
+    captured_at = _number(rec, "captured_at")
+    return {
+        "sample_id": sample_id,
+        "device_id": device_id,
+        "model_line": line_name,
+        "model_version": model_version,
+        "input": x.astype("<f4").tobytes(),
+        "true_label": labels["true_label"],
+        "predicted_label": labels["predicted_label"],
+        "confidence": confidence,
+        "captured_at": captured_at,
+        "received_at": now,
+    }
+
+
+def _facts(session: Session, records: list[Any]) -> tuple[dict[str, str], dict[str, LineFacts]]:
+    dev_ids = {
+        r["device_id"]
+        for r in records
+        if isinstance(r, Mapping)
+        and isinstance(r.get("device_id"), str)
+        and len(r["device_id"]) <= 128
+    }
+    line_names = {
+        r["model_line"]
+        for r in records
+        if isinstance(r, Mapping)
+        and isinstance(r.get("model_line"), str)
+        and len(r["model_line"]) <= 64
+    }
+    devices: dict[str, str] = {}
+    if dev_ids:
+        for did, line in session.execute(
+            select(Device.device_id, Device.model_line).where(Device.device_id.in_(dev_ids))
+        ):
+            devices[did] = line
+    lines: dict[str, LineFacts] = {}
+    if line_names:
+        for ml in session.scalars(select(ModelLine).where(ModelLine.name.in_(line_names))):
+            lines[ml.name] = LineFacts(ml.name, InputSpec.from_dict(ml.input_spec), len(ml.labels))
+    return devices, lines
+
+
+def upload_samples(session: Session, *, records: list[Any], now: datetime) -> UploadResult:
+    """Validate and store one batch in one transaction; trigger retraining at the threshold.
+
+    Duplicate sample ids (already stored, or repeated within the batch) are counted, not stored
+    twice, so a device may retry an upload safely. Commits.
+    """
+    for attempt in range(_INSERT_RETRIES):
+        try:
+            return _upload_once(session, records=records, now=now)
+        except IntegrityError:
+            session.rollback()
+            if attempt == _INSERT_RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _upload_once(session: Session, *, records: list[Any], now: datetime) -> UploadResult:
+    result = UploadResult()
+    devices, lines = _facts(session, records)
+    rows: list[dict[str, Any]] = []
+    for rec in records:
+        try:
+            rows.append(validate_sample(rec, devices=devices, lines=lines, now=now))
+        except SampleRejected as exc:
+            result.rejected.append({"sample_id": sample_id_of(rec), "reason": str(exc)})
+    ids = {r["sample_id"] for r in rows}
+    stored = (
+        set(session.scalars(select(Sample.sample_id).where(Sample.sample_id.in_(ids))).all())
+        if ids
+        else set()
+    )
+    fresh: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["sample_id"] in stored or row["sample_id"] in fresh:
+            result.duplicates += 1
+        else:
+            fresh[row["sample_id"]] = row
+    if fresh:
+        session.execute(insert(Sample), list(fresh.values()))
+    per_line: dict[str, int] = {}
+    for row in fresh.values():
+        per_line[row["model_line"]] = per_line.get(row["model_line"], 0) + 1
+    for line_name in sorted(per_line):  # fixed lock order: no deadlock between batches
+        job_id = _count_and_trigger(session, line=line_name, added=per_line[line_name], now=now)
+        if job_id is not None:
+            result.jobs_triggered.append(job_id)
+    session.commit()
+    result.accepted = len(fresh)
+    return result
+
+
+def _count_and_trigger(session: Session, *, line: str, added: int, now: datetime) -> int | None:
+    """Add to the line's counter under its row lock; enqueue one job when it crosses the
+    threshold and none is queued or running."""
+    counted = session.execute(
+        update(ModelLine)
+        .where(ModelLine.name == line)
+        .values(new_samples=ModelLine.new_samples + added)
+        .returning(ModelLine.new_samples, ModelLine.retrain_threshold)
+        .execution_options(synchronize_session=False)
+    ).one()
+    if counted.new_samples < counted.retrain_threshold:
+        return None
+    if crud.active_job(session, line=line) is not None:
+        return None  # the running job will pick these samples up next time
+    job = TrainingJob(model_line=line, status="queued", trigger="threshold", created_at=now)
+    session.add(job)
+    session.execute(
+        update(ModelLine)
+        .where(ModelLine.name == line)
+        .values(new_samples=0)
+        .execution_options(synchronize_session=False)
+    )
+    session.flush()
+    return job.id

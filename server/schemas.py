@@ -1,0 +1,245 @@
+"""Request and response bodies (pydantic). Field names of device messages come from ``contract``.
+
+``XCreate`` is what a client sends, ``XPublic`` what the server returns.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from contract import ContractError, InputSpec
+
+MAX_INT32 = 2**31 - 1
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+Text = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
+OptText = Annotated[str, StringConstraints(max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$")]
+Reason = Annotated[str, StringConstraints(max_length=1000, pattern=r"^[^\x00]*$")]
+Id32 = Annotated[int, Field(ge=1, le=MAX_INT32)]
+Trainer = Literal["sklearn-mlp", "torch-cnn"]
+
+
+def _check_json(value: Any, depth: int = 0) -> None:
+    """Hyperparameters must be plain, finite JSON a database can store."""
+    if depth > 8:
+        raise ValueError("nested too deeply (max 8 levels)")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("numbers must be finite")
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError("strings must not contain NUL")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
+        raise ValueError("integers must fit in a double")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_json(k, depth + 1)
+            _check_json(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_json(v, depth + 1)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- devices
+
+
+class DeviceRegister(Strict):
+    device_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    model_line: Name
+    hardware: OptText | None = None
+    groups: Annotated[list[Name], Field(max_length=32)] = []
+    agent_version: OptText | None = None
+
+
+class DevicePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    device_id: str
+    model_line: str
+    hardware: str | None
+    groups: list[str]
+    agent_version: str | None
+    registered_at: datetime
+    last_seen: datetime | None
+    state: str | None
+    model_version: int | None
+    release: int | None
+    last_reason: str | None
+
+
+# ---------------------------------------------------------------- samples
+
+
+class SamplesUpload(Strict):
+    # Items are checked one by one (each gets its own reason), so they stay plain JSON here.
+    samples: Annotated[list[Any], Field(min_length=1)]
+
+
+class RejectedSample(BaseModel):
+    sample_id: str | None
+    reason: str
+
+
+class SamplesResult(BaseModel):
+    accepted: int
+    duplicates: int
+    rejected: list[RejectedSample]
+
+
+# ---------------------------------------------------------------- model lines and versions
+
+
+class ModelLineCreate(Strict):
+    name: Name
+    trainer: Trainer = "sklearn-mlp"
+    hyperparams: dict[str, Any] = {}
+    input_spec: dict[str, Any]
+    labels: Annotated[list[Text], Field(min_length=2, max_length=10_000)]
+    retrain_threshold: Annotated[int, Field(ge=1, le=10**9)] | None = None
+    initial_training: bool = True
+
+    @field_validator("hyperparams")
+    @classmethod
+    def _finite(cls, v: dict[str, Any]) -> dict[str, Any]:
+        _check_json(v)
+        return v
+
+    @field_validator("input_spec")
+    @classmethod
+    def _spec(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            spec = InputSpec.from_dict(v)
+        except ContractError as exc:
+            raise ValueError(str(exc)) from exc
+        if not (math.isfinite(spec.min) and math.isfinite(spec.max)):
+            raise ValueError("input_spec.min/max must be finite")
+        if spec.features > 1 << 20 or len(spec.name) > 64:
+            raise ValueError("input_spec is too large")
+        return spec.to_dict()
+
+
+class ModelLinePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    trainer: str
+    hyperparams: dict[str, Any]
+    input_spec: dict[str, Any]
+    labels: list[str]
+    retrain_threshold: int
+    champion_version: int | None
+    current_release: int | None
+    last_release: int
+    new_samples: int
+    created_at: datetime
+
+
+class ModelVersionPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    line: str
+    version: int
+    status: str
+    sha256: str | None
+    size: int | None
+    parent_version: int | None
+    dataset_version: str | None
+    trainer: str
+    hyperparams: dict[str, Any]
+    metrics: dict[str, Any]
+    sample_count: int
+    job_id: int | None
+    reason: str | None
+    created_at: datetime
+
+
+class ModelVersionDetail(ModelVersionPublic):
+    report: dict[str, Any]
+
+
+class ReleasePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    line: str
+    release: int
+    model_version: int
+    sha256: str
+    envelope: dict[str, Any]
+    created_at: datetime
+
+
+# ---------------------------------------------------------------- training jobs
+
+
+class TrainingJobCreate(Strict):
+    model_line: Name
+
+
+class TrainingJobPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    model_line: str
+    status: str
+    trigger: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    result_version: int | None
+    sample_count: int | None
+
+
+# ---------------------------------------------------------------- rollouts
+
+
+class RolloutCreate(Strict):
+    model_line: Name
+    model_version: Id32
+    canary_percent: Annotated[int, Field(ge=1, le=100)] | None = None
+    created_by: Text
+
+
+class RolloutApprove(Strict):
+    approver: Text
+
+
+class RolloutAction(Strict):
+    by: Text = "operator"
+    reason: Reason | None = None
+
+
+class RolloutPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    model_line: str
+    from_version: int | None
+    to_version: int
+    release: int | None
+    rollback_release: int | None
+    state: str
+    paused_state: str | None
+    stage: int
+    canary_percent: int
+    created_by: str
+    approved_by: str | None
+    created_at: datetime
+    approved_at: datetime | None
+    full_at: datetime | None
+    paused_at: datetime | None
+    finished_at: datetime | None
+    reason: str | None
+    gates: dict[str, Any] | None
+
+
+class RolloutDetail(RolloutPublic):
+    # stage ("canary"/"rest") -> device state -> count
+    devices: dict[str, dict[str, int]]

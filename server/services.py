@@ -1,0 +1,153 @@
+"""Everything one server instance runs, built from Settings (no import-time singletons)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from server import crud
+from server.artifacts import ArtifactStore
+from server.core.config import Settings
+from server.db import create_all, make_engine, make_sessionmaker, utcnow
+from server.errors import ConflictError
+from server.ingest import IngestWriter
+from server.jobs import JobRunner
+from server.mqtt_bridge import IngestItem, MqttBridge, RecordingPublisher, TargetPublisher
+from server.rollout_engine import RolloutEngine
+from server.signing import Signer, load_signer
+
+log = logging.getLogger(__name__)
+
+DIGITS_INPUT_SPEC = {"name": "input", "shape": [-1, 64], "dtype": "float32", "min": 0.0, "max": 1.0}
+DIGITS_LABELS = [str(i) for i in range(10)]
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    signer: Signer
+    store: ArtifactStore
+    ingest_queue: queue.Queue[IngestItem]
+    ingest: IngestWriter
+    publisher: TargetPublisher
+    bridge: MqttBridge | None
+    rollouts: RolloutEngine
+    jobs: JobRunner
+    clock: Callable[[], datetime] = utcnow
+    _started: list[str] = field(default_factory=list)
+
+    def start(self) -> None:
+        """Start the background threads the settings enable."""
+        s = self.settings
+        with self.sessions() as session:
+            failed = crud.fail_orphaned_jobs(session, now=self.clock())
+            if failed:
+                log.warning("%d training job(s) were running when the server stopped", failed)
+        if s.enable_ingest_writer:
+            self.ingest.start()
+            self._started.append("ingest")
+        if self.bridge is not None:
+            self.bridge.start()
+            self._started.append("mqtt")
+            self.rollouts.publish_all_targets()
+        if s.enable_rollout_engine:
+            self.rollouts.start()
+            self._started.append("rollouts")
+        if s.enable_job_runner:
+            self.jobs.start()
+            self._started.append("jobs")
+
+    def stop(self) -> None:
+        if "jobs" in self._started:
+            self.jobs.stop()
+        if "rollouts" in self._started:
+            self.rollouts.stop()
+        if "ingest" in self._started:
+            self.ingest.stop()
+        if "mqtt" in self._started and self.bridge is not None:
+            self.bridge.stop()
+        self._started.clear()
+        self.engine.dispose()
+
+
+def bootstrap(services: Services) -> None:
+    """Create the configured default model line (and its initial job) if it does not exist."""
+    s = services.settings
+    if not s.bootstrap_line:
+        return
+    with services.sessions() as session:
+        try:
+            crud.create_model_line(
+                session,
+                name=s.bootstrap_line,
+                trainer=s.bootstrap_trainer,
+                hyperparams={},
+                input_spec=dict(DIGITS_INPUT_SPEC),
+                labels=list(DIGITS_LABELS),
+                retrain_threshold=s.retrain_threshold,
+                initial_training=True,
+                now=services.clock(),
+            )
+            log.info("created model line %r with its initial training job", s.bootstrap_line)
+        except ConflictError:
+            pass
+
+
+def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow) -> Services:
+    """Connect the database (creating tables), load the key, wire the components."""
+    engine = make_engine(settings.database_url)
+    create_all(engine)
+    sessions = make_sessionmaker(engine)
+    signer = load_signer(settings)
+    store = ArtifactStore(settings.artifacts_dir)
+    ingest_queue: queue.Queue[IngestItem] = queue.Queue(maxsize=settings.ingest_queue_max)
+    ingest = IngestWriter(
+        sessions=sessions,
+        ingest_queue=ingest_queue,
+        batch_max=settings.ingest_batch_max,
+        batch_wait_s=settings.ingest_batch_wait_s,
+        clock=clock,
+    )
+    bridge: MqttBridge | None = None
+    publisher: TargetPublisher
+    if settings.mqtt_active:
+        bridge = MqttBridge(
+            host=settings.mqtt_host,
+            port=settings.mqtt_port,
+            ingest_queue=ingest_queue,
+            client_id=settings.mqtt_client_id,
+            keepalive_s=settings.mqtt_keepalive_s,
+            reconnect_min_s=settings.mqtt_reconnect_min_s,
+            reconnect_max_s=settings.mqtt_reconnect_max_s,
+        )
+        publisher = bridge
+    else:
+        publisher = RecordingPublisher()
+    rollouts = RolloutEngine(
+        settings=settings, sessions=sessions, signer=signer, publisher=publisher, clock=clock
+    )
+    jobs = JobRunner(settings=settings, sessions=sessions, store=store, signer=signer, clock=clock)
+    services = Services(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        signer=signer,
+        store=store,
+        ingest_queue=ingest_queue,
+        ingest=ingest,
+        publisher=publisher,
+        bridge=bridge,
+        rollouts=rollouts,
+        jobs=jobs,
+        clock=clock,
+    )
+    bootstrap(services)
+    return services

@@ -1,0 +1,173 @@
+"""Bounded, resumable downloads against a real local HTTP server with fault switches."""
+
+from __future__ import annotations
+
+import pytest
+
+from device_agent.errors import LengthError, TransportError
+from device_agent.fetcher import HttpFetcher
+from device_agent.verify import verify_artifact
+from tests.device_agent.agent_testkit import (
+    FakeServer,
+    Rig,
+    make_config,
+    make_manifest,
+    make_model,
+    make_target,
+    sha256,
+)
+
+DATA = make_model(11) * 40  # ~100 KiB: several chunks at the test chunk size
+REF = make_manifest(DATA, release=1, model_version=1).artifact
+
+
+@pytest.fixture
+def fetcher(tmp_path, signing_key):
+    cfg = make_config(tmp_path / "state", signing_key, download_chunk_bytes=4096)
+    f = HttpFetcher(cfg)
+    yield f
+    f.close()
+
+
+def test_full_download_verifies(fetcher: HttpFetcher, fake_server: FakeServer, tmp_path) -> None:
+    dest = tmp_path / f"{REF.sha256}.part"
+    fetcher.fetch(fake_server.add("a.onnx", DATA), dest, expected_size=REF.size)
+    verify_artifact(dest, REF)
+    assert [e["range"] for e in fake_server.requests_for("a.onnx")] == [None]
+
+
+def test_resume_requests_only_the_rest(
+    fetcher: HttpFetcher, fake_server: FakeServer, tmp_path
+) -> None:
+    half = len(DATA) // 2
+    dest = tmp_path / f"{REF.sha256}.part"
+    dest.write_bytes(DATA[:half])
+    fetcher.fetch(fake_server.add("a.onnx", DATA), dest, expected_size=REF.size)
+    log = fake_server.requests_for("a.onnx")
+    assert [(e["range"], e["status"]) for e in log] == [(f"bytes={half}-", 206)]
+    assert log[0]["sent"] == len(DATA) - half
+    verify_artifact(dest, REF)
+
+
+def test_server_ignoring_range_falls_back_to_full(
+    fetcher: HttpFetcher, fake_server: FakeServer, tmp_path
+) -> None:
+    fake_server.mode = "ignore_range"
+    dest = tmp_path / "x.part"
+    dest.write_bytes(DATA[:1000])
+    fetcher.fetch(fake_server.add("a.onnx", DATA), dest, expected_size=REF.size)
+    assert [e["status"] for e in fake_server.requests_for("a.onnx")] == [200]
+    verify_artifact(dest, REF)
+
+
+def test_truncated_body_is_transport_error_then_resumes(
+    fetcher: HttpFetcher, fake_server: FakeServer, tmp_path
+) -> None:
+    fake_server.mode = "truncate"
+    dest = tmp_path / "x.part"
+    url = fake_server.add("a.onnx", DATA)
+    with pytest.raises(TransportError):
+        fetcher.fetch(url, dest, expected_size=REF.size)
+    kept = dest.stat().st_size
+    assert 0 < kept < len(DATA)
+    fake_server.mode = "normal"
+    fetcher.fetch(url, dest, expected_size=REF.size)
+    assert fake_server.requests_for("a.onnx")[-1]["range"] == f"bytes={kept}-"
+    verify_artifact(dest, REF)
+
+
+def test_dropped_connection_retried_with_range(
+    tmp_path, signing_key, fake_server: FakeServer
+) -> None:
+    cfg = make_config(tmp_path / "s", signing_key, download_chunk_bytes=4096, download_retries=2)
+    fetcher = HttpFetcher(cfg)
+    fake_server.mode = "drop_once"
+    fake_server.drop_after = 30_000
+    dest = tmp_path / "x.part"
+    try:
+        fetcher.fetch(fake_server.add("a.onnx", DATA), dest, expected_size=REF.size)
+    finally:
+        fetcher.close()
+    log = fake_server.requests_for("a.onnx")
+    assert len(log) == 2 and log[0]["range"] is None
+    assert log[1]["range"].startswith("bytes=") and log[1]["status"] == 206
+    verify_artifact(dest, REF)
+
+
+def test_oversize_body_cut_off_while_streaming(
+    fetcher: HttpFetcher, fake_server: FakeServer, tmp_path
+) -> None:
+    fake_server.mode = "oversize"  # the artifact, then 64 MiB of junk, no Content-Length
+    dest = tmp_path / "x.part"
+    with pytest.raises(LengthError):
+        fetcher.fetch(fake_server.add("a.onnx", DATA), dest, expected_size=REF.size)
+    assert not dest.exists() or dest.stat().st_size <= REF.size
+    total = len(DATA) + fake_server.oversize_extra
+    # The server could not push everything: the agent closed the connection early.
+    entry = fake_server.requests_for("a.onnx")[0]
+    from tests.device_agent.agent_testkit import wait_until
+
+    wait_until(lambda: entry.get("aborted") or entry["sent"] >= total, timeout=60)
+    assert entry["sent"] < total
+
+
+def test_declared_oversize_refused_before_body(
+    tmp_path, signing_key, fake_server: FakeServer
+) -> None:
+    cfg = make_config(tmp_path / "s", signing_key)
+    fetcher = HttpFetcher(cfg)
+    dest = tmp_path / "x.part"
+    try:
+        with pytest.raises(LengthError):  # server declares more bytes than signed
+            fetcher.fetch(fake_server.add("a.onnx", DATA), dest, expected_size=REF.size - 10)
+    finally:
+        fetcher.close()
+    assert not dest.exists() or dest.stat().st_size <= REF.size - 10
+
+
+def test_artifact_over_cap_refused_without_request(
+    tmp_path, signing_key, fake_server: FakeServer
+) -> None:
+    cfg = make_config(tmp_path / "s", signing_key, max_artifact_bytes=1024)
+    fetcher = HttpFetcher(cfg)
+    try:
+        with pytest.raises(LengthError):
+            fetcher.fetch(
+                fake_server.add("a.onnx", DATA), tmp_path / "x.part", expected_size=REF.size
+            )
+    finally:
+        fetcher.close()
+    assert fake_server.requests_for("a.onnx") == []
+
+
+def test_oversize_through_updater_refused_and_old_model_serves(
+    rig: Rig, fake_server: FakeServer
+) -> None:
+    m1, m2 = make_model(1), make_model(2)
+    t1 = make_target(
+        make_manifest(m1, release=1, model_version=1), rig.key, fake_server.add("m1.onnx", m1)
+    )
+    assert rig.updater.handle_target(t1).value == "committed"
+    fake_server.mode = "oversize"
+    fake_server.oversize_extra = 4 * 1024 * 1024
+    t2 = make_target(
+        make_manifest(m2, release=2, model_version=2), rig.key, fake_server.add("m2.onnx", m2)
+    )
+    assert rig.updater.handle_target(t2).value == "refused"
+    assert rig.reports[-1].reason.startswith("LengthError")
+    assert rig.serving_version() == 1
+    assert not rig.store.has_model(sha256(m2))
+
+
+def test_complete_file_of_other_size_is_content_error_not_retried(
+    tmp_path, signing_key, fake_server: FakeServer
+) -> None:
+    cfg = make_config(tmp_path / "s", signing_key, download_retries=3)
+    fetcher = HttpFetcher(cfg)
+    url = fake_server.add("short.onnx", b"not a model at all" * 100)
+    try:
+        with pytest.raises(LengthError, match="size"):
+            fetcher.fetch(url, tmp_path / "x.part", expected_size=REF.size)
+    finally:
+        fetcher.close()
+    assert len(fake_server.requests_for("short.onnx")) == 1  # bad content: no retry

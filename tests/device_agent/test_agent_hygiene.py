@@ -1,0 +1,39 @@
+"""An edge device installs only the agent's dependencies: importing the agent must not pull in
+anything from the server or trainer side."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+FORBIDDEN = (
+    "torch",
+    "torchvision",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "sqlalchemy",
+    "sklearn",
+    "pydantic",
+    "onnx",
+    "skl2onnx",
+    "server",
+    "training",
+    "firmware_sim",
+)
+
+PROBE = """
+import json, sys
+import device_agent, device_agent.cli, device_agent.agent, device_agent.mqtt
+print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))
+"""
+
+
+def test_import_pulls_in_no_server_or_training_modules() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, check=True
+    )
+    loaded = set(json.loads(out.stdout))
+    assert loaded.isdisjoint(FORBIDDEN), loaded & set(FORBIDDEN)
+    assert {"onnxruntime", "numpy", "paho", "httpx", "cryptography", "contract"} <= loaded

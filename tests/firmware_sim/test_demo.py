@@ -1,0 +1,52 @@
+"""The demo is the loop's acceptance test: run it on a small fleet and read its summary."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_closes_the_loop_on_a_small_fleet(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "firmware_sim.demo",
+            "--devices",
+            "10",
+            "--threshold",
+            "150",
+            "--canary-percent",
+            "30",
+            "--measure-rounds",
+            "30",
+            "--workdir",
+            str(tmp_path),
+            "--timeout",
+            "240",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    out = done.stdout
+    assert done.returncode == 0, out[-4000:] + done.stderr[-4000:]
+
+    def figure(label: str) -> float:
+        m = re.search(rf"{re.escape(label)}[^\n]*?([0-9]+\.[0-9]+)\s*$", out, re.M)
+        assert m, f"summary line {label!r} missing:\n{out[-2000:]}"
+        return float(m.group(1))
+
+    before = figure("fleet accuracy before drift")
+    old = figure("fleet accuracy under drift, old model")
+    new = figure("fleet accuracy under drift, new model")
+    assert before > 0.9, "the factory model should be good on clean inputs"
+    assert old < before - 0.2, "drift must really hurt the deployed model"
+    assert new > old + 0.2, "the retrained model must recover much of the loss"
+    assert re.search(r"failed inferences\s+0$", out, re.M)
+    assert "The loop closed" in out

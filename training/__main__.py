@@ -1,0 +1,44 @@
+"""``python -m training --spec spec.json [--print]``: run one training job for the server.
+
+Exit status: 0 whenever ``report.json`` was written (the gate passed *or* failed); 2 for an
+invalid spec; 1 for any other failure. The reason for a non-zero exit is one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from training.errors import SpecError, TrainingError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m training", description="Train, gate and export one edgeloop challenger."
+    )
+    parser.add_argument("--spec", required=True, help="path to the job's spec.json")
+    parser.add_argument("--print", action="store_true", help="echo report.json to stdout")
+    args = parser.parse_args(argv)
+
+    # Imported here so that `--help` and argument errors stay fast.
+    from training.pipeline import run_job
+    from training.spec import load_spec
+
+    try:
+        spec = load_spec(args.spec)
+        report = run_job(spec)
+    except SpecError as exc:
+        print(f"training: invalid spec: {exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
+        print(f"training: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.print:
+        print(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
