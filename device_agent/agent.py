@@ -247,11 +247,15 @@ class Agent:
             payload = self._inbox.get(timeout=timeout)
         except queue.Empty:
             return None
+        skipped = 0
         while True:  # only the newest target matters
             try:
                 payload = self._inbox.get_nowait()
             except queue.Empty:
                 break
+            skipped += 1
+        if skipped:
+            log.info("coalesced %d older target message(s) into the newest", skipped)
         if not payload:
             return None  # the retained target was cleared
         try:

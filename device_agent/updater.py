@@ -121,6 +121,9 @@ class Updater:
         """Apply one target and return the state it settled in (see module docstring)."""
         release: int | None = None
         try:
+            log.info(
+                "target received (rollout %s, artifact %s)", target.rollout_id, target.artifact_url
+            )
             manifest = self._verify(target)
             release = manifest.release
             self._report(DeviceState.NOTIFIED, target, release)
@@ -138,6 +141,7 @@ class Updater:
             self._install(target, manifest, loaded)
             self._report(DeviceState.INSTALLED, target, release)
             self._commit(target, manifest)
+            log.info("release %d (model version %d) committed", release, manifest.model_version)
             return DeviceState.COMMITTED
         except ContentError as exc:
             return self._fail(DeviceState.REFUSED, target, release, exc)
