@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Boolean, bindparam, case, func, insert, or_, select, update
+from sqlalchemy import Boolean, Table, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -225,7 +225,7 @@ class IngestWriter:
         seen: dict[str, datetime],
         last_status: dict[str, tuple[StatusReport, datetime]],
     ) -> None:
-        dev = Device.__table__
+        dev = cast(Table, Device.__table__)
         seen_only = [{"d_id": d, "seen": t} for d, t in seen.items() if d not in last_status]
         if seen_only:
             session.execute(
@@ -301,7 +301,7 @@ class IngestWriter:
                 latest[key] = (report, received_at)
         if not latest:
             return
-        rd = RolloutDevice.__table__
+        rd = cast(Table, RolloutDevice.__table__)
         stmt = (
             update(rd)
             .where(

@@ -29,7 +29,7 @@ from server.artifacts import ArtifactStore
 from server.core.config import Settings
 from server.db import ModelLine, ModelVersion, TrainingJob, utcnow
 from server.errors import ConflictError, EdgeloopError, TrainingError
-from server.rollout_engine import create_rollout
+from server.rollout_queries import create_rollout
 from server.signing import Signer, sign_release
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,8 @@ class JobRunner:
         elif passed:
             raise TrainingError("trainer reported a pass but wrote no model.onnx")
         now = self.clock()
-        metrics = report.get("metrics") if isinstance(report.get("metrics"), dict) else {}
-        dataset = report.get("dataset") if isinstance(report.get("dataset"), dict) else {}
+        metrics: dict[str, Any] = _as_dict(report.get("metrics"))
+        dataset: dict[str, Any] = _as_dict(report.get("dataset"))
         with self.sessions() as session:
             current = crud.lock_model_line(session, name=line.name)
             number = crud.next_version_number(session, line=line.name)
@@ -287,3 +287,7 @@ class JobRunner:
             if ran is None:
                 self._wake.wait(self.settings.job_poll_s)
                 self._wake.clear()
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}

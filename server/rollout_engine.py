@@ -13,87 +13,20 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from server import crud
 from server.core.config import Settings
-from server.db import DeviceMetric, ModelLine, ModelVersion, Rollout, RolloutDevice, utcnow
+from server.db import ModelLine, ModelVersion, Rollout, RolloutDevice, utcnow
 from server.errors import ConflictError, NotFoundError
 from server.mqtt_bridge import TargetPublisher
-from server.rollout import (
-    ACTIVE_ROLLOUT_STATES,
-    SUCCESS_STATES,
-    TERMINAL_STATES,
-    Action,
-    Decision,
-    MetricSummary,
-    StageSnapshot,
-    Thresholds,
-    decide,
-    plan_canary,
-)
+from server.rollout import TERMINAL_STATES, Action, Decision, decide, plan_canary
+from server.rollout_queries import build_snapshot, create_rollout, thresholds_from
 from server.signing import Signer, sign_release
-from server.targets import active_rollout, targets_for_line
+from server.targets import targets_for_line
 
 log = logging.getLogger(__name__)
-
-
-def thresholds_from(settings: Settings) -> Thresholds:
-    return Thresholds(
-        min_labelled=settings.min_labelled,
-        max_accuracy_drop=settings.max_accuracy_drop,
-        max_error_rate=settings.max_error_rate,
-        max_latency_ratio=settings.max_latency_ratio,
-        latency_slack_ms=settings.latency_slack_ms,
-        canary_min_soak_s=settings.canary_min_soak_s,
-        install_timeout_s=settings.install_timeout_s,
-        max_failed_ratio=settings.max_failed_ratio,
-    )
-
-
-def create_rollout(
-    session: Session,
-    *,
-    line: str,
-    to_version: int,
-    canary_percent: int,
-    created_by: str,
-    now: datetime,
-) -> Rollout:
-    """Add a rollout in ``pending_approval`` under the line's row lock; flushes only.
-
-    Raises:
-        NotFoundError: unknown line or version.
-        ConflictError: the line has an active rollout or no champion, or the version is
-            rejected, retired or already the champion.
-    """
-    model_line = crud.lock_model_line(session, name=line)
-    version = crud.get_version(session, line=line, version=to_version)
-    if version.status in ("rejected", "retired"):
-        raise ConflictError(f"version {to_version} of {line!r} is {version.status}")
-    if model_line.champion_version is None:
-        raise ConflictError(f"model line {line!r} has no champion to roll out from")
-    if model_line.champion_version == to_version:
-        raise ConflictError(f"version {to_version} is already the champion of {line!r}")
-    existing = active_rollout(session, line=line)
-    if existing is not None:
-        raise ConflictError(
-            f"model line {line!r} already has rollout {existing.id} in state {existing.state}"
-        )
-    rollout = Rollout(
-        model_line=line,
-        from_version=model_line.champion_version,
-        to_version=to_version,
-        state="pending_approval",
-        stage=0,
-        canary_percent=canary_percent,
-        created_by=created_by,
-        created_at=now,
-    )
-    session.add(rollout)
-    session.flush()
-    return rollout
 
 
 class RolloutEngine:
@@ -438,7 +371,7 @@ class RolloutEngine:
             session.commit()
         self._publish(rollout.model_line, added)
         with self.sessions() as session:
-            snap = self._snapshot(session, rollout, stage=stage, now=now)
+            snap = build_snapshot(session, rollout, stage=stage, now=now)
         decision = decide(snap, self.thresholds)
         with self.sessions() as session:
             if decision.timed_out:
@@ -484,92 +417,6 @@ class RolloutEngine:
                 self._complete(rollout, decision, now)
         return decision
 
-    def _snapshot(
-        self, session: Session, rollout: Rollout, *, stage: int, now: datetime
-    ) -> StageSnapshot:
-        rows = session.execute(
-            select(RolloutDevice.device_id, RolloutDevice.state, RolloutDevice.installed_at).where(
-                RolloutDevice.rollout_id == rollout.id, RolloutDevice.stage == stage
-            )
-        ).all()
-        states = {r.device_id: r.state for r in rows}
-        installs = [r.installed_at for r in rows if r.installed_at and r.state in SUCCESS_STATES]
-        started = rollout.stage_started_at or rollout.approved_at or now
-        snap = StageSnapshot(
-            stage=stage,
-            now=now.timestamp(),
-            stage_started_at=started.timestamp(),
-            device_states=states,
-            last_installed_at=max(installs).timestamp() if installs else None,
-        )
-        if stage == 1:
-            return snap
-        canary_ids = list(states)
-        rd = RolloutDevice
-        canary = self._summary(
-            session,
-            select(*_SUMS)
-            .join(
-                rd,
-                and_(
-                    rd.device_id == DeviceMetric.device_id,
-                    rd.rollout_id == rollout.id,
-                    rd.stage == 0,
-                ),
-            )
-            .where(
-                DeviceMetric.model_line == rollout.model_line,
-                DeviceMetric.model_version == rollout.to_version,
-                rd.installed_at.is_not(None),
-                DeviceMetric.received_at >= rd.installed_at,
-                DeviceMetric.received_at <= now,
-            ),
-        )
-        period_start = min(installs) if installs else started
-        control = self._summary(
-            session,
-            select(*_SUMS).where(
-                DeviceMetric.model_line == rollout.model_line,
-                DeviceMetric.model_version == rollout.from_version,
-                DeviceMetric.device_id.not_in(canary_ids),
-                DeviceMetric.received_at >= period_start,
-                DeviceMetric.received_at <= now,
-            ),
-        )
-        baseline = self._summary(
-            session,
-            select(*_SUMS).where(
-                DeviceMetric.model_line == rollout.model_line,
-                DeviceMetric.model_version == rollout.from_version,
-                DeviceMetric.device_id.in_(canary_ids),
-                DeviceMetric.received_at < (rollout.approved_at or started),
-            ),
-        )
-        return StageSnapshot(
-            stage=0,
-            now=snap.now,
-            stage_started_at=snap.stage_started_at,
-            device_states=states,
-            last_installed_at=snap.last_installed_at,
-            canary=canary,
-            control=control,
-            baseline=baseline,
-        )
-
-    @staticmethod
-    def _summary(session: Session, stmt: Any) -> MetricSummary:
-        row = session.execute(stmt).one()
-        inferences = int(row[0] or 0)
-        return MetricSummary(
-            inferences=inferences,
-            errors=int(row[1] or 0),
-            labelled=int(row[2] or 0),
-            correct=int(row[3] or 0),
-            p95_ms=(float(row[4]) / inferences) if inferences and row[4] is not None else None,
-        )
-
-    # ------------------------------------------------------------ thread
-
     def start(self) -> None:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="rollout-engine", daemon=True)
@@ -590,12 +437,4 @@ class RolloutEngine:
             self._stop.wait(self.settings.rollout_tick_s)
 
 
-_SUMS = (
-    func.sum(DeviceMetric.inferences),
-    func.sum(DeviceMetric.errors),
-    func.sum(DeviceMetric.labelled),
-    func.sum(DeviceMetric.correct),
-    func.sum(DeviceMetric.p95 * DeviceMetric.inferences),
-)
-
-__all__ = ["ACTIVE_ROLLOUT_STATES", "RolloutEngine", "create_rollout", "thresholds_from"]
+__all__ = ["RolloutEngine", "create_rollout", "thresholds_from"]

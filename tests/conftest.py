@@ -8,8 +8,6 @@ each test gets its own schema-free database created from it and dropped afterwar
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,7 +89,6 @@ def write_key_pair(directory: Path, key: Ed25519PrivateKey) -> tuple[Path, Path]
 
 
 @pytest.fixture
-def workdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="edgeloop-"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+def workdir(tmp_path: Path) -> Path:
+    """A scratch directory kept by pytest after a failure (logs of servers and agents land here)."""
+    return tmp_path

@@ -63,16 +63,23 @@ def services_of(client: TestClient) -> Services:
 
 
 def create_line(client: TestClient, name: str = LINE, **kw: Any) -> dict[str, Any]:
-    body = {"name": name, "trainer": "sklearn-mlp", "input_spec": DIGITS_INPUT_SPEC,
-            "labels": DIGITS_LABELS, "initial_training": False, **kw}
+    body = {
+        "name": name,
+        "trainer": "sklearn-mlp",
+        "input_spec": DIGITS_INPUT_SPEC,
+        "labels": DIGITS_LABELS,
+        "initial_training": False,
+        **kw,
+    }
     resp = client.post("/api/v1/model-lines", json=body)
     assert resp.status_code == 201, resp.text
     return resp.json()
 
 
 def register(client: TestClient, device_id: str, line: str = LINE) -> dict[str, Any]:
-    resp = client.post("/api/v1/devices/register",
-                       json={"device_id": device_id, "model_line": line})
+    resp = client.post(
+        "/api/v1/devices/register", json={"device_id": device_id, "model_line": line}
+    )
     assert resp.status_code == 200, resp.text
     return resp.json()
 
@@ -82,38 +89,75 @@ def fake_onnx_bytes(seed: int) -> bytes:
     return hashlib.sha256(f"model-{seed}".encode()).digest() * 64
 
 
-def add_version(services: Services, *, line: str = LINE, version: int, status: str,
-                champion_release: bool = False, golden: float = 0.9) -> ModelVersion:
+def add_version(
+    services: Services,
+    *,
+    line: str = LINE,
+    version: int,
+    status: str,
+    champion_release: bool = False,
+    golden: float = 0.9,
+) -> ModelVersion:
     """Register a trained version directly (as the job runner would), optionally as the
     champion with its factory release."""
     sha, size = services.store.put_bytes(fake_onnx_bytes(version))
     with services.sessions() as session:
         ml = session.get(ModelLine, line)
         assert ml is not None
-        mv = ModelVersion(line=line, version=version, status=status, sha256=sha, size=size,
-                          parent_version=ml.champion_version, dataset_version=f"ds-{version}",
-                          trainer="sklearn-mlp", hyperparams={},
-                          metrics={"challenger": {"golden_accuracy": golden}}, report={},
-                          sample_count=0)
+        mv = ModelVersion(
+            line=line,
+            version=version,
+            status=status,
+            sha256=sha,
+            size=size,
+            parent_version=ml.champion_version,
+            dataset_version=f"ds-{version}",
+            trainer="sklearn-mlp",
+            hyperparams={},
+            metrics={"challenger": {"golden_accuracy": golden}},
+            report={},
+            sample_count=0,
+        )
         session.add(mv)
         session.flush()
         if champion_release:
-            rel = sign_release(session, signer=services.signer, line_name=line,
-                               model_version=version, now=services.clock(), ttl_days=30)
+            rel = sign_release(
+                session,
+                signer=services.signer,
+                line_name=line,
+                model_version=version,
+                now=services.clock(),
+                ttl_days=30,
+            )
             ml.champion_version = version
             ml.current_release = rel.release
         session.commit()
         return mv
 
 
-def sample(device_id: str, *, sample_id: str, line: str = LINE, x: np.ndarray | None = None,
-           true_label: int = 3, predicted_label: int = 5, confidence: float = 0.4) -> dict:
+def sample(
+    device_id: str,
+    *,
+    sample_id: str,
+    line: str = LINE,
+    x: np.ndarray | None = None,
+    true_label: int = 3,
+    predicted_label: int = 5,
+    confidence: float = 0.4,
+) -> dict:
     if x is None:
         x = np.full(64, 0.5, dtype=np.float32)
-    return {"sample_id": sample_id, "device_id": device_id, "model_line": line,
-            "model_version": 1, "input_b64": encode_input(x), "true_label": true_label,
-            "predicted_label": predicted_label, "confidence": confidence,
-            "captured_at": 1_700_000_000.0}
+    return {
+        "sample_id": sample_id,
+        "device_id": device_id,
+        "model_line": line,
+        "model_version": 1,
+        "input_b64": encode_input(x),
+        "true_label": true_label,
+        "predicted_label": predicted_label,
+        "confidence": confidence,
+        "captured_at": 1_700_000_000.0,
+    }
 
 
 def wait_for(cond: Callable[[], Any], *, timeout: float = 20.0, what: str = "condition") -> Any:
@@ -131,7 +175,7 @@ def fake_python(tmp_path: Path, mode: str) -> str:
     """A stand-in for ``training_python``: runs fake_trainer.py, ignoring ``-m training``."""
     script = tmp_path / f"fake-python-{mode}"
     script.write_text(
-        f"#!/bin/sh\nshift 2\nexec {sys.executable} {FAKE_TRAINER} --mode {mode} \"$@\"\n"
+        f'#!/bin/sh\nshift 2\nexec {sys.executable} {FAKE_TRAINER} --mode {mode} "$@"\n'
     )
     script.chmod(script.stat().st_mode | stat.S_IEXEC | stat.S_IXGRP | stat.S_IXOTH)
     return os.fspath(script)
@@ -139,4 +183,5 @@ def fake_python(tmp_path: Path, mode: str) -> str:
 
 def utc(ts: float) -> datetime:
     from datetime import UTC
+
     return datetime.fromtimestamp(ts, UTC)

@@ -20,8 +20,10 @@ from onnx import TensorProto, helper, numpy_helper
 def build_onnx(seed: int) -> bytes:
     w = np.random.default_rng(seed).normal(size=(64, 10)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["input", "W"], ["logits"]),
-         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
+        [
+            helper.make_node("MatMul", ["input", "W"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        ],
         "fake",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 64])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
@@ -55,13 +57,21 @@ def main() -> int:
         "passed": passed,
         "reason": "gate passed" if passed else "golden accuracy dropped 0.08 > 0.03",
         "dataset_version": f"fake-{spec['job_id']}-{n}",
-        "dataset": {"base": "digits-train", "base_count": 1000, "sample_count": n,
-                    "train_count": 1000 + n, "field_eval_count": 0},
-        "metrics": {"challenger": {"golden_accuracy": 0.95, "field_accuracy": None},
-                    "champion": spec["champion"] and {"golden_accuracy": 0.94,
-                                                      "field_accuracy": None}},
+        "dataset": {
+            "base": "digits-train",
+            "base_count": 1000,
+            "sample_count": n,
+            "train_count": 1000 + n,
+            "field_eval_count": 0,
+        },
+        "metrics": {
+            "challenger": {"golden_accuracy": 0.95, "field_accuracy": None},
+            "champion": spec["champion"] and {"golden_accuracy": 0.94, "field_accuracy": None},
+        },
         "parity": {"argmax_agreement": 1.0, "max_abs_diff": 0.0, "passed": True},
-        "trainer": spec["trainer"], "hyperparams": spec["hyperparams"], "seed": spec["seed"],
+        "trainer": spec["trainer"],
+        "hyperparams": spec["hyperparams"],
+        "seed": spec["seed"],
         "train_seconds": 0.01,
         "spec_seen": {"champion": spec["champion"], "gate": spec["gate"]},
     }

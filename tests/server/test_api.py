@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from contract import SignatureError, load_public_key, verify_manifest
-from server.db import Device, DeviceMetric, DeviceEvent, Sample
+from server.db import Device, DeviceEvent, DeviceMetric, Sample
 from tests.server.conftest import add_version, create_line, register, sample, services_of
 
 
@@ -21,24 +21,41 @@ def seeded(client: TestClient) -> TestClient:
     services = services_of(client)
     add_version(services, version=1, status="champion", champion_release=True)
     add_version(services, version=2, status="candidate")
-    assert client.post("/api/v1/samples",
-                       json={"samples": [sample("cam-1", sample_id="keep-me")]}).json()[
-        "accepted"] == 1
+    assert (
+        client.post(
+            "/api/v1/samples", json={"samples": [sample("cam-1", sample_id="keep-me")]}
+        ).json()["accepted"]
+        == 1
+    )
     return client
 
 
 def test_register_is_idempotent_upsert(client: TestClient) -> None:
     create_line(client)
     register(client, "cam-1")
-    again = client.post("/api/v1/devices/register",
-                        json={"device_id": "cam-1", "model_line": "digits", "hardware": "rpi4",
-                              "groups": ["hall-a"]})
+    again = client.post(
+        "/api/v1/devices/register",
+        json={
+            "device_id": "cam-1",
+            "model_line": "digits",
+            "hardware": "rpi4",
+            "groups": ["hall-a"],
+        },
+    )
     assert again.status_code == 200 and again.json()["hardware"] == "rpi4"
     assert [d["device_id"] for d in client.get("/api/v1/devices").json()] == ["cam-1"]
-    assert client.post("/api/v1/devices/register",
-                       json={"device_id": "cam-2", "model_line": "nope"}).status_code == 404
-    assert client.post("/api/v1/devices/register",
-                       json={"device_id": "a/b", "model_line": "digits"}).status_code == 422
+    assert (
+        client.post(
+            "/api/v1/devices/register", json={"device_id": "cam-2", "model_line": "nope"}
+        ).status_code
+        == 404
+    )
+    assert (
+        client.post(
+            "/api/v1/devices/register", json={"device_id": "a/b", "model_line": "digits"}
+        ).status_code
+        == 422
+    )
 
 
 def test_target_before_and_after_first_release(client: TestClient) -> None:
@@ -89,7 +106,9 @@ def test_artifact_download_with_ranges(seeded: TestClient) -> None:
 def test_versions_lineage_and_jobs(seeded: TestClient) -> None:
     versions = seeded.get("/api/v1/model-lines/digits/versions").json()
     assert [(v["version"], v["status"], v["parent_version"]) for v in versions] == [
-        (1, "champion", None), (2, "candidate", 1)]
+        (1, "champion", None),
+        (2, "candidate", 1),
+    ]
     detail = seeded.get("/api/v1/model-lines/digits/versions/2").json()
     assert detail["dataset_version"] == "ds-2" and "report" in detail
     job = seeded.post("/api/v1/training-jobs", json={"model_line": "digits"})
@@ -100,11 +119,27 @@ def test_versions_lineage_and_jobs(seeded: TestClient) -> None:
 
 
 def test_http_status_and_metrics_fallback_reach_the_db(seeded: TestClient) -> None:
-    status = {"device_id": "cam-1", "ts": 1.0, "state": "installed", "model_line": "digits",
-              "model_version": 1, "release": 1}
-    metrics = {"device_id": "cam-1", "ts": 2.0, "model_line": "digits", "model_version": 1,
-               "window_s": 10.0, "inferences": 10, "errors": 0, "labelled": 5, "correct": 4,
-               "latency_ms_p50": 1.0, "latency_ms_p95": 2.0}
+    status = {
+        "device_id": "cam-1",
+        "ts": 1.0,
+        "state": "installed",
+        "model_line": "digits",
+        "model_version": 1,
+        "release": 1,
+    }
+    metrics = {
+        "device_id": "cam-1",
+        "ts": 2.0,
+        "model_line": "digits",
+        "model_version": 1,
+        "window_s": 10.0,
+        "inferences": 10,
+        "errors": 0,
+        "labelled": 5,
+        "correct": 4,
+        "latency_ms_p50": 1.0,
+        "latency_ms_p95": 2.0,
+    }
     assert seeded.post("/api/v1/devices/cam-1/status", json=status).status_code == 202
     assert seeded.post("/api/v1/devices/cam-1/metrics", json=metrics).status_code == 202
     services = services_of(seeded)
@@ -117,19 +152,41 @@ def test_http_status_and_metrics_fallback_reach_the_db(seeded: TestClient) -> No
 
 
 ROLL = {"model_line": "digits", "model_version": 2, "created_by": "alice"}
-STATUS_OK = {"device_id": "cam-1", "ts": 1.0, "state": "installed", "model_line": "digits",
-             "model_version": 1, "release": 1}
+STATUS_OK = {
+    "device_id": "cam-1",
+    "ts": 1.0,
+    "state": "installed",
+    "model_line": "digits",
+    "model_version": 1,
+    "release": 1,
+}
 
 # (method, path, kwargs for the client call) -> every one must be a 4xx.
 BAD_REQUESTS = [
     ("post", "/api/v1/devices/register", {"content": b"{not json"}),
     ("post", "/api/v1/devices/register", {"json": []}),
     ("post", "/api/v1/devices/register", {"json": {"device_id": "x"}}),
-    ("post", "/api/v1/devices/register", {"json": {"device_id": "a" * 200, "model_line": "digits"}}),
-    ("post", "/api/v1/devices/register", {"json": {"device_id": "bad\u0000id", "model_line": "digits"}}),
+    (
+        "post",
+        "/api/v1/devices/register",
+        {"json": {"device_id": "a" * 200, "model_line": "digits"}},
+    ),
+    (
+        "post",
+        "/api/v1/devices/register",
+        {"json": {"device_id": "bad\u0000id", "model_line": "digits"}},
+    ),
     ("post", "/api/v1/devices/register", {"json": {"device_id": "ok", "model_line": "../etc"}}),
-    ("post", "/api/v1/devices/register", {"json": {"device_id": "ok", "model_line": "digits", "groups": "x"}}),
-    ("post", "/api/v1/devices/register", {"json": {"device_id": "ok", "model_line": "digits", "hardware": "a\u0000b"}}),
+    (
+        "post",
+        "/api/v1/devices/register",
+        {"json": {"device_id": "ok", "model_line": "digits", "groups": "x"}},
+    ),
+    (
+        "post",
+        "/api/v1/devices/register",
+        {"json": {"device_id": "ok", "model_line": "digits", "hardware": "a\u0000b"}},
+    ),
     ("get", "/api/v1/devices/ghost", {}),
     ("get", "/api/v1/devices/bad%00id", {}),
     ("get", "/api/v1/devices?model_line=%00", {}),
@@ -142,16 +199,68 @@ BAD_REQUESTS = [
     ("post", "/api/v1/devices/cam-1/status", {"json": {**STATUS_OK, "ts": 10**400}}),
     ("post", "/api/v1/devices/ghost/status", {"json": {**STATUS_OK, "device_id": "ghost"}}),
     ("post", "/api/v1/devices/cam-1/metrics", {"json": {"device_id": "cam-1", "ts": 1}}),
-    ("post", "/api/v1/devices/cam-1/metrics", {"json": {"device_id": "cam-1", "ts": 1.0, "model_line": "digits", "model_version": 1, "window_s": 1.0, "inferences": 1, "errors": 2, "labelled": 0, "correct": 0, "latency_ms_p50": 1, "latency_ms_p95": 1}}),
+    (
+        "post",
+        "/api/v1/devices/cam-1/metrics",
+        {
+            "json": {
+                "device_id": "cam-1",
+                "ts": 1.0,
+                "model_line": "digits",
+                "model_version": 1,
+                "window_s": 1.0,
+                "inferences": 1,
+                "errors": 2,
+                "labelled": 0,
+                "correct": 0,
+                "latency_ms_p50": 1,
+                "latency_ms_p95": 1,
+            }
+        },
+    ),
     ("post", "/api/v1/samples", {"content": b"[1,2"}),
     ("post", "/api/v1/samples", {"json": {"samples": "all of them"}}),
     ("post", "/api/v1/samples", {"json": {"other": []}}),
     ("post", "/api/v1/samples", {"json": None}),
     ("post", "/api/v1/model-lines", {"json": {"name": "x"}}),
-    ("post", "/api/v1/model-lines", {"json": {"name": "digits", "input_spec": {"name": "input", "shape": [-1, 64], "dtype": "float32", "min": 0, "max": 1}, "labels": ["a", "b"], "initial_training": False}}),
-    ("post", "/api/v1/model-lines", {"json": {"name": "new", "input_spec": {"shape": "wide"}, "labels": ["a", "b"]}}),
-    ("post", "/api/v1/model-lines", {"content": b'{"name": "new", "input_spec": {"name": "input", "shape": [-1, 4], "dtype": "float32", "min": 0, "max": 1}, "labels": ["a", "b"], "hyperparams": {"lr": NaN}}', "headers": {"content-type": "application/json"}}),
-    ("post", "/api/v1/model-lines", {"json": {"name": "new", "trainer": "magic", "input_spec": {}, "labels": []}}),
+    (
+        "post",
+        "/api/v1/model-lines",
+        {
+            "json": {
+                "name": "digits",
+                "input_spec": {
+                    "name": "input",
+                    "shape": [-1, 64],
+                    "dtype": "float32",
+                    "min": 0,
+                    "max": 1,
+                },
+                "labels": ["a", "b"],
+                "initial_training": False,
+            }
+        },
+    ),
+    (
+        "post",
+        "/api/v1/model-lines",
+        {"json": {"name": "new", "input_spec": {"shape": "wide"}, "labels": ["a", "b"]}},
+    ),
+    (
+        "post",
+        "/api/v1/model-lines",
+        {
+            "content": b'{"name": "new", "input_spec": {"name": "input", "shape": [-1, 4], '
+            b'"dtype": "float32", "min": 0, "max": 1}, "labels": ["a", "b"], '
+            b'"hyperparams": {"lr": NaN}}',
+            "headers": {"content-type": "application/json"},
+        },
+    ),
+    (
+        "post",
+        "/api/v1/model-lines",
+        {"json": {"name": "new", "trainer": "magic", "input_spec": {}, "labels": []}},
+    ),
     ("get", "/api/v1/model-lines/nope", {}),
     ("get", "/api/v1/model-lines/nope/versions", {}),
     ("get", "/api/v1/model-lines/digits/versions/99", {}),
@@ -190,10 +299,14 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "kwargs"), BAD_REQUESTS,
-                         ids=[f"{m}-{p[:60]}-{i}" for i, (m, p, _) in enumerate(BAD_REQUESTS)])
-def test_malformed_requests_are_4xx_and_lose_nothing(seeded: TestClient, method: str, path: str,
-                                                     kwargs: dict) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs"),
+    BAD_REQUESTS,
+    ids=[f"{m}-{p[:60]}-{i}" for i, (m, p, _) in enumerate(BAD_REQUESTS)],
+)
+def test_malformed_requests_are_4xx_and_lose_nothing(
+    seeded: TestClient, method: str, path: str, kwargs: dict
+) -> None:
     resp = getattr(seeded, method)(path, **kwargs)
     assert 400 <= resp.status_code < 500, (resp.status_code, resp.text)
     body = resp.json()

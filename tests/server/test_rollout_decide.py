@@ -11,19 +11,40 @@ from server.rollout import (
     plan_canary,
 )
 
-TH = Thresholds(min_labelled=50, max_accuracy_drop=0.02, max_error_rate=0.01,
-                max_latency_ratio=2.0, latency_slack_ms=1.0, canary_min_soak_s=10,
-                install_timeout_s=120, max_failed_ratio=0.2)
+TH = Thresholds(
+    min_labelled=50,
+    max_accuracy_drop=0.02,
+    max_error_rate=0.01,
+    max_latency_ratio=2.0,
+    latency_slack_ms=1.0,
+    canary_min_soak_s=10,
+    install_timeout_s=120,
+    max_failed_ratio=0.2,
+)
 GOOD_CONTROL = MetricSummary(inferences=1000, errors=0, labelled=500, correct=450, p95_ms=5.0)
 
 
-def snap(states: dict[str, str], *, now: float = 1000.0, started: float = 900.0,
-         installed: float | None = 950.0, canary: MetricSummary | None = None,
-         control: MetricSummary | None = GOOD_CONTROL, baseline: MetricSummary | None = None,
-         stage: int = 0) -> StageSnapshot:
-    return StageSnapshot(stage=stage, now=now, stage_started_at=started, device_states=states,
-                         last_installed_at=installed, canary=canary or MetricSummary(),
-                         control=control, baseline=baseline)
+def snap(
+    states: dict[str, str],
+    *,
+    now: float = 1000.0,
+    started: float = 900.0,
+    installed: float | None = 950.0,
+    canary: MetricSummary | None = None,
+    control: MetricSummary | None = GOOD_CONTROL,
+    baseline: MetricSummary | None = None,
+    stage: int = 0,
+) -> StageSnapshot:
+    return StageSnapshot(
+        stage=stage,
+        now=now,
+        stage_started_at=started,
+        device_states=states,
+        last_installed_at=installed,
+        canary=canary or MetricSummary(),
+        control=control,
+        baseline=baseline,
+    )
 
 
 def installed(n: int) -> dict[str, str]:

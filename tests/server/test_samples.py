@@ -62,7 +62,11 @@ def test_each_rule_rejects_with_its_reason(seeded: TestClient, reason: str, chan
         x = change.pop("x", None)
         rec = sample("cam-1", sample_id="s-bad", x=x)
         rec.update(change)  # type: ignore[union-attr]
-        if isinstance(rec, dict) and rec.get("device_id") == "cam-other" and "model_line" not in change:
+        if (
+            isinstance(rec, dict)
+            and rec.get("device_id") == "cam-other"
+            and "model_line" not in change
+        ):
             rec["model_line"] = "digits"
     good = sample("cam-1", sample_id="s-good")
     out = upload(seeded, [rec, good])
@@ -119,6 +123,7 @@ def test_batch_limits(seeded: TestClient) -> None:
     assert seeded.post("/api/v1/samples", json={"samples": too_many}).status_code == 413
     assert seeded.post("/api/v1/samples", json={"samples": []}).status_code == 422
     huge = b'{"samples": [' + b" " * (services.settings.max_request_bytes + 10) + b"]}"
-    resp = seeded.post("/api/v1/samples", content=huge,
-                       headers={"content-type": "application/json"})
+    resp = seeded.post(
+        "/api/v1/samples", content=huge, headers={"content-type": "application/json"}
+    )
     assert resp.status_code == 413

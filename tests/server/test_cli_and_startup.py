@@ -1,0 +1,108 @@
+"""The operator CLI against a real uvicorn server, and startup rules for keys and bootstrap."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+from typer.testing import CliRunner
+
+from contract import load_private_key, load_public_key
+from server.cli import app as cli_app
+from server.core.config import Settings
+from server.errors import ConfigError
+from server.main import create_app
+from server.services import Services
+from tests.conftest import free_port, write_key_pair
+from tests.server.conftest import add_version, make_settings, wait_for
+
+
+@pytest.fixture
+def live_server(tmp_path: Path, signing_key) -> Iterator[tuple[str, Services]]:
+    """A real uvicorn on a free port (the CLI talks real HTTP)."""
+    priv, _ = write_key_pair(tmp_path / "keys", signing_key)
+    port = free_port()
+    settings = make_settings(
+        tmp_path,
+        f"sqlite:///{tmp_path}/cli.db",
+        signing_key_path=priv,
+        port=port,
+        public_url=f"http://127.0.0.1:{port}",
+        bootstrap_line="digits",
+    )
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, what="uvicorn started")
+    yield f"http://127.0.0.1:{port}", app.state.services
+    server.should_exit = True
+    thread.join(20)
+
+
+def run_cli(url: str, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli_app, ["--server", url, *args], env={"COLUMNS": "250"})
+    return result.exit_code, result.output
+
+
+def test_cli_lists_triggers_and_approves(live_server) -> None:
+    url, services = live_server
+    # bootstrap_line created the line with its initial job.
+    code, out = run_cli(url, "jobs", "list")
+    assert code == 0 and "initial" in out
+    code, out = run_cli(url, "jobs", "trigger", "digits")
+    assert code == 1 and "already queued" in out
+    add_version(services, version=1, status="champion", champion_release=True)
+    add_version(services, version=2, status="candidate")
+    services.rollouts.create(
+        model_line="digits", model_version=2, canary_percent=None, created_by="ci"
+    )
+    code, out = run_cli(url, "rollouts", "list")
+    assert code == 0 and "pending_approval" in out
+    code, out = run_cli(url, "rollouts", "approve", "1", "--as", "alice")
+    assert code == 0 and "canary" in out
+    code, out = run_cli(url, "rollouts", "show", "1")
+    assert code == 0 and '"approved_by": "alice"' in out
+    code, out = run_cli(url, "rollouts", "pause", "1")
+    assert code == 0 and "paused" in out
+    code, out = run_cli(url, "rollouts", "resume", "1")
+    assert code == 0 and "canary" in out
+    code, out = run_cli(url, "rollouts", "abort", "1", "--reason", "demo")
+    assert code == 0 and "rolled_back" in out
+    code, out = run_cli(url, "rollouts", "approve", "42", "--as", "alice")
+    assert code == 1 and "unknown rollout 42" in out
+    code, out = run_cli(url, "models", "list", "digits")
+    assert code == 0 and "champion" in out
+    code, out = run_cli(url, "devices", "list")
+    assert code == 0
+
+
+def test_keys_init_writes_a_usable_pair(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli_app, ["keys", "init", str(tmp_path / "k")])
+    assert result.exit_code == 0, result.output
+    priv = load_private_key((tmp_path / "k" / "signing.pem").read_bytes())
+    pub = load_public_key((tmp_path / "k" / "signing.pub.pem").read_bytes())
+    assert priv.public_key() == pub
+    assert (tmp_path / "k" / "signing.pem").stat().st_mode & 0o077 == 0
+    again = CliRunner().invoke(cli_app, ["keys", "init", str(tmp_path / "k")])
+    assert again.exit_code == 1
+
+
+def test_development_generates_a_key_production_refuses(tmp_path: Path) -> None:
+    dev = Settings(
+        data_dir=tmp_path / "dev", database_url=f"sqlite:///{tmp_path}/dev.db", enable_mqtt=False
+    )
+    create_app(dev).state.services.stop()
+    assert (tmp_path / "dev" / "keys" / "signing.pem").exists()
+    assert (tmp_path / "dev" / "keys" / "signing.pub.pem").exists()
+    prod = Settings(
+        environment="production",
+        data_dir=tmp_path / "prod",
+        database_url=f"sqlite:///{tmp_path}/prod.db",
+        enable_mqtt=False,
+    )
+    with pytest.raises(ConfigError, match="production refuses"):
+        create_app(prod)
