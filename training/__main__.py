@@ -22,12 +22,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--print", action="store_true", help="echo report.json to stdout")
     args = parser.parse_args(argv)
 
-    # Imported here so that `--help` and argument errors stay fast.
-    from training.pipeline import run_job
+    # Imported lazily so that `--help` and a bad spec fail fast, before torch/sklearn/ORT load.
     from training.spec import load_spec
 
     try:
         spec = load_spec(args.spec)
+        from training.pipeline import run_job
+
         report = run_job(spec)
     except SpecError as exc:
         print(f"training: invalid spec: {exc}", file=sys.stderr)

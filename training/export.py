@@ -75,7 +75,7 @@ def torch_to_onnx(net: Any, *, n_features: int, input_name: str = "input") -> by
             torch.onnx.export(
                 net,
                 (torch.zeros(1, n_features, dtype=torch.float32),),
-                buf,
+                buf,  # type: ignore[arg-type]  # the TorchScript exporter takes file objects
                 dynamo=False,
                 opset_version=OPSET,
                 input_names=[input_name],
