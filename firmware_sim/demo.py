@@ -206,11 +206,18 @@ class Demo:
             f"  rollout #{rollout['id']}: v{rollout['from_version']} -> v{rollout['to_version']}, "
             f"state {rollout['state']}"
         )
+        out = self.cli("rollouts", "approve", str(rollout["id"]), "--as", "demo-operator")
         say(
             DIM
-            + self.cli("rollouts", "approve", str(rollout["id"]), "--as", "demo-operator").strip()
+            + "  $ edgeloop rollouts approve "
+            + str(rollout["id"])
+            + " --as demo-operator\n"
+            + "\n".join("  " + ln for ln in out.strip().splitlines())
             + RESET
         )
+        state = self.get(f"/rollouts/{rollout['id']}")["state"]
+        if state == "pending_approval":
+            raise LoopDidNotClose(f"rollout #{rollout['id']} is still pending after approval")
 
         phase(7, f"Canary ({o.canary_percent}% of the fleet), gated on live metrics, then everyone")
         final = self._watch_rollout(rollout["id"])
@@ -305,17 +312,18 @@ class Demo:
     ) -> int:
         closed = after.accuracy > drifted_old.accuracy and not math.isnan(after.accuracy)
         say(f"\n{BOLD}Summary{RESET}")
-        say(f"  devices                                  {self.o.devices}")
-        say(f"  fleet accuracy before drift (v{v_old})        {healthy.accuracy:.3f}")
-        say(f"  fleet accuracy under drift, old model (v{v_old}) {drifted_old.accuracy:.3f}")
-        say(f"  fleet accuracy under drift, new model (v{v_new}) {after.accuracy:.3f}")
-        say(f"  versions                                 v{v_old} -> v{v_new}")
-        say(f"  threshold -> full fleet updated          {loop_s:.1f} s")
-        say(f"  demo wall time                           {total_s:.1f} s")
-        say(
-            f"  failed inferences                        "
-            f"{healthy.failed + drifted_old.failed + after.failed}"
-        )
+        rows = [
+            ("devices", f"{self.o.devices}"),
+            (f"fleet accuracy before drift (v{v_old})", f"{healthy.accuracy:.3f}"),
+            (f"fleet accuracy under drift, old model (v{v_old})", f"{drifted_old.accuracy:.3f}"),
+            (f"fleet accuracy under drift, new model (v{v_new})", f"{after.accuracy:.3f}"),
+            ("versions", f"v{v_old} -> v{v_new}"),
+            ("threshold -> full fleet updated", f"{loop_s:.1f} s"),
+            ("demo wall time", f"{total_s:.1f} s"),
+            ("failed inferences", f"{healthy.failed + drifted_old.failed + after.failed}"),
+        ]
+        for label, value in rows:
+            say(f"  {label:<48} {value}")
         if closed:
             say(f"{GREEN}{BOLD}The loop closed: the fleet recovered from drift by itself.{RESET}")
             return 0

@@ -214,3 +214,7 @@ def keys_init(directory: Path, force: Annotated[bool, typer.Option("--force")] =
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()
