@@ -226,11 +226,12 @@ class Demo:
                 f"rollout #{rollout['id']} ended {final['state']}: {final.get('reason')}"
             )
         t_done = time.monotonic()
-        self.fleet.stop_traffic()
+        fleet = self.fleet
+        fleet.stop_traffic()
         new_version = final["to_version"]
         wait_for(
             f"every device to serve v{new_version}",
-            lambda: all(v == new_version for v in self.fleet.versions().values()),
+            lambda: all(v == new_version for v in fleet.versions().values()),
             timeout=60,
         )
 

@@ -58,7 +58,10 @@ def main(agent_exe: str) -> int:
                 break
             time.sleep(0.3)
         else:
-            print(f"FAIL: no model installed: {status}", file=sys.stderr)
+            print(
+                f"FAIL: no model installed: {status}\n{(root / 'agent.log').read_text()}",
+                file=sys.stderr,
+            )
             return 1
         r = httpx.post(f"{url}/predict", json={"input": [0.0] * 64})
         r.raise_for_status()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import queue
 import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from contract import MessageError, MetricsReport, StatusReport
+from server.background import Worker
 from server.db import Device, DeviceEvent, DeviceMetric, Rollout, RolloutDevice, utcnow
 from server.errors import UnavailableError
 from server.mqtt_bridge import IngestItem
@@ -113,8 +113,9 @@ class IngestWriter:
         self.batch_wait_s = batch_wait_s
         self.clock = clock
         self.stats = IngestStats()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker(
+            "ingest-writer", self._step, error_wait_s=0.0, on_error=self._record_error
+        )
 
     def submit(self, kind: str, report: Report) -> None:
         """Queue a report received over HTTP. Raises UnavailableError when the queue is full."""
@@ -341,28 +342,22 @@ class IngestWriter:
     # ------------------------------------------------------------ thread
 
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        self._worker.stop()
         try:
             self.drain()
         except Exception:  # shutting down: log, do not mask the original shutdown path
             log.exception("final ingest drain failed")
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.drain_once(timeout=0.5)
-            except Exception as exc:  # never let one bad batch kill the writer
-                self.stats.failed_writes += 1
-                self.stats.last_error = str(exc)[:500]
-                log.exception("ingest batch failed")
+    def _step(self) -> float:
+        self.drain_once(timeout=0.5)  # blocks up to 0.5 s for the first message: no extra wait
+        return 0.0
+
+    def _record_error(self, exc: Exception) -> None:
+        self.stats.failed_writes += 1
+        self.stats.last_error = str(exc)[:500]
 
 
 def _clean(text: str | None) -> str | None:

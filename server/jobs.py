@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import subprocess
-import threading
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from contract import InputSpec
 from server import crud
 from server.artifacts import ArtifactStore
+from server.background import Worker
 from server.core.config import Settings
 from server.db import ModelLine, ModelVersion, TrainingJob, utcnow
 from server.errors import ConflictError, EdgeloopError, TrainingError
@@ -55,12 +55,10 @@ class JobRunner:
         self.store = store
         self.signer = signer
         self.clock = clock
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("job-runner", self._step, error_wait_s=settings.job_poll_s)
 
     def wake(self) -> None:
-        self._wake.set()
+        self._worker.wake()
 
     def run_once(self) -> int | None:
         """Claim the oldest queued job and run it to the end. Returns its id, or None."""
@@ -266,27 +264,14 @@ class JobRunner:
     # ------------------------------------------------------------ thread
 
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        self._worker.stop(timeout=30)
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                ran = self.run_once()
-            except Exception:  # a DB blip: wait and retry
-                log.exception("job runner iteration failed")
-                ran = None
-            if ran is None:
-                self._wake.wait(self.settings.job_poll_s)
-                self._wake.clear()
+    def _step(self) -> float:
+        ran = self.run_once()
+        return 0.0 if ran is not None else self.settings.job_poll_s
 
 
 def _as_dict(value: Any) -> dict[str, Any]:

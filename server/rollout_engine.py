@@ -8,7 +8,6 @@ never advances or rolls back twice. The state is committed before targets are pu
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -17,6 +16,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from server import crud
+from server.background import Worker
 from server.core.config import Settings
 from server.db import ModelLine, ModelVersion, Rollout, RolloutDevice, utcnow
 from server.errors import ConflictError, NotFoundError
@@ -47,8 +47,7 @@ class RolloutEngine:
         self.publisher = publisher
         self.clock = clock
         self.thresholds = thresholds_from(settings)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("rollout-engine", self._step)
 
     # ------------------------------------------------------------ operator actions
 
@@ -418,23 +417,14 @@ class RolloutEngine:
         return decision
 
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="rollout-engine", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        self._worker.stop()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception:  # the ticker must survive a bad tick (DB blip); next tick retries
-                log.exception("rollout tick failed")
-            self._stop.wait(self.settings.rollout_tick_s)
+    def _step(self) -> float:
+        self.tick()
+        return self.settings.rollout_tick_s
 
 
 __all__ = ["RolloutEngine", "create_rollout", "thresholds_from"]
