@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything edgeloop needs on a fresh Debian/Ubuntu machine, idempotently:
-#   system packages (Mosquitto, PostgreSQL client/server, docker-compose for the config check),
+#   system packages (Mosquitto, PostgreSQL, chromium for the browser test, docker-compose for the
+#   compose-file check),
 #   a running PostgreSQL with a `test` database, and the Python virtual environment in .venv.
 # Safe to run again: each step checks first and does nothing when already done.
 set -euo pipefail
@@ -16,6 +17,8 @@ apt_packages=()
 have mosquitto || apt_packages+=(mosquitto)
 have docker-compose || apt_packages+=(docker-compose)
 have pg_ctlcluster || apt_packages+=(postgresql)
+# The dashboard's browser test drives Debian's chromium headless (no browser download).
+[ -x /usr/bin/chromium ] || apt_packages+=(chromium)
 python3 -c 'import ensurepip, venv' 2>/dev/null || apt_packages+=(python3-venv)
 if [ "${#apt_packages[@]}" -gt 0 ]; then
   log "installing system packages: ${apt_packages[*]}"

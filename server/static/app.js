@@ -1,0 +1,167 @@
+// edgeloop dashboard: reads the same public API as the CLI; actions go through the same endpoints.
+"use strict";
+
+const API = "/api/v1";
+const REFRESH_MS = 2000;
+const COLORS = ["#58a6ff", "#3fb950", "#d29922", "#f85149", "#bc8cff", "#39c5cf", "#ff7b72"];
+const $ = (sel) => document.querySelector(sel);
+
+function esc(v) {
+  return String(v ?? "").replace(/[&<>"']/g, (c) =>
+    ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
+function fmt(x, digits = 3) { return typeof x === "number" ? x.toFixed(digits) : "–"; }
+function ago(iso) {
+  if (!iso) return "never";
+  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  return s < 90 ? `${s.toFixed(0)} s ago` : s < 5400 ? `${(s / 60).toFixed(0)} min ago` : `${(s / 3600).toFixed(1)} h ago`;
+}
+function toast(msg) {
+  const t = $("#toast"); t.textContent = msg; t.classList.add("show");
+  setTimeout(() => t.classList.remove("show"), 3000);
+}
+async function getJSON(path) {
+  const r = await fetch(path, { headers: { Accept: "application/json" } });
+  if (!r.ok) throw new Error(`${path}: ${r.status}`);
+  return r.json();
+}
+function operator() { return $("#operator").value.trim(); }
+
+async function act(rolloutId, action) {
+  const who = operator();
+  if (!who) { toast("Enter your name as operator first"); $("#operator").focus(); return; }
+  const body = action === "approve" ? { approver: who } : { by: who };
+  const r = await fetch(`${API}/rollouts/${rolloutId}/${action}`, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  });
+  const data = await r.json().catch(() => ({}));
+  toast(r.ok ? `rollout #${rolloutId}: ${data.state}` : `refused: ${JSON.stringify(data.detail ?? r.status)}`);
+  refresh();
+}
+
+function metricOf(v, key) {
+  const m = v.metrics || {};
+  if (typeof m[key] === "number") return m[key];
+  return m.challenger && typeof m.challenger[key] === "number" ? m.challenger[key] : undefined;
+}
+
+function renderLines(lines, devicesByLine, health) {
+  $("#health").textContent = health.mqtt && health.mqtt.connected ? "broker connected" : "broker offline";
+  $("#health").className = "pill " + (health.mqtt && health.mqtt.connected ? "ok" : "bad");
+  $("#lines").innerHTML = `<h2>Fleet</h2><div class="cards">` + lines.map((l) => {
+    const devs = devicesByLine[l.name] || [];
+    const byVersion = {};
+    devs.forEach((d) => { byVersion[d.model_version ?? "none"] = (byVersion[d.model_version ?? "none"] || 0) + 1; });
+    const recent = devs.filter((d) => d.last_seen && Date.now() - Date.parse(d.last_seen) < 120000).length;
+    return `<div class="card" data-line="${esc(l.name)}">
+      <div class="muted">model line</div><div class="big">${esc(l.name)}</div>
+      <div>champion <b>v${esc(l.champion_version ?? "–")}</b> · release ${esc(l.current_release ?? "–")} · ${esc(l.trainer)}</div>
+      <div>${devs.length} devices, ${recent} seen in the last 2 min</div>
+      <div class="muted">on: ${Object.entries(byVersion).map(([v, n]) => `v${esc(v)} × ${n}`).join(", ") || "–"}</div>
+      <div class="muted">new samples ${l.new_samples} / ${l.retrain_threshold}</div>
+    </div>`;
+  }).join("") + `</div>`;
+}
+
+function stageRow(name, counts) {
+  const total = Object.values(counts || {}).reduce((a, b) => a + b, 0);
+  if (!total) return "";
+  const done = ["committed", "installed", "already_installed"].reduce((a, k) => a + (counts[k] || 0), 0);
+  const spans = Object.entries(counts).map(([s, n]) =>
+    `<span class="s-${esc(s)}" style="width:${(100 * n) / total}%" title="${esc(s)}: ${n}"></span>`).join("");
+  return `<div class="stage"><span>${esc(name)}</span><div class="bar">${spans}</div>
+          <span class="muted">${done}/${total} on target</span></div>`;
+}
+
+function renderRollouts(rollouts) {
+  if (!rollouts.length) return;
+  $("#rollouts").innerHTML = rollouts.map((r) => {
+    const active = ["canary", "full", "paused"].includes(r.state);
+    const buttons = [
+      r.state === "pending_approval" ? `<button data-act="approve" data-id="${r.id}">Approve</button>` : "",
+      ["canary", "full"].includes(r.state) ? `<button class="secondary" data-act="pause" data-id="${r.id}">Pause</button>` : "",
+      r.state === "paused" ? `<button data-act="resume" data-id="${r.id}">Resume</button>` : "",
+      active || r.state === "pending_approval" ? `<button class="danger" data-act="abort" data-id="${r.id}">${active ? "Roll back" : "Abort"}</button>` : "",
+    ].join("");
+    const gates = r.gates ? Object.entries(r.gates).map(([k, v]) => `${k}: ${typeof v === "number" ? fmt(v) : JSON.stringify(v)}`).join("\n") : "";
+    return `<div class="rollout" id="rollout-${r.id}" data-state="${esc(r.state)}">
+      <header><b>#${r.id}</b>&nbsp; ${esc(r.model_line)} v${esc(r.from_version ?? "–")} → v${esc(r.to_version)}
+        &nbsp;<span class="state ${esc(r.state)}">${esc(r.state.replace("_", " "))}</span>
+        <span class="muted">&nbsp;canary ${r.canary_percent}% · by ${esc(r.created_by)}${r.approved_by ? " · approved by " + esc(r.approved_by) : ""}</span>
+        <div class="actions">${buttons}</div></header>
+      ${stageRow("canary", (r.devices || {}).canary)}${stageRow("rest", (r.devices || {}).rest)}
+      ${r.reason ? `<div class="muted">${esc(r.reason)}</div>` : ""}
+      ${gates ? `<div class="gates">${esc(gates)}</div>` : ""}
+    </div>`;
+  }).join("");
+  document.querySelectorAll("#rollouts button").forEach((b) =>
+    b.addEventListener("click", () => act(b.dataset.id, b.dataset.act)));
+}
+
+function renderVersions(versions) {
+  $("#versions tbody").innerHTML = versions.slice().reverse().map((v) => `<tr>
+    <td>v${v.version}</td><td>${esc(v.status)}</td><td>${fmt(metricOf(v, "golden_accuracy"))}</td>
+    <td>${fmt(metricOf(v, "field_accuracy"))}</td><td>${v.parent_version ? "v" + v.parent_version : "–"}</td>
+    <td title="${esc(v.dataset_version)}">${esc((v.dataset_version || "").slice(0, 12))}</td>
+    <td>${v.sample_count}</td><td>${ago(v.created_at)}</td><td class="reason">${esc(v.reason ?? "")}</td></tr>`).join("");
+}
+
+function renderDevices(devices) {
+  $("#device-count").textContent = `(${devices.length}${devices.length > 200 ? ", first 200 shown" : ""})`;
+  $("#devices tbody").innerHTML = devices.slice(0, 200).map((d) => `<tr>
+    <td>${esc(d.device_id)}</td><td>${d.model_version ? "v" + d.model_version : "–"}</td><td>${esc(d.release ?? "–")}</td>
+    <td>${esc(d.state ?? "–")}</td><td>${ago(d.last_seen)}</td><td class="reason">${esc(d.last_reason ?? "")}</td></tr>`).join("");
+}
+
+function chart(svg, series, key, yMax) {
+  const W = 640, H = 220, L = 44, R = 10, T = 10, B = 24;
+  const pts = series.filter((p) => typeof p[key] === "number");
+  if (!pts.length) { svg.innerHTML = `<text x="${W / 2 - 60}" y="${H / 2}">no data yet</text>`; return; }
+  const t0 = Math.min(...pts.map((p) => p.t)), t1 = Math.max(...pts.map((p) => p.t), t0 + 1);
+  const ymax = yMax ?? (Math.max(...pts.map((p) => p[key])) * 1.15 || 1);
+  const x = (t) => L + ((t - t0) / (t1 - t0)) * (W - L - R), y = (v) => H - B - (v / ymax) * (H - T - B);
+  const byVersion = {};
+  pts.forEach((p) => (byVersion[p.model_version] ||= []).push(p));
+  let out = `<line x1="${L}" y1="${H - B}" x2="${W - R}" y2="${H - B}" stroke="#2a3642"/>`;
+  for (let i = 0; i <= 4; i++) {
+    const v = (ymax * i) / 4;
+    out += `<text x="4" y="${y(v) + 4}">${v.toFixed(ymax <= 1 ? 2 : 1)}</text><line x1="${L}" x2="${W - R}" y1="${y(v)}" y2="${y(v)}" stroke="#1f2933"/>`;
+  }
+  Object.entries(byVersion).forEach(([ver, ps], i) => {
+    const c = COLORS[i % COLORS.length];
+    out += `<polyline fill="none" stroke="${c}" stroke-width="2" points="${ps.map((p) => `${x(p.t)},${y(p[key])}`).join(" ")}"/>`;
+    out += `<text x="${L + 8 + i * 60}" y="${H - 6}" style="fill:${c}">v${esc(ver)}</text>`;
+  });
+  svg.innerHTML = out;
+}
+
+async function refresh() {
+  try {
+    const [health, lines, rollouts, devices] = await Promise.all([
+      getJSON("/healthz"), getJSON(`${API}/model-lines`), getJSON(`${API}/rollouts`), getJSON(`${API}/devices`),
+    ]);
+    const devicesByLine = {};
+    devices.forEach((d) => (devicesByLine[d.model_line] ||= []).push(d));
+    renderLines(lines, devicesByLine, health);
+    const details = await Promise.all(rollouts.slice(-10).reverse().map((r) => getJSON(`${API}/rollouts/${r.id}`)));
+    renderRollouts(details);
+    renderDevices(devices);
+    if (lines.length) {
+      const line = lines[0].name;
+      const [versions, series] = await Promise.all([
+        getJSON(`${API}/model-lines/${encodeURIComponent(line)}/versions`),
+        getJSON(`${API}/model-lines/${encodeURIComponent(line)}/series?bucket_s=5&window_s=3600`),
+      ]);
+      renderVersions(versions);
+      chart($("#chart-accuracy"), series, "accuracy", 1);
+      chart($("#chart-latency"), series, "latency_ms_p95_max");
+    }
+  } catch (e) {
+    $("#health").textContent = "server unreachable"; $("#health").className = "pill bad";
+  }
+}
+
+$("#operator").value = localStorage.getItem("edgeloop.operator") || "";
+$("#operator").addEventListener("change", () => localStorage.setItem("edgeloop.operator", operator()));
+refresh();
+setInterval(refresh, REFRESH_MS);

@@ -1,0 +1,134 @@
+"""The dashboard, driven in headless Chromium against a real server and a small real fleet.
+
+The test watches a rollout wait for approval, approves it with a click as an operator would,
+and sees its progress as the canary devices install the new model. A screenshot is saved to
+``$EDGELOOP_TEST_ARTIFACTS`` (default ``var/test-artifacts``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from firmware_sim.fleet import Fleet, FleetConfig, Inputs
+from firmware_sim.services import ServerProcess
+from training.data import digits_pools
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("EDGELOOP_TEST_ARTIFACTS", "var/test-artifacts"))
+
+
+def poll(what, check, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def server(broker, workdir) -> Iterator[ServerProcess]:
+    srv = ServerProcess(
+        workdir / "server",
+        mqtt_port=broker.port,
+        env={
+            "EDGELOOP_BOOTSTRAP_LINE": "digits",
+            "EDGELOOP_ROLLOUT_TICK_S": "0.5",
+            "EDGELOOP_CANARY_PERCENT": "34",
+            "EDGELOOP_MIN_LABELLED": "20",
+            "EDGELOOP_CANARY_MIN_SOAK_S": "1",
+        },
+    ).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def browser_page():
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed: run scripts/setup.sh")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        yield page
+        browser.close()
+
+
+def test_operator_watches_and_approves_a_rollout_in_the_dashboard(
+    server, broker, workdir, browser_page
+):
+    api = f"{server.url}/api/v1"
+    poll("factory model", lambda: httpx.get(f"{api}/model-lines/digits").json()["champion_version"])
+    pools = digits_pools()
+    fleet = Fleet(
+        FleetConfig(
+            server_url=server.url,
+            mqtt_host=broker.host,
+            mqtt_port=broker.port,
+            trusted_keys=[server.public_key_path.read_bytes()],
+            state_root=workdir / "devices",
+            devices=3,
+            metrics_interval_s=0.5,
+        ),
+        Inputs(pools.field.X, pools.field.X, pools.field.y),  # no drift needed here
+    )
+    fleet.start()
+    try:
+        assert fleet.wait_ready(60)
+        job = httpx.post(f"{api}/training-jobs", json={"model_line": "digits"}).json()
+        poll("challenger", lambda: httpx.get(f"{api}/training-jobs/{job['id']}").json()["status"]
+             == "succeeded")
+        rollout = poll("pending rollout", lambda: next(
+            (r for r in httpx.get(f"{api}/rollouts").json() if r["state"] == "pending_approval"),
+            None))
+        rid = rollout["id"]
+
+        page = browser_page
+        page.goto(f"{server.url}/")
+        card = page.locator(f"#rollout-{rid}")
+        card.wait_for(timeout=20_000)
+        assert card.get_attribute("data-state") == "pending_approval"
+        assert "Approve" in card.inner_text()
+        # A fleet overview and the versions table are on the page too.
+        page.locator(".card[data-line='digits']").wait_for(timeout=10_000)
+        assert "3 devices" in page.locator(".card[data-line='digits']").inner_text()
+
+        page.fill("#operator", "dana")
+        page.dispatch_event("#operator", "change")
+        fleet.start_traffic(5.0)
+        card.get_by_role("button", name="Approve").click()
+
+        page.wait_for_selector(f"#rollout-{rid}:not([data-state='pending_approval'])",
+                               timeout=20_000)
+        assert "approved by dana" in card.inner_text()
+        # Progress: the canary stage fills as the canary device installs v2, then everyone.
+        page.wait_for_function(
+            f"document.querySelector('#rollout-{rid}').dataset.state === 'completed'",
+            timeout=90_000,
+        )
+        assert "3/3 on target" in card.inner_text() or "2/2 on target" in card.inner_text()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shot = ARTIFACTS / "dashboard-rollout.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+        server_view = httpx.get(f"{api}/rollouts/{rid}").json()
+        assert server_view["state"] == "completed" and server_view["approved_by"] == "dana"
+    finally:
+        fleet.stop()
