@@ -1,0 +1,1 @@
+"""Benchmarks: each prints its figures against its targets and exits non-zero on a miss."""
