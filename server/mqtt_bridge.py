@@ -78,8 +78,12 @@ class MqttBridge:
         reconnect_min_s: int = 1,
         reconnect_max_s: int = 30,
         topics: Topics | None = None,
+        shared_group: str | None = "edgeloop-server",
     ) -> None:
         self.host, self.port, self.keepalive_s = host, port, keepalive_s
+        # MQTT 5 shared subscription: several server processes split the device reports
+        # between them instead of each writing every report (None: every process gets all).
+        self.subscription_prefix = f"$share/{shared_group}/" if shared_group else ""
         self.topics = topics or Topics()
         self.ingest_queue = ingest_queue
         self.stats = BridgeStats()
@@ -105,7 +109,10 @@ class MqttBridge:
         if getattr(reason, "is_failure", False):
             log.warning("MQTT connect refused: %s", reason)
             return
-        client.subscribe([(self.topics.all_status, 1), (self.topics.all_metrics, 0)])
+        prefix = self.subscription_prefix
+        client.subscribe(
+            [(prefix + self.topics.all_status, 1), (prefix + self.topics.all_metrics, 0)]
+        )
         self.stats.connects += 1
         self.connected.set()
         self._wake.set()
