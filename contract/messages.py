@@ -36,7 +36,8 @@ class DeviceState(StrEnum):
     VERIFYING = "verifying"
     INSTALLING = "installing"
     INSTALLED = "installed"  # swapped in and serving
-    COMMITTED = "committed"  # kept after its watch window (immediately, until probation exists)
+    PROBATION = "probation"  # serving on live traffic, not yet committed; may still roll back
+    COMMITTED = "committed"  # kept after its probation window
     ALREADY_INSTALLED = "already_installed"
     REFUSED = "refused"  # failed a signature, hash, size, version or targeting check
     FAILED = "failed"  # transient or runtime failure (download, load)

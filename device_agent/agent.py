@@ -1,9 +1,11 @@
 """The Agent: serves the model and runs the update, upload, metrics and bootstrap threads.
 
 One Agent holds no global state, so a simulator can run many in one process, each with its own
-MQTT client and ``state_dir``. Threads per agent: paho's loop, the update worker, the uploader,
-the metrics publisher, and a short-lived bootstrap thread (registration, then an HTTP poll for a
-target while no model is installed).
+MQTT client and ``state_dir``. Threads per agent: paho's loop, the update worker (drives the
+state machine of ``states.py``), the uploader, the metrics publisher (also drains the outbox of
+reports held while the broker was away), and the bootstrap thread (registration, then an HTTP
+poll for the target: continuously until a model serves, then every ``target_poll_interval_s``
+while MQTT is disconnected, for networks that block MQTT).
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ import numpy as np
 from contract import MessageError
 from contract.manifest import Manifest
 from contract.messages import DeviceState, StatusReport, TargetMessage
+from contract.topics import Topics
 from device_agent.capture import Capture, PendingPrediction, Spool, Uploader
 from device_agent.config import AgentConfig
 from device_agent.errors import InferenceError, TransportError
 from device_agent.fetcher import Fetcher, HttpFetcher, backoff_delay
 from device_agent.metrics import Metrics
 from device_agent.mqtt import MqttLink
-from device_agent.runtime import ModelRuntime
+from device_agent.outbox import Outbox
+from device_agent.probation import LiveTracker
+from device_agent.runtime import ModelRuntime, tune_interpreter
 from device_agent.store import ModelStore
 from device_agent.updater import Updater
 
@@ -75,7 +80,17 @@ class Agent:
         self._own_fetcher = fetcher is None
         self._fetcher = fetcher or HttpFetcher(config, client=self._http, stop=self._stop)
         self._store = ModelStore(config.state_dir)
-        self._runtime = ModelRuntime(intra_op_num_threads=config.intra_op_num_threads)
+        self._runtime = ModelRuntime(
+            intra_op_num_threads=config.intra_op_num_threads,
+            min_free_memory_bytes=config.min_free_memory_bytes,
+            load_headroom_factor=config.load_headroom_factor,
+        )
+        self._live = LiveTracker()
+        self._live_path = config.state_dir / "live.json"
+        self._live.load(self._live_path)
+        self._outbox = Outbox(
+            config.state_dir / "outbox.jsonl", max_records=config.outbox_max_records
+        )
         self._metrics = Metrics(
             device_id=config.device_id,
             model_line=config.model_line,
@@ -86,10 +101,14 @@ class Agent:
             config.state_dir / "spool",
             batch_max=config.upload_batch_max,
             max_bytes=config.spool_max_bytes,
+            fsync=config.spool_fsync,
         )
-        self._capture = Capture(config, spool=self._spool, metrics=self._metrics, clock=self._clock)
+        self._capture = Capture(
+            config, spool=self._spool, metrics=self._metrics, clock=self._clock, live=self._live
+        )
         self._uploader = Uploader(config, spool=self._spool, client=self._http, stop=self._stop)
         self._inbox: queue.Queue[bytes] = queue.Queue()
+        self._topics = Topics()
         self._mqtt: MqttLink | None = None
         self._updater = Updater(
             config,
@@ -98,6 +117,8 @@ class Agent:
             fetcher=self._fetcher,
             report=self._publish_status,
             clock=self._clock,
+            live=self._live,
+            stop=self._stop,
         )
         self._ready = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -123,8 +144,9 @@ class Agent:
         if self._started:
             return
         self._started = True
+        tune_interpreter(self.config.switch_interval_s)
         self.resume()
-        self._mqtt = MqttLink(self.config, self._inbox)
+        self._mqtt = MqttLink(self.config, self._inbox, outbox=self._outbox)
         try:
             self._mqtt.start()
         except TransportError as exc:
@@ -151,7 +173,7 @@ class Agent:
         if self._mqtt is not None:
             self._mqtt.stop()
             self._mqtt = None
-        self._spool.seal()
+        self._spool.close()
         if self._own_fetcher and isinstance(self._fetcher, HttpFetcher):
             self._fetcher.close()
         if self._own_http:
@@ -174,9 +196,13 @@ class Agent:
             raw, loaded = self._runtime.predict(x)
         except InferenceError as exc:
             self._metrics.record_error(exc.model_version)
+            serving = self._runtime.current
+            if serving is not None:
+                self._live.record_error(serving.sha256)
             raise
         pid = uuid.uuid4().hex
         self._metrics.record_inference(loaded.model_version, raw.latency_ms)
+        self._live.record_inference(loaded.sha256, raw.latency_ms)
         self._capture.remember(
             pid,
             PendingPrediction(
@@ -184,6 +210,7 @@ class Agent:
                 label=raw.label,
                 confidence=raw.confidence,
                 model_version=loaded.model_version,
+                sha256=loaded.sha256,
             ),
         )
         return Prediction(
@@ -213,6 +240,8 @@ class Agent:
         serving = self._runtime.current
         cur = self._updater.current
         spool = self._spool.stats()
+        st = self._updater.persisted
+        job = st.update
         return {
             "device_id": self.config.device_id,
             "model_line": self.config.model_line,
@@ -232,7 +261,30 @@ class Agent:
                 "uploaded": spool.uploaded,
                 "dropped": spool.dropped,
                 "rejected": spool.rejected,
+                "sent": self._uploader.sent,
+                "server_duplicates": self._uploader.server_duplicates,
             },
+            "update": None
+            if job is None
+            else {
+                "state": job.state.value,
+                "release": job.release or None,
+                "model_version": job.model_version or None,
+                "attempts": job.attempts,
+                "reason": job.reason,
+                "probation_s": round(self._updater.probation_elapsed(), 1)
+                if job.state == DeviceState.PROBATION
+                else None,
+            },
+            "slots": {
+                "current": cur.sha256 if cur else None,
+                "previous": st.previous.sha256 if st.previous else None,
+            },
+            "refused": [
+                {"release": r.release, "model_version": r.model_version, "reason": r.reason}
+                for r in st.refused[-5:]
+            ],
+            "outbox": {"pending": len(self._outbox), "dropped": self._outbox.dropped},
             "last_error": self._updater.last_error or self._uploader.last_error or self._last_error,
         }
 
@@ -240,6 +292,8 @@ class Agent:
     def _publish_status(self, report: StatusReport) -> None:
         if self._mqtt is not None:
             self._mqtt.publish_status(report)
+        else:  # before start() (resume) or after stop(): hold it for the next connection
+            self._outbox.add(self._topics.status(self.config.device_id), report.to_json(), qos=1)
 
     def _next_target(self, timeout: float) -> TargetMessage | None:
         """Wait for a target; coalesce a burst to the latest message. None on timeout/invalid."""
@@ -265,40 +319,39 @@ class Agent:
             return None
 
     def _update_worker(self) -> None:
-        retry: TargetMessage | None = None
-        retry_at = 0.0
-        failures = 0
+        """Feed targets to the updater and run its state machine one step at a time."""
         while not self._stop.is_set():
-            target = self._next_target(timeout=0.5)
-            if target is None:
-                if retry is None or time.monotonic() < retry_at:
-                    continue
-                target = retry
-            retry = None
-            try:
-                state = self._updater.handle_target(target)
-            except Exception:  # the worker must survive anything; the old model keeps serving
-                log.exception("update worker error")
-                state = DeviceState.FAILED
+            busy = self._updater.busy
+            target = self._next_target(timeout=0.0 if busy else 0.5)
+            if target is not None:
+                self._updater.offer(target)
+            if self._updater.busy:
+                try:
+                    self._updater.step()
+                except Exception:  # the worker must survive anything; a model keeps serving
+                    log.exception("update worker error")
+                    self._stop.wait(1.0)
             if self._runtime.current is not None:
                 self._ready.set()
-            if state == DeviceState.FAILED:
-                retry = target
-                retry_at = time.monotonic() + backoff_delay(
-                    failures, self.config.update_retry_s, self.config.update_retry_s * 8
-                )
-                failures += 1
-            else:
-                failures = 0
 
     def _metrics_loop(self) -> None:
-        while not self._stop.wait(self.config.metrics_interval_s):
+        next_window = time.monotonic() + self.config.metrics_interval_s
+        while not self._stop.wait(min(0.5, self.config.metrics_interval_s)):
+            if self._mqtt is not None:
+                self._mqtt.drain_outbox()
+            if time.monotonic() < next_window:
+                continue
+            next_window += self.config.metrics_interval_s
             serving = self._runtime.current
             cur = self._updater.current
             rollout = cur.rollout_id if cur and serving and cur.sha256 == serving.sha256 else None
             reports = self._metrics.snapshot_and_reset(
                 serving_version=serving.model_version if serving else None, rollout_id=rollout
             )
+            try:
+                self._live.dump(self._live_path)
+            except OSError as exc:
+                log.warning("cannot persist live statistics: %s", exc)
             if self._mqtt is not None:
                 for r in reports:
                     self._mqtt.publish_metrics(r)
@@ -334,13 +387,25 @@ class Agent:
                 return
         last: bytes | None = None
         url = cfg.server_url + TARGET_PATH.format(device_id=cfg.device_id)
-        while not self._stop.is_set() and not self._ready.is_set():
-            try:
-                resp = self._http.get(url)
-                if resp.status_code == 200 and resp.content != last:
-                    last = resp.content
-                    self._inbox.put(resp.content)
-            except httpx.HTTPError as exc:
-                log.debug("target poll failed: %s", exc)
-            if self._stop.wait(cfg.connect_retry_s):
+        mqtt_down_since: float | None = None
+        next_poll = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            connected = bool(self._mqtt and self._mqtt.connected.is_set())
+            mqtt_down_since = None if connected else (mqtt_down_since or now)
+            fallback = mqtt_down_since is not None and now - mqtt_down_since >= min(
+                cfg.target_poll_interval_s, 10 * cfg.connect_retry_s
+            )
+            if (not self._ready.is_set() or fallback) and now >= next_poll:
+                next_poll = now + (
+                    cfg.connect_retry_s if not self._ready.is_set() else cfg.target_poll_interval_s
+                )
+                try:
+                    resp = self._http.get(url)
+                    if resp.status_code == 200 and resp.content != last:
+                        last = resp.content
+                        self._inbox.put(resp.content)
+                except httpx.HTTPError as exc:
+                    log.debug("target poll failed: %s", exc)
+            if self._stop.wait(min(cfg.connect_retry_s, 1.0)):
                 return

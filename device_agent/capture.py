@@ -1,18 +1,16 @@
 """Capture of samples worth retraining on, a disk-backed spool, and the uploader thread.
 
 A prediction is remembered (bounded, oldest dropped) until its ground truth arrives through
-``feedback``; the sample is then captured if the model was wrong or unsure. Captured samples are
-batched into the spool (one JSON file per batch, the exact upload body) and uploaded to the
-server. The server is idempotent on ``sample_id``, so re-sending a batch whose response was lost
-is safe; a batch file is deleted only after a 2xx, so no sample is lost to a crash or an outage.
-Samples still in the open (unsealed) batch, at most ``upload_interval_s`` worth, are the only
-ones a power cut can lose.
+``feedback``; the sample is then captured if the model was wrong or unsure. Captured samples go
+to a durable spool (see ``Spool``: fsynced journal, sealed by rename, tombstones for exactly-once)
+and the uploader sends sealed batches to the server, oldest first, deleting each after a 2xx.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import uuid
 from collections import OrderedDict
@@ -27,9 +25,11 @@ import numpy as np
 from contract.messages import SampleRecord, encode_input
 from device_agent.config import AgentConfig
 from device_agent.errors import UnknownPredictionError
+from device_agent.faults import crash_point
 from device_agent.fetcher import backoff_delay
 from device_agent.metrics import Metrics
-from device_agent.store import atomic_write
+from device_agent.probation import LiveTracker
+from device_agent.store import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 SAMPLES_PATH = "/api/v1/samples"
@@ -52,6 +52,7 @@ class PendingPrediction:
     label: int
     confidence: float
     model_version: int
+    sha256: str = ""  # the artifact that made the prediction (probation statistics)
 
 
 class PendingPredictions:
@@ -82,7 +83,7 @@ class PendingPredictions:
 class SpoolStats:
     pending: int  # samples spooled (sealed or open), not yet acknowledged
     uploaded: int  # samples the server acknowledged
-    dropped: int  # samples dropped because the spool was full
+    dropped: int  # samples dropped because the spool was full (oldest batch first)
     rejected: int  # samples the server refused (moved to spool/rejected or reported)
 
 
@@ -93,79 +94,160 @@ class _Batch:
     size: int
 
 
-class Spool:
-    """Disk-backed FIFO of sample batches in ``<state_dir>/spool``, bounded by bytes."""
+_JOURNAL = "open.jsonl"
 
-    def __init__(self, directory: Path, *, batch_max: int, max_bytes: int) -> None:
+
+def _read_batch(path: Path) -> list[dict[str, Any]]:
+    """Samples of a batch file: JSON lines (current) or ``{"samples": [...]}`` (older agents).
+    A torn last line (a write the crash interrupted, never acknowledged) is skipped."""
+    raw = path.read_bytes()
+    if path.suffix == ".json":
+        return list(json.loads(raw)["samples"])
+    out = []
+    for line in raw.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            log.warning("skipped a torn line in %s", path.name)
+    return out
+
+
+class Spool:
+    """Disk-backed FIFO of sample batches in ``<state_dir>/spool``, bounded by bytes.
+
+    Durability: ``add`` appends the sample to the journal ``open.jsonl`` and (with ``fsync``)
+    fsyncs it before returning, so a sample acknowledged to the caller survives a power cut.
+    ``seal`` turns the journal into a batch by an atomic rename (no copy, so no duplicate).
+    Exactly-once: a batch is named in ``counters.json`` (a tombstone, fsynced) before its file
+    is deleted after a 2xx or dropped for space; a batch whose tombstone exists is deleted at
+    start, never sent again. Only a crash between the server's commit and the 2xx reaching us
+    can resend a batch, and the server stores each ``sample_id`` once.
+    Bound: when journal + sealed batches exceed ``max_bytes``, the oldest sealed batches are
+    dropped (newest data reflects the current drift best) and counted in ``dropped``.
+    """
+
+    def __init__(
+        self, directory: Path, *, batch_max: int, max_bytes: int, fsync: bool = True
+    ) -> None:
         self.dir = directory
         self.rejected_dir = directory / "rejected"
         self.rejected_dir.mkdir(parents=True, exist_ok=True)
         self._batch_max = batch_max
         self._max_bytes = max_bytes
+        self._fsync = fsync
         self._lock = threading.Lock()
-        self._open: list[dict[str, Any]] = []
+        self._journal_path = directory / _JOURNAL
+        self._journal: Any = None  # open binary file, append mode
+        self._open_count = 0
+        self._open_bytes = 0
         self._batches: list[_Batch] = []
         self._in_flight: Path | None = None
         self.batch_full = threading.Event()  # set when a batch filled up: upload now
         self._counters_path = directory / "counters.json"
-        self._counters = {"uploaded": 0, "dropped": 0, "rejected": 0}
+        self._counters: dict[str, int] = {"uploaded": 0, "dropped": 0, "rejected": 0}
+        self._tombstones: list[str] = []
+        self._saved_seq = 1
         self._load()
 
     def _load(self) -> None:
         try:
             saved = json.loads(self._counters_path.read_text())
             self._counters.update({k: int(saved.get(k, 0)) for k in self._counters})
+            self._tombstones = [str(n) for n in saved.get("tombstones", [])]
+            self._saved_seq = int(saved.get("seq", 1))
         except (OSError, ValueError):
             pass
-        for path in sorted(self.dir.glob("batch-*.json")):
+        for name in self._tombstones:  # acknowledged or dropped before a crash: gone for good
+            (self.dir / name).unlink(missing_ok=True)
+        for tmp in self.dir.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        paths = sorted(self.dir.glob("batch-*.json*"), key=lambda p: p.stem.split(".")[0])
+        # Batch names are never reused (a reused name could match an old tombstone).
+        self._seq = max(self._saved_seq, 1 + max((int(p.name[6:18]) for p in paths), default=0))
+        if self._journal_path.exists():  # samples acknowledged before the crash: seal them
+            samples = _read_batch(self._journal_path)
+            if samples:
+                dest = self.dir / f"batch-{self._seq:012d}.jsonl"
+                self._seq += 1
+                atomic_write(dest, b"".join(self._line(s) for s in samples))
+                paths.append(dest)
+            self._journal_path.unlink()
+            fsync_dir(self.dir)
+        for path in paths:
             try:
-                count = len(json.loads(path.read_bytes())["samples"])
+                count = len(_read_batch(path))
             except (OSError, ValueError, KeyError, TypeError):
                 log.error("unreadable spool batch %s moved to rejected/", path.name)
                 path.replace(self.rejected_dir / path.name)
                 continue
             self._batches.append(_Batch(path, count, path.stat().st_size))
-        self._seq = 1 + max((int(b.path.stem.split("-")[1]) for b in self._batches), default=0)
 
-    def _save_counters(self) -> None:
-        atomic_write(self._counters_path, json.dumps(self._counters).encode())
+    @staticmethod
+    def _line(sample: dict[str, Any]) -> bytes:
+        return json.dumps(sample, separators=(",", ":")).encode() + b"\n"
+
+    def _save_counters(self, tombstone: str | None = None) -> None:
+        live = {b.path.name for b in self._batches}
+        self._tombstones = [t for t in self._tombstones if t not in live][-50:]
+        if tombstone is not None:
+            self._tombstones.append(tombstone)
+        data = {**self._counters, "tombstones": self._tombstones, "seq": self._seq}
+        atomic_write(self._counters_path, json.dumps(data).encode())
 
     def add(self, record: SampleRecord) -> None:
+        """Append one sample durably (see class docstring); seal when the batch is full."""
+        line = self._line(asdict(record))
         with self._lock:
-            self._open.append(asdict(record))
-            full = len(self._open) >= self._batch_max
+            if self._journal is None:
+                self._journal = open(self._journal_path, "ab")  # noqa: SIM115 - kept open
+                fsync_dir(self.dir)
+            self._journal.write(line)
+            self._journal.flush()
+            if self._fsync:
+                os.fsync(self._journal.fileno())
+            self._open_count += 1
+            self._open_bytes += len(line)
+            full = self._open_count >= self._batch_max
+        crash_point("spool:appended")
         if full:
             self.seal()
             self.batch_full.set()
 
     def seal(self) -> Path | None:
-        """Write the open batch as a spool file; enforce the byte bound (drop oldest)."""
+        """Turn the journal into a sealed batch (atomic rename); enforce the byte bound."""
         with self._lock:
-            if not self._open:
+            if self._journal is None or not self._open_count:
                 return None
-            samples, self._open = self._open, []
-            path = self.dir / f"batch-{self._seq:012d}.json"
+            self._journal.close()
+            self._journal = None
+            path = self.dir / f"batch-{self._seq:012d}.jsonl"
             self._seq += 1
-            data = json.dumps({"samples": samples}, separators=(",", ":")).encode()
-            atomic_write(path, data)
-            self._batches.append(_Batch(path, len(samples), len(data)))
+            os.replace(self._journal_path, path)
+            fsync_dir(self.dir)
+            self._batches.append(_Batch(path, self._open_count, self._open_bytes))
+            self._open_count = self._open_bytes = 0
             self._enforce_bound()
             return path
 
+    def close(self) -> None:
+        """Seal what is open and close the journal (agent stop)."""
+        self.seal()
+        with self._lock:
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
+
     def _enforce_bound(self) -> None:
         """Drop the oldest batches (never the one being uploaded) while over ``max_bytes``."""
-        changed = False
-        while sum(b.size for b in self._batches) > self._max_bytes:
+        while sum(b.size for b in self._batches) + self._open_bytes > self._max_bytes:
             victim = next((b for b in self._batches if b.path != self._in_flight), None)
             if victim is None:
                 break
             self._batches.remove(victim)
-            victim.path.unlink(missing_ok=True)
             self._counters["dropped"] += victim.count
-            changed = True
+            self._save_counters(tombstone=victim.path.name)
+            victim.path.unlink(missing_ok=True)
             log.warning("spool full: dropped batch %s (%d samples)", victim.path.name, victim.count)
-        if changed:
-            self._save_counters()
 
     def next_batch(self) -> tuple[Path, dict[str, Any], int] | None:
         """The oldest sealed batch (path, upload body, sample count), marked in flight."""
@@ -174,27 +256,25 @@ class Spool:
                 return None
             b = self._batches[0]
             self._in_flight = b.path
-        body = json.loads(b.path.read_bytes())
-        return b.path, body, b.count
+        return b.path, {"samples": _read_batch(b.path)}, b.count
 
     def _finish(self, path: Path, counter: str, n: int, move_to: Path | None) -> None:
         with self._lock:
             self._in_flight = None
             self._batches = [b for b in self._batches if b.path != path]
+            self._counters[counter] += n
             if move_to is None:
+                self._save_counters(tombstone=path.name)  # durable before the file goes
                 path.unlink(missing_ok=True)
             else:
                 path.replace(move_to / path.name)
-            self._counters[counter] += n
-            self._save_counters()
+                self._save_counters()
 
     def ack(self, path: Path, uploaded: int, rejected: int = 0) -> None:
-        """The server acknowledged the batch: delete it."""
+        """The server acknowledged the batch: count it, tombstone it, delete it."""
+        with self._lock:
+            self._counters["rejected"] += rejected
         self._finish(path, "uploaded", uploaded, None)
-        if rejected:
-            with self._lock:
-                self._counters["rejected"] += rejected
-                self._save_counters()
 
     def reject(self, path: Path, n: int) -> None:
         """The server refused the whole batch (4xx): keep it aside, never retry it."""
@@ -207,7 +287,7 @@ class Spool:
 
     def stats(self) -> SpoolStats:
         with self._lock:
-            pending = sum(b.count for b in self._batches) + len(self._open)
+            pending = sum(b.count for b in self._batches) + self._open_count
             return SpoolStats(pending=pending, **self._counters)
 
 
@@ -221,11 +301,13 @@ class Capture:
         spool: Spool,
         metrics: Metrics,
         clock: Callable[[], float],
+        live: LiveTracker | None = None,
     ) -> None:
         self._cfg = config
         self._spool = spool
         self._metrics = metrics
         self._clock = clock
+        self._live = live
         self.pending = PendingPredictions(config.pending_labels_max)
 
     def remember(self, prediction_id: str, item: PendingPrediction) -> None:
@@ -241,6 +323,8 @@ class Capture:
         if item is None:
             raise UnknownPredictionError(f"no pending prediction {prediction_id!r}")
         self._metrics.record_label(item.model_version, item.label == true_label)
+        if self._live is not None and item.sha256:
+            self._live.record_label(item.sha256, item.label == true_label)
         reason = capture_reason(
             item.label,
             true_label,
@@ -283,6 +367,8 @@ class Uploader:
         self._stop = stop
         self._failures = 0
         self.rounds = 0  # upload rounds completed by ``run`` (observability, tests)
+        self.sent = 0  # samples put on the wire (every attempt, including resends)
+        self.server_duplicates = 0  # samples the server said it already stored
         self.last_error: str | None = None
 
     def upload_once(self) -> bool:
@@ -299,13 +385,20 @@ class Uploader:
             path, body, count = nxt
             try:
                 resp = self._client.post(self._cfg.server_url + SAMPLES_PATH, json=body)
-            except httpx.HTTPError as exc:
+            except httpx.ConnectError as exc:  # nothing left this device
                 self._spool.release()
                 self.last_error = f"sample upload: {type(exc).__name__}: {exc}"
                 return False
+            except httpx.HTTPError as exc:  # the request may have reached the server
+                self.sent += count
+                self._spool.release()
+                self.last_error = f"sample upload: {type(exc).__name__}: {exc}"
+                return False
+            self.sent += count
             code = resp.status_code
             if 200 <= code < 300:
                 rejected = self._parse_rejected(resp)
+                self.server_duplicates += self._parse_duplicates(resp)
                 self._spool.ack(path, count - rejected, rejected)
             elif 400 <= code < 500 and code not in (408, 429):
                 log.error("server refused batch %s: HTTP %d %s", path.name, code, resp.text[:200])
@@ -315,6 +408,13 @@ class Uploader:
                 self.last_error = f"sample upload: HTTP {code}"
                 return False
         return True
+
+    @staticmethod
+    def _parse_duplicates(resp: httpx.Response) -> int:
+        try:
+            return int(resp.json().get("duplicates") or 0)
+        except (ValueError, AttributeError, TypeError):
+            return 0
 
     @staticmethod
     def _parse_rejected(resp: httpx.Response) -> int:

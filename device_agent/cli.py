@@ -2,11 +2,12 @@
 
     edgeloop-agent run --config agent.json [--listen 127.0.0.1:0]
     edgeloop-agent check --config agent.json
+    edgeloop-agent status --config agent.json
 
 ``run`` prints exactly one line, ``edgeloop-agent listening on http://HOST:PORT``, to stdout once
 the local API listens, logs JSON lines to stderr, and exits cleanly on SIGTERM/SIGINT.
 Local API: ``POST /predict {"input": [floats]}``, ``POST /feedback {"prediction_id",
-"true_label"}``, ``GET /status``.
+"true_label"}``, ``GET /status``, ``GET /healthz`` (200 while a verified model serves, else 503).
 """
 
 from __future__ import annotations
@@ -98,6 +99,13 @@ def make_handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             if self.path == "/status":
                 self._send(200, agent.status())
+            elif self.path == "/healthz":  # 200 while a verified model serves
+                st = agent.status()
+                ok = bool(st["serving"])
+                self._send(
+                    200 if ok else 503,
+                    {"ok": ok, "model_version": st["model_version"], "state": st["state"]},
+                )
             else:
                 self._send(404, {"error": f"no route GET {self.path}"})
 
@@ -205,6 +213,30 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the persisted state (slots, update job, refused versions, spool) without running."""
+    from device_agent.capture import Spool
+    from device_agent.store import ModelStore
+
+    config = load_config(args.config)
+    st = ModelStore(config.state_dir).load_state()
+    spool = Spool(
+        config.state_dir / "spool", batch_max=config.upload_batch_max, max_bytes=1 << 62
+    ).stats()
+    out = {
+        "device_id": config.device_id,
+        "state_dir": str(config.state_dir),
+        "current": None if st.current is None else vars(st.current) | {"envelope": "..."},
+        "previous": None if st.previous is None else vars(st.previous) | {"envelope": "..."},
+        "highest_release": st.highest_release,
+        "update": None if st.update is None else st.update.to_dict() | {"target": "..."},
+        "refused": [vars(r) for r in st.refused],
+        "spool": vars(spool),
+    }
+    print(json.dumps(out, indent=2, default=str), flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgeloop-agent", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO")
@@ -216,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = sub.add_parser("check", help="verify and load the installed model, run one inference")
     check.add_argument("--config", required=True)
     check.set_defaults(func=cmd_check)
+    status = sub.add_parser("status", help="print the persisted update state (no network)")
+    status.add_argument("--config", required=True)
+    status.set_defaults(func=cmd_status)
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
     try:

@@ -18,6 +18,7 @@ from typing import Any
 from contract.envelope import load_public_key
 from contract.topics import valid_device_id
 from device_agent.errors import ConfigError
+from device_agent.probation import ProbationPolicy
 
 AGENT_VERSION = "0.1.0"
 ENV_PREFIX = "EDGELOOP_AGENT_"
@@ -62,6 +63,27 @@ class AgentConfig:
     backoff_cap_s: float = 30.0  # seconds, cap on one retry delay (before jitter)
     connect_retry_s: float = 5.0  # seconds between register / target-poll attempts
     update_retry_s: float = 30.0  # seconds before a FAILED (transient) target is retried
+    min_download_bps: int = 1024  # bytes/s: slower than this over the window is a slow retrieval
+    slow_retrieval_window_s: float = 30.0  # seconds over which the download rate is measured
+    target_poll_interval_s: float = 60.0  # seconds between HTTP target polls while MQTT is down
+    # Hot swap.
+    min_free_memory_bytes: int = 32 * MiB  # bytes that must stay free after loading a model
+    load_headroom_factor: float = 4.0  # x artifact size a new session may need while loading
+    release_wait_s: float = 5.0  # seconds to wait for in-flight inferences on a retired session
+    switch_interval_s: float = 0.0005  # seconds; interpreter thread switch interval (0: keep)
+    # Probation: metric-gated commit after a swap (see probation.py).
+    probation_min_labelled: int = 30  # labelled inferences that, if they hold, commit at once
+    probation_max_s: float = 60.0  # seconds: commit on this bound if nothing degraded
+    probation_min_labelled_to_judge: int = 10  # labels before accuracy is compared
+    probation_max_accuracy_drop: float = 0.05  # absolute accuracy drop tolerated
+    probation_accuracy_z: float = 2.0  # one-sided z-score the drop must also reach
+    probation_max_error_rate_increase: float = 0.02  # absolute error-rate increase tolerated
+    probation_max_latency_ratio: float = 2.0  # p95 bound: previous p95 * ratio + slack
+    probation_latency_slack_ms: float = 5.0  # ms
+    probation_max_boots: int = 3  # agent restarts during one probation before rolling back
+    # Offline operation.
+    spool_fsync: bool = True  # fsync each captured sample before feedback() returns
+    outbox_max_records: int = 10_000  # status/metrics reports held while the broker is away
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
@@ -82,7 +104,21 @@ class AgentConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        if self.probation_max_s < 0 or self.probation_min_labelled < 1:
+            raise ConfigError("probation_max_s must be >= 0 and probation_min_labelled >= 1")
         self.server_url = self.server_url.rstrip("/")
+
+    def probation_policy(self) -> ProbationPolicy:
+        return ProbationPolicy(
+            min_labelled=self.probation_min_labelled,
+            max_s=self.probation_max_s,
+            min_labelled_to_judge=self.probation_min_labelled_to_judge,
+            max_accuracy_drop=self.probation_max_accuracy_drop,
+            accuracy_z=self.probation_accuracy_z,
+            max_error_rate_increase=self.probation_max_error_rate_increase,
+            max_latency_ratio=self.probation_max_latency_ratio,
+            latency_slack_ms=self.probation_latency_slack_ms,
+        )
 
 
 def _coerce(name: str, kind: str, raw: str) -> Any:

@@ -13,9 +13,13 @@ Foreign errors (contract, httpx, onnxruntime) are translated at the boundary wit
     │   ├── ModelLineMismatchError   (target is for another model line)
     │   ├── RollbackRefusedError     (release lower than the highest accepted)
     │   ├── LengthError              (artifact larger/smaller than signed, or over the cap)
-    │   └── HashMismatchError        (artifact bytes do not match the signed sha256)
+    │   ├── HashMismatchError        (artifact bytes do not match the signed sha256)
+    │   ├── SelfTestError            (bundle's own self-test vectors give other answers)
+    │   └── VersionRefusedError      (this device rolled the version back before)
     ├── TransportError               (network, HTTP status, timeouts: retryable, FAILED)
+    │   └── SlowRetrievalError       (download slower than the configured minimum rate)
     ├── ModelLoadError               (verified artifact does not load or has the wrong shape)
+    │   └── InsufficientMemoryError  (not enough free memory to load it next to the old one)
     ├── InferenceError               (ONNX Runtime failed on one inference)
     ├── NoModelError                 (predict before any model serves)
     ├── UnknownPredictionError       (feedback for a prediction id not held, or evicted)
@@ -61,12 +65,28 @@ class HashMismatchError(ContentError):
     """The artifact's sha256 differs from the signed one."""
 
 
+class SelfTestError(ContentError):
+    """The bundle's signed self-test vectors do not reproduce on this device."""
+
+
+class VersionRefusedError(ContentError):
+    """This device rolled this release back after probation: it is never installed again."""
+
+
 class TransportError(AgentError):
     """A network operation failed (connection, HTTP status, timeout). Transient: retry later."""
 
 
+class SlowRetrievalError(TransportError):
+    """The artifact arrived slower than ``min_download_bps`` (slow-retrieval attack defence)."""
+
+
 class ModelLoadError(AgentError):
     """A verified artifact could not be turned into a working inference session."""
+
+
+class InsufficientMemoryError(ModelLoadError):
+    """Loading would leave less free memory than configured: the old model keeps serving."""
 
 
 class InferenceError(AgentError):
@@ -96,13 +116,17 @@ __all__ = [
     "ExpiredManifestError",
     "HashMismatchError",
     "InferenceError",
+    "InsufficientMemoryError",
     "LengthError",
     "ManifestInvalidError",
     "ModelLineMismatchError",
     "ModelLoadError",
     "NoModelError",
     "RollbackRefusedError",
+    "SelfTestError",
     "SignatureInvalidError",
+    "SlowRetrievalError",
     "TransportError",
     "UnknownPredictionError",
+    "VersionRefusedError",
 ]

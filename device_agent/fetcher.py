@@ -14,13 +14,15 @@ import os
 import random
 import re
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
 from device_agent.config import AgentConfig
-from device_agent.errors import LengthError, TransportError
+from device_agent.errors import LengthError, SlowRetrievalError, TransportError
+from device_agent.faults import crash_point
 
 log = logging.getLogger(__name__)
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -181,10 +183,24 @@ class HttpFetcher(Fetcher):
     ) -> None:
         written = have
         dest.parent.mkdir(parents=True, exist_ok=True)
+        window_s = self._cfg.slow_retrieval_window_s
+        min_bytes = self._cfg.min_download_bps * window_s
+        window_start, window_bytes = time.monotonic(), 0
         with open(dest, mode) as fh:
             for chunk in resp.iter_bytes(self._cfg.download_chunk_bytes):
                 if self._stop.is_set():
                     raise TransportError("download interrupted: agent stopping")
+                # Slow-retrieval defence: a minimum average rate over each window. The bytes
+                # written so far stay in the .part file, so the retry resumes from them.
+                now = time.monotonic()
+                window_bytes += len(chunk)
+                if now - window_start >= window_s:
+                    if window_bytes < min_bytes:
+                        raise SlowRetrievalError(
+                            f"{window_bytes} bytes in {now - window_start:.1f} s, below the "
+                            f"minimum of {self._cfg.min_download_bps} bytes/s"
+                        )
+                    window_start, window_bytes = now, 0
                 if written + len(chunk) > expected:
                     # Endless-data defence: stop at the first chunk crossing the signed size,
                     # write none of it, and drop the partial file from a misbehaving source.
@@ -195,5 +211,6 @@ class HttpFetcher(Fetcher):
                 written += len(chunk)
                 if progress is not None:
                     progress(written)
+                crash_point("download:chunk")
             fh.flush()
             os.fsync(fh.fileno())

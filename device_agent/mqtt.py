@@ -22,6 +22,7 @@ from contract.messages import MetricsReport, StatusReport
 from contract.topics import Topics
 from device_agent.config import AgentConfig
 from device_agent.errors import TransportError
+from device_agent.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,16 @@ class MqttLink:
     """One device's MQTT connection. ``start`` never blocks on the broker being up."""
 
     def __init__(
-        self, config: AgentConfig, inbox: queue.Queue[bytes], *, topics: Topics | None = None
+        self,
+        config: AgentConfig,
+        inbox: queue.Queue[bytes],
+        *,
+        topics: Topics | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self._cfg = config
         self._inbox = inbox
+        self.outbox = outbox
         self._topics = topics or Topics()
         self.connected = threading.Event()
         self._client = mqtt.Client(
@@ -115,6 +122,23 @@ class MqttLink:
         self._publish(self._topics.metrics(self._cfg.device_id), report.to_json(), qos=0)
 
     def _publish(self, topic: str, payload: bytes, *, qos: int) -> None:
+        """Publish now, or hold the report in the outbox while the broker is unreachable."""
+        if self.outbox is not None and (not self.connected.is_set() or len(self.outbox)):
+            self.outbox.add(topic, payload, qos)  # keeps order behind reports already held
+            return
+        if not self._send(topic, payload, qos) and self.outbox is not None:
+            self.outbox.add(topic, payload, qos)
+
+    def _send(self, topic: str, payload: bytes, qos: int) -> bool:
         info = self._client.publish(topic, payload, qos=qos)
-        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+        if info.rc == mqtt.MQTT_ERR_SUCCESS:
+            return True
+        if info.rc != mqtt.MQTT_ERR_NO_CONN:
             log.warning("MQTT publish to %s failed: rc=%s", topic, info.rc)
+        return False
+
+    def drain_outbox(self) -> int:
+        """Deliver held reports (QoS 1) while connected; called from an agent thread."""
+        if self.outbox is None or not len(self.outbox) or not self.connected.is_set():
+            return 0
+        return self.outbox.drain(lambda t, p, q: self.connected.is_set() and self._send(t, p, q))

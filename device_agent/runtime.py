@@ -2,14 +2,28 @@
 
 ``ModelRuntime`` holds one immutable ``Loaded`` reference. ``predict`` reads that reference once,
 so a call that started before a swap finishes on the old session while new calls use the new one;
-Python's reference assignment is atomic, so no lock sits on the inference path. The old session is
-released by garbage collection once the last in-flight call returns.
+Python's reference assignment is atomic, so no lock sits on the inference path.
+
+A replaced session is *retired*, not dropped: ``release_retired`` (called by the updater, never by
+an inference) waits until no in-flight call still holds it and then frees it on the updater's
+thread, so no inference ever pays for a session's destructor, and memory returns to the allocator
+(``malloc_trim``) instead of growing across swaps. At most two models are alive during a swap.
+
+Before a session is built, ``load`` checks memory headroom, and after warm-up it runs the bundle's
+self-test vectors when the ONNX file carries them: metadata property ``edgeloop.selftest`` holding
+``{"inputs": [[...], ...], "labels": [...]}``. The metadata is inside the signed bytes.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import json
+import logging
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +31,61 @@ import numpy as np
 import onnxruntime as ort
 
 from contract.manifest import OUTPUT_NAME, Manifest
-from device_agent.errors import InferenceError, ModelLoadError, NoModelError
+from device_agent.errors import (
+    InferenceError,
+    InsufficientMemoryError,
+    ModelLoadError,
+    NoModelError,
+    SelfTestError,
+)
+
+log = logging.getLogger(__name__)
+SELFTEST_KEY = "edgeloop.selftest"
+_MiB = 1024 * 1024
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def tune_interpreter(switch_interval_s: float) -> None:
+    """Lower the interpreter's thread switch interval (process-wide, never raised).
+
+    Building a session releases the GIL, but a thread waiting for the GIL can wait up to one
+    switch interval (5 ms by default) while another thread runs Python code; 0.5 ms keeps every
+    inference's worst wait under a millisecond while a new model loads beside it.
+    """
+    if 0 < switch_interval_s < sys.getswitchinterval():
+        sys.setswitchinterval(switch_interval_s)
+
+
+def trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc); a no-op elsewhere."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
 
 _NP_DTYPES = {"float32": np.float32, "float64": np.float64, "uint8": np.uint8, "int64": np.int64}
 
@@ -50,22 +118,51 @@ def _sample_shape(manifest: Manifest) -> tuple[int, ...]:
 class ModelRuntime:
     """Serves one model at a time; ``load`` + ``swap`` replace it without dropping a call."""
 
-    def __init__(self, *, intra_op_num_threads: int = 1) -> None:
+    def __init__(
+        self,
+        *,
+        intra_op_num_threads: int = 1,
+        min_free_memory_bytes: int = 0,  # bytes that must stay free after a load
+        load_headroom_factor: float = 4.0,  # x artifact size a load may need
+        memory_probe: Callable[[], int | None] = available_memory_bytes,
+    ) -> None:
         self._threads = intra_op_num_threads
+        self._min_free = min_free_memory_bytes
+        self._headroom = load_headroom_factor
+        self._memory_probe = memory_probe
         self._loaded: Loaded | None = None
         self._swap_lock = threading.Lock()  # serialises swaps, never taken by predict
+        self._retired: list[Loaded] = []  # replaced sessions awaiting release
+        self.swaps = 0
+        self.released = 0
+        self.last_free_cpu_s = 0.0  # CPU s the last release spent destroying sessions (GIL held)
 
     @property
     def current(self) -> Loaded | None:
         return self._loaded
 
+    def check_headroom(self, artifact_bytes: int) -> None:
+        """Raise InsufficientMemoryError if loading ``artifact_bytes`` could starve serving."""
+        avail = self._memory_probe()
+        if avail is None:
+            return
+        need = int(artifact_bytes * self._headroom) + self._min_free
+        if avail < need:
+            raise InsufficientMemoryError(
+                f"{avail // _MiB} MiB available, loading needs {need // _MiB} MiB "
+                f"({self._headroom:g}x the {artifact_bytes} byte artifact + reserve)"
+            )
+
     def load(self, path: Path, manifest: Manifest) -> Loaded:
         """Build and warm up a session for a verified artifact, without touching serving.
 
         Raises:
+            InsufficientMemoryError: not enough free memory (checked before building).
             ModelLoadError: ONNX Runtime rejects the file, the input/output do not match the
                 manifest, or the warm-up inference fails.
+            SelfTestError: the bundle's self-test vectors give other labels.
         """
+        self.check_headroom(manifest.artifact.size)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self._threads
         opts.inter_op_num_threads = 1
@@ -94,6 +191,7 @@ class ModelRuntime:
             raise ModelLoadError(
                 f"output shape {out.shape} does not match {len(manifest.labels)} labels"
             )
+        _self_test(session, manifest)
         return Loaded(
             session=session,
             manifest=manifest,
@@ -103,11 +201,54 @@ class ModelRuntime:
             sha256=manifest.artifact.sha256,
         )
 
-    def swap(self, loaded: Loaded) -> Loaded | None:
-        """Make ``loaded`` the serving model; return the one it replaced."""
+    def swap(self, loaded: Loaded | None, *, retire: bool = False) -> Loaded | None:
+        """Make ``loaded`` the serving model; return the one it replaced.
+
+        With ``retire``, the replaced model is also queued for ``release_retired`` (the caller
+        should then drop its own reference).
+        """
         with self._swap_lock:
             old, self._loaded = self._loaded, loaded
+            self.swaps += 1
+            if retire and old is not None and old is not loaded:
+                self._retired.append(old)
         return old
+
+    def retire(self, loaded: Loaded) -> None:
+        """Queue a model that no longer serves for release (drop your reference after)."""
+        with self._swap_lock:
+            if loaded is not self._loaded:
+                self._retired.append(loaded)
+
+    def release_retired(self, wait_s: float = 5.0) -> int:
+        """Free retired sessions once no in-flight inference holds them; returns how many.
+
+        Runs on the caller's (updater's) thread. An in-flight ``predict`` holds a reference to
+        its ``Loaded``; the retired list plus ``getrefcount``'s argument account for two.
+        """
+        deadline = time.monotonic() + wait_s
+        freed = 0
+        free_s = 0.0
+        while True:
+            with self._swap_lock:
+                idle = [r for r in self._retired if sys.getrefcount(r) <= 3]
+                self._retired = [r for r in self._retired if all(r is not i for i in idle)]
+            freed += len(idle)
+            t_free = time.thread_time()
+            del idle  # the last references: sessions are destroyed here, off the serving path
+            free_s += time.thread_time() - t_free
+            if not self._retired or time.monotonic() >= deadline:
+                break
+            time.sleep(0.0005)
+        if freed:
+            self.released += freed
+            trim_heap()  # a ctypes call: runs without the GIL, serving is not held up
+        self.last_free_cpu_s = free_s
+        return freed
+
+    @property
+    def retired_count(self) -> int:
+        return len(self._retired)
 
     def predict(self, x: np.ndarray) -> tuple[RawPrediction, Loaded]:
         """Classify one sample with whichever model is serving when the call starts.
@@ -146,3 +287,26 @@ class ModelRuntime:
             label=label, confidence=float(probs[label]), probabilities=probs, latency_ms=latency_ms
         )
         return raw, loaded
+
+
+def _self_test(session: ort.InferenceSession, manifest: Manifest) -> None:
+    """Run the bundle's self-test vectors, if its metadata carries any."""
+    raw = session.get_modelmeta().custom_metadata_map.get(SELFTEST_KEY)
+    if raw is None:
+        return
+    try:
+        spec = json.loads(raw)
+        inputs = np.asarray(spec["inputs"], dtype=_NP_DTYPES[manifest.input_spec.dtype])
+        labels = [int(v) for v in spec["labels"]]
+        batch = inputs.reshape((len(labels), *_sample_shape(manifest)[1:]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SelfTestError(f"self-test vectors are malformed: {exc}") from exc
+    try:
+        probs = session.run([OUTPUT_NAME], {manifest.input_spec.name: batch})[0]
+    except Exception as exc:
+        raise SelfTestError(f"self-test inference failed: {exc}") from exc
+    got = [int(v) for v in np.argmax(probs, axis=1)]
+    wrong = sum(1 for a, b in zip(got, labels, strict=True) if a != b)
+    if wrong:
+        raise SelfTestError(f"{wrong} of {len(labels)} self-test vectors gave another label")
+    log.info("self-test passed (%d vectors)", len(labels))

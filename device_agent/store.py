@@ -1,11 +1,18 @@
-"""On-disk state of one agent, written atomically (temp file + fsync + os.replace).
+"""On-disk state of one agent, written atomically (temp file + fsync + os.replace + dir fsync).
 
 Layout under ``state_dir``::
 
-    models/<sha256>.onnx      verified artifacts, content-addressed
-    downloads/<sha256>.part   partial downloads (resumable)
-    state.json                current + previous good install, highest release accepted
+    models/<sha256>.onnx      verified artifacts, content-addressed (the A/B slots' bytes)
+    downloads/<sha256>.part   partial downloads (resumable); never loaded from here
+    state.json                slot pointers + update job + refused versions (one atomic file)
     spool/                    captured samples awaiting upload (see capture.py)
+    outbox.jsonl              status/metrics reports held while the broker is unreachable
+
+A/B slots: ``current`` is the slot that serves (on probation while the update job says so) and
+``previous`` the last good install, kept until the new one is committed and beyond (it is the
+fallback at start). Both point at fully verified files in ``models/``; a pointer only ever moves
+to a file that is complete, fsynced and hash-checked. Because the pointers and the update job
+live in one file, a crash can never separate "which model serves" from "where the update was".
 """
 
 from __future__ import annotations
@@ -14,11 +21,15 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-STATE_VERSION = 1
+from contract.messages import DeviceState
+from device_agent.faults import crash_point
+
+STATE_VERSION = 2
+REFUSED_MAX = 100  # refused versions remembered (oldest forgotten first)
 _HASH_CHUNK = 1024 * 1024  # bytes read per step while hashing
 
 
@@ -31,6 +42,7 @@ def atomic_write(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        crash_point("store:before_replace")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -82,10 +94,71 @@ class InstallRecord:
 
 
 @dataclass(frozen=True)
+class UpdateJob:
+    """The update in progress (or the state it settled in): persisted before each step acts."""
+
+    state: DeviceState
+    target: dict[str, Any]  # TargetMessage.to_dict(); re-verified whenever a step needs it
+    sha256: str
+    release: int
+    model_version: int
+    attempts: int = 0  # transient failures so far (drives the retry backoff)
+    boots: int = 0  # agent starts that found this job on probation (crash-loop guard)
+    baseline: dict[str, Any] | None = None  # LiveSummary of the previous model at the swap
+    reason: str | None = None  # why it failed, was refused or rolled back
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UpdateJob:
+        return cls(
+            state=DeviceState(d["state"]),
+            target=dict(d["target"]),
+            sha256=str(d["sha256"]),
+            release=int(d["release"]),
+            model_version=int(d["model_version"]),
+            attempts=int(d.get("attempts", 0)),
+            boots=int(d.get("boots", 0)),
+            baseline=d.get("baseline"),
+            reason=d.get("reason"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["state"] = self.state.value
+        return d
+
+
+@dataclass(frozen=True)
+class RefusedVersion:
+    """A release this device rolled back (or whose bundle failed its self-test): never again."""
+
+    sha256: str
+    release: int
+    model_version: int
+    reason: str
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RefusedVersion:
+        return cls(
+            sha256=str(d["sha256"]),
+            release=int(d["release"]),
+            model_version=int(d["model_version"]),
+            reason=str(d.get("reason", "")),
+        )
+
+
+@dataclass(frozen=True)
 class PersistedState:
-    current: InstallRecord | None = None
+    current: InstallRecord | None = None  # the active slot: serves at start
     previous: InstallRecord | None = None  # the last good install before ``current``
-    highest_release: int = 0  # highest release ever accepted (rollback protection)
+    highest_release: int = 0  # highest release ever committed (rollback protection)
+    update: UpdateJob | None = None  # the update in progress or the last one settled
+    refused: tuple[RefusedVersion, ...] = field(default=())
+
+    def refuses(self, sha256: str, release: int) -> RefusedVersion | None:
+        for r in self.refused:
+            if r.sha256 == sha256 or r.release == release:
+                return r
+        return None
 
     def to_json(self) -> bytes:
         d = {
@@ -93,6 +166,8 @@ class PersistedState:
             "current": asdict(self.current) if self.current else None,
             "previous": asdict(self.previous) if self.previous else None,
             "highest_release": self.highest_release,
+            "update": self.update.to_dict() if self.update else None,
+            "refused": [asdict(r) for r in self.refused[-REFUSED_MAX:]],
         }
         return json.dumps(d, indent=1, sort_keys=True).encode("utf-8")
 
@@ -103,6 +178,8 @@ class PersistedState:
             current=InstallRecord.from_dict(d["current"]) if d.get("current") else None,
             previous=InstallRecord.from_dict(d["previous"]) if d.get("previous") else None,
             highest_release=int(d.get("highest_release", 0)),
+            update=UpdateJob.from_dict(d["update"]) if d.get("update") else None,
+            refused=tuple(RefusedVersion.from_dict(r) for r in d.get("refused") or ()),
         )
 
 
@@ -129,6 +206,7 @@ class ModelStore:
     def activate(self, part: Path, sha256: str) -> Path:
         """Move a verified download into ``models/`` atomically and return its path."""
         dest = self.model_path(sha256)
+        crash_point("store:before_activate")
         os.replace(part, dest)
         fsync_dir(self.models_dir)
         return dest
@@ -146,6 +224,10 @@ class ModelStore:
 
     def save_state(self, state: PersistedState) -> None:
         atomic_write(self.state_path, state.to_json())
+
+    def stray_temp_files(self) -> list[Path]:
+        """Leftovers of atomic writes a crash interrupted (never loaded; removed at start)."""
+        return [p for d in (self.root, self.models_dir) for p in d.glob(".*.tmp")]
 
     def collect_garbage(self, keep: set[str]) -> list[str]:
         """Delete artifacts and partial downloads whose sha is not in ``keep``; return them."""

@@ -1,50 +1,52 @@
-"""The update flow: verify a target, obtain its artifact, swap it in, persist, report.
+"""The update coordinator: runs the state machine of ``states.py`` and owns its side channels.
 
-The updater coordinates; decisions live in ``verify.py`` (pure) and I/O goes through the injected
-fetcher, store, runtime, reporter and clock. Every step reports a StatusReport. Whatever goes
-wrong, the model that was serving keeps serving, untouched: the new session is built and warmed
-up off the serving path and only swapped in once everything checked out.
+The updater persists each next state before its handler acts, reports every state it enters,
+resumes whatever state the agent died in, and maps errors: ``ContentError`` -> REFUSED (final),
+``TransportError`` / ``ModelLoadError`` / ``OSError`` -> FAILED (retried with backoff). Whatever
+goes wrong, a verified model keeps serving: a new session is built and warmed off the serving
+path and swapped in only after the slot pointer moved to a complete, verified file.
 
-Flow (one Mender-style step per method)::
-
-    NOTIFIED -> [ALREADY_INSTALLED] | DOWNLOADING -> VERIFYING -> INSTALLING -> INSTALLED
-             -> COMMITTED (probation hook: ``_commit``)
-    any ContentError -> REFUSED       any TransportError / ModelLoadError -> FAILED
+Threading: exactly one worker thread calls ``offer``/``step``/``handle_target``; readers use the
+properties, which read immutable snapshots.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 
 from contract.manifest import Manifest
 from contract.messages import MAX_REASON_CHARS, DeviceState, StatusReport, TargetMessage
+from device_agent import states
 from device_agent.config import AgentConfig
 from device_agent.errors import (
     AgentError,
     ContentError,
-    HashMismatchError,
     LengthError,
     ModelLoadError,
     TransportError,
 )
-from device_agent.fetcher import Fetcher
+from device_agent.faults import crash_point
+from device_agent.fetcher import Fetcher, backoff_delay
+from device_agent.probation import LiveTracker
 from device_agent.runtime import Loaded, ModelRuntime
-from device_agent.store import InstallRecord, ModelStore, PersistedState
+from device_agent.store import InstallRecord, ModelStore, PersistedState, UpdateJob
 from device_agent.verify import load_trusted_keys, verify_artifact, verify_installed, verify_target
 
 log = logging.getLogger(__name__)
-
+S = DeviceState
 Reporter = Callable[[StatusReport], None]
+SETTLED = frozenset({S.COMMITTED, S.ROLLED_BACK, S.REFUSED, S.ALREADY_INSTALLED, S.IDLE})
 
 
 class Updater:
-    """Applies signed targets to one agent's runtime and store. Not thread-safe by design:
-    exactly one worker thread calls ``handle_target``; readers use the properties."""
+    """Applies signed targets to one agent's runtime and store through the state machine."""
+
+    probation_tick_s = 0.05  # seconds between probation evaluations
 
     def __init__(
         self,
@@ -55,232 +57,324 @@ class Updater:
         fetcher: Fetcher,
         report: Reporter,
         clock: Callable[[], float],
+        live: LiveTracker | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        stop: threading.Event | None = None,
     ) -> None:
-        self._cfg = config
-        self._store = store
-        self._runtime = runtime
-        self._fetcher = fetcher
+        self.config = config
+        self.store = store
+        self.runtime = runtime
+        self.fetcher = fetcher
+        self.live = live or LiveTracker()
+        self.policy = config.probation_policy()
         self._report_fn = report
         self._clock = clock
+        self._monotonic = monotonic
+        self._stop = stop or threading.Event()
         self._trusted = load_trusted_keys(config.trusted_keys)
-        self._state = store.load_state()
-        self._lock = threading.Lock()  # guards the read-mostly fields below
-        self.last_state: DeviceState = DeviceState.IDLE
+        self.state: PersistedState = store.load_state()
+        self._manifest_cache: tuple[str, Manifest] | None = None
+        self._old: Loaded | None = None  # the previous session, kept warm during probation
+        self._probation_t0 = monotonic()
+        self._finalized = False  # the settled state's handler ran in this process
+        self._retry_at = 0.0
+        self._pending: TargetMessage | None = None  # arrived during probation
+        self.last_state: DeviceState = S.IDLE
         self.last_error: str | None = None
 
     # ---- read-only views -------------------------------------------------------------------
     @property
     def persisted(self) -> PersistedState:
-        return self._state
+        return self.state
 
     @property
     def highest_release(self) -> int:
-        return self._state.highest_release
+        return self.state.highest_release
 
     @property
     def current(self) -> InstallRecord | None:
-        return self._state.current
+        return self.state.current
+
+    @property
+    def job(self) -> UpdateJob | None:
+        return self.state.update
+
+    @property
+    def busy(self) -> bool:
+        """True while a step is due: an active state, an unfinished settle, or a due retry."""
+        job = self.state.update
+        if job is None:
+            return self._pending is not None
+        if job.state in states.ACTIVE:
+            return True
+        if job.state == S.FAILED:
+            return self._monotonic() >= self._retry_at
+        return not self._finalized or self._pending is not None
+
+    def probation_elapsed(self) -> float:
+        return self._monotonic() - self._probation_t0
 
     # ---- start-up ----------------------------------------------------------------------------
     def resume(self) -> Loaded | None:
-        """Serve the persisted model after re-verifying its signature and sha256.
+        """Serve the active slot after re-verifying it; fall back to the previous slot.
 
-        Falls back to the previous good install; with neither, nothing serves until a target
-        arrives. Never raises for bad persisted state: it is logged and skipped.
+        A job found on probation counts a boot; past ``probation_max_boots`` it is rolled back
+        here, before the suspect model is even loaded (a model that crashes the agent cannot
+        crash-loop it). Never raises for bad persisted state: it is logged and skipped.
         """
-        state = self._state
-        for which, rec in (("current", state.current), ("previous", state.previous)):
+        for tmp in self.store.stray_temp_files():
+            tmp.unlink(missing_ok=True)
+        job = self.state.update
+        rolled_back = False
+        if job is not None and job.state == S.PROBATION:
+            job = replace(job, boots=job.boots + 1)
+            if job.boots > self.config.probation_max_boots:
+                reason = f"agent restarted {job.boots - 1} times during probation"
+                self.persist(states.rollback(self, job, reason))
+                rolled_back = True
+            else:
+                self.persist(replace(self.state, update=job))
+        if job is not None and job.state == S.FAILED:
+            self._retry_at = self._monotonic() + self._retry_delay(job.attempts)
+        st = self.state
+        for which, rec in (("current", st.current), ("previous", st.previous)):
             if rec is None:
                 continue
             try:
-                manifest = verify_installed(
-                    rec.envelope,
-                    self._trusted,
-                    model_line=self._cfg.model_line,
-                    sha256=rec.sha256,
-                    threshold=self._cfg.signature_threshold,
-                )
-                path = self._store.model_path(rec.sha256)
-                if not path.is_file():
-                    raise LengthError(f"artifact {path.name} is missing")
-                verify_artifact(path, manifest.artifact)
-                loaded = self._runtime.load(path, manifest)
+                loaded = self._load_record(rec)
             except (AgentError, OSError) as exc:
                 log.error("persisted %s model rejected: %s", which, exc)
                 self.last_error = f"persisted {which} model rejected: {exc}"
                 continue
-            self._runtime.swap(loaded)
+            self.runtime.swap(loaded)
             if which == "previous":
-                self._persist(replace(state, current=rec, previous=None))
+                self.persist(replace(st, current=rec, previous=None))
             log.info("resumed model version %d release %d", rec.model_version, rec.release)
+            job = self.state.update
+            if job is not None:
+                self.last_state = job.state
+                if rolled_back:
+                    self.report(S.ROLLED_BACK, job, job.reason)
             return loaded
         return None
 
-    # ---- the update flow ---------------------------------------------------------------------
-    def handle_target(self, target: TargetMessage) -> DeviceState:
-        """Apply one target and return the state it settled in (see module docstring)."""
-        release: int | None = None
-        try:
-            log.info(
-                "target received (rollout %s, artifact %s)", target.rollout_id, target.artifact_url
-            )
-            manifest = self._verify(target)
-            release = manifest.release
-            self._report(DeviceState.NOTIFIED, target, release)
-            cur = self._state.current
-            serving = self._runtime.current
-            if (
-                cur is not None
-                and serving is not None
-                and serving.sha256 == manifest.artifact.sha256
-            ):
-                return self._already_installed(target, manifest, cur)
-            path = self._obtain(target, manifest)
-            self._report(DeviceState.INSTALLING, target, release)
-            loaded = self._runtime.load(path, manifest)
-            self._install(target, manifest, loaded)
-            self._report(DeviceState.INSTALLED, target, release)
-            self._commit(target, manifest)
-            log.info("release %d (model version %d) committed", release, manifest.model_version)
-            return DeviceState.COMMITTED
-        except ContentError as exc:
-            return self._fail(DeviceState.REFUSED, target, release, exc)
-        except (TransportError, ModelLoadError) as exc:
-            return self._fail(DeviceState.FAILED, target, release, exc)
-        except OSError as exc:  # disk full, permissions: the old model keeps serving
-            return self._fail(DeviceState.FAILED, target, release, exc)
+    def _load_record(self, rec: InstallRecord) -> Loaded:
+        manifest = verify_installed(
+            rec.envelope,
+            self._trusted,
+            model_line=self.config.model_line,
+            sha256=rec.sha256,
+            threshold=self.config.signature_threshold,
+        )
+        path = self.store.model_path(rec.sha256)
+        if not path.is_file():
+            raise LengthError(f"artifact {path.name} is missing")
+        verify_artifact(path, manifest.artifact)
+        return self.runtime.load(path, manifest)
 
-    def _verify(self, target: TargetMessage) -> Manifest:
-        now = datetime.fromtimestamp(self._clock(), tz=UTC)
-        return verify_target(
+    # ---- driving the machine -----------------------------------------------------------------
+    def offer(self, target: TargetMessage) -> None:
+        """A target arrived. Starts a job unless one is mid-way on the same target; a target
+        arriving during probation waits until the probation settles."""
+        job = self.state.update
+        if job is not None and job.state == S.PROBATION:
+            self._pending = target
+            return
+        if (
+            job is not None
+            and (job.state in states.PRE_SWAP or job.state == S.FAILED)
+            and job.target == target.to_dict()
+        ):
+            return  # already working on (or waiting to retry) exactly this target
+        if job is not None and job.state in (S.COMMITTED, S.ROLLED_BACK) and not self._finalized:
+            self._pending = target  # finish the settle first
+            return
+        log.info(
+            "target received (rollout %s, artifact %s)", target.rollout_id, target.artifact_url
+        )
+        new = UpdateJob(
+            state=S.NOTIFIED, target=target.to_dict(), sha256="", release=0, model_version=0
+        )
+        self._manifest_cache = None
+        self.persist(replace(self.state, update=new))
+
+    def step(self) -> DeviceState:
+        """Run the handler of the current state once; persist and report the next state."""
+        job = self.state.update
+        if job is None or (job.state in SETTLED and self._finalized):
+            if self._pending is not None:
+                target, self._pending = self._pending, None
+                self.offer(target)
+            job = self.state.update
+            if job is None or (job.state in SETTLED and self._finalized):
+                return self.last_state
+        if job.state == S.FAILED:
+            if self._monotonic() < self._retry_at:
+                return S.FAILED
+            job = replace(job, state=S.NOTIFIED)
+            self.persist(replace(self.state, update=job))
+        handler = states.HANDLERS.get(job.state)
+        if handler is None:  # settled states without side effects (REFUSED, ...)
+            self._finalized = True
+            return job.state
+        try:
+            nxt = handler(self, job)
+        except ContentError as exc:
+            return self._settle_error(S.REFUSED, job, exc)
+        except (TransportError, ModelLoadError, OSError) as exc:
+            return self._settle_error(S.FAILED, job, exc)
+        if job.state in SETTLED:
+            self._finalized = True
+        new_job = nxt.update
+        if nxt is not self.state:
+            self.persist(nxt)
+        if new_job is not None and new_job.state != job.state:
+            self._enter(new_job)
+        return self.state.update.state if self.state.update else S.IDLE
+
+    def _enter(self, job: UpdateJob) -> None:
+        """Bookkeeping and the report for a state just persisted."""
+        self._finalized = False
+        if job.state == S.PROBATION:
+            self._probation_t0 = self._monotonic()
+        elif job.state == S.ROLLED_BACK:
+            self.finish_rollback()  # revert at once, so the report names the model serving
+        self.report(job.state, job, job.reason)
+        crash_point(f"state:{job.state.value}")
+
+    def handle_target(self, target: TargetMessage) -> DeviceState:
+        """Apply one target synchronously and return the state it settled in (FAILED returns
+        at once, without waiting for the retry)."""
+        self.offer(target)
+        while not self._stop.is_set():
+            state = self.step()
+            job = self.state.update
+            if state == S.FAILED:
+                return state
+            if job is not None and job.state in SETTLED and self._finalized and not self._pending:
+                return state
+        return self.state.update.state if self.state.update else S.IDLE
+
+    # ---- services for the state handlers -----------------------------------------------------
+    def manifest_for(self, job: UpdateJob) -> Manifest:
+        """The job's target, verified (cached per job). Raises a ContentError."""
+        key = repr(sorted(job.target["envelope"].items()))
+        if self._manifest_cache is not None and self._manifest_cache[0] == key:
+            return self._manifest_cache[1]
+        target = TargetMessage.from_dict(job.target)
+        manifest = verify_target(
             target,
             self._trusted,
-            model_line=self._cfg.model_line,
-            highest_release=self._state.highest_release,
-            now=now,
-            threshold=self._cfg.signature_threshold,
+            model_line=self.config.model_line,
+            highest_release=self.state.highest_release,
+            now=datetime.fromtimestamp(self._clock(), tz=UTC),
+            threshold=self.config.signature_threshold,
+        )
+        self._manifest_cache = (key, manifest)
+        return manifest
+
+    def record_for(self, job: UpdateJob, manifest: Manifest) -> InstallRecord:
+        return InstallRecord(
+            envelope=dict(job.target["envelope"]),
+            sha256=manifest.artifact.sha256,
+            model_version=manifest.model_version,
+            release=manifest.release,
+            rollout_id=job.target.get("rollout_id"),
         )
 
-    def _already_installed(
-        self, target: TargetMessage, manifest: Manifest, cur: InstallRecord
-    ) -> DeviceState:
-        """Same bytes already serve: adopt the newer signed envelope and release, no download."""
-        if manifest.release > cur.release or target.rollout_id != cur.rollout_id:
-            rec = self._record(target, manifest)
-            self._persist(
-                replace(
-                    self._state,
-                    current=rec,
-                    highest_release=max(self._state.highest_release, manifest.release),
-                )
-            )
-        self._report(DeviceState.ALREADY_INSTALLED, target, manifest.release)
-        return DeviceState.ALREADY_INSTALLED
+    def swap_in(self, loaded: Loaded, *, keep_old: bool) -> None:
+        """Serve ``loaded``; keep the old session warm for a rollback, or release it."""
+        self.live.reset(loaded.sha256)
+        old = self.runtime.swap(loaded, retire=not keep_old)
+        if keep_old:
+            self._old = old
+        del old
+        if not keep_old:
+            self.runtime.release_retired(self.config.release_wait_s)
 
-    def _obtain(self, target: TargetMessage, manifest: Manifest) -> Path:
-        """A verified artifact in ``models/``: reused if held (e.g. an operator rollback),
-        otherwise downloaded to ``downloads/<sha>.part`` and activated only after checks."""
-        ref = manifest.artifact
-        if self._store.has_model(ref.sha256):
-            path = self._store.model_path(ref.sha256)
-            self._report(DeviceState.VERIFYING, target, manifest.release)
-            try:
-                verify_artifact(path, ref)
-            except ContentError:
-                path.unlink(missing_ok=True)  # corrupted on disk: fall through to a download
-            else:
-                return path
-        if ref.size > self._cfg.max_artifact_bytes:
-            raise LengthError(
-                f"artifact of {ref.size} bytes exceeds the cap of {self._cfg.max_artifact_bytes}"
-            )
-        part = self._store.part_path(ref.sha256)
-        self._report(DeviceState.DOWNLOADING, target, manifest.release)
-        self._fetcher.fetch(target.artifact_url, part, expected_size=ref.size)
-        self._report(DeviceState.VERIFYING, target, manifest.release)
-        try:
-            verify_artifact(part, ref)
-        except (HashMismatchError, LengthError):
-            part.unlink(missing_ok=True)  # never resume from bytes that failed the check
-            raise
-        return self._store.activate(part, ref.sha256)
-
-    def _install(self, target: TargetMessage, manifest: Manifest, loaded: Loaded) -> None:
-        """Swap the warmed-up session in, then persist (before INSTALLED is reported)."""
-        old_loaded = self._runtime.swap(loaded)
-        old = self._state.current
-        rec = self._record(target, manifest)
-        previous = old if old is not None and old.sha256 != rec.sha256 else self._state.previous
-        try:
-            self._persist(
-                PersistedState(
-                    current=rec,
-                    previous=previous,
-                    highest_release=max(self._state.highest_release, manifest.release),
-                )
-            )
-        except OSError:
-            if old_loaded is not None:  # could not record it: keep serving what is recorded
-                self._runtime.swap(old_loaded)
-            raise
-
-    def _commit(self, target: TargetMessage, manifest: Manifest) -> None:
-        """Probation hook: today a model is committed as soon as it serves. A future version
-        watches accuracy/latency for a window here and rolls back to ``previous`` instead."""
-        self._report(DeviceState.COMMITTED, target, manifest.release)
-        keep = {r.sha256 for r in (self._state.current, self._state.previous) if r is not None}
-        removed = self._store.collect_garbage(keep)
+    def finish_commit(self) -> None:
+        if self._old is not None:
+            self.runtime.retire(self._old)
+            self._old = None
+        self.runtime.release_retired(self.config.release_wait_s)
+        keep = {r.sha256 for r in (self.state.current, self.state.previous) if r is not None}
+        self.live.forget_except(keep)
+        removed = self.store.collect_garbage(keep)
         if removed:
             log.info("garbage-collected %s", ", ".join(removed))
+
+    def finish_rollback(self) -> None:
+        cur = self.state.current
+        serving = self.runtime.current
+        if cur is not None and (serving is None or serving.sha256 != cur.sha256):
+            old, self._old = self._old, None
+            if old is None or old.sha256 != cur.sha256:
+                old = self._load_record(cur)  # after a restart: load the previous slot again
+            self.runtime.swap(old, retire=True)
+            del old
+        elif self._old is not None:
+            self.runtime.retire(self._old)
+            self._old = None
+        self.runtime.release_retired(self.config.release_wait_s)
+
+    def wait(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    def persist(self, state: PersistedState) -> None:
+        self.store.save_state(state)
+        self.state = state
+        if state.update is not None:
+            self.last_state = state.update.state
 
     def refuse_message(self, reason: str) -> None:
         """Report a target message that could not even be parsed."""
         self.last_error = reason[:MAX_REASON_CHARS]
-        self._report(DeviceState.REFUSED, None, None, self.last_error)
+        self.report(S.REFUSED, None, self.last_error)
 
     # ---- helpers -----------------------------------------------------------------------------
-    def _record(self, target: TargetMessage, manifest: Manifest) -> InstallRecord:
-        return InstallRecord(
-            envelope=dict(target.envelope),
-            sha256=manifest.artifact.sha256,
-            model_version=manifest.model_version,
-            release=manifest.release,
-            rollout_id=target.rollout_id,
-        )
+    def _retry_delay(self, attempts: int) -> float:
+        base = self.config.update_retry_s
+        return backoff_delay(max(0, attempts - 1), base, base * 8)
 
-    def _persist(self, state: PersistedState) -> None:
-        self._store.save_state(state)
-        with self._lock:
-            self._state = state
-
-    def _fail(
-        self, state: DeviceState, target: TargetMessage, release: int | None, exc: BaseException
-    ) -> DeviceState:
+    def _settle_error(self, state: DeviceState, job: UpdateJob, exc: BaseException) -> DeviceState:
         reason = f"{type(exc).__name__}: {exc}"[:MAX_REASON_CHARS]
-        log.warning("target %s: %s", state.value, reason)
+        log.warning("update %s: %s", state.value, reason)
         self.last_error = reason
-        self._report(state, target, release, reason)
+        attempts = job.attempts + 1 if state == S.FAILED else job.attempts
+        failed = replace(job, state=state, reason=reason, attempts=attempts)
+        try:
+            self.persist(replace(self.state, update=failed))
+        except OSError:  # disk trouble: remember in memory, the old model keeps serving
+            self.state = replace(self.state, update=failed)
+            self.last_state = state
+        if state == S.FAILED:
+            self._retry_at = self._monotonic() + self._retry_delay(attempts)
+        self._finalized = True
+        report_job = failed if job.release else None
+        self.report(state, report_job, reason, target=job.target)
         return state
 
-    def _report(
+    def report(
         self,
         state: DeviceState,
-        target: TargetMessage | None,
-        target_release: int | None,
+        job: UpdateJob | None,
         reason: str | None = None,
+        *,
+        target: dict | None = None,  # type: ignore[type-arg]
     ) -> None:
-        serving = self._runtime.current
+        serving = self.runtime.current
         self.last_state = state
+        tgt = job.target if job is not None else target
         report = StatusReport(
-            device_id=self._cfg.device_id,
+            device_id=self.config.device_id,
             ts=self._clock(),
             state=state,
-            model_line=self._cfg.model_line,
+            model_line=self.config.model_line,
             model_version=serving.model_version if serving else None,
-            release=self._state.highest_release or None,
-            rollout_id=target.rollout_id if target else None,
-            target_release=target_release,
-            reason=reason,
+            release=self.state.highest_release or None,
+            rollout_id=tgt.get("rollout_id") if tgt else None,
+            target_release=job.release if job is not None and job.release else None,
+            reason=reason[:MAX_REASON_CHARS] if reason else None,
         )
         try:
             self._report_fn(report)

@@ -54,6 +54,42 @@ def make_model(seed: int) -> bytes:
     return model.SerializeToString()
 
 
+def make_big_model(seed: int, tag: str, hidden: int = 2048) -> bytes:
+    """Same predictions as ``make_model(seed)`` through a wide detour (x @ [I|0] @ [W;0]), so
+    the file is ~``hidden`` * 0.3 KB; ``tag`` changes the bytes (and sha) but not the answers."""
+    a = np.zeros((FEATURES, hidden), dtype=np.float32)
+    a[:, :FEATURES] = np.eye(FEATURES, dtype=np.float32)
+    b = np.zeros((hidden, CLASSES), dtype=np.float32)
+    b[:FEATURES] = model_weights(seed)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "A"], ["wide"]),
+            helper.make_node("MatMul", ["wide", "B"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        ],
+        f"digits_{seed}_{tag}",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", FEATURES])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", CLASSES])],
+        initializer=[numpy_helper.from_array(a, "A"), numpy_helper.from_array(b, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def with_selftest(data: bytes, inputs: np.ndarray, labels: list[int]) -> bytes:
+    """Embed self-test vectors (metadata ``edgeloop.selftest``) into an ONNX model."""
+    model = onnx.load_from_string(data)
+    entry = model.metadata_props.add()
+    entry.key = "edgeloop.selftest"
+    entry.value = json.dumps({"inputs": inputs.tolist(), "labels": labels})
+    return model.SerializeToString()
+
+
+def truth_label(seed: int, x: np.ndarray) -> int:
+    return int(np.argmax(reference_probs(seed, x)))
+
+
 def reference_probs(seed: int, x: np.ndarray) -> np.ndarray:
     logits = x.astype(np.float32).reshape(1, FEATURES) @ model_weights(seed)
     e = np.exp(logits - logits.max())
@@ -123,6 +159,8 @@ def make_config(state_dir: Path, key: Ed25519PrivateKey, **overrides: Any) -> Ag
         "mqtt_reconnect_min_s": 1,
         "mqtt_reconnect_max_s": 2,
         "update_retry_s": 0.2,
+        "probation_max_s": 0.0,  # commit at the first probation check unless a test overrides
+        "min_free_memory_bytes": 0,
     }
     values.update(overrides)
     return AgentConfig(**values)
@@ -159,11 +197,13 @@ class FakeServer:
     acked_ids: list[str] = field(default_factory=list)  # ids in requests answered 2xx
     registrations: list[dict[str, Any]] = field(default_factory=list)
     target: bytes | None = None  # GET /api/v1/devices/{id}/target body, 404 if None
+    throttle_bps: float | None = None  # artifact bytes per second (slow link), None = full speed
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> FakeServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self.httpd.daemon_threads = True
+        self.httpd.handle_error = lambda request, client_address: None  # type: ignore[method-assign]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
         return self
@@ -175,7 +215,7 @@ class FakeServer:
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def add(self, name: str, data: bytes) -> str:
         self.artifacts[name] = data
@@ -296,11 +336,15 @@ def _make_handler(srv: FakeServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
 
         def _write(self, entry: dict[str, Any], data: bytes) -> None:
-            for i in range(0, len(data), _CHUNK):
-                piece = data[i : i + _CHUNK]
+            bps = srv.throttle_bps
+            step = _CHUNK if bps is None else 16 * 1024
+            for i in range(0, len(data), step):
+                piece = data[i : i + step]
                 self.wfile.write(piece)
                 self.wfile.flush()
                 entry["sent"] += len(piece)
+                if bps is not None:
+                    time.sleep(len(piece) / bps)
 
     return Handler
 

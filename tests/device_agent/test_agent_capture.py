@@ -85,9 +85,11 @@ def test_spool_bound_drops_oldest_and_counts(tmp_path) -> None:
     stats = spool.stats()
     assert stats.dropped > 0 and stats.dropped % 5 == 0
     assert stats.pending + stats.dropped == 50
-    size = sum(p.stat().st_size for p in (tmp_path / "spool").glob("batch-*.json"))
-    assert size <= 4000
-    path, body, _ = spool.next_batch()  # the oldest survivor is a later batch
+    size = sum(p.stat().st_size for p in (tmp_path / "spool").glob("batch-*.json*"))
+    assert 0 < size <= 4000
+    nxt = spool.next_batch()  # the oldest survivor is a later batch
+    assert nxt is not None
+    path, body, _ = nxt
     first_kept = [s["sample_id"] for s in body["samples"]]
     assert first_kept == batches[stats.dropped // 5]
     spool.release()
@@ -130,7 +132,7 @@ def test_spool_survives_restart_and_uploads_exactly_once(
     assert len(fake_server.received_ids) == 10 + 2 * 4
     stats = spool.stats()
     assert (stats.uploaded, stats.pending, stats.dropped) == (10, 0, 0)
-    assert not list((tmp_path / "spool").glob("batch-*.json"))
+    assert not list((tmp_path / "spool").glob("batch-*.json*"))
 
 
 def test_whole_batch_4xx_moved_aside(tmp_path, signing_key, fake_server: FakeServer) -> None:

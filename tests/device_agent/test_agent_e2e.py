@@ -146,6 +146,7 @@ def test_agent_installs_retained_target_and_reports(
         assert agent.predict(x).model_version == 2
         observer.publish_target("dev-1", target.to_json())
         refused = observer.wait_status(lambda s: s.state == DeviceState.REFUSED)
+        assert refused.reason is not None
         assert refused.reason.startswith("RollbackRefusedError")
         assert agent.predict(x).model_version == 2
     finally:

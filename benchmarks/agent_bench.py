@@ -1,0 +1,378 @@
+"""Agent benchmark: hot swap under load, memory across swaps, and the agent's footprint.
+
+    .venv/bin/python -m benchmarks.agent_bench [--swaps 1000] [--threads 2]
+
+Runs the agent's real serving path (``ModelRuntime.predict``, the same call ``Agent.predict``
+makes) on inference threads that never pause, first for a steady-state baseline, then while a
+swapper thread performs ``--swaps`` hot swaps exactly as the updater does: build and warm a new
+session off the serving path, swap the reference, release the retired session once no in-flight
+call holds it. Then a fresh subprocess imports ``device_agent``, starts an Agent on a digits model
+(64 inputs -> 128 hidden -> 10 classes, the shape of the digits line) and reports resident memory
+and import-to-serving time. Prints a table with PASS/FAIL per target; exits 1 on any FAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+
+FEATURES, HIDDEN, CLASSES = 64, 128, 10
+
+
+def digits_mlp(seed: int) -> bytes:
+    """A digits-shaped MLP (Gemm-Relu-Gemm-Softmax); ``seed`` changes weights and bytes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.1, (FEATURES, HIDDEN)).astype(np.float32), "W1"),
+        numpy_helper.from_array(np.zeros(HIDDEN, np.float32), "B1"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (HIDDEN, CLASSES)).astype(np.float32), "W2"),
+        numpy_helper.from_array(np.zeros(CLASSES, np.float32), "B2"),
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["input", "W1", "B1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["a"]),
+            helper.make_node("Gemm", ["a", "W2", "B2"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        ],
+        f"digits_mlp_{seed}",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", FEATURES])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", CLASSES])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def manifest_for(data: bytes, release: int):  # noqa: ANN201 - contract type, imported lazily
+    import hashlib
+
+    from contract.manifest import ArtifactRef, InputSpec, Manifest
+
+    now = datetime.now(UTC)
+    return Manifest(
+        model_line="digits",
+        release=release,
+        model_version=release,
+        artifact=ArtifactRef("model.onnx", hashlib.sha256(data).hexdigest(), len(data)),
+        input_spec=InputSpec(name="input", shape=(-1, FEATURES), dtype="float32", min=0, max=16),
+        labels=tuple(str(i) for i in range(CLASSES)),
+        created_at=now - timedelta(minutes=1),
+        expires_at=now + timedelta(days=30),
+    )
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclass
+class Row:
+    name: str
+    value: str
+    target: str
+    ok: bool | None  # None: informational
+
+
+# ---- swap under load -------------------------------------------------------------------------
+def swap_bench(workdir: Path, swaps: int, threads: int, steady_s: float, gap_s: float) -> list[Row]:
+    from device_agent.config import AgentConfig
+    from device_agent.runtime import ModelRuntime, tune_interpreter
+
+    # The interpreter setting Agent.start() applies (AgentConfig.switch_interval_s).
+    default_si = AgentConfig(device_id="bench", model_line="digits").switch_interval_s
+    tune_interpreter(default_si)
+
+    paths, manifests = [], []
+    for i in range(2):
+        data = digits_mlp(i)
+        p = workdir / f"m{i}.onnx"
+        p.write_bytes(data)
+        paths.append(p)
+        manifests.append(manifest_for(data, i + 1))
+    rt = ModelRuntime(intra_op_num_threads=1)
+    alive: set[int] = set()
+    alive_max = 0
+    alive_lock = threading.Lock()
+
+    def track(loaded: object) -> None:
+        nonlocal alive_max
+        key = id(loaded)
+        with alive_lock:
+            alive.add(key)
+            alive_max = max(alive_max, len(alive))
+
+        def gone() -> None:
+            with alive_lock:
+                alive.discard(key)
+
+        weakref.finalize(loaded, gone)
+
+    first = rt.load(paths[0], manifests[0])
+    track(first)
+    rt.swap(first, retire=True)
+    del first
+    stop = threading.Event()
+    phase = {"name": "warmup"}
+    cap = 3_000_000  # records per thread and phase, pre-touched so recording does not grow RSS
+    bufs = [
+        {k: np.ones((cap, 2), dtype=np.float64) for k in ("steady", "swaps")}
+        for _ in range(threads)
+    ]
+    counts = [{"steady": 0, "swaps": 0} for _ in range(threads)]
+    failures: list[str] = []
+    x = np.random.default_rng(0).uniform(0, 16, FEATURES).astype(np.float32)
+
+    def infer(idx: int) -> None:
+        buf, cnt = bufs[idx], counts[idx]
+        clock = time.perf_counter
+        while not stop.is_set():
+            name = phase["name"]
+            t0 = clock()
+            try:
+                rt.predict(x)
+            except Exception as exc:  # any failure counts
+                failures.append(repr(exc))
+                continue
+            t1 = clock()
+            if name in cnt and cnt[name] < cap:
+                buf[name][cnt[name]] = (t0, t1)
+                cnt[name] += 1
+
+    workers = [threading.Thread(target=infer, args=(i,), daemon=True) for i in range(threads)]
+    for w in workers:
+        w.start()
+    time.sleep(0.5)
+    flips: list[float] = []
+    stalls: list[float] = []  # CPU seconds the swap held the path: flip + freeing the old one
+    rss_first = rss_peak = rss_after = 0
+    base_rss = rss_bytes()
+    rounds = 4  # steady and swap phases interleave, so neighbours' load hits both alike
+    swap_s = 0.0
+    for r in range(rounds):
+        phase["name"] = "steady"
+        time.sleep(steady_s / rounds)
+        phase["name"] = "swaps"
+        t_start = time.perf_counter()
+        for i in range(r * swaps // rounds, (r + 1) * swaps // rounds):
+            which = (i + 1) % 2
+            loaded = rt.load(paths[which], manifests[which])  # off the serving path
+            track(loaded)
+            rss_peak = max(rss_peak, rss_bytes())
+            c0 = time.thread_time()
+            t = time.perf_counter()
+            rt.swap(loaded, retire=True)
+            t_flip = time.perf_counter()
+            c1 = time.thread_time()
+            flips.append((t + t_flip) / 2)
+            del loaded
+            rt.release_retired(5.0)  # waits for in-flight calls, then frees them off the path
+            stalls.append((c1 - c0) + rt.last_free_cpu_s)
+            if i == 0:
+                gc.collect()
+                rss_first = rss_bytes()
+            if gap_s:
+                time.sleep(gap_s)
+        swap_s += time.perf_counter() - t_start
+    gc.collect()
+    rss_after = rss_bytes()
+    phase["name"] = "done"
+    time.sleep(0.05)
+    stop.set()
+    for w in workers:
+        w.join()
+
+    def gather(name: str) -> np.ndarray:
+        return np.concatenate([b[name][: c[name]] for b, c in zip(bufs, counts, strict=True)])
+
+    st, sw = gather("steady"), gather("swaps")
+    steady = (st[:, 1] - st[:, 0]) * 1000
+    during = (sw[:, 1] - sw[:, 0]) * 1000
+    p50_s, p99_s = np.percentile(steady, 50), np.percentile(steady, 99)
+    p99_d = np.percentile(during, 99)
+    # Inferences in flight at a flip, and their excess latency over the steady-state median.
+    order = np.argsort(sw[:, 0])
+    starts, ends = sw[order, 0], sw[order, 1]
+    excess: list[float] = []
+    for f in flips:
+        hi = int(np.searchsorted(starts, f))
+        lo = max(0, hi - 64)
+        sel = ends[lo:hi] >= f
+        if sel.any():
+            excess.extend(((ends[lo:hi][sel] - starts[lo:hi][sel]) * 1000 - p50_s).tolist())
+    exc_arr = np.asarray(excess or [0.0])
+    stall_ms = max(stalls) * 1000
+    growth = (rss_after - rss_first) / rss_first
+    mib = 1024 * 1024
+    return [
+        Row("swaps performed", f"{swaps} in {swap_s:.1f} s", ">= 1000", swaps >= 1000),
+        Row(
+            "inferences (steady / during swaps)",
+            f"{steady.size} / {during.size} on {threads} threads",
+            "",
+            None,
+        ),
+        Row("failed inferences", str(len(failures)), "0", not failures),
+        Row(
+            "longest serving stall from a swap",
+            f"{stall_ms:.3f} ms (p99 {np.percentile(stalls, 99) * 1000:.3f} ms; CPU time of "
+            "flip + destroying the old session)",
+            "< 1 ms",
+            stall_ms < 1.0,
+        ),
+        Row(
+            "in-flight at a flip: excess p99 / max",
+            f"{np.percentile(exc_arr, 99):.3f} / {exc_arr.max():.3f} ms over {exc_arr.size} "
+            f"inferences (steady max {steady.max():.3f} ms: scheduler noise)",
+            "",
+            None,
+        ),
+        Row(
+            "p50 latency steady / during",
+            f"{p50_s:.3f} / {np.percentile(during, 50):.3f} ms",
+            "",
+            None,
+        ),
+        Row(
+            "p99 latency steady / during",
+            f"{p99_s:.3f} / {p99_d:.3f} ms (ratio {p99_d / p99_s:.2f})",
+            "ratio <= 1.5",
+            p99_d / p99_s <= 1.5,
+        ),
+        Row(
+            "RSS after 1st / after last swap",
+            f"{rss_first / mib:.1f} / {rss_after / mib:.1f} MiB ({growth * 100:+.1f}%)",
+            "within 10%",
+            abs(growth) <= 0.10,
+        ),
+        Row(
+            "models alive at once (max)",
+            f"{alive_max}; RSS peak during swaps {rss_peak / mib:.1f} MiB "
+            f"(+{(rss_peak - base_rss) / mib:.1f} MiB over serving one)",
+            "<= 2 (old + new)",
+            alive_max <= 2,
+        ),
+    ]
+
+
+# ---- footprint in a fresh process --------------------------------------------------------------
+FOOTPRINT = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from pathlib import Path
+import numpy as np
+from device_agent import Agent, AgentConfig
+cfg = AgentConfig(device_id="bench-1", model_line="digits", state_dir=Path(sys.argv[1]),
+                  trusted_keys=[Path(sys.argv[2]).read_bytes()],
+                  server_url="http://127.0.0.1:9", mqtt_port=9)
+agent = Agent(cfg)
+agent.start()
+assert agent.wait_ready(10)
+agent.predict(np.zeros(64, dtype=np.float32))
+serving_s = time.perf_counter() - t0
+rng = np.random.default_rng(0)
+for _ in range(2000):
+    p = agent.predict(rng.uniform(0, 16, 64).astype(np.float32))
+    agent.feedback(p.prediction_id, p.label)
+time.sleep(1.0)
+rss = 0
+for line in open("/proc/self/status"):
+    if line.startswith("VmRSS:"):
+        rss = int(line.split()[1]) * 1024
+agent.stop()
+print(json.dumps({"serving_s": serving_s, "rss": rss}))
+"""
+
+
+def footprint_bench(workdir: Path) -> list[Row]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from device_agent.store import InstallRecord, ModelStore, PersistedState
+
+    key = Ed25519PrivateKey.generate()
+    pub = workdir / "key.pub.pem"
+    pub.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    data = digits_mlp(7)
+    manifest = manifest_for(data, 1)
+    state = workdir / "agent"
+    store = ModelStore(state)
+    store.model_path(manifest.artifact.sha256).write_bytes(data)
+    store.save_state(
+        PersistedState(
+            current=InstallRecord(
+                envelope=manifest.sign([key]).to_dict(),
+                sha256=manifest.artifact.sha256,
+                model_version=1,
+                release=1,
+            ),
+            highest_release=1,
+        )
+    )
+    runs = []
+    for _ in range(3):  # the median of three cold starts
+        out = subprocess.run(
+            [sys.executable, "-c", FOOTPRINT, str(state), str(pub)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    serving = sorted(r["serving_s"] for r in runs)[1]
+    rss = sorted(r["rss"] for r in runs)[1]
+    return [
+        Row("agent RSS serving digits", f"{rss / 1024 / 1024:.1f} MiB", "< 80 MB", rss < 80e6),
+        Row("import-to-serving", f"{serving * 1000:.0f} ms", "< 1 s", serving < 1.0),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="agent_bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--swaps", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=2, help="inference threads")
+    ap.add_argument("--steady-s", type=float, default=4.0, help="seconds of steady baseline")
+    ap.add_argument("--gap-ms", type=float, default=5.0, help="pause between swaps (ms)")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
+        work = Path(tmp)
+        rows = swap_bench(work, args.swaps, args.threads, args.steady_s, args.gap_ms / 1000)
+        rows += footprint_bench(work)
+    width = max(len(r.name) for r in rows)
+    vwidth = max(len(r.value) for r in rows)
+    print(f"{'metric':<{width}}  {'measured':<{vwidth}}  {'target':<16}  result")
+    for r in rows:
+        verdict = "" if r.ok is None else ("PASS" if r.ok else "FAIL")
+        print(f"{r.name:<{width}}  {r.value:<{vwidth}}  {r.target:<16}  {verdict}")
+    failed = [r.name for r in rows if r.ok is False]
+    print("ALL PASS" if not failed else f"FAILED: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
