@@ -2,6 +2,10 @@
 
 edgeloop --server URL devices list
 edgeloop rollouts approve 3 --as alice
+edgeloop models show digits 3            # metrics and the gate report
+edgeloop models alias digits champion
+edgeloop lineage model digits 3          # model -> dataset -> samples -> devices
+edgeloop lineage sample SAMPLE_ID        # sample -> datasets -> models
 edgeloop keys init ./keys
 """
 
@@ -21,12 +25,14 @@ models_app = typer.Typer(help="Model lines and versions.", no_args_is_help=True)
 rollouts_app = typer.Typer(help="Staged rollouts.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Training jobs.", no_args_is_help=True)
 keys_app = typer.Typer(help="Signing keys.", no_args_is_help=True)
+lineage_app = typer.Typer(help="Which data made which model, and back.", no_args_is_help=True)
 for sub, name in (
     (devices_app, "devices"),
     (models_app, "models"),
     (rollouts_app, "rollouts"),
     (jobs_app, "jobs"),
     (keys_app, "keys"),
+    (lineage_app, "lineage"),
 ):
     app.add_typer(sub, name=name)
 
@@ -118,6 +124,138 @@ def models_list(line: str) -> None:
     )
 
 
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "n/a"
+
+
+def _print_report(r: dict[str, Any]) -> None:
+    report = r.get("report") or {}
+    metrics = report.get("metrics") or {}
+    console.print(
+        f"[bold]{r['line']} v{r['version']}[/bold] {r['status']}  trainer {r['trainer']}  "
+        f"dataset {str(r.get('dataset_version'))[:16]}  sha256 {str(r.get('sha256'))[:16]}"
+    )
+    rows = []
+    for who in ("challenger", "champion"):
+        m = metrics.get(who) or {}
+        if m:
+            rows.append(
+                {
+                    "model": who,
+                    **{
+                        k: _num(m.get(k))
+                        for k in (
+                            "golden_accuracy",
+                            "golden_macro_f1",
+                            "golden_roc_auc",
+                            "golden_ece",
+                            "field_accuracy",
+                            "field_macro_f1",
+                        )
+                    },
+                }
+            )
+    if rows:
+        _table("metrics", rows, list(rows[0]))
+    gate = report.get("gate") or {}
+    console.print(f"gate: {gate.get('reason') or report.get('reason') or r.get('reason')}")
+    failed = [c for c in gate.get("checks") or [] if not c.get("passed")]
+    for c in failed:
+        console.print(f"  [red]failed[/red] {c.get('check')}: {c.get('detail') or c}")
+    repro = report.get("reproducibility")
+    if repro:
+        console.print(
+            f"reproducibility: dataset {repro['dataset_version'][:16]} config "
+            f"{repro['config_sha256'][:16]} seed {repro['seed']} -> metrics "
+            f"{repro['metrics_sha256'][:16]}"
+        )
+
+
+@models_app.command("show")
+def models_show(line: str, version: int) -> None:
+    """One version: metrics (golden and field), the gate verdict and reproducibility."""
+    _print_report(_call("GET", f"/api/v1/model-lines/{line}/versions/{version}"))
+
+
+@models_app.command("alias")
+def models_alias(line: str, alias: str) -> None:
+    """The version an alias (champion, candidate, latest) points at."""
+    _print_report(_call("GET", f"/api/v1/model-lines/{line}/aliases/{alias}"))
+
+
+def _print_lineage_models(models: list[dict[str, Any]]) -> None:
+    _table(
+        "model versions",
+        [{**m, "dataset_version": str(m.get("dataset_version"))[:16]} for m in models],
+        ["line", "version", "status", "trainer", "dataset_version", "job_id", "gate_reason"],
+    )
+
+
+@lineage_app.command("model")
+def lineage_model(
+    line: str,
+    version: int,
+    samples: Annotated[int, typer.Option("--samples", help="Sample ids to list.")] = 20,
+) -> None:
+    """Model version -> dataset version -> samples -> contributing devices."""
+    r = _call(
+        "GET",
+        f"/api/v1/model-lines/{line}/versions/{version}/lineage",
+        params={"sample_limit": samples},
+    )
+    m, ds = r["model"], r.get("dataset")
+    console.print(
+        f"[bold]{m['line']} v{m['version']}[/bold] ({m['status']}) trained by job "
+        f"{m['job_id']} with {m['trainer']}"
+    )
+    if ds is None:
+        console.print("no stored dataset version for this model")
+        return
+    console.print(
+        f"dataset {ds['version']}\n  base {ds['base']} ({ds['base_sha256'][:16]}), "
+        f"{ds['sample_count']} samples: {r['sample_counts']['train']} train, "
+        f"{r['sample_counts']['field']} field (field fraction {ds['field_fraction']:g}), "
+        f"{ds['rejected_count']} rejected"
+    )
+    _table("devices", r["devices"], ["device_id", "samples"])
+    _table(f"samples (first {samples})", r["samples"], ["sample_id", "role", "device_id"])
+
+
+@lineage_app.command("sample")
+def lineage_sample(sample_id: str) -> None:
+    """Sample -> dataset versions holding it -> model versions trained on them."""
+    r = _call("GET", f"/api/v1/samples/{sample_id}/lineage")
+    s = r["sample"]
+    console.print(
+        f"[bold]sample {s['sample_id']}[/bold] from device {s['device_id']} "
+        f"({s['model_line']}), label {s['true_label']}, received {s['received_at']}"
+    )
+    _table("dataset versions", r["datasets"], ["version", "role", "created_at"])
+    _print_lineage_models(r["models"])
+
+
+@lineage_app.command("device")
+def lineage_device(device_id: str) -> None:
+    """Device -> its samples -> dataset versions -> model versions."""
+    r = _call("GET", f"/api/v1/devices/{device_id}/lineage")
+    console.print(f"[bold]device {device_id}[/bold]: {r['samples']} accepted samples")
+    _table("dataset versions", r["datasets"], ["version", "samples"])
+    _print_lineage_models(r["models"])
+
+
+@lineage_app.command("dataset")
+def lineage_dataset(version: str) -> None:
+    """Dataset version -> its manifest, models, devices."""
+    r = _call("GET", f"/api/v1/datasets/{version}", params={"sample_limit": 0})
+    ds = r["dataset"]
+    console.print(
+        f"[bold]dataset {ds['version']}[/bold]: base {ds['base']}, {ds['sample_count']} "
+        f"samples ({r['sample_counts']['train']} train, {r['sample_counts']['field']} field)"
+    )
+    _table("devices", r["devices"], ["device_id", "samples"])
+    _print_lineage_models(r["models"])
+
+
 @rollouts_app.command("list")
 def rollouts_list() -> None:
     rows = _call("GET", "/api/v1/rollouts")
@@ -174,6 +312,38 @@ def rollouts_abort(
     _action(rollout_id, "abort", reason)
 
 
+@rollouts_app.command("rollback")
+def rollouts_rollback(
+    rollout_id: int, reason: Annotated[str | None, typer.Option("--reason")] = None
+) -> None:
+    """Everyone back to the previous model (a new signed release), also after completion."""
+    _action(rollout_id, "rollback", reason)
+
+
+@rollouts_app.command("watch")
+def rollouts_watch(
+    rollout_id: int,
+    once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
+    interval: Annotated[float, typer.Option("--interval", min=0.2, help="Seconds.")] = 1.0,
+) -> None:
+    """Live progress per wave; exits when the rollout completes, rolls back or is aborted."""
+    import time
+
+    from rich.live import Live
+
+    from server.rollout_watch import finished, frame
+
+    detail = _call("GET", f"/api/v1/rollouts/{rollout_id}")
+    if once or finished(detail):
+        console.print(frame(detail))
+        return
+    with Live(frame(detail), console=console, refresh_per_second=4) as live:
+        while not finished(detail):
+            time.sleep(interval)
+            detail = _call("GET", f"/api/v1/rollouts/{rollout_id}")
+            live.update(frame(detail))
+
+
 @jobs_app.command("list")
 def jobs_list(line: Annotated[str | None, typer.Option("--line")] = None) -> None:
     rows = _call("GET", "/api/v1/training-jobs", params={"model_line": line} if line else None)
@@ -185,6 +355,7 @@ def jobs_list(line: Annotated[str | None, typer.Option("--line")] = None) -> Non
             "model_line",
             "status",
             "trigger",
+            "attempts",
             "sample_count",
             "result_version",
             "created_at",

@@ -28,6 +28,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -81,6 +82,11 @@ class ModelLine(Base):
     last_release: Mapped[int] = mapped_column(Integer, default=0)
     new_samples: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The resolved training config (training.config.LineConfig.to_dict()); trainer and
+    # hyperparams above mirror it.
+    training_config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    schedule_s: Mapped[float | None] = mapped_column(Float)  # seconds; None: no schedule
+    last_job_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # last enqueue
 
 
 class Device(Base):
@@ -119,6 +125,7 @@ class ModelVersion(Base):
     job_id: Mapped[int | None] = mapped_column(BigInteger)
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    weights_sha256: Mapped[str | None] = mapped_column(String(64))  # framework weights (npz)
 
 
 class Release(Base):
@@ -136,7 +143,12 @@ class Release(Base):
 
 class Sample(Base):
     __tablename__ = "samples"
-    __table_args__ = (Index("ix_samples_line", "model_line"),)
+    __table_args__ = (
+        Index("ix_samples_line", "model_line"),
+        # The same input twice on a line is refused (content hash); this makes it race-proof.
+        Index("uq_samples_line_content", "model_line", "content_sha256", unique=True),
+        Index("ix_samples_device", "device_id"),
+    )
 
     sample_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.device_id"))
@@ -148,22 +160,78 @@ class Sample(Base):
     confidence: Mapped[float] = mapped_column(Float)
     captured_at: Mapped[float] = mapped_column(Float)  # unix seconds, device clock
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    content_sha256: Mapped[str | None] = mapped_column(String(64))  # of the input bytes
+
+
+# At most one queued or running job per line: the database, not the code, guarantees that one
+# trigger gives one training, whatever number of server processes share it.
+_ACTIVE_JOB = text("status IN ('queued', 'running')")
 
 
 class TrainingJob(Base):
     __tablename__ = "training_jobs"
-    __table_args__ = (Index("ix_jobs_line_status", "model_line", "status"),)
+    __table_args__ = (
+        Index("ix_jobs_line_status", "model_line", "status"),
+        Index(
+            "uq_jobs_one_active_per_line",
+            "model_line",
+            unique=True,
+            postgresql_where=_ACTIVE_JOB,
+            sqlite_where=_ACTIVE_JOB,
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     model_line: Mapped[str] = mapped_column(ForeignKey("model_lines.name"))
     status: Mapped[str] = mapped_column(String(16))  # queued/running/succeeded/failed/rejected
-    trigger: Mapped[str] = mapped_column(String(16))  # threshold/manual/initial
+    trigger: Mapped[str] = mapped_column(String(16))  # threshold/manual/initial/schedule
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     error: Mapped[str | None] = mapped_column(Text)
     result_version: Mapped[int | None] = mapped_column(Integer)
     sample_count: Mapped[int | None] = mapped_column(Integer)
+    # Durable queue: a claim takes an attempt; the runner heartbeats while the trainer runs; a
+    # job whose heartbeat stops (server killed) is queued again until max_attempts.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))  # host:pid:nonce of the runner
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)  # retry backoff
+    dataset_version: Mapped[str | None] = mapped_column(String(64))
+
+
+class DatasetVersion(Base):
+    """An immutable, content-addressed dataset manifest (see training.dataset)."""
+
+    __tablename__ = "dataset_versions"
+
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    base: Mapped[str] = mapped_column(Text)
+    base_sha256: Mapped[str] = mapped_column(String(64))
+    field_fraction: Mapped[float] = mapped_column(Float)
+    sample_count: Mapped[int] = mapped_column(Integer)
+    train_count: Mapped[int] = mapped_column(Integer)
+    field_count: Mapped[int] = mapped_column(Integer)
+    rejected_count: Mapped[int] = mapped_column(Integer)
+    # The manifest without its id lists (those are the dataset_samples rows).
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    model_line: Mapped[str] = mapped_column(String(64))  # the line that first built it
+    job_id: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class DatasetSample(Base):
+    """Which accepted samples a dataset version holds, and on which side of the split."""
+
+    __tablename__ = "dataset_samples"
+    __table_args__ = (Index("ix_dataset_samples_sample", "sample_id"),)
+
+    dataset_version: Mapped[str] = mapped_column(
+        ForeignKey("dataset_versions.version"), primary_key=True
+    )
+    sample_id: Mapped[str] = mapped_column(ForeignKey("samples.sample_id"), primary_key=True)
+    role: Mapped[str] = mapped_column(String(8))  # train/field
 
 
 class Rollout(Base):
@@ -176,7 +244,7 @@ class Rollout(Base):
     to_version: Mapped[int] = mapped_column(Integer)
     release: Mapped[int | None] = mapped_column(Integer)
     rollback_release: Mapped[int | None] = mapped_column(Integer)
-    # pending_approval/canary/full/completed/rolled_back/paused/aborted
+    # pending_approval/canary/rolling/full/awaiting_gate/paused/completed/rolled_back/aborted
     state: Mapped[str] = mapped_column(String(24))
     paused_state: Mapped[str | None] = mapped_column(String(24))  # what resume returns to
     stage: Mapped[int] = mapped_column(Integer, default=0)
@@ -191,6 +259,8 @@ class Rollout(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     reason: Mapped[str | None] = mapped_column(Text)
     gates: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Waves and the hash cut-offs frozen at approval (server.rollout_plan.Plan); stage = wave.
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class RolloutDevice(Base):
@@ -198,11 +268,14 @@ class RolloutDevice(Base):
 
     rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"), primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.device_id"), primary_key=True)
-    stage: Mapped[int] = mapped_column(Integer)  # 0 = canary, 1 = the rest
+    stage: Mapped[int] = mapped_column(Integer)  # the device's wave (0 = canary)
     state: Mapped[str] = mapped_column(String(32))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     installed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # server clock
     reason: Mapped[str | None] = mapped_column(Text)
+    notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # first sent the release
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # re-sends after a failure
+    failures: Mapped[int] = mapped_column(Integer, default=0)  # failed attempts counted
 
 
 class DeviceMetric(Base):

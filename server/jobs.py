@@ -1,10 +1,25 @@
-"""Training job runner: claims queued jobs and runs the trainer as a subprocess.
+"""Training job runner: a durable queue in the database, the trainer in a subprocess.
 
-Training never runs in the API process. For job ``N`` the runner writes ``data_dir/jobs/N/``:
-``samples.npz`` (X float32 [n, F], y int64 [n], sample_ids, device_ids), ``spec.json``, and runs
-``[training_python, "-m", "training", "--spec", spec.json]``. The trainer writes ``model.onnx``
-and ``report.json`` into ``output_dir`` and exits 0 whether its gate passed or not; any other exit
-(or no report) fails the job with the tail of stderr.
+Training never runs in the API process. The runner claims the oldest due queued job with one
+guarded ``UPDATE ... RETURNING`` (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), taking an attempt and
+a lease in its name (``host:pid:nonce``). For attempt ``k`` of job ``N`` it writes
+``data_dir/jobs/N/``: ``samples.npz`` (X float32 [n, F], y int64 [n], sample_ids, device_ids) and
+``spec.json``, then runs ``[training_python, "-m", "training", "--spec", spec.json]`` with output
+in ``attempt-k/``, heartbeating the lease while it runs.
+
+Failure handling:
+
+- the trainer exits 2 (invalid spec): the job fails at once, retrying cannot help;
+- any other exit, a signal (SIGKILL, OOM), a timeout or no usable report: the job is queued again
+  with a backoff, until ``training_max_attempts``;
+- the server dies mid-training: the lease expires (or the runner's pid is gone on this host) and
+  any runner queues the job again (:func:`server.crud.recover_stale_jobs`); the trainer
+  subprocess notices its parent died and exits;
+- a runner that lost its lease (another runner re-queued the job) stops its trainer and writes
+  nothing: every write is guarded by ``status = 'running' AND claimed_by = me``.
+
+The result (``model.onnx``, ``weights.npz``, ``dataset.json``, ``report.json``) becomes a model
+version with its gate report, its dataset version and the dataset's sample links (lineage).
 """
 
 from __future__ import annotations
@@ -12,9 +27,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
+import threading
+import time
+import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +48,52 @@ from server.background import Worker
 from server.core.config import Settings
 from server.db import ModelLine, ModelVersion, TrainingJob, utcnow
 from server.errors import ConflictError, EdgeloopError, TrainingError
+from server.lineage import store_dataset
 from server.rollout_queries import create_rollout
+from server.scheduler import enqueue_due
 from server.signing import Signer, sign_release
 
 log = logging.getLogger(__name__)
 
 STDERR_TAIL_CHARS = 4000  # characters of the trainer's stderr kept as the job error
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SPEC_EXIT_CODE = 2  # `python -m training` exit status for an invalid spec (never retried)
+POLL_S = 0.2  # seconds between checks of the running trainer
+
+
+class PermanentJobError(TrainingError):
+    """The job cannot succeed by retrying (an invalid spec, a line that cannot be trained)."""
+
+
+class LeaseLost(Exception):
+    """Internal: another runner re-queued this job; stop and write nothing."""
+
+
+class ShuttingDown(TrainingError):
+    """Internal: the server is stopping; the job goes back to the queue at once."""
+
+
+def runner_identity() -> str:
+    """``host:pid:nonce``: unique per runner, and tells a same-host runner whether we live."""
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def runner_is_dead(claimed_by: str) -> bool:
+    """True when ``claimed_by`` names a runner on this host whose process no longer exists."""
+    host, _, rest = claimed_by.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname()[:64] or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class JobRunner:
@@ -55,39 +113,127 @@ class JobRunner:
         self.store = store
         self.signer = signer
         self.clock = clock
+        self.identity = runner_identity()
+        self._stopping = threading.Event()
         self._worker = Worker("job-runner", self._step, error_wait_s=settings.job_poll_s)
 
     def wake(self) -> None:
         self._worker.wake()
 
-    def run_once(self) -> int | None:
-        """Claim the oldest queued job and run it to the end. Returns its id, or None."""
+    def recover(self) -> tuple[list[int], list[int]]:
+        """Re-queue (or fail) jobs whose runner died; returns (requeued, failed) ids."""
         with self.sessions() as session:
-            job = crud.claim_job(session, now=self.clock())
+            requeued, failed = crud.recover_stale_jobs(
+                session,
+                now=self.clock(),
+                lease_s=self.settings.job_lease_s,
+                is_dead=runner_is_dead,
+            )
+        if requeued or failed:
+            log.warning("training jobs of dead runners: requeued %s, failed %s", requeued, failed)
+        return requeued, failed
+
+    def run_once(self) -> int | None:
+        """Recover dead runners' jobs, queue scheduled ones, then claim the oldest due job and
+        run it to the end. Returns its id, or None when nothing was due."""
+        self.recover()
+        with self.sessions() as session:
+            enqueue_due(session, now=self.clock())
+            job = crud.claim_job(
+                session,
+                now=self.clock(),
+                runner=self.identity,
+                max_attempts=self.settings.training_max_attempts,
+            )
         if job is None:
             return None
         try:
             self._run(job)
+        except LeaseLost:
+            log.warning("training job %s: lease lost to another runner; abandoned", job.id)
+        except ShuttingDown as exc:
+            self._fail(job, exc.message, permanent=False, backoff=False)
+        except PermanentJobError as exc:
+            self._fail(job, exc.message, permanent=True)
         except EdgeloopError as exc:
-            self._finish(job.id, status="failed", error=exc.message)
+            self._fail(job, exc.message, permanent=False)
         except Exception as exc:  # the runner must survive any job; the error is recorded
             log.exception("training job %s crashed the runner", job.id)
-            self._finish(job.id, status="failed", error=f"{type(exc).__name__}: {exc}")
+            self._fail(job, f"{type(exc).__name__}: {exc}", permanent=False)
         return job.id
 
-    def _finish(
-        self, job_id: int, *, status: str, error: str | None = None, version: int | None = None
-    ) -> None:
+    # ------------------------------------------------------------ state changes (guarded)
+
+    def _mine(self, job_id: int) -> Any:
+        return (
+            (TrainingJob.id == job_id)
+            & (TrainingJob.status == "running")
+            & (TrainingJob.claimed_by == self.identity)
+        )
+
+    def _fail(self, job: TrainingJob, error: str, *, permanent: bool, backoff: bool = True) -> None:
+        """Queue the job again with a backoff, or fail it (permanent, or out of attempts)."""
+        now = self.clock()
+        retry = not permanent and job.attempts < self.settings.training_max_attempts
+        if not backoff:  # a shutdown is not the job's fault: always back to the queue
+            retry = True
+        message = f"attempt {job.attempts}: {error}"
+        if retry:
+            wait_s = self.settings.training_retry_backoff_s * 2 ** (job.attempts - 1)
+            values: dict[str, Any] = {
+                "status": "queued",
+                "claimed_by": None,
+                "not_before": now + timedelta(seconds=wait_s if backoff else 0),
+                "error": f"{message} (will retry)"[:8000],
+            }
+        else:
+            values = {"status": "failed", "finished_at": now, "error": message[:8000]}
         with self.sessions() as session:
             session.execute(
                 update(TrainingJob)
-                .where(TrainingJob.id == job_id)
-                .values(
-                    status=status, error=error, result_version=version, finished_at=self.clock()
-                )
+                .where(self._mine(job.id))
+                .values(**values)
                 .execution_options(synchronize_session=False)
             )
             session.commit()
+        log.warning(
+            "training job %s attempt %s %s: %s",
+            job.id,
+            job.attempts,
+            "will retry" if retry else "failed",
+            error[:500],
+        )
+
+    def _heartbeat(self, job_id: int) -> None:
+        with self.sessions() as session:
+            if not crud.heartbeat_job(
+                session, job_id=job_id, runner=self.identity, now=self.clock()
+            ):
+                raise LeaseLost()
+
+    # ------------------------------------------------------------ one attempt
+
+    def _spec(self, job: TrainingJob, line: ModelLine, champion: dict[str, Any] | None) -> dict:
+        config = dict(line.training_config or {})
+        gate = dict(config.get("gate") or {})
+        gate.setdefault("max_golden_drop", self.settings.train_max_golden_drop)
+        gate.setdefault("min_field_gain", self.settings.train_min_field_gain)
+        spec: dict[str, Any] = {
+            "job_id": job.id,
+            "model_line": line.name,
+            "trainer": line.trainer,
+            "hyperparams": line.hyperparams,
+            "seed": int(config.get("seed", 0)),
+            "champion": champion,
+            "gate": gate,
+            "input_spec": line.input_spec,
+            "labels": line.labels,
+            "base": config.get("base", "digits"),
+            "warm_start": bool(config.get("warm_start", False)),
+        }
+        if "field_fraction" in config:
+            spec["field_fraction"] = config["field_fraction"]
+        return spec
 
     def _prepare(self, job: TrainingJob, workdir: Path) -> tuple[Path, Path, ModelLine]:
         """Export samples and write spec.json; returns (spec path, output dir, line)."""
@@ -102,6 +248,8 @@ class JobRunner:
                         "version": cv.version,
                         "onnx_path": str(self.store.path(cv.sha256).resolve()),
                     }
+                    if cv.weights_sha256 and self.store.exists(cv.weights_sha256):
+                        champion["weights_path"] = str(self.store.path(cv.weights_sha256).resolve())
         features = InputSpec.from_dict(line.input_spec).features
         samples_path: Path | None = None
         if rows:
@@ -117,29 +265,16 @@ class JobRunner:
         with self.sessions() as session:
             session.execute(
                 update(TrainingJob)
-                .where(TrainingJob.id == job.id)
-                .values(sample_count=len(rows))
+                .where(self._mine(job.id))
+                .values(sample_count=len(rows), heartbeat_at=self.clock())
                 .execution_options(synchronize_session=False)
             )
             session.commit()
-        output_dir = workdir / "output"
+        output_dir = workdir / f"attempt-{job.attempts}"
         output_dir.mkdir(exist_ok=True)
-        spec = {
-            "job_id": job.id,
-            "model_line": line.name,
-            "trainer": line.trainer,
-            "hyperparams": line.hyperparams,
-            "seed": job.id,
-            "samples_path": str(samples_path.resolve()) if samples_path else None,
-            "champion": champion,
-            "gate": {
-                "max_golden_drop": self.settings.train_max_golden_drop,
-                "min_field_gain": self.settings.train_min_field_gain,
-            },
-            "input_spec": line.input_spec,
-            "labels": line.labels,
-            "output_dir": str(output_dir.resolve()),
-        }
+        spec = self._spec(job, line, champion)
+        spec["samples_path"] = str(samples_path.resolve()) if samples_path else None
+        spec["output_dir"] = str(output_dir.resolve())
         spec_path = workdir / "spec.json"
         spec_path.write_text(json.dumps(spec, indent=2))
         return spec_path, output_dir, line
@@ -153,54 +288,113 @@ class JobRunner:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p
         )
-        log.info("training job %s: %s", job.id, " ".join(cmd))
-        with open(workdir / "stdout.log", "wb") as out, open(workdir / "stderr.log", "wb") as err:
+        env["EDGELOOP_TRAINER_PARENT_PID"] = str(os.getpid())  # the trainer exits if we die
+        log.info("training job %s attempt %s: %s", job.id, job.attempts, " ".join(cmd))
+        suffix = f"-{job.attempts}.log"
+        with (
+            open(workdir / f"stdout{suffix}", "wb") as out,
+            open(workdir / f"stderr{suffix}", "wb") as err,
+        ):
             try:
-                proc = subprocess.run(
-                    cmd,
-                    stdout=out,
-                    stderr=err,
-                    cwd=workdir,
-                    env=env,
-                    timeout=self.settings.training_timeout_s,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise TrainingError(
-                    f"trainer ran past {self.settings.training_timeout_s:g} s and was killed"
-                ) from exc
+                proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=workdir, env=env)
             except OSError as exc:
                 raise TrainingError(f"cannot start trainer {cmd[0]!r}: {exc}") from exc
+            try:
+                returncode = self._wait(job, proc)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         stderr_tail = (
-            (workdir / "stderr.log").read_bytes()[-STDERR_TAIL_CHARS:].decode("utf-8", "replace")
+            (workdir / f"stderr{suffix}")
+            .read_bytes()[-STDERR_TAIL_CHARS:]
+            .decode("utf-8", "replace")
         )
-        report_path = output_dir / "report.json"
-        if proc.returncode != 0:
-            raise TrainingError(f"trainer exited with {proc.returncode}: {stderr_tail}")
+        if returncode == SPEC_EXIT_CODE:
+            raise PermanentJobError(f"trainer refused the spec: {stderr_tail}")
+        if returncode < 0:
+            raise TrainingError(f"trainer was killed by signal {-returncode}: {stderr_tail}")
+        if returncode != 0:
+            raise TrainingError(f"trainer exited with {returncode}: {stderr_tail}")
         try:
-            report = json.loads(report_path.read_text())
+            report = json.loads((output_dir / "report.json").read_text())
             if not isinstance(report, dict) or not isinstance(report.get("passed"), bool):
                 raise ValueError("report.json needs a boolean 'passed'")
         except (OSError, ValueError) as exc:
             raise TrainingError(f"trainer left no usable report.json: {exc}") from exc
-        self._register(job, line, report, output_dir / "model.onnx")
+        self._register(job, line, report, output_dir)
+
+    def _wait(self, job: TrainingJob, proc: subprocess.Popen[bytes]) -> int:
+        """Wait for the trainer, heartbeating; kill it on timeout or a lost lease."""
+        started = time.monotonic()
+        next_beat = started + self.settings.job_heartbeat_s
+        while True:
+            code = proc.poll()
+            if code is not None:
+                return code
+            if self._stopping.is_set():
+                raise ShuttingDown("the server stopped while the trainer ran")
+            now = time.monotonic()
+            if now - started > self.settings.training_timeout_s:
+                proc.kill()
+                proc.wait()
+                raise TrainingError(
+                    f"trainer ran past {self.settings.training_timeout_s:g} s and was killed"
+                )
+            if now >= next_beat:
+                self._heartbeat(job.id)
+                next_beat = now + self.settings.job_heartbeat_s
+            time.sleep(POLL_S)
 
     def _register(
-        self, job: TrainingJob, line: ModelLine, report: dict[str, Any], onnx_path: Path
+        self, job: TrainingJob, line: ModelLine, report: dict[str, Any], output_dir: Path
     ) -> None:
         passed = report["passed"]
+        onnx_path = output_dir / "model.onnx"
+        weights_path = output_dir / "weights.npz"
         sha: str | None = None
         size: int | None = None
+        weights_sha: str | None = None
         if onnx_path.is_file():
             sha, size = self.store.put_file(onnx_path)
         elif passed:
             raise TrainingError("trainer reported a pass but wrote no model.onnx")
+        if weights_path.is_file():
+            weights_sha, _ = self.store.put_file(weights_path)
+        manifest: Any = None
+        if (output_dir / "dataset.json").is_file():
+            try:
+                manifest = json.loads((output_dir / "dataset.json").read_text())
+            except (OSError, ValueError) as exc:
+                raise TrainingError(f"trainer wrote an unreadable dataset.json: {exc}") from exc
         now = self.clock()
         metrics: dict[str, Any] = _as_dict(report.get("metrics"))
         dataset: dict[str, Any] = _as_dict(report.get("dataset"))
+        gate_reason = str(report.get("reason", ""))[:2000]
         with self.sessions() as session:
             current = crud.lock_model_line(session, name=line.name)
             number = crud.next_version_number(session, line=line.name)
+            # Claim the result first: if another runner re-queued the job, write nothing.
+            owned = session.execute(
+                update(TrainingJob)
+                .where(self._mine(job.id))
+                .values(
+                    status="succeeded" if passed else "rejected",
+                    result_version=number,
+                    finished_at=now,
+                    error=None if passed else gate_reason,
+                    dataset_version=str(report.get("dataset_version") or "")[:64] or None,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if not owned.rowcount:  # type: ignore[attr-defined]
+                session.rollback()
+                raise LeaseLost()
+            dataset_version = str(report.get("dataset_version") or "")[:128] or None
+            if manifest is not None:
+                dataset_version = store_dataset(
+                    session, manifest=manifest, line=line.name, job_id=job.id, now=now
+                )
             initial = current.champion_version is None
             status = ("champion" if initial else "candidate") if passed else "rejected"
             session.add(
@@ -211,15 +405,16 @@ class JobRunner:
                     sha256=sha,
                     size=size,
                     parent_version=current.champion_version,
-                    dataset_version=str(report.get("dataset_version") or "")[:128] or None,
+                    dataset_version=dataset_version,
                     trainer=str(report.get("trainer") or line.trainer)[:32],
                     hyperparams=report.get("hyperparams") or line.hyperparams,
                     metrics=metrics,
                     report=report,
                     sample_count=int(dataset.get("sample_count") or 0),
                     job_id=job.id,
-                    reason=None if passed else str(report.get("reason", ""))[:2000],
+                    reason=None if passed else gate_reason,
                     created_at=now,
+                    weights_sha256=weights_sha,
                 )
             )
             session.flush()
@@ -247,26 +442,17 @@ class JobRunner:
                         )
                 except ConflictError as exc:
                     log.warning("no automatic rollout for %s v%s: %s", line.name, number, exc)
-            session.execute(
-                update(TrainingJob)
-                .where(TrainingJob.id == job.id)
-                .values(
-                    status="succeeded" if passed else "rejected",
-                    result_version=number,
-                    finished_at=now,
-                    error=None if passed else str(report.get("reason", ""))[:2000],
-                )
-                .execution_options(synchronize_session=False)
-            )
             session.commit()
         log.info("training job %s: version %s %s", job.id, number, status)
 
     # ------------------------------------------------------------ thread
 
     def start(self) -> None:
+        self._stopping.clear()
         self._worker.start()
 
     def stop(self) -> None:
+        self._stopping.set()  # a running trainer is stopped and its job queued again
         self._worker.stop(timeout=30)
 
     def _step(self) -> float:

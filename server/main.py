@@ -12,9 +12,21 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.api.routes import artifacts, devices, health, models, rollouts, samples, training
+from server.api.routes import (
+    artifacts,
+    devices,
+    health,
+    lineage,
+    models,
+    observability,
+    rollouts,
+    samples,
+    training,
+    ui,
+)
 from server.core.config import Settings
 from server.errors import EdgeloopError
+from server.observability import make_registry
 from server.services import Services, build_services
 
 log = logging.getLogger(__name__)
@@ -85,8 +97,21 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
         log.error("database unavailable: %s", exc.orig)
         return JSONResponse({"detail": "database unavailable; retry"}, status_code=503)
 
-    for module in (health, devices, samples, models, artifacts, training, rollouts):
+    for module in (
+        health,
+        devices,
+        samples,
+        models,
+        artifacts,
+        training,
+        rollouts,
+        observability,
+        ui,
+        lineage,
+    ):
         app.include_router(module.router)
+    ui.mount(app)
+    app.state.metrics_registry = make_registry(services)
     return app
 
 

@@ -1,97 +1,95 @@
-"""Pure rollout logic: who is in the canary, and whether a stage waits, advances or rolls back.
+"""Pure rollout logic: device states, and what to do with the current wave of a rollout.
 
 Nothing here touches the database, the broker or the clock; the engine
-(``server.rollout_engine``) builds a ``StageSnapshot`` and applies the ``Decision``.
+(``server.rollout_engine``) builds a ``WaveSnapshot``, calls ``decide`` and applies the
+``Decision`` with guarded updates. Plans and membership live in ``server.rollout_plan``, the
+quality gates in ``server.rollout_gates``.
+
+Device states in a rollout (``rollout_devices.state``)::
+
+    queued ─(its wave starts)─▶ notified ─▶ downloading ─▶ verifying ─▶ installing ─▶ installed
+       │                            ▲                                                    │
+       │                            └── retry (backoff) ── failed / timed_out            ▼
+       └─▶ quarantined (held out)                         refused, rolled_back      probation
+                                                            (final failures)          │
+                                                                      committed ◀─────┘
+
+``installed`` and ``probation`` are still in progress: only ``committed`` (or
+``already_installed``) counts as success, since the agent may roll back during probation.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-SUCCESS_STATES = frozenset({"installed", "committed", "already_installed"})
+from server.rollout_gates import GateBounds, MetricSummary, evaluate
+from server.rollout_plan import Wave
+
+SUCCESS_STATES = frozenset({"committed", "already_installed"})
+RETRYABLE_STATES = frozenset({"failed", "timed_out"})
 FAILURE_STATES = frozenset({"failed", "refused", "rolled_back", "timed_out"})
 TERMINAL_STATES = SUCCESS_STATES | FAILURE_STATES
-ACTIVE_ROLLOUT_STATES = ("pending_approval", "canary", "full", "paused")
+HELD_STATES = frozenset({"queued", "quarantined"})  # not (or no longer) sent the new release
+# Waiting for the device: the per-device timeout applies to these.
+IN_PROGRESS_STATES = frozenset(
+    {"notified", "downloading", "verifying", "installing", "installed", "probation"}
+)
+RUNNING_ROLLOUT_STATES = ("canary", "rolling", "full")
+ACTIVE_ROLLOUT_STATES = ("pending_approval", *RUNNING_ROLLOUT_STATES, "awaiting_gate", "paused")
+FINISHED_ROLLOUT_STATES = ("completed", "rolled_back", "aborted")
 
 
-def canary_order_key(rollout_id: int, device_id: str) -> str:
-    """Stable, per-rollout pseudo-random order: a different canary for each rollout."""
-    return hashlib.sha256(f"{rollout_id}:{device_id}".encode()).hexdigest()
-
-
-def plan_canary(rollout_id: int, device_ids: Iterable[str], percent: int) -> list[str]:
-    """The canary: ``percent`` of the devices (at least one), chosen by stable hashing."""
-    ids = sorted(set(device_ids), key=lambda d: canary_order_key(rollout_id, d))
-    if not ids:
-        return []
-    n = max(1, round(len(ids) * percent / 100))
-    return sorted(ids[:n])
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    min_labelled: int = 50
-    max_accuracy_drop: float = 0.02  # absolute accuracy
-    max_error_rate: float = 0.01  # errors / inferences
-    max_latency_ratio: float = 2.0
-    latency_slack_ms: float = 1.0  # ms
-    canary_min_soak_s: float = 10.0  # seconds
-    install_timeout_s: float = 120.0  # seconds
-    max_failed_ratio: float = 0.2
+def state_for_wave(wave: int, last: int) -> str:
+    """Rollout state while ``wave`` runs: canary (first), full (last), rolling (between)."""
+    if wave >= last:
+        return "full"
+    return "canary" if wave == 0 else "rolling"
 
 
 @dataclass(frozen=True)
-class MetricSummary:
-    """Sums over metric windows; ``p95_ms`` is the inference-weighted mean of window p95s."""
+class Retries:
+    max_retries: int = 2  # re-sends of the target to a failed or timed-out device
+    backoff_s: float = 10.0  # seconds before the first re-send; doubled for each next one
 
-    inferences: int = 0
-    errors: int = 0
-    labelled: int = 0
-    correct: int = 0
-    p95_ms: float | None = None
-
-    @property
-    def accuracy(self) -> float | None:
-        return self.correct / self.labelled if self.labelled else None
-
-    @property
-    def error_rate(self) -> float | None:
-        return self.errors / self.inferences if self.inferences else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "inferences": self.inferences,
-            "errors": self.errors,
-            "labelled": self.labelled,
-            "correct": self.correct,
-            "accuracy": self.accuracy,
-            "error_rate": self.error_rate,
-            "p95_ms": self.p95_ms,
-        }
+    def due_at(self, failed_at: float, attempts: int) -> float:
+        return failed_at + self.backoff_s * (2**attempts)
 
 
 @dataclass(frozen=True)
-class StageSnapshot:
-    """What the engine knows about one stage at ``now`` (all times in unix seconds)."""
+class DeviceRow:
+    """One device of the current wave as the engine read it (times in unix seconds)."""
 
-    stage: int  # 0 = canary, 1 = the rest
+    state: str
+    updated_at: float
+    attempts: int = 0  # re-sends so far
+    installed_at: float | None = None  # when it committed (server clock)
+    released: bool = True  # was sent the new release (False: held out before its wave)
+
+
+@dataclass(frozen=True)
+class WaveSnapshot:
+    """What the engine knows about the running wave at ``now``."""
+
+    wave: int
+    last_wave: int
+    spec: Wave
     now: float
-    stage_started_at: float
-    device_states: Mapping[str, str]  # device_id -> rollout device state
-    last_installed_at: float | None = None  # latest install among the stage's devices
-    canary: MetricSummary = field(default_factory=MetricSummary)  # new version, since install
-    control: MetricSummary | None = None  # old version on other devices, same period
-    baseline: MetricSummary | None = None  # old version on the canary devices, before
+    started_at: float
+    devices: Mapping[str, DeviceRow]
+    new: MetricSummary = field(default_factory=MetricSummary)  # new version, all waves
+    control: MetricSummary | None = None  # old version, any device, since approval
+    baseline: MetricSummary | None = None  # old version on rollout devices, before approval
+    error_override: bool = False  # an operator resumed after this wave's error pause
 
 
 class Action(StrEnum):
     WAIT = "wait"
-    ADVANCE = "advance"  # stage 0 -> full; stage 1 -> completed
-    ROLLBACK = "rollback"
+    ADVANCE = "advance"  # start the next wave (or complete after the last)
+    PAUSE = "pause"  # error condition: a human decides
+    ROLLBACK = "rollback"  # abort criteria or a failed quality gate
 
 
 @dataclass(frozen=True)
@@ -99,109 +97,117 @@ class Decision:
     action: Action
     reason: str
     timed_out: tuple[str, ...] = ()  # devices the engine must mark timed_out
+    retry: tuple[str, ...] = ()  # devices whose target the engine must re-send now
     gates: dict[str, Any] = field(default_factory=dict)
 
 
-def decide(snap: StageSnapshot, th: Thresholds) -> Decision:
-    """Decide what to do with a stage. Rollback conditions are checked before waits.
+def decide(snap: WaveSnapshot, bounds: GateBounds, retries: Retries) -> Decision:
+    """Decide what to do with the running wave. Rollback beats pause beats waiting.
 
-    Stage 0 (canary) advances when every device installed (or failed within the allowed ratio),
-    the canary soaked long enough, has enough labelled evidence, and its accuracy, error rate and
-    p95 latency hold against the control group (or, without control traffic, against the canary
-    devices' own history on the old version). Stage 1 completes when every device settled.
+    Order: per-device timeouts and due retries; abort criteria (roll back); error condition
+    (pause); quality gates on all new-version traffic (roll back on a failed gate); success
+    condition; evidence; soak. An empty wave (small fleet) advances at once, except the first.
     """
-    states = dict(snap.device_states)
-    total = len(states)
-    elapsed = snap.now - snap.stage_started_at
-    pending = sorted(d for d, s in states.items() if s not in TERMINAL_STATES)
-    timed_out: tuple[str, ...] = ()
-    if pending and elapsed >= th.install_timeout_s:
-        timed_out = tuple(pending)
-        for d in pending:
-            states[d] = "timed_out"
-        pending = []
-    failed = sum(1 for s in states.values() if s in FAILURE_STATES)
+    w = snap.spec
+    states: dict[str, str] = {}
+    timed_out: list[str] = []
+    for d, row in snap.devices.items():
+        state = row.state
+        if state in IN_PROGRESS_STATES and snap.now - row.updated_at >= w.timeout_s:
+            timed_out.append(d)
+            state = "timed_out"
+        states[d] = state
+    retry = sorted(
+        d
+        for d, s in states.items()
+        if s in RETRYABLE_STATES
+        and d not in timed_out
+        and snap.devices[d].attempts < retries.max_retries
+        and snap.now >= retries.due_at(snap.devices[d].updated_at, snap.devices[d].attempts)
+    )
+    counted = {d: s for d, s in states.items() if s != "quarantined" or snap.devices[d].released}
+    total = len(counted)
+    ok = sum(1 for s in counted.values() if s in SUCCESS_STATES)
+    final = sorted(
+        d
+        for d, s in counted.items()
+        if s == "quarantined"
+        or (
+            s in FAILURE_STATES
+            and not (s in RETRYABLE_STATES and snap.devices[d].attempts < retries.max_retries)
+        )
+    )
+    waiting_retry = sum(1 for d, s in counted.items() if s in RETRYABLE_STATES and d not in final)
+    pending = total - ok - len(final)
     gates: dict[str, Any] = {
-        "stage": snap.stage,
+        "wave": snap.wave,
         "devices": total,
-        "pending": len(pending),
-        "failed": failed,
-        "timed_out": len(timed_out),
+        "committed": ok,
+        "failed": len(final),
+        "pending": pending,
+        "retrying": waiting_retry,
+        "timed_out_now": len(timed_out),
     }
 
     def out(action: Action, reason: str) -> Decision:
-        return Decision(action, reason, timed_out, gates)
+        return Decision(action, reason, tuple(sorted(timed_out)), tuple(retry), gates)
 
+    label = f"wave {snap.wave + 1} ({w.label})"
     if total == 0:
-        if snap.stage == 1:
-            return out(Action.ADVANCE, "no devices outside the canary")
-        return out(Action.WAIT, "no devices in this stage yet")
-    failed_ratio = failed / total
-    gates["failed_ratio"] = failed_ratio
-    if failed_ratio > th.max_failed_ratio:
+        if snap.wave == 0:
+            return out(Action.WAIT, f"{label}: no devices yet")
+        return out(Action.ADVANCE, f"{label} has no devices")
+    failed_pct = 100 * len(final) / total
+    gates["failed_pct"] = failed_pct
+    settled = ok + len(final)
+    if final and settled >= w.abort.min_devices and failed_pct >= w.abort.failure_pct:
         return out(
             Action.ROLLBACK,
-            f"{failed} of {total} devices in stage {snap.stage} failed, refused or timed out "
-            f"({failed_ratio:.0%} > {th.max_failed_ratio:.0%})",
+            f"{label}: {len(final)} of {total} devices failed, refused, rolled back or timed "
+            f"out ({failed_pct:.0f}% >= abort {w.abort.failure_pct:g}%)",
         )
-    if snap.stage == 1:
-        if pending:
-            return out(Action.WAIT, f"waiting for {len(pending)} of {total} devices to install")
-        return out(Action.ADVANCE, f"{total - failed} of {total} devices installed")
-
-    canary = snap.canary
-    reference, ref_name = snap.control, "control"
-    if reference is None or reference.inferences == 0:
-        reference, ref_name = snap.baseline, "baseline"
-    if reference is not None and reference.inferences == 0:
-        reference = None
-    gates["canary"] = canary.to_dict()
-    gates["reference"] = ref_name if reference is not None else None
-    gates["reference_metrics"] = reference.to_dict() if reference is not None else None
-
-    err = canary.error_rate
-    if (
-        err is not None
-        and canary.inferences >= max(th.min_labelled, 1)
-        and (err > th.max_error_rate)
-    ):
+    if failed_pct > w.error_pct and not snap.error_override:
         return out(
-            Action.ROLLBACK,
-            f"canary error rate {err:.2%} exceeds {th.max_error_rate:.2%} "
-            f"over {canary.inferences} inferences",
+            Action.PAUSE,
+            f"{label}: {len(final)} of {total} devices failed ({failed_pct:.0f}% > error "
+            f"threshold {w.error_pct:g}%); resume or roll back",
         )
-    enough = canary.labelled >= th.min_labelled
-    if enough and reference is not None:
-        acc, ref_acc = canary.accuracy, reference.accuracy
-        if acc is not None and ref_acc is not None and acc < ref_acc - th.max_accuracy_drop:
+    gate = evaluate(snap.new, snap.control, snap.baseline, bounds)
+    gates["quality"] = gate.detail
+    if not gate.ok:
+        return out(Action.ROLLBACK, f"{label}: quality gate failed: {gate.reason}")
+    ok_pct = 100 * ok / total
+    gates["committed_pct"] = ok_pct
+    if ok_pct < w.success_pct:
+        if pending == 0:
             return out(
-                Action.ROLLBACK,
-                f"canary accuracy {acc:.3f} is below {ref_name} {ref_acc:.3f} by more than "
-                f"{th.max_accuracy_drop:.3f} ({canary.labelled} labelled)",
+                Action.PAUSE,
+                f"{label} settled with {ok_pct:.0f}% committed, below the success threshold "
+                f"{w.success_pct:g}%; resume to accept or roll back",
             )
-        if canary.p95_ms is not None and reference.p95_ms is not None:
-            limit = th.max_latency_ratio * reference.p95_ms + th.latency_slack_ms
-            gates["p95_limit_ms"] = limit
-            if canary.p95_ms > limit:
-                return out(
-                    Action.ROLLBACK,
-                    f"canary p95 latency {canary.p95_ms:.2f} ms exceeds {limit:.2f} ms "
-                    f"({th.max_latency_ratio}x {ref_name} {reference.p95_ms:.2f} ms + slack)",
-                )
-    if pending:
-        return out(Action.WAIT, f"waiting for {len(pending)} of {total} canary devices to install")
-    if failed == total:
-        return out(Action.ROLLBACK, "no canary device installed the new version")
-    if not enough:
         return out(
             Action.WAIT,
-            f"waiting for evidence: {canary.labelled} of {th.min_labelled} labelled inferences",
+            f"{label}: {ok} of {total} committed, waiting for {pending} "
+            f"(success at {w.success_pct:g}%)",
         )
-    soak = snap.now - (snap.last_installed_at or snap.stage_started_at)
+    if not gate.enough:
+        return out(Action.WAIT, f"{label}: {gate.reason}")
+    need = max(1, -(-int(w.success_pct * total) // 100))
+    installs = sorted(
+        snap.devices[d].installed_at or snap.now for d, s in counted.items() if s in SUCCESS_STATES
+    )
+    reached = max(snap.started_at, installs[min(need, len(installs)) - 1])
+    soak = snap.now - reached
     gates["soak_s"] = soak
-    if soak < th.canary_min_soak_s:
-        return out(Action.WAIT, f"soaking: {soak:.0f} of {th.canary_min_soak_s:.0f} s")
-    summary = f"canary accuracy {canary.accuracy:.3f} on {canary.labelled} labelled"
-    if reference is not None and reference.accuracy is not None:
-        summary += f" vs {ref_name} {reference.accuracy:.3f}"
-    return out(Action.ADVANCE, f"gates passed: {summary}")
+    if soak < w.min_soak_s:
+        return out(Action.WAIT, f"{label}: soaking {soak:.0f} of {w.min_soak_s:g} s")
+    return out(Action.ADVANCE, f"{label}: {ok} of {total} committed; {gate.reason}")
+
+
+def wave_counts(states: Sequence[tuple[int, str]]) -> dict[int, dict[str, int]]:
+    """(wave, state) pairs -> wave -> state -> count."""
+    out: dict[int, dict[str, int]] = {}
+    for wave, state in states:
+        bucket = out.setdefault(wave, {})
+        bucket[state] = bucket.get(state, 0) + 1
+    return out

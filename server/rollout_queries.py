@@ -1,21 +1,27 @@
-"""Database side of rollouts: creating one, and the snapshot ``decide`` judges.
+"""Database side of rollouts: creating one, settings -> policies, and the snapshot ``decide``
+judges.
 
 Pure decision logic lives in ``server.rollout``; transitions in ``server.rollout_engine``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from server import crud
 from server.core.config import Settings
 from server.db import DeviceMetric, Rollout, RolloutDevice
-from server.errors import ConflictError
-from server.rollout import SUCCESS_STATES, MetricSummary, StageSnapshot, Thresholds
+from server.db_rollouts import RolloutWave
+from server.errors import ConflictError, InvalidRequestError
+from server.rollout import DeviceRow, Retries, WaveSnapshot
+from server.rollout_gates import GateBounds, MetricSummary
+from server.rollout_plan import Abort, Plan, PlanError, Wave, parse_plan_setting, shorthand
 from server.targets import active_rollout
 
 _SUMS = (
@@ -27,17 +33,78 @@ _SUMS = (
 )
 
 
-def thresholds_from(settings: Settings) -> Thresholds:
-    return Thresholds(
+def bounds_from(settings: Settings) -> GateBounds:
+    return GateBounds(
         min_labelled=settings.min_labelled,
         max_accuracy_drop=settings.max_accuracy_drop,
+        accuracy_z=settings.accuracy_z,
         max_error_rate=settings.max_error_rate,
         max_latency_ratio=settings.max_latency_ratio,
         latency_slack_ms=settings.latency_slack_ms,
-        canary_min_soak_s=settings.canary_min_soak_s,
-        install_timeout_s=settings.install_timeout_s,
-        max_failed_ratio=settings.max_failed_ratio,
     )
+
+
+def retries_from(settings: Settings) -> Retries:
+    return Retries(
+        max_retries=settings.rollout_max_retries, backoff_s=settings.rollout_retry_backoff_s
+    )
+
+
+def wave_defaults(settings: Settings) -> Wave:
+    """Per-wave fields a plan leaves out come from these settings."""
+    return Wave(
+        success_pct=settings.wave_success_pct,
+        error_pct=settings.max_failed_ratio * 100,
+        abort=Abort(failure_pct=settings.abort_failure_pct, min_devices=settings.abort_min_devices),
+        min_soak_s=settings.wave_min_soak_s,
+        timeout_s=settings.install_timeout_s,
+    )
+
+
+def _with_canary_soak(
+    waves: Sequence[Wave], settings: Settings, given: set[int]
+) -> tuple[Wave, ...]:
+    """The first wave soaks ``canary_min_soak_s`` unless the plan said otherwise."""
+    out = list(waves)
+    if out and 0 not in given:
+        out[0] = replace(out[0], min_soak_s=max(out[0].min_soak_s, settings.canary_min_soak_s))
+    return tuple(out)
+
+
+def default_plan(settings: Settings, canary_percent: int | None = None) -> Plan:
+    """The settings' plan (``rollout_plan``), or ``canary_percent`` then 100."""
+    defaults = wave_defaults(settings)
+    if canary_percent is None:
+        try:
+            waves = parse_plan_setting(settings.rollout_plan, defaults)
+        except PlanError as exc:
+            raise InvalidRequestError(f"setting rollout_plan: {exc}") from exc
+        if waves is not None:
+            return Plan(_with_canary_soak(waves, settings, set()))
+    return Plan(
+        _with_canary_soak(
+            shorthand(canary_percent or settings.canary_percent, defaults), settings, set()
+        )
+    )
+
+
+def plan_from_request(
+    settings: Settings, *, canary_percent: int | None, waves: list[dict[str, Any]] | None
+) -> Plan:
+    """The plan of a new rollout. Raises InvalidRequestError (422)."""
+    if waves is None:
+        return default_plan(settings, canary_percent)
+    if canary_percent is not None:
+        raise InvalidRequestError("give either canary_percent or waves, not both")
+    defaults = wave_defaults(settings)
+    try:
+        parsed = tuple(
+            Wave.from_dict({k: v for k, v in w.items() if v is not None}, defaults) for w in waves
+        )
+        soak_given = {i for i, w in enumerate(waves) if w.get("min_soak_s") is not None}
+        return Plan(_with_canary_soak(parsed, settings, soak_given))
+    except PlanError as exc:
+        raise InvalidRequestError(f"invalid plan: {exc}") from exc
 
 
 def create_rollout(
@@ -48,8 +115,11 @@ def create_rollout(
     canary_percent: int,
     created_by: str,
     now: datetime,
+    plan: Plan | None = None,
 ) -> Rollout:
     """Add a rollout in ``pending_approval`` under the line's row lock; flushes only.
+
+    Without ``plan`` the engine picks the settings' default plan at approval.
 
     Raises:
         NotFoundError: unknown line or version.
@@ -69,70 +139,73 @@ def create_rollout(
         raise ConflictError(
             f"model line {line!r} already has rollout {existing.id} in state {existing.state}"
         )
+    first = plan.waves[0].percent if plan is not None else None
     rollout = Rollout(
         model_line=line,
         from_version=model_line.champion_version,
         to_version=to_version,
         state="pending_approval",
         stage=0,
-        canary_percent=canary_percent,
+        canary_percent=round(first) if first is not None else canary_percent,
         created_by=created_by,
         created_at=now,
+        plan=plan.to_dict() if plan is not None else None,
     )
     session.add(rollout)
     session.flush()
     return rollout
 
 
+def plan_of(rollout: Rollout, settings: Settings) -> Plan:
+    """The rollout's stored plan, or the default one it will get at approval."""
+    if rollout.plan:
+        return Plan.from_dict(rollout.plan)
+    return default_plan(settings, None if settings.rollout_plan else rollout.canary_percent)
+
+
 def build_snapshot(
-    session: Session, rollout: Rollout, *, stage: int, now: datetime
-) -> StageSnapshot:
-    rows = session.execute(
-        select(RolloutDevice.device_id, RolloutDevice.state, RolloutDevice.installed_at).where(
-            RolloutDevice.rollout_id == rollout.id, RolloutDevice.stage == stage
-        )
-    ).all()
-    states = {r.device_id: r.state for r in rows}
-    installs = [r.installed_at for r in rows if r.installed_at and r.state in SUCCESS_STATES]
-    started = rollout.stage_started_at or rollout.approved_at or now
-    snap = StageSnapshot(
-        stage=stage,
-        now=now.timestamp(),
-        stage_started_at=started.timestamp(),
-        device_states=states,
-        last_installed_at=max(installs).timestamp() if installs else None,
-    )
-    if stage == 1:
-        return snap
-    canary_ids = list(states)
+    session: Session, rollout: Rollout, plan: Plan, *, now: datetime
+) -> WaveSnapshot:
+    """The running wave's devices and the new/old version's metrics since approval."""
+    wave = rollout.stage
     rd = RolloutDevice
-    canary = summarize(
-        session,
-        select(*_SUMS)
-        .join(
-            rd,
-            and_(
-                rd.device_id == DeviceMetric.device_id,
-                rd.rollout_id == rollout.id,
-                rd.stage == 0,
-            ),
+    rows = session.execute(
+        select(
+            rd.device_id, rd.state, rd.updated_at, rd.attempts, rd.installed_at, rd.notified_at
+        ).where(rd.rollout_id == rollout.id, rd.stage == wave)
+    ).all()
+    devices = {
+        r.device_id: DeviceRow(
+            state=r.state,
+            updated_at=r.updated_at.timestamp(),
+            attempts=r.attempts or 0,
+            installed_at=r.installed_at.timestamp() if r.installed_at else None,
+            released=r.notified_at is not None,
         )
-        .where(
+        for r in rows
+    }
+    wave_row = session.get(RolloutWave, (rollout.id, wave), populate_existing=True)
+    started = (
+        wave_row.started_at if wave_row else rollout.stage_started_at or rollout.approved_at or now
+    )
+    approved = rollout.approved_at or started
+    released = select(rd.device_id).where(rd.rollout_id == rollout.id, rd.notified_at.is_not(None))
+    new = summarize(
+        session,
+        select(*_SUMS).where(
             DeviceMetric.model_line == rollout.model_line,
             DeviceMetric.model_version == rollout.to_version,
-            rd.installed_at.is_not(None),
-            DeviceMetric.received_at >= rd.installed_at,
+            DeviceMetric.device_id.in_(released),
+            DeviceMetric.received_at >= approved,
             DeviceMetric.received_at <= now,
         ),
     )
-    period_start = min(installs) if installs else started
     control = summarize(
         session,
         select(*_SUMS).where(
             DeviceMetric.model_line == rollout.model_line,
             DeviceMetric.model_version == rollout.from_version,
-            DeviceMetric.device_id.not_in(canary_ids),
-            DeviceMetric.received_at >= period_start,
+            DeviceMetric.received_at >= approved,
             DeviceMetric.received_at <= now,
         ),
     )
@@ -141,19 +214,21 @@ def build_snapshot(
         select(*_SUMS).where(
             DeviceMetric.model_line == rollout.model_line,
             DeviceMetric.model_version == rollout.from_version,
-            DeviceMetric.device_id.in_(canary_ids),
-            DeviceMetric.received_at < (rollout.approved_at or started),
+            DeviceMetric.device_id.in_(released),
+            DeviceMetric.received_at < approved,
         ),
     )
-    return StageSnapshot(
-        stage=0,
-        now=snap.now,
-        stage_started_at=snap.stage_started_at,
-        device_states=states,
-        last_installed_at=snap.last_installed_at,
-        canary=canary,
+    return WaveSnapshot(
+        wave=wave,
+        last_wave=plan.last,
+        spec=plan.waves[wave],
+        now=now.timestamp(),
+        started_at=started.timestamp(),
+        devices=devices,
+        new=new,
         control=control,
         baseline=baseline,
+        error_override=bool(wave_row and wave_row.error_override),
     )
 
 
@@ -167,6 +242,3 @@ def summarize(session: Session, stmt: Any) -> MetricSummary:
         correct=int(row[3] or 0),
         p95_ms=(float(row[4]) / inferences) if inferences and row[4] is not None else None,
     )
-
-
-# ------------------------------------------------------------ thread

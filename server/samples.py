@@ -1,11 +1,19 @@
 """Sample intake: per-sample validation, idempotent bulk insert, threshold-triggered retraining.
 
 ``validate_sample`` is pure (a record and the facts it is checked against in, a row or a reason
-out); ``upload_samples`` runs one transaction per batch.
+out); ``upload_samples`` runs one transaction per batch with a fixed number of queries (devices,
+lines, releases, stored ids, stored content hashes, one bulk insert, one counter update per line).
+
+The rules a sample is checked against come from the line's current *signed* release manifest:
+its ``input_spec`` (value count, dtype, value range) and ``labels``. Before the first release
+the line's registered spec is used. Rejections carry a reason the uploader can read; an id
+already stored is a duplicate (idempotent retry), while the same input under another id is
+rejected by content hash (sha256 of the float32 bytes).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Mapping
@@ -18,9 +26,10 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from contract import InputSpec, MessageError, decode_input
+from contract import ContractError, InputSpec, Manifest, MessageError, decode_input
+from contract.envelope import SignedEnvelope
 from server import crud
-from server.db import Device, ModelLine, Sample, TrainingJob
+from server.db import Device, ModelLine, Release, Sample
 
 MAX_SAMPLE_ID_CHARS = 64
 MAX_INT32 = 2**31 - 1
@@ -32,11 +41,17 @@ class SampleRejected(Exception):
     """Internal: one sample is not acceptable (the message is the reason reported back)."""
 
 
+_INTEGRAL_DTYPES = {"uint8", "int64"}
+
+
 @dataclass(frozen=True)
 class LineFacts:
+    """What samples of one line are checked against, and where it came from."""
+
     name: str
     spec: InputSpec
     n_labels: int
+    source: str = "registered input_spec"  # or "signed release N"
 
 
 @dataclass
@@ -109,19 +124,31 @@ def validate_sample(
     try:
         x = decode_input(_get(rec, "input_b64", str), facts.spec.features)
     except MessageError as exc:
-        raise SampleRejected(str(exc)) from exc
+        raise SampleRejected(
+            f"{exc} (input_spec shape {list(facts.spec.shape)} from the line's {facts.source})"
+        ) from exc
+    raw = x.tobytes()  # little-endian float32, as decoded
     if not np.all(np.isfinite(x)):
         raise SampleRejected("input contains NaN or infinite values")
-    if x.size and (float(x.min()) < facts.spec.min or float(x.max()) > facts.spec.max):
+    lo, hi = float(x.min()), float(x.max())
+    if x.size and (lo < facts.spec.min or hi > facts.spec.max):
         raise SampleRejected(
             f"input values must lie in [{facts.spec.min:g}, {facts.spec.max:g}] "
-            f"(got [{float(x.min()):g}, {float(x.max()):g}])"
+            f"(got [{lo:g}, {hi:g}]; rule from the line's {facts.source})"
+        )
+    if facts.spec.dtype in _INTEGRAL_DTYPES and not np.array_equal(x, np.round(x)):
+        raise SampleRejected(
+            f"input values must be whole numbers for dtype {facts.spec.dtype} "
+            f"(rule from the line's {facts.source})"
         )
     labels = {}
     for name in ("true_label", "predicted_label"):
         labels[name] = _get(rec, name, int)
         if not 0 <= labels[name] < facts.n_labels:
-            raise SampleRejected(f"{name} {labels[name]} is not in range(0, {facts.n_labels})")
+            raise SampleRejected(
+                f"{name} {labels[name]} is not in range(0, {facts.n_labels}): the line has "
+                f"{facts.n_labels} labels"
+            )
     confidence = _number(rec, "confidence")
     if not 0.0 <= confidence <= 1.0:
         raise SampleRejected(f"confidence {confidence:g} is not in [0, 1]")
@@ -131,7 +158,8 @@ def validate_sample(
         "device_id": device_id,
         "model_line": line_name,
         "model_version": model_version,
-        "input": x.astype("<f4").tobytes(),
+        "input": raw,
+        "content_sha256": hashlib.sha256(raw).hexdigest(),
         "true_label": labels["true_label"],
         "predicted_label": labels["predicted_label"],
         "confidence": confidence,
@@ -163,9 +191,38 @@ def _facts(session: Session, records: list[Any]) -> tuple[dict[str, str], dict[s
             devices[did] = line
     lines: dict[str, LineFacts] = {}
     if line_names:
-        for ml in session.scalars(select(ModelLine).where(ModelLine.name.in_(line_names))):
+        released: dict[str, int] = {}
+        for ml in session.execute(
+            select(
+                ModelLine.name, ModelLine.input_spec, ModelLine.labels, ModelLine.current_release
+            ).where(ModelLine.name.in_(line_names))
+        ):
             lines[ml.name] = LineFacts(ml.name, InputSpec.from_dict(ml.input_spec), len(ml.labels))
+            if ml.current_release is not None:
+                released[ml.name] = ml.current_release
+        if released:
+            for rel in session.execute(
+                select(Release.line, Release.release, Release.envelope).where(
+                    Release.line.in_(released) & Release.release.in_(set(released.values()))
+                )
+            ):
+                if released.get(rel.line) == rel.release:
+                    facts = facts_from_release(rel.line, rel.release, rel.envelope)
+                    if facts is not None:
+                        lines[rel.line] = facts
     return devices, lines
+
+
+def facts_from_release(line: str, release: int, envelope: Any) -> LineFacts | None:
+    """The validation rules in a signed release's manifest (None if the envelope is unusable:
+    then the registered spec applies, and the bad row is the rollout engine's to report)."""
+    try:
+        manifest = Manifest.from_payload(SignedEnvelope.from_dict(envelope).payload)
+    except ContractError:
+        return None
+    return LineFacts(
+        line, manifest.input_spec, len(manifest.labels), f"signed release {release} manifest"
+    )
 
 
 def upload_samples(session: Session, *, records: list[Any], now: datetime) -> UploadResult:
@@ -199,12 +256,36 @@ def _upload_once(session: Session, *, records: list[Any], now: datetime) -> Uplo
         if ids
         else set()
     )
+    # Content already stored for the line, by hash: (line, sha) -> (sample_id, true_label).
+    known: dict[tuple[str, str], tuple[str, int]] = {}
+    hashes = {(r["model_line"], r["content_sha256"]) for r in rows if r["sample_id"] not in stored}
+    for line_name in {h[0] for h in hashes}:
+        shas = [h[1] for h in hashes if h[0] == line_name]
+        for sid, sha, label in session.execute(
+            select(Sample.sample_id, Sample.content_sha256, Sample.true_label).where(
+                Sample.model_line == line_name, Sample.content_sha256.in_(shas)
+            )
+        ):
+            known.setdefault((line_name, str(sha)), (sid, label))
     fresh: dict[str, dict[str, Any]] = {}
     for row in rows:
         if row["sample_id"] in stored or row["sample_id"] in fresh:
             result.duplicates += 1
-        else:
-            fresh[row["sample_id"]] = row
+            continue
+        key = (row["model_line"], row["content_sha256"])
+        if key in known:
+            other, label = known[key]
+            reason = (
+                f"duplicate content: same input as sample {other!r}"
+                if label == row["true_label"]
+                else f"conflicting label: same input as sample {other!r}, labelled {label}"
+            )
+            result.rejected.append(
+                {"sample_id": row["sample_id"], "reason": f"{reason} (sha256 {key[1][:12]})"}
+            )
+            continue
+        known[key] = (row["sample_id"], row["true_label"])
+        fresh[row["sample_id"]] = row
     if fresh:
         session.execute(insert(Sample), list(fresh.values()))
     per_line: dict[str, int] = {}
@@ -231,15 +312,7 @@ def _count_and_trigger(session: Session, *, line: str, added: int, now: datetime
     ).one()
     if counted.new_samples < counted.retrain_threshold:
         return None
-    if crud.active_job(session, line=line) is not None:
-        return None  # the running job will pick these samples up next time
-    job = TrainingJob(model_line=line, status="queued", trigger="threshold", created_at=now)
-    session.add(job)
-    session.execute(
-        update(ModelLine)
-        .where(ModelLine.name == line)
-        .values(new_samples=0)
-        .execution_options(synchronize_session=False)
-    )
-    session.flush()
-    return job.id
+    # None when a job is already queued or running (the partial unique index decides races):
+    # that job will pick these samples up, or the next threshold will.
+    job = crud.add_job(session, line=line, trigger="threshold", now=now)
+    return job.id if job is not None else None

@@ -21,7 +21,11 @@ Text = Annotated[
 OptText = Annotated[str, StringConstraints(max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$")]
 Reason = Annotated[str, StringConstraints(max_length=1000, pattern=r"^[^\x00]*$")]
 Id32 = Annotated[int, Field(ge=1, le=MAX_INT32)]
-Trainer = Literal["sklearn-mlp", "torch-cnn"]
+Trainer = Literal["sklearn-mlp", "sklearn-logreg", "torch-cnn", "torch-mobilenet"]
+ConfigPath = Annotated[
+    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+]
+Alias = Literal["champion", "candidate", "latest"]
 
 
 def _check_json(value: Any, depth: int = 0) -> None:
@@ -97,17 +101,23 @@ class SamplesResult(BaseModel):
 
 
 class ModelLineCreate(Strict):
+    """A new line. The training config comes from ``config`` (inline, the format of
+    ``training.config``), ``config_path`` (a file in the server's line-config directory), or the
+    older ``trainer`` + ``hyperparams`` fields."""
+
     name: Name
-    trainer: Trainer = "sklearn-mlp"
+    trainer: Trainer | None = None
     hyperparams: dict[str, Any] = {}
+    config: dict[str, Any] | None = None
+    config_path: ConfigPath | None = None
     input_spec: dict[str, Any]
     labels: Annotated[list[Text], Field(min_length=2, max_length=10_000)]
     retrain_threshold: Annotated[int, Field(ge=1, le=10**9)] | None = None
     initial_training: bool = True
 
-    @field_validator("hyperparams")
+    @field_validator("hyperparams", "config")
     @classmethod
-    def _finite(cls, v: dict[str, Any]) -> dict[str, Any]:
+    def _finite(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         _check_json(v)
         return v
 
@@ -139,6 +149,22 @@ class ModelLinePublic(BaseModel):
     last_release: int
     new_samples: int
     created_at: datetime
+    training_config: dict[str, Any]
+    schedule_s: float | None
+    last_job_at: datetime | None
+
+
+class LineConfigUpdate(Strict):
+    """Replace a line's training config (applies to the next training)."""
+
+    config: dict[str, Any] | None = None
+    config_path: ConfigPath | None = None
+
+    @field_validator("config")
+    @classmethod
+    def _finite(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        _check_json(v)
+        return v
 
 
 class ModelVersionPublic(BaseModel):
@@ -158,10 +184,29 @@ class ModelVersionPublic(BaseModel):
     job_id: int | None
     reason: str | None
     created_at: datetime
+    weights_sha256: str | None
 
 
 class ModelVersionDetail(ModelVersionPublic):
     report: dict[str, Any]
+
+
+class AliasPublic(ModelVersionDetail):
+    alias: str
+
+
+class ArtifactInfo(BaseModel):
+    """Where a version's files are: the ONNX model (what devices run) and framework weights."""
+
+    line: str
+    version: int
+    model_sha256: str | None
+    model_size: int | None
+    model_url: str | None
+    weights_sha256: str | None
+    weights_url: str | None
+    opset: int | None
+    dataset_version: str | None
 
 
 class ReleasePublic(BaseModel):
@@ -195,15 +240,49 @@ class TrainingJobPublic(BaseModel):
     error: str | None
     result_version: int | None
     sample_count: int | None
+    attempts: int
+    max_attempts: int
+    claimed_by: str | None
+    heartbeat_at: datetime | None
+    not_before: datetime | None
+    dataset_version: str | None
 
 
 # ---------------------------------------------------------------- rollouts
 
 
+Percent = Annotated[float, Field(ge=0, le=100)]
+Seconds = Annotated[float, Field(ge=0, le=30 * 86400)]
+
+
+class WaveSelector(Strict):
+    groups: Annotated[list[Name], Field(min_length=1, max_length=20)]
+
+
+class WaveAbort(Strict):
+    failure_pct: Percent | None = None
+    min_devices: Annotated[int, Field(ge=1, le=MAX_INT32)] | None = None
+
+
+class WaveCreate(Strict):
+    """One wave of a plan (server.rollout_plan.Wave); unset fields take the settings'."""
+
+    name: OptText | None = None
+    percent: Annotated[float, Field(gt=0, le=100)] | None = None  # cumulative
+    selector: WaveSelector | None = None
+    success_pct: Percent | None = None
+    error_pct: Percent | None = None
+    abort: WaveAbort | None = None
+    min_soak_s: Seconds | None = None
+    timeout_s: Annotated[float, Field(gt=0, le=30 * 86400)] | None = None
+    manual_gate: bool = False
+
+
 class RolloutCreate(Strict):
     model_line: Name
     model_version: Id32
-    canary_percent: Annotated[int, Field(ge=1, le=100)] | None = None
+    canary_percent: Annotated[int, Field(ge=1, le=100)] | None = None  # = waves [p, 100]
+    waves: Annotated[list[WaveCreate], Field(min_length=1, max_length=20)] | None = None
     created_by: Text
 
 
@@ -238,8 +317,11 @@ class RolloutPublic(BaseModel):
     finished_at: datetime | None
     reason: str | None
     gates: dict[str, Any] | None
+    plan: dict[str, Any] | None = None  # waves and frozen cut-offs (server.rollout_plan)
 
 
 class RolloutDetail(RolloutPublic):
-    # stage ("canary"/"rest") -> device state -> count
+    # stage ("canary" = wave 1, "rest" = later waves) -> device state -> count
     devices: dict[str, dict[str, int]]
+    # per wave: index, label, spec, state (pending/running/done), counts, started/finished
+    waves: list[dict[str, Any]] = []

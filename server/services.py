@@ -18,6 +18,7 @@ from server.db import create_all, make_engine, make_sessionmaker, utcnow
 from server.errors import ConflictError
 from server.ingest import IngestWriter
 from server.jobs import JobRunner
+from server.line_config import bootstrap_line_config
 from server.mqtt_bridge import IngestItem, MqttBridge, RecordingPublisher, TargetPublisher
 from server.rollout_engine import RolloutEngine
 from server.signing import Signer, load_signer
@@ -47,10 +48,9 @@ class Services:
     def start(self) -> None:
         """Start the background threads the settings enable."""
         s = self.settings
-        with self.sessions() as session:
-            failed = crud.fail_orphaned_jobs(session, now=self.clock())
-            if failed:
-                log.warning("%d training job(s) were running when the server stopped", failed)
+        # Jobs whose runner died (this server killed mid-training, or another one) go back to
+        # the queue; a live runner elsewhere keeps its lease.
+        self.jobs.recover()
         if s.enable_ingest_writer:
             self.ingest.start()
             self._started.append("ingest")
@@ -83,18 +83,21 @@ def bootstrap(services: Services) -> None:
     s = services.settings
     if not s.bootstrap_line:
         return
+    config = bootstrap_line_config(s)
     with services.sessions() as session:
         try:
             crud.create_model_line(
                 session,
                 name=s.bootstrap_line,
-                trainer=s.bootstrap_trainer,
-                hyperparams={},
+                trainer=config.trainer,
+                hyperparams=config.hyperparams,
                 input_spec=dict(DIGITS_INPUT_SPEC),
                 labels=list(DIGITS_LABELS),
-                retrain_threshold=s.retrain_threshold,
+                retrain_threshold=config.retrain_threshold or s.retrain_threshold,
                 initial_training=True,
                 now=services.clock(),
+                training_config=config.to_dict(),
+                schedule_s=config.schedule_s,
             )
             log.info("created model line %r with its initial training job", s.bootstrap_line)
         except ConflictError:
@@ -127,6 +130,7 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
             keepalive_s=settings.mqtt_keepalive_s,
             reconnect_min_s=settings.mqtt_reconnect_min_s,
             reconnect_max_s=settings.mqtt_reconnect_max_s,
+            shared_group=settings.mqtt_shared_group or None,
         )
         publisher = bridge
     else:

@@ -1,8 +1,9 @@
 """What each device should run now, as a contract.TargetMessage.
 
-Rule: a device in a stage of an active rollout that has been released gets the rollout's release;
-every other device gets the line's ``current_release``. Devices outside a released stage are never
-told about the new version, whether they ask over HTTP or hear it over MQTT.
+Rule: a device of an active rollout that was released to (its wave started: ``notified_at`` is
+set) gets the rollout's release, unless it is held out (quarantined) or rolled the release back
+on probation; every other device gets the line's ``current_release``. Devices outside a started
+wave are never told about the new version, whether they ask over HTTP or hear it over MQTT.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from server import crud
 from server.db import Device, ModelLine, Release, Rollout, RolloutDevice
 from server.errors import NotFoundError
 from server.rollout import ACTIVE_ROLLOUT_STATES
+
+# Rollout devices that get the line's current release instead of the rollout's.
+NOT_SENT_STATES = ("queued", "quarantined", "rolled_back")
 
 
 def artifact_url(public_url: str, sha256: str) -> str:
@@ -41,11 +45,6 @@ def active_rollout(session: Session, *, line: str) -> Rollout | None:
     )
 
 
-def _rest_released(rollout: Rollout) -> bool:
-    """Stage 1 (everyone) is released once the rollout went full, also while paused there."""
-    return rollout.state == "full" or (rollout.state == "paused" and rollout.paused_state == "full")
-
-
 def targets_for_line(
     session: Session, *, line: str, public_url: str, device_ids: list[str] | None = None
 ) -> list[tuple[str, TargetMessage]]:
@@ -65,14 +64,15 @@ def targets_for_line(
             public_url=public_url,
             rollout_id=rollout.id,
         )
-        if _rest_released(rollout):
-            in_rollout = set(devices)
-        else:
-            in_rollout = set(
-                session.scalars(
-                    select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == rollout.id)
-                ).all()
-            )
+        in_rollout = set(
+            session.scalars(
+                select(RolloutDevice.device_id).where(
+                    RolloutDevice.rollout_id == rollout.id,
+                    RolloutDevice.notified_at.is_not(None),
+                    RolloutDevice.state.not_in(NOT_SENT_STATES),
+                )
+            ).all()
+        )
     out: list[tuple[str, TargetMessage]] = []
     for device_id in devices:
         if rollout_msg is not None and device_id in in_rollout:

@@ -8,10 +8,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
+import time
 from collections.abc import Sequence
 
 from training.errors import SpecError, TrainingError
+
+PARENT_ENV = "EDGELOOP_TRAINER_PARENT_PID"  # set by the server's job runner
+PARENT_POLL_S = 1.0  # seconds between checks that the runner still lives
+
+
+def _exit_with_parent() -> None:
+    """Exit when the job runner that started us dies (its job will be retried elsewhere)."""
+    expected = os.environ.get(PARENT_ENV, "")
+    if not expected.isdigit():
+        return
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != int(expected):
+                print("training: the job runner died; exiting", file=sys.stderr, flush=True)
+                os._exit(3)
+            time.sleep(PARENT_POLL_S)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -21,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spec", required=True, help="path to the job's spec.json")
     parser.add_argument("--print", action="store_true", help="echo report.json to stdout")
     args = parser.parse_args(argv)
+    _exit_with_parent()
 
     # Imported lazily so that `--help` and a bad spec fail fast, before torch/sklearn/ORT load.
     from training.spec import load_spec

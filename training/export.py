@@ -1,7 +1,8 @@
 """ONNX export and the ONNX Runtime parity check.
 
 Every exported model has the same face, whatever trained it: one input (``input`` by default),
-float32 ``[batch, n_features]``; one output named ``probabilities`` (``contract.OUTPUT_NAME``),
+float32 ``[batch, *sample_shape]`` (the input spec's shape: ``[batch, F]`` for flat data,
+``[batch, C, H, W]`` for images); one output named ``probabilities`` (``contract.OUTPUT_NAME``),
 float32 ``[batch, n_classes]``; default-domain opset pinned to :data:`OPSET`; all weights inlined
 (no external data files), so the bytes that are hashed and signed are the whole model.
 
@@ -61,8 +62,10 @@ def sklearn_to_onnx(estimator: Any, *, n_features: int, input_name: str = "input
     return _finish(model, input_name, f"skl2onnx {skl2onnx.__version__}")
 
 
-def torch_to_onnx(net: Any, *, n_features: int, input_name: str = "input") -> bytes:
+def torch_to_onnx(net: Any, *, sample_shape: tuple[int, ...], input_name: str = "input") -> bytes:
     """Export a torch module whose ``forward`` returns probabilities (TorchScript exporter).
+
+    The input is ``[batch, *sample_shape]`` float32, as the input spec (and so the device) says.
 
     Raises:
         ExportError: the exporter fails or the result is invalid.
@@ -74,7 +77,7 @@ def torch_to_onnx(net: Any, *, n_features: int, input_name: str = "input") -> by
         with torch.no_grad():
             torch.onnx.export(
                 net,
-                (torch.zeros(1, n_features, dtype=torch.float32),),
+                (torch.zeros(1, *sample_shape, dtype=torch.float32),),
                 buf,  # type: ignore[arg-type]  # the TorchScript exporter takes file objects
                 dynamo=False,
                 opset_version=OPSET,
@@ -115,10 +118,10 @@ def _finish(model: onnx.ModelProto, input_name: str, exporter: str) -> bytes:
     outputs = [o.name for o in model.graph.output]
     if inputs != [input_name] or outputs != [OUTPUT_NAME]:
         raise ExportError(f"exported model has inputs {inputs} and outputs {outputs}")
-    for value in (model.graph.input[0], model.graph.output[0]):
+    for value, ranks in ((model.graph.input[0], (2, 4)), (model.graph.output[0], (2,))):
         dims = value.type.tensor_type.shape.dim
-        if len(dims) != 2:
-            raise ExportError(f"{value.name} must be 2-D [batch, n], got {len(dims)} dims")
+        if len(dims) not in ranks:
+            raise ExportError(f"{value.name} must have rank {ranks} [batch, ...], got {len(dims)}")
         dims[0].dim_param = BATCH_DIM  # replaces skl2onnx's anonymous dim / "unk__0"
     for init in model.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:
@@ -161,7 +164,11 @@ def onnx_predict_proba(onnx_bytes: bytes, X: np.ndarray) -> np.ndarray:
         names = [o.name for o in sess.get_outputs()]
         if OUTPUT_NAME not in names:
             raise ParityError(f"model has no {OUTPUT_NAME!r} output (outputs: {names})")
-        feed = {sess.get_inputs()[0].name: np.ascontiguousarray(X, dtype=np.float32)}
+        inp = sess.get_inputs()[0]
+        x = np.ascontiguousarray(X, dtype=np.float32)
+        if len(inp.shape) > 2 and all(isinstance(d, int) for d in inp.shape[1:]):
+            x = x.reshape(len(x), *inp.shape[1:])  # flat rows -> the model's image shape
+        feed = {inp.name: x}
         (out,) = sess.run([OUTPUT_NAME], feed)
     except ParityError:
         raise

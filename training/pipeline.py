@@ -3,7 +3,12 @@
 This module is the shell around the pure parts (:mod:`training.dataset`, :mod:`training.evaluate`):
 it reads the samples and the champion from disk, times training, and writes the outputs. Files are
 written atomically (temp + ``os.replace``) in the order ``dataset.json``, ``model.onnx``,
-``report.json``: the report is last, so its presence means the job finished.
+``weights.npz`` (framework weights, for a later warm start), ``report.json``: the report is last,
+so its presence means the job finished.
+
+The report's ``reproducibility`` block names what fixes the result: the dataset version, a hash of
+the training config (trainer, effective hyperparameters, seed, warm-start weights) and a hash of
+the challenger's metrics; two runs with the same first two give the same third.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from training.config import IMAGEFOLDER_PREFIX
 from training.data import LABELS, N_FEATURES, Split, digits_pools
-from training.dataset import FIELD_FRACTION, DatasetVersion, build_dataset
+from training.dataset import DatasetVersion, build_dataset
 from training.errors import ChampionError, ParityError, SpecError
-from training.evaluate import gate, model_metrics
+from training.evaluate import evaluate_gate, model_metrics
 from training.export import OPSET, add_metadata, check_parity, onnx_predict_proba
 from training.samples import Samples, load_samples
 from training.spec import JobSpec
@@ -32,6 +38,8 @@ from training.trainers import train
 MODEL_FILE = "model.onnx"
 REPORT_FILE = "report.json"
 DATASET_FILE = "dataset.json"
+WEIGHTS_FILE = "weights.npz"
+MAX_WEIGHTS_BYTES = 512 * 1024 * 1024  # bytes; a larger champion weights file is refused
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,10 @@ class Report:
     model_sha256: str
     model_size: int  # bytes
     opset: int
+    gate: dict[str, Any]  # {"passed", "reason", "checks": [...]} of the full gate
+    warm_start: dict[str, Any]  # {"requested", "used", "from_version"}
+    reproducibility: dict[str, Any]  # dataset_version, config_sha256, metrics_sha256, seed
+    weights_sha256: str | None  # of weights.npz
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,11 +81,20 @@ class BaseData:
 
 
 def resolve_base(spec: JobSpec) -> BaseData:
-    """The base pool and golden holdout for the spec's line (the bundled digits, for now).
+    """The base pool and golden holdout for the spec's line: the bundled digits, or an
+    ImageFolder tree (``base = "imagefolder:<path>"``, see :mod:`training.imagefolder`).
 
     Raises:
-        SpecError: the spec's input or labels do not match the digits data.
+        SpecError: the spec's input or labels do not match the base data.
     """
+    if spec.base.startswith(IMAGEFOLDER_PREFIX):
+        from training.imagefolder import load_imagefolder
+
+        if spec.input_spec.dtype != "float32" or spec.input_spec.min > 0 or spec.input_spec.max < 1:
+            raise SpecError("imagefolder data needs a float32 input_spec covering [0, 1]")
+        path = spec.base.removeprefix(IMAGEFOLDER_PREFIX)
+        train_pool, golden = load_imagefolder(path, spec.labels, tuple(spec.input_spec.shape))
+        return BaseData(spec.base, train_pool, golden)
     shape = tuple(spec.input_spec.shape)
     if shape != (-1, N_FEATURES) or spec.input_spec.dtype != "float32":
         raise SpecError(
@@ -103,6 +124,34 @@ def _champion_proba(spec: JobSpec, X: np.ndarray) -> np.ndarray:
             f"the line has {len(spec.labels)}"
         )
     return proba
+
+
+def _champion_weights(spec: JobSpec) -> dict[str, np.ndarray] | None:
+    """The champion's framework weights for a warm start (None: not asked for or not there)."""
+    if not spec.warm_start or spec.champion is None or spec.champion.weights_path is None:
+        return None
+    path = spec.champion.weights_path
+    try:
+        if path.stat().st_size > MAX_WEIGHTS_BYTES:
+            raise ChampionError(f"champion weights {path} are over {MAX_WEIGHTS_BYTES} bytes")
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except ChampionError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        raise ChampionError(f"cannot read champion weights {path}: {exc}") from exc
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def _sha(doc: Any) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -140,18 +189,21 @@ def run_job(spec: JobSpec, *, clock: Callable[[], float] = time.perf_counter) ->
 
     base = resolve_base(spec)
     n_classes = len(spec.labels)
+    n_features = spec.input_spec.features
+    sample_shape = tuple(d for d in spec.input_spec.shape if d != -1)
     if spec.samples_path is None:
-        samples = Samples.empty(N_FEATURES)
+        samples = Samples.empty(n_features)
     else:
-        samples = load_samples(spec.samples_path, N_FEATURES)
+        samples = load_samples(spec.samples_path, n_features)
     ds: DatasetVersion = build_dataset(
         base.train,
         samples,
         base_name=base.name,
-        field_fraction=FIELD_FRACTION,
+        field_fraction=spec.field_fraction,
         n_classes=n_classes,
         value_range=(spec.input_spec.min, spec.input_spec.max),
     )
+    init = _champion_weights(spec)
 
     started = clock()
     model, hyperparams = train(
@@ -161,8 +213,23 @@ def run_job(spec: JobSpec, *, clock: Callable[[], float] = time.perf_counter) ->
         n_classes=n_classes,
         seed=spec.seed,
         hyperparams=spec.hyperparams,
+        sample_shape=sample_shape,
+        init=init,
     )
     train_seconds = clock() - started
+    warm_used = bool(getattr(model, "warm_started", False))
+    weights = _npz_bytes(model.state())
+    config_sha = _sha(
+        {
+            "trainer": spec.trainer,
+            "hyperparams": hyperparams,
+            "seed": spec.seed,
+            "field_fraction": spec.field_fraction,
+            "warm_start_from": hashlib.sha256(_npz_bytes(init)).hexdigest()
+            if warm_used and init
+            else None,
+        }
+    )
 
     onnx_bytes = add_metadata(
         model.to_onnx(input_name=spec.input_spec.name),
@@ -174,6 +241,10 @@ def run_job(spec: JobSpec, *, clock: Callable[[], float] = time.perf_counter) ->
             "model_line": spec.model_line,
             "labels": json.dumps(list(spec.labels)),
             "hyperparams": json.dumps(hyperparams, sort_keys=True),
+            "base": base.name,
+            "opset": OPSET,
+            "config_sha256": config_sha,
+            "warm_start_from": spec.champion.version if warm_used and spec.champion else "",
         },
     )
     parity = check_parity(onnx_bytes, model.predict_proba, base.golden.X)
@@ -195,7 +266,8 @@ def run_job(spec: JobSpec, *, clock: Callable[[], float] = time.perf_counter) ->
             ds.y_field,
             n_classes,
         )
-    passed, reason = gate(challenger, champion, spec.gate.max_golden_drop, spec.gate.min_field_gain)
+    verdict = evaluate_gate(challenger, champion, spec.gate, spec.labels)
+    passed, reason = verdict.passed, verdict.reason
     if not parity["passed"]:
         passed, reason = False, f"rejected: ONNX parity failed: {parity['reason']}"
 
@@ -216,9 +288,24 @@ def run_job(spec: JobSpec, *, clock: Callable[[], float] = time.perf_counter) ->
         model_sha256=hashlib.sha256(onnx_bytes).hexdigest(),
         model_size=len(onnx_bytes),
         opset=OPSET,
+        gate={**verdict.to_dict(), "passed": passed, "reason": reason, "bounds": asdict(spec.gate)},
+        warm_start={
+            "requested": spec.warm_start,
+            "used": warm_used,
+            "from_version": spec.champion.version if warm_used and spec.champion else None,
+        },
+        reproducibility={
+            "dataset_version": ds.version,
+            "config_sha256": config_sha,
+            "seed": spec.seed,
+            "metrics_sha256": _sha(challenger),
+            "statement": "same dataset_version + config_sha256 gives the same metrics_sha256",
+        },
+        weights_sha256=hashlib.sha256(weights).hexdigest(),
     )
     _write_atomic(out_dir / DATASET_FILE, _json_bytes(ds.manifest))
     _write_atomic(out_dir / MODEL_FILE, onnx_bytes)
+    _write_atomic(out_dir / WEIGHTS_FILE, weights)
     _write_atomic(out_dir / REPORT_FILE, _json_bytes(report.to_dict()))
     return report
 
@@ -227,6 +314,7 @@ __all__ = [
     "DATASET_FILE",
     "MODEL_FILE",
     "REPORT_FILE",
+    "WEIGHTS_FILE",
     "BaseData",
     "Report",
     "resolve_base",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from contract import ContractError, InputSpec
+from training.config import DEFAULT_FIELD_FRACTION, GateConfig, check_base
 from training.errors import SpecError
 from training.trainers import get_trainer
 
@@ -35,7 +36,11 @@ _KEYS = {
     "input_spec",
     "labels",
     "output_dir",
+    "base",
+    "field_fraction",
+    "warm_start",
 }
+_OPTIONAL = {"hyperparams", "samples_path", "champion", "base", "field_fraction", "warm_start"}
 
 
 @dataclass(frozen=True)
@@ -44,14 +49,11 @@ class ChampionSpec:
 
     version: int
     onnx_path: Path
+    weights_path: Path | None = None  # framework weights (weights.npz), for warm starts
 
 
-@dataclass(frozen=True)
-class GateSpec:
-    """Champion/challenger gate thresholds (accuracies are fractions in [0, 1])."""
-
-    max_golden_drop: float = 0.03  # the challenger may lose at most this much golden accuracy
-    min_field_gain: float = 0.0  # and must gain at least this much on the recent field set
+# The gate bounds of a job are the line config's (see training.config.GateConfig).
+GateSpec = GateConfig
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class JobSpec:
     samples_path: Path | None = None
     champion: ChampionSpec | None = None
     gate: GateSpec = GateSpec()
+    base: str = "digits"  # "digits" or "imagefolder:<path>"
+    field_fraction: float = DEFAULT_FIELD_FRACTION
+    warm_start: bool = False  # start from champion.weights_path when it fits the trainer
 
     @classmethod
     def from_dict(cls, data: Any) -> JobSpec:
@@ -82,9 +87,7 @@ class JobSpec:
         unknown = sorted(set(data) - _KEYS)
         if unknown:
             raise SpecError(f"unknown spec key(s) {unknown}; expected {sorted(_KEYS)}")
-        missing = sorted(
-            k for k in _KEYS - {"hyperparams", "samples_path", "champion"} if k not in data
-        )
+        missing = sorted(k for k in _KEYS - _OPTIONAL if k not in data)
         if missing:
             raise SpecError(f"spec is missing required key(s) {missing}")
 
@@ -126,6 +129,9 @@ class JobSpec:
             samples_path=_samples_path(data.get("samples_path")),
             champion=_champion(data.get("champion")),
             gate=_gate(data["gate"]),
+            base=check_base(data.get("base", "digits")),
+            field_fraction=_fraction(data.get("field_fraction", DEFAULT_FIELD_FRACTION)),
+            warm_start=_bool(data.get("warm_start", False), "warm_start"),
         )
 
 
@@ -158,7 +164,7 @@ def _champion(value: Any) -> ChampionSpec | None:
         return None
     if not isinstance(value, Mapping):
         raise SpecError(f"champion must be an object or null, got {value!r}")
-    extra = sorted(set(value) - {"version", "onnx_path"})
+    extra = sorted(set(value) - {"version", "onnx_path", "weights_path"})
     if extra:
         raise SpecError(f"unknown champion key(s) {extra}")
     if "version" not in value or "onnx_path" not in value:
@@ -167,24 +173,33 @@ def _champion(value: Any) -> ChampionSpec | None:
     path = _path(value["onnx_path"], "champion.onnx_path")
     if not path.is_file():
         raise SpecError(f"champion.onnx_path {str(path)!r} is not a file")
-    return ChampionSpec(version=version, onnx_path=path)
+    weights: Path | None = None
+    if value.get("weights_path") is not None:
+        weights = _path(value["weights_path"], "champion.weights_path")
+        if not weights.is_file():
+            raise SpecError(f"champion.weights_path {str(weights)!r} is not a file")
+    return ChampionSpec(version=version, onnx_path=path, weights_path=weights)
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+        raise SpecError(f"field_fraction must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def _gate(value: Any) -> GateSpec:
     if not isinstance(value, Mapping):
         raise SpecError(f"gate must be an object, got {value!r}")
-    extra = sorted(set(value) - {"max_golden_drop", "min_field_gain"})
-    if extra:
-        raise SpecError(f"unknown gate key(s) {extra}")
-    out: dict[str, float] = {}
-    for key, lo, hi in (("max_golden_drop", 0.0, 1.0), ("min_field_gain", -1.0, 1.0)):
+    for key in ("max_golden_drop", "min_field_gain"):  # the server always states these two
         if key not in value:
             raise SpecError(f"gate.{key} is required")
-        v = value[key]
-        if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
-            raise SpecError(f"gate.{key} must be a number in [{lo}, {hi}], got {v!r}")
-        out[key] = float(v)
-    return GateSpec(**out)
+    return GateConfig.from_dict(value)
 
 
 def load_spec(path: str | Path) -> JobSpec:

@@ -23,13 +23,28 @@ from training.errors import SpecError, TrainingError
 class FittedModel(Protocol):
     """A trained challenger, as the pipeline sees it."""
 
+    warm_started: bool  # True when training started from the champion's weights
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The framework weights, by name (saved as ``weights.npz`` for a later warm start)."""
+        ...
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities float [n, n_classes] computed by the training framework."""
         ...
 
     def to_onnx(self, *, input_name: str = "input") -> bytes:
-        """Self-contained ONNX model: input ``input_name`` float32 [N, F], output probabilities."""
+        """Self-contained ONNX model: input ``input_name`` float32 [N, *sample_shape], output
+        probabilities."""
         ...
+
+
+@dataclass(frozen=True)
+class FitContext:
+    """What a trainer needs besides the data and hyperparameters."""
+
+    sample_shape: tuple[int, ...]  # one sample's shape from the input spec (batch excluded)
+    init: dict[str, np.ndarray] | None = None  # the champion's weights, for a warm start
 
 
 @dataclass(frozen=True)
@@ -75,12 +90,12 @@ class Param:
             raise SpecError(f"{where} must be >= {self.minimum:g}, got {value!r}")
 
 
-FitFn = Callable[[np.ndarray, np.ndarray, int, int, dict[str, Any]], FittedModel]
+FitFn = Callable[[np.ndarray, np.ndarray, int, int, dict[str, Any], FitContext], FittedModel]
 
 
 @dataclass(frozen=True)
 class Trainer:
-    """A registered trainer: ``fit(X, y, n_classes, seed, hyperparams)``."""
+    """A registered trainer: ``fit(X, y, n_classes, seed, hyperparams, context)``."""
 
     name: str
     params: Mapping[str, Param]
@@ -114,6 +129,15 @@ class SklearnModel:
 
     estimator: Any
     n_features: int
+    warm_started: bool = False
+
+    def state(self) -> dict[str, np.ndarray]:
+        est = self.estimator
+        if hasattr(est, "coefs_"):
+            out = {f"coef_{i}": np.asarray(c) for i, c in enumerate(est.coefs_)}
+            out.update({f"intercept_{i}": np.asarray(b) for i, b in enumerate(est.intercepts_)})
+            return out
+        return {"coef": np.asarray(est.coef_), "intercept": np.asarray(est.intercept_)}
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.estimator.predict_proba(np.asarray(X, dtype=np.float32)))
@@ -132,24 +156,50 @@ def _check_classes(y: np.ndarray, n_classes: int) -> None:
         raise TrainingError(f"training data has no example of class index(es) {missing}")
 
 
-def _fit_sklearn(estimator: Any, X: np.ndarray, y: np.ndarray, n_classes: int) -> SklearnModel:
+def _check_flat(ctx: FitContext) -> None:
+    if len(ctx.sample_shape) != 1:
+        raise SpecError(
+            f"scikit-learn trainers need a flat input_spec [-1, F], got sample shape "
+            f"{list(ctx.sample_shape)}; use torch-cnn or torch-mobilenet for images"
+        )
+
+
+def _shapes_match(init: dict[str, np.ndarray] | None, want: dict[str, tuple[int, ...]]) -> bool:
+    """True when ``init`` holds exactly the arrays ``want`` names, with those shapes."""
+    if not init or set(init) != set(want):
+        return False
+    return all(tuple(init[k].shape) == v for k, v in want.items())
+
+
+def _fit_sklearn(
+    estimator: Any, X: np.ndarray, y: np.ndarray, n_classes: int, *, warm: bool = False
+) -> SklearnModel:
     from sklearn.exceptions import ConvergenceWarning
 
-    _check_classes(y, n_classes)
     with warnings.catch_warnings():
         # Hitting max_iter is a tuning matter the gate judges by accuracy, not a job failure.
         warnings.simplefilter("ignore", ConvergenceWarning)
         estimator.fit(np.asarray(X, dtype=np.float32), y)
-    return SklearnModel(estimator, n_features=int(X.shape[1]))
+    return SklearnModel(estimator, n_features=int(X.shape[1]), warm_started=warm)
 
 
 def _fit_mlp(
-    X: np.ndarray, y: np.ndarray, n_classes: int, seed: int, hp: dict[str, Any]
+    X: np.ndarray, y: np.ndarray, n_classes: int, seed: int, hp: dict[str, Any], ctx: FitContext
 ) -> FittedModel:
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
+    _check_flat(ctx)
+    _check_classes(y, n_classes)
+    hidden = tuple(hp["hidden_layer_sizes"])
+    units = [int(X.shape[1]), *hidden, n_classes]
+    want: dict[str, tuple[int, ...]] = {
+        f"coef_{i}": (units[i], units[i + 1]) for i in range(len(units) - 1)
+    }
+    want.update({f"intercept_{i}": (units[i + 1],) for i in range(len(units) - 1)})
+    warm = _shapes_match(ctx.init, want)
     est = MLPClassifier(
-        hidden_layer_sizes=tuple(hp["hidden_layer_sizes"]),
+        hidden_layer_sizes=hidden,
         alpha=hp["alpha"],
         learning_rate_init=hp["learning_rate_init"],
         max_iter=hp["max_iter"],
@@ -157,25 +207,61 @@ def _fit_mlp(
         n_iter_no_change=hp["n_iter_no_change"],
         random_state=seed,
     )
-    return _fit_sklearn(est, X, y, n_classes)
+    if warm:
+        assert ctx.init is not None
+        # One incremental step on one example per class builds the estimator's structure; the
+        # champion's weights then replace the initial ones and fit() continues from them.
+        rows = [int(np.flatnonzero(y == c)[0]) for c in range(n_classes)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            est.partial_fit(
+                np.asarray(X[rows], dtype=np.float32), y[rows], classes=np.arange(n_classes)
+            )
+        est.set_params(warm_start=True)
+        est.coefs_ = [np.array(ctx.init[f"coef_{i}"]) for i in range(len(units) - 1)]
+        est.intercepts_ = [np.array(ctx.init[f"intercept_{i}"]) for i in range(len(units) - 1)]
+    return _fit_sklearn(est, X, y, n_classes, warm=warm)
 
 
 def _fit_logreg(
-    X: np.ndarray, y: np.ndarray, n_classes: int, seed: int, hp: dict[str, Any]
+    X: np.ndarray, y: np.ndarray, n_classes: int, seed: int, hp: dict[str, Any], ctx: FitContext
 ) -> FittedModel:
     from sklearn.linear_model import LogisticRegression
 
-    est = LogisticRegression(C=hp["C"], max_iter=hp["max_iter"], tol=hp["tol"], random_state=seed)
-    return _fit_sklearn(est, X, y, n_classes)
+    _check_flat(ctx)
+    _check_classes(y, n_classes)
+    n_features = int(X.shape[1])
+    warm = _shapes_match(ctx.init, {"coef": (n_classes, n_features), "intercept": (n_classes,)})
+    est = LogisticRegression(
+        C=hp["C"], max_iter=hp["max_iter"], tol=hp["tol"], random_state=seed, warm_start=warm
+    )
+    if warm:
+        assert ctx.init is not None
+        est.coef_ = np.array(ctx.init["coef"])
+        est.intercept_ = np.array(ctx.init["intercept"])
+    return _fit_sklearn(est, X, y, n_classes, warm=warm)
 
 
 def _fit_torch_cnn(
-    X: np.ndarray, y: np.ndarray, n_classes: int, seed: int, hp: dict[str, Any]
+    X: np.ndarray, y: np.ndarray, n_classes: int, seed: int, hp: dict[str, Any], ctx: FitContext
 ) -> FittedModel:
     from training.torch_cnn import fit_cnn
 
     _check_classes(y, n_classes)
-    return fit_cnn(X, y, n_classes=n_classes, seed=seed, **hp)
+    return fit_cnn(
+        X, y, n_classes=n_classes, seed=seed, sample_shape=ctx.sample_shape, init=ctx.init, **hp
+    )
+
+
+def _fit_torch_mobilenet(
+    X: np.ndarray, y: np.ndarray, n_classes: int, seed: int, hp: dict[str, Any], ctx: FitContext
+) -> FittedModel:
+    from training.torch_cnn import fit_mobilenet
+
+    _check_classes(y, n_classes)
+    return fit_mobilenet(
+        X, y, n_classes=n_classes, seed=seed, sample_shape=ctx.sample_shape, init=ctx.init, **hp
+    )
 
 
 TRAINERS: dict[str, Trainer] = {
@@ -218,7 +304,21 @@ TRAINERS: dict[str, Trainer] = {
                 "threads": Param("int", 1, minimum=1),  # measured: 2 buys nothing here
             },
             _fit_torch_cnn,
-            "small CNN on the 8x8 image, softmax output, deterministic on CPU",
+            "small CNN on the input image, softmax output, deterministic on CPU",
+        ),
+        Trainer(
+            "torch-mobilenet",
+            {
+                "epochs": Param("int", 5, minimum=1),
+                "batch_size": Param("int", 32, minimum=2),
+                "lr": Param("float", 1e-3, minimum=1e-8),
+                "weight_decay": Param("float", 0.0, minimum=0.0),
+                "dropout": Param("float", 0.2, minimum=0.0),
+                "threads": Param("int", 2, minimum=1),
+                "max_steps": Param("int", 0, minimum=0),  # 0: train every epoch in full
+            },
+            _fit_torch_mobilenet,
+            "torchvision mobilenet_v3_small from scratch (ImageFolder data), softmax output",
         ),
     )
 }
@@ -244,16 +344,32 @@ def train(
     n_classes: int,
     seed: int,
     hyperparams: Mapping[str, Any] | None = None,
+    sample_shape: tuple[int, ...] | None = None,
+    init: dict[str, np.ndarray] | None = None,
 ) -> tuple[FittedModel, dict[str, Any]]:
     """Fit trainer ``name`` on ``(X, y)``; returns the model and the effective hyperparameters.
 
+    Args:
+        sample_shape: one sample's shape in the model input (default: flat ``(F,)``).
+        init: the champion's weights; used (``model.warm_started``) when they fit the model.
+
     Raises:
-        SpecError: unknown trainer or hyperparameter.
+        SpecError: unknown trainer or hyperparameter, or an input shape the trainer cannot take.
         TrainingError: the data cannot be trained on (e.g. a class has no example).
     """
     trainer = get_trainer(name)
     hp = trainer.resolve(hyperparams or {})
-    return trainer.fit(X, y, n_classes, seed, hp), hp
+    ctx = FitContext(sample_shape or (int(X.shape[1]),), init)
+    return trainer.fit(X, y, n_classes, seed, hp, ctx), hp
 
 
-__all__ = ["TRAINERS", "FittedModel", "Param", "SklearnModel", "Trainer", "get_trainer", "train"]
+__all__ = [
+    "TRAINERS",
+    "FitContext",
+    "FittedModel",
+    "Param",
+    "SklearnModel",
+    "Trainer",
+    "get_trainer",
+    "train",
+]

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = Field(default=1883, ge=1, le=65535)
     mqtt_client_id: str = "edgeloop-server"
+    # Servers in one group share the device reports (MQTT 5 `$share/<group>/...`): run several
+    # stateless server processes on one PostgreSQL. Empty: every process receives every report.
+    mqtt_shared_group: str = "edgeloop-server"
     mqtt_keepalive_s: int = Field(default=30, ge=5)  # seconds
     mqtt_reconnect_min_s: int = Field(default=1, ge=1)  # seconds, first reconnect backoff
     mqtt_reconnect_max_s: int = Field(default=30, ge=1)  # seconds, backoff cap
@@ -49,6 +52,17 @@ class Settings(BaseSettings):
     job_poll_s: float = Field(default=1.0, gt=0)  # seconds between looks for queued jobs
     bootstrap_line: str = ""  # e.g. "digits": created with an initial job at startup if missing
     bootstrap_trainer: str = "sklearn-mlp"
+    # Training config file (.toml/.json, see training.config) of the bootstrap line; when set it
+    # wins over bootstrap_trainer.
+    bootstrap_config: Path | None = None
+    # Where `config_path` of POST /api/v1/model-lines is looked up (default data_dir/line-configs).
+    line_config_dir: Path | None = None
+
+    # Durable training queue.
+    training_max_attempts: int = Field(default=3, ge=1, le=100)  # claims per job before failing
+    training_retry_backoff_s: float = Field(default=5.0, ge=0)  # seconds, doubled per attempt
+    job_heartbeat_s: float = Field(default=2.0, gt=0)  # seconds between runner heartbeats
+    job_lease_s: float = Field(default=30.0, gt=0)  # seconds without heartbeat = runner is dead
 
     # Rollouts.
     auto_rollout: bool = True  # a gated new version gets a rollout in pending_approval
@@ -60,8 +74,20 @@ class Settings(BaseSettings):
     max_latency_ratio: float = Field(default=2.0, gt=0)  # canary p95 / control p95
     latency_slack_ms: float = Field(default=1.0, ge=0)  # ms added so tiny latencies don't flap
     canary_min_soak_s: float = Field(default=10.0, ge=0)  # seconds the canary must run
-    install_timeout_s: float = Field(default=120.0, gt=0)  # seconds for a stage to install
-    max_failed_ratio: float = Field(default=0.2, ge=0, le=1)  # failed / devices in a stage
+    install_timeout_s: float = Field(default=120.0, gt=0)  # seconds without progress: timed out
+    max_failed_ratio: float = Field(default=0.2, ge=0, le=1)  # failed / wave devices: pause
+    # Default plan of a rollout created without one (see server.rollout_plan): "10,50,100"
+    # (cumulative percents) or a JSON list of wave objects; empty: canary_percent, then 100.
+    rollout_plan: str = ""
+    wave_success_pct: float = Field(default=90.0, ge=0, le=100)  # committed % to move on
+    wave_min_soak_s: float = Field(default=0.0, ge=0)  # seconds, waves after the canary
+    abort_failure_pct: float = Field(default=50.0, ge=0, le=100)  # failed % of a wave: roll back
+    abort_min_devices: int = Field(default=1, ge=1)  # settled devices before abort applies
+    accuracy_z: float = Field(default=2.0, ge=0)  # significance an accuracy drop must reach
+    rollout_max_retries: int = Field(default=2, ge=0, le=10)  # re-sends to a failed device
+    rollout_retry_backoff_s: float = Field(default=10.0, ge=0)  # seconds, doubled per retry
+    quarantine_failures: int = Field(default=3, ge=1)  # failed attempts before quarantine
+    quarantine_s: float = Field(default=3600.0, ge=0)  # seconds a quarantined device sits out
 
     # Background services (tests turn them off and drive the cores directly).
     enable_mqtt: bool = True
@@ -87,6 +113,10 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
+
+    @property
+    def line_configs_dir(self) -> Path:
+        return self.line_config_dir or self.data_dir / "line-configs"
 
     @property
     def mqtt_active(self) -> bool:

@@ -66,7 +66,7 @@ function renderLines(lines, devicesByLine, health) {
 function stageRow(name, counts) {
   const total = Object.values(counts || {}).reduce((a, b) => a + b, 0);
   if (!total) return "";
-  const done = ["committed", "installed", "already_installed"].reduce((a, k) => a + (counts[k] || 0), 0);
+  const done = ["committed", "already_installed"].reduce((a, k) => a + (counts[k] || 0), 0);
   const spans = Object.entries(counts).map(([s, n]) =>
     `<span class="s-${esc(s)}" style="width:${(100 * n) / total}%" title="${esc(s)}: ${n}"></span>`).join("");
   return `<div class="stage"><span>${esc(name)}</span><div class="bar">${spans}</div>
@@ -76,10 +76,11 @@ function stageRow(name, counts) {
 function renderRollouts(rollouts) {
   if (!rollouts.length) return;
   $("#rollouts").innerHTML = rollouts.map((r) => {
-    const active = ["canary", "full", "paused"].includes(r.state);
+    const active = ["canary", "rolling", "full", "awaiting_gate", "paused"].includes(r.state);
     const buttons = [
       r.state === "pending_approval" ? `<button data-act="approve" data-id="${r.id}">Approve</button>` : "",
-      ["canary", "full"].includes(r.state) ? `<button class="secondary" data-act="pause" data-id="${r.id}">Pause</button>` : "",
+      r.state === "awaiting_gate" ? `<button data-act="approve" data-id="${r.id}">Approve next wave</button>` : "",
+      ["canary", "rolling", "full", "awaiting_gate"].includes(r.state) ? `<button class="secondary" data-act="pause" data-id="${r.id}">Pause</button>` : "",
       r.state === "paused" ? `<button data-act="resume" data-id="${r.id}">Resume</button>` : "",
       active || r.state === "pending_approval" ? `<button class="danger" data-act="abort" data-id="${r.id}">${active ? "Roll back" : "Abort"}</button>` : "",
     ].join("");
@@ -89,7 +90,9 @@ function renderRollouts(rollouts) {
         &nbsp;<span class="state ${esc(r.state)}">${esc(r.state.replace("_", " "))}</span>
         <span class="muted">&nbsp;canary ${r.canary_percent}% · by ${esc(r.created_by)}${r.approved_by ? " · approved by " + esc(r.approved_by) : ""}</span>
         <div class="actions">${buttons}</div></header>
-      ${stageRow("canary", (r.devices || {}).canary)}${stageRow("rest", (r.devices || {}).rest)}
+      ${r.waves && r.waves.length
+        ? r.waves.map((w) => stageRow(`wave ${w.index + 1} · ${w.label} · ${w.state.replace("_", " ")}`, w.devices)).join("")
+        : stageRow("canary", (r.devices || {}).canary) + stageRow("rest", (r.devices || {}).rest)}
       ${r.reason ? `<div class="muted">${esc(r.reason)}</div>` : ""}
       ${gates ? `<div class="gates">${esc(gates)}</div>` : ""}
     </div>`;

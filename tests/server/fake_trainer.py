@@ -2,14 +2,22 @@
 
 Modes: ``pass`` writes a valid ONNX (MatMul + Softmax, input "input" [N,64], output
 "probabilities" [N,10]) and a passing report; ``fail`` the same with passed=false; ``crash``
-exits 3 with a message on stderr and writes nothing.
+exits 3 with a message on stderr and writes nothing; ``badspec`` exits 2 (invalid spec);
+``killonce`` SIGKILLs itself on a job's first attempt and passes afterwards; ``slow`` sleeps
+``FAKE_TRAINER_SLEEP_S`` seconds (default 3) and then passes.
+
+Every run appends ``job_id attempt-dir`` to ``FAKE_TRAINER_RUNS`` when that is set, so a test
+can prove that a job was trained exactly once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +49,22 @@ def main() -> int:
     ap.add_argument("--spec", required=True)
     args = ap.parse_args()
     spec = json.loads(Path(args.spec).read_text())
+    out = Path(spec["output_dir"])
+    runs = os.environ.get("FAKE_TRAINER_RUNS")
+    if runs:
+        with open(runs, "a") as f:
+            f.write(f"{spec['job_id']} {out.name}\n")
     if args.mode == "crash":
         print("fake trainer: simulated crash (out of memory)", file=sys.stderr)
         return 3
-    out = Path(spec["output_dir"])
+    if args.mode == "badspec":
+        print("training: invalid spec: seed must be an integer", file=sys.stderr)
+        return 2
+    if args.mode == "killonce" and out.name == "attempt-1":
+        print("fake trainer: about to be killed", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if args.mode == "slow":
+        time.sleep(float(os.environ.get("FAKE_TRAINER_SLEEP_S", "3")))
     n = 0
     if spec["samples_path"]:
         data = np.load(spec["samples_path"])
@@ -52,7 +72,7 @@ def main() -> int:
         assert data["X"].dtype == np.float32 and data["X"].shape[1] == 64
         assert data["y"].dtype == np.int64
     (out / "model.onnx").write_bytes(build_onnx(spec["seed"]))
-    passed = args.mode == "pass"
+    passed = args.mode != "fail"
     report = {
         "passed": passed,
         "reason": "gate passed" if passed else "golden accuracy dropped 0.08 > 0.03",

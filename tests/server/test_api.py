@@ -296,6 +296,82 @@ BAD_REQUESTS = [
     ("post", "/api/v1/rollouts/999/abort", {}),
     ("post", "/api/v1/rollouts/1/abort", {"json": {"reason": 5}}),
     ("delete", "/api/v1/devices/cam-1", {}),
+    # Registry, config and lineage.
+    ("get", "/api/v1/model-lines/digits/aliases/best", {}),
+    ("get", "/api/v1/model-lines/nope/aliases/champion", {}),
+    ("get", "/api/v1/model-lines/nope/aliases", {}),
+    ("get", "/api/v1/model-lines/digits/versions/99/lineage", {}),
+    ("get", "/api/v1/model-lines/digits/versions/1/lineage?sample_limit=-1", {}),
+    ("get", "/api/v1/model-lines/digits/versions/1/lineage?sample_limit=x", {}),
+    ("get", "/api/v1/model-lines/digits/versions/99/report", {}),
+    ("get", "/api/v1/model-lines/digits/versions/abc/artifacts", {}),
+    ("get", "/api/v1/model-lines/nope/versions/1/artifacts", {}),
+    ("get", "/api/v1/datasets/xyz", {}),
+    ("get", "/api/v1/datasets/" + "0" * 64, {}),
+    ("get", "/api/v1/datasets/" + "0" * 64 + "?offset=-3", {}),
+    ("get", "/api/v1/samples/nope/lineage", {}),
+    ("get", "/api/v1/samples/" + "x" * 70 + "/lineage", {}),
+    ("get", "/api/v1/devices/ghost/lineage", {}),
+    ("get", "/api/v1/devices/bad%00id/lineage", {}),
+    ("put", "/api/v1/model-lines/digits/config", {"json": {}}),
+    ("put", "/api/v1/model-lines/digits/config", {"content": b"{oops"}),
+    ("put", "/api/v1/model-lines/digits/config", {"json": {"config": {"trainer": "svm"}}}),
+    ("put", "/api/v1/model-lines/digits/config", {"json": {"config": {"seed": -1}}}),
+    ("put", "/api/v1/model-lines/digits/config", {"json": {"config": {"base": "ftp://x"}}}),
+    (
+        "put",
+        "/api/v1/model-lines/digits/config",
+        {"json": {"config": {"gate": {"max_golden_drop": 5}}}},
+    ),
+    ("put", "/api/v1/model-lines/digits/config", {"json": {"config": {"gate": {"x": 1}}}}),
+    ("put", "/api/v1/model-lines/digits/config", {"json": {"config": {"hyperparamz": {}}}}),
+    ("put", "/api/v1/model-lines/digits/config", {"json": {"config_path": "../../etc/passwd"}}),
+    ("put", "/api/v1/model-lines/digits/config", {"json": {"config_path": "a/../../x.toml"}}),
+    ("put", "/api/v1/model-lines/digits/config", {"json": {"config_path": "missing.toml"}}),
+    ("put", "/api/v1/model-lines/digits/config", {"json": {"config_path": "x.yaml"}}),
+    (
+        "put",
+        "/api/v1/model-lines/digits/config",
+        {"json": {"config": {}, "config_path": "a.toml"}},
+    ),
+    ("put", "/api/v1/model-lines/nope/config", {"json": {"config": {}}}),
+    (
+        "post",
+        "/api/v1/model-lines",
+        {
+            "json": {
+                "name": "new",
+                "trainer": "torch-cnn",
+                "config": {"trainer": "sklearn-mlp"},
+                "input_spec": {
+                    "name": "input",
+                    "shape": [-1, 64],
+                    "dtype": "float32",
+                    "min": 0,
+                    "max": 1,
+                },
+                "labels": ["a", "b"],
+            }
+        },
+    ),
+    (
+        "post",
+        "/api/v1/model-lines",
+        {
+            "json": {
+                "name": "new",
+                "config": {"schedule_s": 0},
+                "input_spec": {
+                    "name": "input",
+                    "shape": [-1, 64],
+                    "dtype": "float32",
+                    "min": 0,
+                    "max": 1,
+                },
+                "labels": ["a", "b"],
+            }
+        },
+    ),
 ]
 
 

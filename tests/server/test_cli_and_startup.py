@@ -106,3 +106,51 @@ def test_development_generates_a_key_production_refuses(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="production refuses"):
         create_app(prod)
+
+
+def test_cli_lineage_and_registry(live_server) -> None:
+    import httpx
+
+    from server.db import ModelVersion, utcnow
+    from server.lineage import store_dataset
+    from tests.server.conftest import sample
+
+    url, services = live_server
+    httpx.post(
+        f"{url}/api/v1/devices/register", json={"device_id": "cam-9", "model_line": "digits"}
+    )
+    batch = [sample("cam-9", sample_id=f"z{i}") for i in range(3)]
+    assert httpx.post(f"{url}/api/v1/samples", json={"samples": batch}).json()["accepted"] == 3
+    add_version(services, version=1, status="champion", champion_release=True)
+    version = "ab" * 32
+    with services.sessions() as s:
+        store_dataset(
+            s,
+            manifest={
+                "dataset_version": version,
+                "base": {"name": "digits-train", "sha256": "cd" * 32, "count": 1000},
+                "split": {"field_fraction": 0.2},
+                "samples": {"train_ids": ["z0", "z1"], "field_ids": ["z2"], "rejected": []},
+                "counts": {"train": 1002, "field_eval": 1},
+            },
+            line="digits",
+            job_id=None,
+            now=utcnow(),
+        )
+        mv = s.query(ModelVersion).filter_by(version=1).one()
+        mv.dataset_version = version
+        s.commit()
+    code, out = run_cli(url, "lineage", "model", "digits", "1")
+    assert code == 0 and version in out and "cam-9" in out and "2 train, 1 field" in out
+    code, out = run_cli(url, "lineage", "sample", "z2")
+    assert code == 0 and version in out and "champion" in out
+    code, out = run_cli(url, "lineage", "device", "cam-9")
+    assert code == 0 and "3 accepted samples" in out
+    code, out = run_cli(url, "lineage", "dataset", version)
+    assert code == 0 and "cam-9" in out
+    code, out = run_cli(url, "models", "alias", "digits", "champion")
+    assert code == 0 and "digits v1" in out
+    code, out = run_cli(url, "models", "show", "digits", "1")
+    assert code == 0 and "champion" in out
+    code, out = run_cli(url, "lineage", "sample", "nope")
+    assert code == 1 and "unknown sample" in out

@@ -95,19 +95,54 @@ def test_gate_failure_registers_a_rejected_version(
         assert client.get("/api/v1/rollouts").json() == []
 
 
-def test_trainer_crash_fails_the_job_with_its_stderr(
+def test_trainer_crash_is_retried_then_fails_with_its_stderr(
     tmp_path: Path, db_url: str, signing_key
 ) -> None:
-    with app_with_trainer(tmp_path, db_url, signing_key, "crash") as client:
+    with app_with_trainer(
+        tmp_path, db_url, signing_key, "crash", training_max_attempts=2, training_retry_backoff_s=0
+    ) as client:
         create_line(client, initial_training=True)
         job = run_job(client)
-        assert job["status"] == "failed"
+        assert job["status"] == "queued" and job["attempts"] == 1
+        assert "will retry" in job["error"] and "out of memory" in job["error"]
+        job = run_job(client)
+        assert job["status"] == "failed" and job["attempts"] == 2 == job["max_attempts"]
         assert "exited with 3" in job["error"] and "out of memory" in job["error"]
+        assert job["error"].startswith("attempt 2:")
         assert client.get("/api/v1/model-lines/digits/versions").json() == []
         # The line can be retrained after a crash.
         assert (
             client.post("/api/v1/training-jobs", json={"model_line": "digits"}).status_code == 201
         )
+
+
+def test_an_invalid_spec_fails_at_once(tmp_path: Path, db_url: str, signing_key) -> None:
+    with app_with_trainer(tmp_path, db_url, signing_key, "badspec") as client:
+        create_line(client, initial_training=True)
+        job = run_job(client)
+        assert job["status"] == "failed" and job["attempts"] == 1
+        assert "refused the spec" in job["error"] and "seed must be" in job["error"]
+
+
+def test_a_sigkilled_trainer_is_retried(tmp_path: Path, db_url: str, signing_key) -> None:
+    with app_with_trainer(
+        tmp_path, db_url, signing_key, "killonce", training_retry_backoff_s=0
+    ) as client:
+        create_line(client, initial_training=True)
+        job = run_job(client)
+        assert job["status"] == "queued" and "killed by signal 9" in job["error"]
+        job = run_job(client)
+        assert job["status"] == "succeeded" and job["attempts"] == 2
+        assert client.get("/api/v1/model-lines/digits").json()["champion_version"] == 1
+
+
+def test_retry_waits_for_its_backoff(tmp_path: Path, db_url: str, signing_key) -> None:
+    with app_with_trainer(
+        tmp_path, db_url, signing_key, "crash", training_retry_backoff_s=3600
+    ) as client:
+        create_line(client, initial_training=True)
+        assert run_job(client)["status"] == "queued"
+        assert services_of(client).jobs.run_once() is None  # not due for an hour
 
 
 def test_runner_thread_picks_up_a_threshold_job(tmp_path: Path, db_url: str, signing_key) -> None:

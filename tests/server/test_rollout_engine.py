@@ -215,17 +215,40 @@ def test_good_metrics_advance_to_full_then_complete(fleet) -> None:
     assert all(version_of(target(client, d)) == 2 for d in DEVICES)
 
 
-def test_canary_that_never_installs_times_out_and_rolls_back(fleet) -> None:
+def test_stuck_canary_times_out_is_retried_with_backoff_then_quarantined_and_rolled_back(
+    fleet,
+) -> None:
     client, services, rid = fleet
     approve(client, rid)
     canary = canary_of(services)
     status(services, canary[0], DeviceState.DOWNLOADING, 1, rollout_id=rid, target_release=2)
     services.ingest.drain()
-    timeout = services.settings.install_timeout_s
-    d = services.rollouts.tick(services.clock() + timedelta(seconds=timeout + 1))[rid]
-    assert d.action.value == "rollback" and set(d.timed_out) == set(canary)
+    s = services.settings
+    t0 = services.clock()
+    d = services.rollouts.tick(t0 + timedelta(seconds=s.install_timeout_s + 1))[rid]
+    assert d.action.value == "wait" and set(d.timed_out) == set(canary)
+    rows = client.get(f"/api/v1/rollouts/{rid}/devices", params={"wave": 1}).json()
+    assert {r["state"] for r in rows} == {"timed_out"}
+    assert all("no progress" in r["reason"] for r in rows)
+    # Time moves on: retries after a doubling backoff, each attempt times out again, the third
+    # failed attempt quarantines the devices, and a canary of failures rolls back.
+    now, seen = t0, []
+    for _ in range(12):
+        now += timedelta(seconds=s.install_timeout_s + 4 * s.rollout_retry_backoff_s)
+        seen.append(services.rollouts.tick(now).get(rid))
+        if seen[-1] is None or seen[-1].action.value == "rollback":
+            break
+    assert seen[-1] is not None and seen[-1].action.value == "rollback", seen
     r = client.get(f"/api/v1/rollouts/{rid}").json()
-    assert r["state"] == "rolled_back" and r["devices"]["canary"] == {"timed_out": 2}
+    assert r["state"] == "rolled_back", r
+    assert r["devices"]["canary"] == {"quarantined": 2}, r["devices"]
+    history = client.get(f"/api/v1/rollouts/{rid}/devices/{canary[0]}").json()
+    states = [h["state"] for h in history["history"] if h["source"] == "server"]
+    assert states[:2] == ["queued", "notified"] and "timed_out" in states
+    reasons = [h["reason"] for h in history["history"]]
+    assert "retry 1 of 2" in reasons and "retry 2 of 2" in reasons
+    assert history["state"] == "quarantined" and "quarantined for" in history["reason"]
+    assert history["attempts"] == 2 and history["failures"] == 3
 
 
 def test_refusing_canary_rolls_back(fleet) -> None:

@@ -127,3 +127,77 @@ def test_batch_limits(seeded: TestClient) -> None:
         "/api/v1/samples", content=huge, headers={"content-type": "application/json"}
     )
     assert resp.status_code == 413
+
+
+def test_same_content_under_another_id_is_refused_with_the_other_id(seeded: TestClient) -> None:
+    x = np.linspace(0, 1, 64, dtype=np.float32)
+    assert upload(seeded, [sample("cam-1", sample_id="orig", x=x)])["accepted"] == 1
+    out = upload(
+        seeded,
+        [
+            sample("cam-1", sample_id="copy", x=x),
+            sample("cam-1", sample_id="relabelled", x=x, true_label=7),
+            sample("cam-1", sample_id="orig", x=x),  # the same id again: a duplicate (retry)
+        ],
+    )
+    assert out["accepted"] == 0 and out["duplicates"] == 1
+    reasons = {r["sample_id"]: r["reason"] for r in out["rejected"]}
+    assert reasons["copy"].startswith("duplicate content: same input as sample 'orig'")
+    assert "conflicting label: same input as sample 'orig', labelled 3" in reasons["relabelled"]
+    # Within one batch too, and another line may hold the same input.
+    y = np.linspace(1, 0, 64, dtype=np.float32)
+    out = upload(
+        seeded, [sample("cam-1", sample_id="a1", x=y), sample("cam-1", sample_id="a2", x=y)]
+    )
+    assert out["accepted"] == 1 and "same input as sample 'a1'" in out["rejected"][0]["reason"]
+    other = sample("cam-other", sample_id="o1", x=y, line="other")
+    assert upload(seeded, [other])["accepted"] == 1
+
+
+def test_rules_come_from_the_signed_release_manifest(seeded: TestClient) -> None:
+    from server.db import ModelLine
+    from tests.server.conftest import add_version
+
+    services = services_of(seeded)
+    add_version(services, version=1, status="champion", champion_release=True)
+    # The registered spec drifts from what was signed: the signed manifest still rules.
+    with services.sessions() as s:
+        line = s.get(ModelLine, "digits")
+        assert line is not None
+        line.input_spec = {**line.input_spec, "max": 100.0}
+        line.labels = [*line.labels, "extra"]
+        s.commit()
+    big = np.full(64, 0.5, dtype=np.float32)
+    big[0] = 50.0
+    out = upload(
+        seeded,
+        [sample("cam-1", sample_id="big", x=big), sample("cam-1", sample_id="l10", true_label=10)],
+    )
+    reasons = {r["sample_id"]: r["reason"] for r in out["rejected"]}
+    assert "must lie in [0, 1]" in reasons["big"] and "signed release 1 manifest" in reasons["big"]
+    assert "true_label 10 is not in range(0, 10)" in reasons["l10"]
+
+
+def test_integer_dtypes_need_whole_numbers(client: TestClient) -> None:
+    spec = {"name": "input", "shape": [-1, 4], "dtype": "uint8", "min": 0, "max": 255}
+    create_line(client, name="bytes", input_spec=spec, labels=["a", "b"])
+    register(client, "cam-b", line="bytes")
+    ok = sample(
+        "cam-b",
+        sample_id="b1",
+        line="bytes",
+        x=np.array([0, 1, 2, 255], np.float32),
+        true_label=1,
+        predicted_label=0,
+    )
+    frac = sample(
+        "cam-b",
+        sample_id="b2",
+        line="bytes",
+        x=np.array([0, 1.5, 2, 3], np.float32),
+        true_label=1,
+        predicted_label=0,
+    )
+    out = upload(client, [ok, frac])
+    assert out["accepted"] == 1
+    assert "whole numbers for dtype uint8" in out["rejected"][0]["reason"]

@@ -107,3 +107,86 @@ def test_challenger_trained_on_drifted_field_samples_passes(tmp_path, champion_p
     assert challenger["golden_accuracy"] >= champion["golden_accuracy"] - 0.03
     assert "field accuracy" in report.reason
     assert report.parity["passed"]
+
+
+# ---------------------------------------------------------------- the full gate
+
+
+def _full(golden_recall: list[float], support: int = 30, ece: float = 0.02, f1: float = 0.9):
+    return {
+        "golden_accuracy": 0.9,
+        "golden_macro_f1": f1,
+        "golden_ece": ece,
+        "field_accuracy": None,
+        "golden_per_class": [
+            {"precision": 0.9, "recall": r, "support": support} for r in golden_recall
+        ],
+        "field_per_class": [],
+    }
+
+
+def test_a_class_that_regresses_is_rejected_by_name():
+    from training.config import GateConfig
+    from training.evaluate import evaluate_gate
+
+    verdict = evaluate_gate(
+        _full([0.9, 0.6]), _full([0.9, 0.9]), GateConfig(max_class_recall_drop=0.1), ["cat", "dog"]
+    )
+    assert not verdict.passed
+    assert "golden recall of class 'dog' (n=30) 0.6000 vs champion 0.9000" in verdict.reason
+    failed = [c for c in verdict.checks if not c["passed"]]
+    assert [c["check"] for c in failed] == ["golden recall of class 'dog' (n=30)"]
+
+
+def test_small_classes_are_skipped_and_the_reason_says_so():
+    from training.config import GateConfig
+    from training.evaluate import evaluate_gate
+
+    verdict = evaluate_gate(
+        _full([0.9, 0.1], support=3), _full([0.9, 0.9], support=3), GateConfig(min_class_count=20)
+    )
+    assert verdict.passed and "skipped (fewer than 20 examples)" in verdict.reason
+    assert any("3 examples < min_class_count 20" in c.get("skipped", "") for c in verdict.checks)
+
+
+def test_calibration_and_macro_f1_bounds():
+    from training.config import GateConfig
+    from training.evaluate import evaluate_gate
+
+    worse_ece = evaluate_gate(_full([0.9], ece=0.2), _full([0.9], ece=0.02), GateConfig())
+    assert not worse_ece.passed and "golden ECE 0.2000 vs champion 0.0200" in worse_ece.reason
+    worse_f1 = evaluate_gate(_full([0.9], f1=0.7), _full([0.9], f1=0.9), GateConfig())
+    assert not worse_f1.passed and "golden macro F1" in worse_f1.reason
+
+
+def test_roc_auc_and_ece_values():
+    from training.evaluate import expected_calibration_error, full_score, roc_auc_ovr
+
+    y = np.array([0, 0, 1, 1])
+    perfect = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.1, 0.9]])
+    assert roc_auc_ovr(perfect, y, 2) == 1.0
+    # Always 100% confident and always right: no calibration error; 100% sure and half wrong: 0.5.
+    assert expected_calibration_error(np.eye(2)[y], y) == 0.0
+    assert expected_calibration_error(np.eye(2)[[0, 1, 1, 0]], y) == pytest.approx(0.5)
+    s = full_score(perfect, y, 3)
+    assert s["per_class"][2] == {"precision": None, "recall": None, "support": 0}
+    assert s["per_class"][0]["recall"] == 1.0
+
+
+def test_flipped_labels_make_a_worse_challenger_that_is_rejected(tmp_path, champion_path):
+    field = digits_pools().field
+    flipped = make_samples(field.X[:300], (field.y[:300] + 1) % 10, prefix="flip-")
+    spec = JobSpec.from_dict(
+        spec_dict(
+            tmp_path / "out",
+            samples_path=str(write_samples(tmp_path / "flip.npz", flipped)),
+            champion={"version": 1, "onnx_path": str(champion_path)},
+        )
+    )
+    report = run_job(spec)
+    assert not report.passed and report.reason.startswith("rejected: golden accuracy")
+    assert report.gate["passed"] is False and report.gate["bounds"]["max_golden_drop"] == 0.03
+    failed = {c["check"] for c in report.gate["checks"] if not c["passed"]}
+    assert "accuracy" in failed and any("of class" in c for c in failed)
+    stored = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert stored["reason"] == report.reason

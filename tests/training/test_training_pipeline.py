@@ -36,6 +36,10 @@ REPORT_KEYS = {
     "model_sha256",
     "model_size",
     "opset",
+    "gate",
+    "warm_start",
+    "reproducibility",
+    "weights_sha256",
 }
 
 
@@ -153,6 +157,9 @@ def test_same_dataset_and_seed_reproduce_the_same_metrics(tmp_path, trainer, hp)
     assert a.metrics == b.metrics
     assert a.parity == b.parity
     assert a.model_sha256 == b.model_sha256
+    # The record says so: same dataset version and config hash, same metrics hash.
+    assert a.reproducibility == b.reproducibility
+    assert a.reproducibility["dataset_version"] == a.dataset_version
 
 
 def test_any_trainer_can_be_champion(tmp_path, champion_path):

@@ -1,16 +1,22 @@
-"""Rollouts: create, inspect, and the operator's approve/pause/resume/abort."""
+"""Rollouts: create with a plan of waves, inspect per wave and per device, and the operator's
+approve/pause/resume/abort/rollback."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
-from sqlalchemy import func, select
+from fastapi import APIRouter, Query
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from server.api.deps import IdPath, ServicesDep, SessionDep
-from server.db import Rollout, RolloutDevice
+from server.core.config import Settings
+from server.db import DeviceEvent, Rollout, RolloutDevice
+from server.db_rollouts import RolloutEvent, RolloutWave
+from server.errors import NotFoundError
+from server.rollout import wave_counts
 from server.rollout_engine import RolloutEngine
+from server.rollout_queries import plan_of
 from server.schemas import (
     Name,
     RolloutAction,
@@ -23,17 +29,55 @@ from server.schemas import (
 router = APIRouter(prefix="/api/v1/rollouts", tags=["rollouts"])
 
 
-def _detail(session: Session, rollout_id: int) -> dict[str, Any]:
+def _wave_state(rollout: Rollout, wave: int, row: RolloutWave | None) -> str:
+    if row is None:
+        if rollout.state == "awaiting_gate" and wave == rollout.stage + 1:
+            return "awaiting_approval"
+        return "pending"
+    if row.finished_at is not None:
+        return row.outcome or "done"
+    return "paused" if rollout.state == "paused" else "running"
+
+
+def _detail(session: Session, rollout_id: int, settings: Settings) -> dict[str, Any]:
     rollout = RolloutEngine.get(session, rollout_id)
-    counts: dict[str, dict[str, int]] = {"canary": {}, "rest": {}}
-    for stage, state, n in session.execute(
+    rows = session.execute(
         select(RolloutDevice.stage, RolloutDevice.state, func.count())
         .where(RolloutDevice.rollout_id == rollout_id)
         .group_by(RolloutDevice.stage, RolloutDevice.state)
-    ):
-        counts["canary" if stage == 0 else "rest"][state] = int(n)
+    ).all()
+    per_wave = wave_counts([(w, s) for w, s, n in rows for _ in range(int(n))])
+    counts: dict[str, dict[str, int]] = {"canary": {}, "rest": {}}
+    for wave, states in per_wave.items():
+        key = "canary" if wave == 0 else "rest"
+        for state, n in states.items():
+            counts[key][state] = counts[key].get(state, 0) + n
+    plan = plan_of(rollout, settings)
+    started = {
+        w.wave: w
+        for w in session.scalars(
+            select(RolloutWave).where(RolloutWave.rollout_id == rollout_id)
+        ).all()
+    }
+    waves = []
+    for i, spec in enumerate(plan.waves):
+        row = started.get(i)
+        waves.append(
+            {
+                "index": i,
+                "label": spec.label,
+                "spec": spec.to_dict(),
+                "state": _wave_state(rollout, i, row),
+                "devices": per_wave.get(i, {}),
+                "started_at": row.started_at if row else None,
+                "started_by": row.started_by if row else None,
+                "finished_at": row.finished_at if row else None,
+                "reason": row.reason if row else None,
+            }
+        )
     out = RolloutPublic.model_validate(rollout).model_dump()
     out["devices"] = counts
+    out["waves"] = waves
     return out
 
 
@@ -43,9 +87,10 @@ def create(body: RolloutCreate, session: SessionDep, services: ServicesDep) -> A
         model_line=body.model_line,
         model_version=body.model_version,
         canary_percent=body.canary_percent,
+        waves=[w.model_dump() for w in body.waves] if body.waves is not None else None,
         created_by=body.created_by,
     )
-    return _detail(session, rollout.id)
+    return _detail(session, rollout.id, services.settings)
 
 
 @router.get("", response_model=list[RolloutPublic])
@@ -57,16 +102,111 @@ def list_rollouts(session: SessionDep, model_line: Name | None = None) -> Any:
 
 
 @router.get("/{rollout_id}", response_model=RolloutDetail)
-def get_rollout(rollout_id: IdPath, session: SessionDep) -> Any:
-    return _detail(session, rollout_id)
+def get_rollout(rollout_id: IdPath, session: SessionDep, services: ServicesDep) -> Any:
+    return _detail(session, rollout_id, services.settings)
+
+
+@router.get("/{rollout_id}/devices")
+def list_devices(
+    rollout_id: IdPath,
+    session: SessionDep,
+    wave: Annotated[int | None, Query(ge=1, le=1000)] = None,
+    state: Name | None = None,
+) -> list[dict[str, Any]]:
+    """Every device of the rollout: wave (1-based), state, reason, timestamps, attempts."""
+    RolloutEngine.get(session, rollout_id)
+    rd = RolloutDevice
+    stmt = select(rd).where(rd.rollout_id == rollout_id).order_by(rd.stage, rd.device_id)
+    if wave is not None:
+        stmt = stmt.where(rd.stage == wave - 1)
+    if state is not None:
+        stmt = stmt.where(rd.state == state)
+    return [_device_row(r) for r in session.scalars(stmt).all()]
+
+
+def _device_row(r: RolloutDevice) -> dict[str, Any]:
+    return {
+        "device_id": r.device_id,
+        "wave": r.stage + 1,
+        "state": r.state,
+        "reason": r.reason,
+        "updated_at": r.updated_at,
+        "notified_at": r.notified_at,
+        "installed_at": r.installed_at,
+        "attempts": r.attempts,
+        "failures": r.failures,
+    }
+
+
+@router.get("/{rollout_id}/devices/{device_id}")
+def device_history(rollout_id: IdPath, device_id: str, session: SessionDep) -> dict[str, Any]:
+    """One device in one rollout: its row and its history (server transitions + reports)."""
+    if not 1 <= len(device_id) <= 128:
+        raise NotFoundError(f"device {device_id[:128]!r} is not in rollout {rollout_id}")
+    rollout = RolloutEngine.get(session, rollout_id)
+    row = session.get(RolloutDevice, (rollout_id, device_id))
+    if row is None:
+        raise NotFoundError(f"device {device_id!r} is not in rollout {rollout_id}")
+    history: list[dict[str, Any]] = [
+        {"at": e.at, "source": "server", "state": e.state, "reason": e.reason, "by": e.by}
+        for e in session.scalars(
+            select(RolloutEvent).where(
+                RolloutEvent.rollout_id == rollout_id, RolloutEvent.device_id == device_id
+            )
+        ).all()
+    ]
+    releases = [r for r in (rollout.release,) if r is not None]
+    history += [
+        {
+            "at": e.received_at,
+            "source": "device",
+            "state": e.state,
+            "reason": e.reason,
+            "model_version": e.model_version,
+            "target_release": e.target_release,
+        }
+        for e in session.scalars(
+            select(DeviceEvent).where(
+                DeviceEvent.device_id == device_id,
+                or_(
+                    DeviceEvent.rollout_id == rollout_id,
+                    DeviceEvent.target_release.in_(releases or [-1]),
+                ),
+            )
+        ).all()
+    ]
+    history.sort(key=lambda h: h["at"])
+    return {**_device_row(row), "history": history}
+
+
+@router.get("/{rollout_id}/events")
+def events(rollout_id: IdPath, session: SessionDep) -> list[dict[str, Any]]:
+    """What the server did to the rollout and its devices, oldest first."""
+    RolloutEngine.get(session, rollout_id)
+    return [
+        {
+            "at": e.at,
+            "device_id": e.device_id,
+            "wave": None if e.wave is None else e.wave + 1,
+            "state": e.state,
+            "reason": e.reason,
+            "by": e.by,
+        }
+        for e in session.scalars(
+            select(RolloutEvent)
+            .where(RolloutEvent.rollout_id == rollout_id)
+            .order_by(RolloutEvent.id)
+        ).all()
+    ]
 
 
 @router.post("/{rollout_id}/approve", response_model=RolloutDetail)
 def approve(
     rollout_id: IdPath, body: RolloutApprove, session: SessionDep, services: ServicesDep
 ) -> Any:
+    """Start the first wave, or the next wave waiting at a manual gate."""
     services.rollouts.approve(rollout_id, approver=body.approver)
-    return _detail(session, rollout_id)
+    return _detail(session, rollout_id, services.settings)
 
 
 @router.post("/{rollout_id}/pause", response_model=RolloutDetail)
@@ -76,8 +216,9 @@ def pause(
     services: ServicesDep,
     body: RolloutAction | None = None,
 ) -> Any:
-    services.rollouts.pause(rollout_id)
-    return _detail(session, rollout_id)
+    action = body or RolloutAction()
+    services.rollouts.pause(rollout_id, by=action.by, reason=action.reason)
+    return _detail(session, rollout_id, services.settings)
 
 
 @router.post("/{rollout_id}/resume", response_model=RolloutDetail)
@@ -87,8 +228,9 @@ def resume(
     services: ServicesDep,
     body: RolloutAction | None = None,
 ) -> Any:
-    services.rollouts.resume(rollout_id)
-    return _detail(session, rollout_id)
+    action = body or RolloutAction()
+    services.rollouts.resume(rollout_id, by=action.by)
+    return _detail(session, rollout_id, services.settings)
 
 
 @router.post("/{rollout_id}/abort", response_model=RolloutDetail)
@@ -100,4 +242,18 @@ def abort(
 ) -> Any:
     action = body or RolloutAction()
     services.rollouts.abort(rollout_id, by=action.by, reason=action.reason)
-    return _detail(session, rollout_id)
+    return _detail(session, rollout_id, services.settings)
+
+
+@router.post("/{rollout_id}/rollback", response_model=RolloutDetail)
+def rollback(
+    rollout_id: IdPath,
+    session: SessionDep,
+    services: ServicesDep,
+    body: RolloutAction | None = None,
+) -> Any:
+    """Send every device back to the previous model with a new signed release (also after the
+    rollout completed: the champion goes back too)."""
+    action = body or RolloutAction()
+    services.rollouts.rollback(rollout_id, by=action.by, reason=action.reason)
+    return _detail(session, rollout_id, services.settings)

@@ -9,8 +9,9 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from server.api.deps import ServicesDep
+from server.api.deps import ServicesDep, SessionDep
 from server.errors import InvalidRequestError, PayloadTooLargeError
+from server.lineage import sample_lineage
 from server.samples import upload_samples
 from server.schemas import SamplesResult, SamplesUpload
 
@@ -64,3 +65,9 @@ async def post_samples(request: Request, services: ServicesDep) -> Any:
         "duplicates": result.duplicates,
         "rejected": result.rejected,
     }
+
+
+@router.get("/{sample_id}/lineage")
+def get_sample_lineage(sample_id: str, session: SessionDep) -> dict[str, Any]:
+    """A sample -> the dataset versions holding it -> the model versions trained on them."""
+    return sample_lineage(session, sample_id=sample_id)
