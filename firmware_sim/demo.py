@@ -10,6 +10,7 @@ not close or did not help.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import shutil
 import subprocess
@@ -343,6 +344,8 @@ class Demo:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The agents log every rejected sample and retry; the demo prints its own progress instead.
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s %(message)s")
     p = argparse.ArgumentParser(prog="edgeloop-sim", description=__doc__.splitlines()[0])
     p.add_argument("--devices", type=int, default=24)
     p.add_argument("--threshold", type=int, default=300, help="samples that trigger retraining")

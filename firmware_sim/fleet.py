@@ -59,12 +59,20 @@ class Tally:
         n_ok[1] += ok
 
 
-class SimDevice:
-    """One device: a real agent plus the camera that feeds it."""
+SENSOR_NOISE = 0.02  # std of per-pixel Gaussian sensor noise, in units of the [0, 1] range
 
-    def __init__(self, agent: Agent, seed: int) -> None:
+
+class SimDevice:
+    """One device: a real agent plus the camera that feeds it.
+
+    Every frame gets its own sensor noise, as a real camera's would: two devices looking at the
+    same digit never send byte-identical inputs (the server rejects exact duplicates).
+    """
+
+    def __init__(self, agent: Agent, seed: int, noise: float = SENSOR_NOISE) -> None:
         self.agent = agent
         self.rng = np.random.default_rng(seed)
+        self.noise = noise
 
     @property
     def device_id(self) -> str:
@@ -73,6 +81,8 @@ class SimDevice:
     def step(self, inputs: Inputs, drifted: bool, tally: Tally) -> None:
         i = int(self.rng.integers(len(inputs.labels)))
         x = inputs.drifted[i] if drifted else inputs.clean[i]
+        if self.noise > 0:
+            x = np.clip(x + self.rng.normal(0.0, self.noise, x.shape), 0.0, 1.0).astype(np.float32)
         truth = int(inputs.labels[i])
         try:
             pred = self.agent.predict(x)
