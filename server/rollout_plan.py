@@ -63,6 +63,15 @@ class Wave:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], defaults: Wave | None = None) -> Wave:
         """A wave from plain JSON; missing keys come from ``defaults``. Raises PlanError."""
+        try:
+            return cls._from_dict(data, defaults)
+        except (TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, PlanError):
+                raise
+            raise PlanError(f"invalid wave {dict(data)!r}: {exc}") from exc
+
+    @classmethod
+    def _from_dict(cls, data: Mapping[str, Any], defaults: Wave | None) -> Wave:
         base = defaults or cls()
         known = {f for f in cls.__dataclass_fields__} | {"label"}
         unknown = set(data) - known
