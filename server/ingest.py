@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Boolean, Table, bindparam, case, func, insert, or_, select, update
+from sqlalchemy import Boolean, Table, and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -51,6 +51,7 @@ class IngestStats:
     unknown_device: int = 0
     batches: int = 0
     failed_writes: int = 0
+    batch_fallbacks: int = 0  # batches that failed whole and were rewritten one by one
     last_error: str | None = None
 
 
@@ -170,6 +171,7 @@ class IngestWriter:
         try:
             self._write(parsed)
         except SQLAlchemyError as exc:
+            self.stats.batch_fallbacks += 1
             log.warning("batch of %d failed (%s); retrying one by one", len(parsed), exc)
             for item in parsed:
                 try:
@@ -308,7 +310,11 @@ class IngestWriter:
             .where(
                 rd.c.rollout_id == bindparam("r_id"),
                 rd.c.device_id == bindparam("d_id"),
-                or_(rd.c.state.not_in(SUCCESS_STATES), bindparam("terminal", type_=Boolean)),
+                # Plain comparisons: an IN list cannot be expanded inside an executemany.
+                or_(
+                    and_(*(rd.c.state != s for s in sorted(SUCCESS_STATES))),
+                    bindparam("terminal", type_=Boolean),
+                ),
             )
             .values(
                 state=bindparam("st"),

@@ -269,3 +269,27 @@ def test_refusing_canary_rolls_back(fleet) -> None:
     services.ingest.drain()
     d = services.rollouts.tick(services.clock() + timedelta(seconds=1))[rid]
     assert d.action.value == "rollback" and "2 of 2" in d.reason
+
+
+def test_status_batch_for_many_rollout_devices_is_written_in_one_transaction(fleet) -> None:
+    """Reports of several rollout devices go in one executemany, not the one-by-one fallback."""
+    client, services, rollout_id = fleet
+    services.rollouts.approve(rollout_id, approver="ci")
+    detail = client.get(f"/api/v1/rollouts/{rollout_id}").json()
+    release = detail["release"]
+    members = [
+        d["device_id"]
+        for d in client.get(f"/api/v1/rollouts/{rollout_id}/devices").json()
+    ]
+    assert len(members) >= 2
+    for d in members:
+        status(services, d, DeviceState.DOWNLOADING, 1, rollout_id=rollout_id,
+               target_release=release)
+    services.ingest.drain()
+    assert services.ingest.stats.batch_fallbacks == 0
+    assert services.ingest.stats.failed_writes == 0
+    states = {
+        d["device_id"]: d["state"]
+        for d in client.get(f"/api/v1/rollouts/{rollout_id}/devices").json()
+    }
+    assert all(states[d] == "downloading" for d in members), states
