@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from contract import TargetMessage, Topics
 from server.db import utcnow
@@ -73,12 +75,13 @@ class MqttBridge:
         host: str,
         port: int,
         ingest_queue: queue.Queue[IngestItem],
-        client_id: str = "edgeloop-server",
+        client_id: str | None = None,  # None: an ephemeral id (tests); servers pass a stable one
         keepalive_s: int = 30,
         reconnect_min_s: int = 1,
         reconnect_max_s: int = 30,
         topics: Topics | None = None,
         shared_group: str | None = "edgeloop-server",
+        session_expiry_s: int = 3600,
     ) -> None:
         self.host, self.port, self.keepalive_s = host, port, keepalive_s
         # MQTT 5 shared subscription: several server processes split the device reports
@@ -95,9 +98,12 @@ class MqttBridge:
         self._publisher: threading.Thread | None = None
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"{client_id}-{uuid.uuid4().hex[:8]}",
+            # Stable across restarts (and unique per server process: see Settings), so the
+            # broker keeps this server's session and queues QoS 1 device reports while it is down.
+            client_id=client_id or f"edgeloop-server-{uuid.uuid4().hex[:8]}",
             protocol=mqtt.MQTTv5,
         )
+        self.session_expiry_s = session_expiry_s
         self._client.reconnect_delay_set(reconnect_min_s, reconnect_max_s)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -168,7 +174,15 @@ class MqttBridge:
     def start(self) -> None:
         """Connect in the background; a broker that is down is retried with backoff."""
         self._stop.clear()
-        self._client.connect_async(self.host, self.port, keepalive=self.keepalive_s)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.session_expiry_s
+        self._client.connect_async(
+            self.host,
+            self.port,
+            keepalive=self.keepalive_s,
+            clean_start=False,
+            properties=props,
+        )
         self._client.loop_start()
         self._publisher = threading.Thread(
             target=self._publish_loop, name="mqtt-publisher", daemon=True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -126,7 +127,9 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
             host=settings.mqtt_host,
             port=settings.mqtt_port,
             ingest_queue=ingest_queue,
-            client_id=settings.mqtt_client_id,
+            client_id=settings.mqtt_client_id
+            or f"edgeloop-server-{socket.gethostname()}-{settings.port}",
+            session_expiry_s=settings.mqtt_session_expiry_s,
             keepalive_s=settings.mqtt_keepalive_s,
             reconnect_min_s=settings.mqtt_reconnect_min_s,
             reconnect_max_s=settings.mqtt_reconnect_max_s,

@@ -31,7 +31,10 @@ class Settings(BaseSettings):
     mqtt_enabled: bool = True
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = Field(default=1883, ge=1, le=65535)
-    mqtt_client_id: str = "edgeloop-server"
+    # Must be stable across restarts and unique per server process (the broker keeps the session
+    # and queues device reports while the server is down). Empty: edgeloop-server-<host>-<port>.
+    mqtt_client_id: str = ""
+    mqtt_session_expiry_s: int = Field(default=3600, ge=0)  # seconds the broker keeps our session
     # Servers in one group share the device reports (MQTT 5 `$share/<group>/...`): run several
     # stateless server processes on one PostgreSQL. Empty: every process receives every report.
     mqtt_shared_group: str = "edgeloop-server"

@@ -196,11 +196,18 @@ def test_targets_are_published_retained_and_broker_outage_is_survived(
                 from server.db import RolloutDevice
 
                 canary = s.scalars(
-                    select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == rid)
+                    select(RolloutDevice.device_id).where(
+                        RolloutDevice.rollout_id == rid, RolloutDevice.stage == 0
+                    )
                 ).all()
             assert len(canary) == 1
+            (other,) = {"cam-a", "cam-b"} - set(canary)
             wait_for(lambda: canary[0] in got, timeout=30, what="retained canary target")
             assert got[canary[0]].rollout_id == rid
+            # The device outside the canary keeps the champion's release, never the new one.
+            assert other not in got or got[other].rollout_id is None
+            other_target = client.get(f"/api/v1/devices/{other}/target").json()
+            assert other_target["rollout_id"] is None
         finally:
             sub.loop_stop()
             sub.disconnect()
