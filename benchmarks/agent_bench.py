@@ -6,7 +6,10 @@ Runs the agent's real serving path (``ModelRuntime.predict``, the same call ``Ag
 makes) on inference threads that never pause, first for a steady-state baseline, then while a
 swapper thread performs ``--swaps`` hot swaps exactly as the updater does: build and warm a new
 session off the serving path, swap the reference, release the retired session once no in-flight
-call holds it. Then a fresh subprocess imports ``device_agent``, starts an Agent on a digits model
+call holds it. The pause a swap imposes is measured where it is felt: the latency of every
+inference in flight while a swap runs (load, flip, release), against steady-state inferences of the
+same run as the noise floor; the time the flip and the destructor hold the GIL is reported beside.
+Then a fresh subprocess imports ``device_agent``, starts an Agent on a digits model
 (64 inputs -> 128 hidden -> 10 classes, the shape of the digits line) and reports resident memory
 and import-to-serving time. Prints a table with PASS/FAIL per target; exits 1 on any FAIL.
 """
@@ -29,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 FEATURES, HIDDEN, CLASSES = 64, 128, 10
+FOOTPRINT_LIMIT_BYTES = 80_000_000  # issue 4: the agent's resident memory, decimal MB
 
 
 def digits_mlp(seed: int) -> bytes:
@@ -100,9 +104,9 @@ def swap_bench(workdir: Path, swaps: int, threads: int, steady_s: float, gap_s: 
     from device_agent.config import AgentConfig
     from device_agent.runtime import ModelRuntime, tune_interpreter
 
-    # The interpreter setting Agent.start() applies (AgentConfig.switch_interval_s).
-    default_si = AgentConfig(device_id="bench", model_line="digits").switch_interval_s
-    tune_interpreter(default_si)
+    # The settings an Agent with the default config uses (switch interval, session options).
+    defaults = AgentConfig(device_id="bench", model_line="digits")
+    tune_interpreter(defaults.switch_interval_s)
 
     paths, manifests = [], []
     for i in range(2):
@@ -111,7 +115,7 @@ def swap_bench(workdir: Path, swaps: int, threads: int, steady_s: float, gap_s: 
         p.write_bytes(data)
         paths.append(p)
         manifests.append(manifest_for(data, i + 1))
-    rt = ModelRuntime(intra_op_num_threads=1)
+    rt = ModelRuntime(intra_op_num_threads=1, graph_optimization=defaults.graph_optimization)
     alive: set[int] = set()
     alive_max = 0
     alive_lock = threading.Lock()
@@ -164,8 +168,10 @@ def swap_bench(workdir: Path, swaps: int, threads: int, steady_s: float, gap_s: 
     for w in workers:
         w.start()
     time.sleep(0.5)
-    flips: list[float] = []
-    stalls: list[float] = []  # CPU seconds the swap held the path: flip + freeing the old one
+    # Per swap, wall-clock windows (perf_counter seconds) of its three steps: load (build + warm
+    # the new session), flip (swap the reference), release (destroy the retired session).
+    windows: list[tuple[float, float, float, float, float, float]] = []
+    free_wall: list[float] = []  # seconds the destructor ran (the GIL is held throughout)
     rss_first = rss_peak = rss_after = 0
     base_rss = rss_bytes()
     rounds = 4  # steady and swap phases interleave, so neighbours' load hits both alike
@@ -177,18 +183,20 @@ def swap_bench(workdir: Path, swaps: int, threads: int, steady_s: float, gap_s: 
         t_start = time.perf_counter()
         for i in range(r * swaps // rounds, (r + 1) * swaps // rounds):
             which = (i + 1) % 2
+            l0 = time.perf_counter()
             loaded = rt.load(paths[which], manifests[which])  # off the serving path
+            l1 = time.perf_counter()
             track(loaded)
             rss_peak = max(rss_peak, rss_bytes())
-            c0 = time.thread_time()
-            t = time.perf_counter()
+            f0 = time.perf_counter()
             rt.swap(loaded, retire=True)
-            t_flip = time.perf_counter()
-            c1 = time.thread_time()
-            flips.append((t + t_flip) / 2)
+            f1 = time.perf_counter()
             del loaded
+            r0 = time.perf_counter()
             rt.release_retired(5.0)  # waits for in-flight calls, then frees them off the path
-            stalls.append((c1 - c0) + rt.last_free_cpu_s)
+            r1 = time.perf_counter()
+            windows.append((l0, l1, f0, f1, r0, r1))
+            free_wall.append(rt.last_free_wall_s)
             if i == 0:
                 gc.collect()
                 rss_first = rss_bytes()
@@ -211,18 +219,25 @@ def swap_bench(workdir: Path, swaps: int, threads: int, steady_s: float, gap_s: 
     during = (sw[:, 1] - sw[:, 0]) * 1000
     p50_s, p99_s = np.percentile(steady, 50), np.percentile(steady, 99)
     p99_d = np.percentile(during, 99)
-    # Inferences in flight at a flip, and their excess latency over the steady-state median.
-    order = np.argsort(sw[:, 0])
-    starts, ends = sw[order, 0], sw[order, 1]
-    excess: list[float] = []
-    for f in flips:
-        hi = int(np.searchsorted(starts, f))
-        lo = max(0, hi - 64)
-        sel = ends[lo:hi] >= f
-        if sel.any():
-            excess.extend(((ends[lo:hi][sel] - starts[lo:hi][sel]) * 1000 - p50_s).tolist())
-    exc_arr = np.asarray(excess or [0.0])
-    stall_ms = max(stalls) * 1000
+    # The pause an inference sees from a swap: the latency of every inference in flight while a
+    # swap ran (from the start of its load to the end of its release), minus the steady median.
+    # The same excess over steady-state inferences (same count, drawn at random) is the noise
+    # floor of this machine: a pause the swap causes shows up as the difference between the two.
+    win = np.asarray(windows)
+    order = np.argsort(win[:, 0])
+    w_start, w_end = win[order, 0], win[order, 5]
+    lat_sw = (sw[:, 1] - sw[:, 0]) * 1000
+    k = np.searchsorted(w_start, sw[:, 1], side="right") - 1  # last swap starting before the end
+    hit = (k >= 0) & (w_end[np.maximum(k, 0)] >= sw[:, 0])
+    at_swap = lat_sw[hit] - p50_s
+    rng = np.random.default_rng(1)
+    floor = rng.choice(steady, size=min(at_swap.size, steady.size), replace=False) - p50_s
+    q = 99.9
+    pause_q, pause_max = float(np.percentile(at_swap, q)), float(at_swap.max())
+    floor_q, floor_max = float(np.percentile(floor, q)), float(floor.max())
+    flip_ms = (win[:, 3] - win[:, 2]) * 1000
+    free_ms = np.asarray(free_wall) * 1000
+    load_ms = (win[:, 1] - win[:, 0]) * 1000
     growth = (rss_after - rss_first) / rss_first
     mib = 1024 * 1024
     return [
@@ -235,16 +250,22 @@ def swap_bench(workdir: Path, swaps: int, threads: int, steady_s: float, gap_s: 
         ),
         Row("failed inferences", str(len(failures)), "0", not failures),
         Row(
-            "longest serving stall from a swap",
-            f"{stall_ms:.3f} ms (p99 {np.percentile(stalls, 99) * 1000:.3f} ms; CPU time of "
-            "flip + destroying the old session)",
+            "inference pause from a swap (p99.9 / max)",
+            f"{pause_q:.3f} / {pause_max:.3f} ms over {at_swap.size} inferences in flight at a "
+            f"swap (noise floor, same count at steady state: {floor_q:.3f} / {floor_max:.3f} ms)",
             "< 1 ms",
-            stall_ms < 1.0,
+            pause_max < 1.0,
         ),
         Row(
-            "in-flight at a flip: excess p99 / max",
-            f"{np.percentile(exc_arr, 99):.3f} / {exc_arr.max():.3f} ms over {exc_arr.size} "
-            f"inferences (steady max {steady.max():.3f} ms: scheduler noise)",
+            "GIL held by flip / by destroying old (p99.9 / max)",
+            f"{np.percentile(flip_ms, q):.3f} / {flip_ms.max():.3f} ms; "
+            f"{np.percentile(free_ms, q):.3f} / {free_ms.max():.3f} ms",
+            "",
+            None,
+        ),
+        Row(
+            "load (build + warm) off the path, p50 / max",
+            f"{np.percentile(load_ms, 50):.3f} / {load_ms.max():.3f} ms",
             "",
             None,
         ),
@@ -291,9 +312,12 @@ agent.start()
 assert agent.wait_ready(10)
 agent.predict(np.zeros(64, dtype=np.float32))
 serving_s = time.perf_counter() - t0
-rng = np.random.default_rng(0)
+# Inputs from os.urandom, not numpy.random: the agent never loads numpy.random (1.6 MB of
+# extension pages), so the harness must not charge it to the agent's footprint.
+import os
 for _ in range(2000):
-    p = agent.predict(rng.uniform(0, 16, 64).astype(np.float32))
+    x = np.frombuffer(os.urandom(64), dtype=np.uint8).astype(np.float32) / 16
+    p = agent.predict(x)
     agent.feedback(p.prediction_id, p.label)
 time.sleep(1.0)
 rss = 0
@@ -303,6 +327,12 @@ for line in open("/proc/self/status"):
 agent.stop()
 print(json.dumps({"serving_s": serving_s, "rss": rss}))
 """
+
+FOOTPRINT_NUMPY_RANDOM = FOOTPRINT.replace(
+    "    x = np.frombuffer(os.urandom(64), dtype=np.uint8).astype(np.float32) / 16\n",
+    "    x = rng.uniform(0, 16, 64).astype(np.float32)\n",
+).replace("import os\n", "import os\nrng = np.random.default_rng(0)\n")
+assert "rng.uniform" in FOOTPRINT_NUMPY_RANDOM
 
 
 def footprint_bench(workdir: Path) -> list[Row]:
@@ -334,20 +364,38 @@ def footprint_bench(workdir: Path) -> list[Row]:
             highest_release=1,
         )
     )
-    runs = []
-    for _ in range(3):  # the median of three cold starts
-        out = subprocess.run(
-            [sys.executable, "-c", FOOTPRINT, str(state), str(pub)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        )
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    serving = sorted(r["serving_s"] for r in runs)[1]
-    rss = sorted(r["rss"] for r in runs)[1]
+
+    def median_run(script: str) -> tuple[float, int]:
+        runs = []
+        for _ in range(3):  # the median of three cold starts
+            out = subprocess.run(
+                [sys.executable, "-c", script, str(state), str(pub)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+            )
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        return sorted(r["serving_s"] for r in runs)[1], sorted(r["rss"] for r in runs)[1]
+
+    serving, rss = median_run(FOOTPRINT)
+    # The same run with the inputs drawn by numpy.random, as this benchmark did before: shown so
+    # the cost the harness itself added is visible, not hidden.
+    _, rss_np = median_run(FOOTPRINT_NUMPY_RANDOM)
     return [
-        Row("agent RSS serving digits", f"{rss / 1024 / 1024:.1f} MiB", "< 80 MB", rss < 80e6),
+        Row(
+            "agent RSS serving digits",
+            f"{rss:,} bytes = {rss / 1e6:.1f} MB ({rss / 2**20:.1f} MiB)",
+            "< 80 MB (80,000,000 bytes)",
+            rss < FOOTPRINT_LIMIT_BYTES,
+        ),
+        Row(
+            "  same, harness drawing inputs with numpy.random",
+            f"{rss_np:,} bytes = {rss_np / 1e6:.1f} MB (+{(rss_np - rss) / 1e6:.1f} MB charged by "
+            "the harness's numpy.random, which the agent never imports)",
+            "",
+            None,
+        ),
         Row("import-to-serving", f"{serving * 1000:.0f} ms", "< 1 s", serving < 1.0),
     ]
 
@@ -365,11 +413,12 @@ def main(argv: list[str] | None = None) -> int:
         rows += footprint_bench(work)
     width = max(len(r.name) for r in rows)
     vwidth = max(len(r.value) for r in rows)
-    print(f"{'metric':<{width}}  {'measured':<{vwidth}}  {'target':<16}  result")
+    twidth = max(len(r.target) for r in rows)
+    print(f"{'metric':<{width}}  {'measured':<{vwidth}}  {'target':<{twidth}}  result")
     for r in rows:
         verdict = "" if r.ok is None else ("PASS" if r.ok else "FAIL")
-        print(f"{r.name:<{width}}  {r.value:<{vwidth}}  {r.target:<16}  {verdict}")
-    failed = [r.name for r in rows if r.ok is False]
+        print(f"{r.name:<{width}}  {r.value:<{vwidth}}  {r.target:<{twidth}}  {verdict}")
+    failed = [r.name for r in rows if r.ok is not None and not r.ok]  # ok may be a numpy bool
     print("ALL PASS" if not failed else f"FAILED: {', '.join(failed)}")
     return 1 if failed else 0
 

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import numpy as np
 
 from contract import MessageError
@@ -31,11 +30,12 @@ from device_agent.capture import Capture, PendingPrediction, Spool, Uploader
 from device_agent.config import AgentConfig
 from device_agent.errors import InferenceError, TransportError
 from device_agent.fetcher import Fetcher, HttpFetcher, backoff_delay
+from device_agent.http import HttpClient
 from device_agent.metrics import Metrics
 from device_agent.mqtt import MqttLink
 from device_agent.outbox import Outbox
 from device_agent.probation import LiveTracker
-from device_agent.runtime import ModelRuntime, tune_interpreter
+from device_agent.runtime import ModelRuntime, trim_heap, tune_interpreter
 from device_agent.store import ModelStore
 from device_agent.updater import Updater
 
@@ -61,7 +61,7 @@ class Agent:
         config: the device's configuration.
         fetcher: artifact fetcher (default: HttpFetcher over ``http``).
         clock: unix-seconds clock used for expiry checks and timestamps (default: time.time).
-        http: httpx client for the server API (default: one owned by the agent).
+        http: HTTP client for the server API (default: one owned by the agent).
     """
 
     def __init__(
@@ -70,18 +70,19 @@ class Agent:
         *,
         fetcher: Fetcher | None = None,
         clock: Callable[[], float] | None = None,
-        http: httpx.Client | None = None,
+        http: HttpClient | None = None,
     ) -> None:
         self.config = config
         self._clock = clock or time.time
         self._stop = threading.Event()
         self._own_http = http is None
-        self._http = http or httpx.Client(timeout=config.http_timeout_s)
+        self._http = http or HttpClient(timeout_s=config.http_timeout_s)
         self._own_fetcher = fetcher is None
         self._fetcher = fetcher or HttpFetcher(config, client=self._http, stop=self._stop)
         self._store = ModelStore(config.state_dir)
         self._runtime = ModelRuntime(
             intra_op_num_threads=config.intra_op_num_threads,
+            graph_optimization=config.graph_optimization,
             min_free_memory_bytes=config.min_free_memory_bytes,
             load_headroom_factor=config.load_headroom_factor,
         )
@@ -134,6 +135,7 @@ class Agent:
             self._resumed = True
             if self._updater.resume() is not None:
                 self._ready.set()
+            trim_heap()  # hand back what start-up freed (verification, session building)
         return self._ready.is_set()
 
     def start(self) -> None:
@@ -379,7 +381,7 @@ class Agent:
                     log.error("%s", self._last_error)
                     break
                 self._last_error = f"register: HTTP {resp.status_code}"
-            except httpx.HTTPError as exc:
+            except TransportError as exc:
                 self._last_error = f"register: {type(exc).__name__}: {exc}"
             delay = backoff_delay(attempt, cfg.connect_retry_s, cfg.backoff_cap_s)
             attempt += 1
@@ -405,7 +407,7 @@ class Agent:
                     if resp.status_code == 200 and resp.content != last:
                         last = resp.content
                         self._inbox.put(resp.content)
-                except httpx.HTTPError as exc:
+                except TransportError as exc:
                     log.debug("target poll failed: %s", exc)
             if self._stop.wait(min(cfg.connect_retry_s, 1.0)):
                 return

@@ -19,14 +19,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 from contract.messages import SampleRecord, encode_input
 from device_agent.config import AgentConfig
-from device_agent.errors import UnknownPredictionError
+from device_agent.errors import ConnectError, TransportError, UnknownPredictionError
 from device_agent.faults import crash_point
 from device_agent.fetcher import backoff_delay
+from device_agent.http import HttpClient, Response
 from device_agent.metrics import Metrics
 from device_agent.probation import LiveTracker
 from device_agent.store import atomic_write, fsync_dir
@@ -358,7 +358,7 @@ class Uploader:
         config: AgentConfig,
         *,
         spool: Spool,
-        client: httpx.Client,
+        client: HttpClient,
         stop: threading.Event,
     ) -> None:
         self._cfg = config
@@ -385,11 +385,11 @@ class Uploader:
             path, body, count = nxt
             try:
                 resp = self._client.post(self._cfg.server_url + SAMPLES_PATH, json=body)
-            except httpx.ConnectError as exc:  # nothing left this device
+            except ConnectError as exc:  # nothing left this device
                 self._spool.release()
                 self.last_error = f"sample upload: {type(exc).__name__}: {exc}"
                 return False
-            except httpx.HTTPError as exc:  # the request may have reached the server
+            except TransportError as exc:  # the request may have reached the server
                 self.sent += count
                 self._spool.release()
                 self.last_error = f"sample upload: {type(exc).__name__}: {exc}"
@@ -410,14 +410,14 @@ class Uploader:
         return True
 
     @staticmethod
-    def _parse_duplicates(resp: httpx.Response) -> int:
+    def _parse_duplicates(resp: Response) -> int:
         try:
             return int(resp.json().get("duplicates") or 0)
         except (ValueError, AttributeError, TypeError):
             return 0
 
     @staticmethod
-    def _parse_rejected(resp: httpx.Response) -> int:
+    def _parse_rejected(resp: Response) -> int:
         try:
             rejected = resp.json().get("rejected") or []
         except (ValueError, AttributeError):

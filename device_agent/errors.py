@@ -2,7 +2,7 @@
 
 Two roots matter to callers: *bad content* is never retried and is reported as REFUSED; *bad
 transport* is transient, retried with backoff, and reported as FAILED once retries run out.
-Foreign errors (contract, httpx, onnxruntime) are translated at the boundary with
+Foreign errors (contract, http.client, onnxruntime) are translated at the boundary with
 ``raise ... from exc`` so callers only ever see this family::
 
     AgentError
@@ -17,6 +17,7 @@ Foreign errors (contract, httpx, onnxruntime) are translated at the boundary wit
     │   ├── SelfTestError            (bundle's own self-test vectors give other answers)
     │   └── VersionRefusedError      (this device rolled the version back before)
     ├── TransportError               (network, HTTP status, timeouts: retryable, FAILED)
+    │   ├── ConnectError             (connection not opened: no byte of the request was sent)
     │   └── SlowRetrievalError       (download slower than the configured minimum rate)
     ├── ModelLoadError               (verified artifact does not load or has the wrong shape)
     │   └── InsufficientMemoryError  (not enough free memory to load it next to the old one)
@@ -77,6 +78,10 @@ class TransportError(AgentError):
     """A network operation failed (connection, HTTP status, timeout). Transient: retry later."""
 
 
+class ConnectError(TransportError):
+    """The connection could not be opened, so no byte of the request left this device."""
+
+
 class SlowRetrievalError(TransportError):
     """The artifact arrived slower than ``min_download_bps`` (slow-retrieval attack defence)."""
 
@@ -112,6 +117,7 @@ class ConfigError(AgentError):
 __all__ = [
     "AgentError",
     "ConfigError",
+    "ConnectError",
     "ContentError",
     "ExpiredManifestError",
     "HashMismatchError",

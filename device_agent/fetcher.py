@@ -1,4 +1,4 @@
-"""Artifact download: a small abstract fetcher and its httpx implementation.
+"""Artifact download: a small abstract fetcher and its HTTP implementation.
 
 The fetcher only moves bytes into ``downloads/<sha>.part``; trust is decided by the updater, which
 checks the signed size and sha256 before anything is activated. Limits are enforced while
@@ -18,11 +18,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-
 from device_agent.config import AgentConfig
 from device_agent.errors import LengthError, SlowRetrievalError, TransportError
 from device_agent.faults import crash_point
+from device_agent.http import HttpClient, StreamResponse
 
 log = logging.getLogger(__name__)
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -58,18 +57,18 @@ class Fetcher(abc.ABC):
 
 
 class HttpFetcher(Fetcher):
-    """Resumable, bounded HTTP downloads with retries (httpx)."""
+    """Resumable, bounded HTTP downloads with retries."""
 
     def __init__(
         self,
         config: AgentConfig,
         *,
-        client: httpx.Client | None = None,
+        client: HttpClient | None = None,
         stop: threading.Event | None = None,
     ) -> None:
         self._cfg = config
         self._own_client = client is None
-        self._client = client or httpx.Client(timeout=config.http_timeout_s)
+        self._client = client or HttpClient(timeout_s=config.http_timeout_s)
         self._stop = stop or threading.Event()
 
     def close(self) -> None:
@@ -122,28 +121,25 @@ class HttpFetcher(Fetcher):
         headers = {"Accept-Encoding": "identity"}
         if have:
             headers["Range"] = f"bytes={have}-"
-        try:
-            with self._client.stream("GET", url, headers=headers) as resp:
-                mode = self._check_response(resp, dest, have)
-                if mode == "wb":
-                    have = 0
-                total = self._announced_size(resp, have)
-                if total is not None and total != expected:
-                    # A complete file of another size is wrong content, not a bad transfer.
-                    dest.unlink(missing_ok=True)
-                    raise LengthError(
-                        f"artifact size announced by the server is {total} bytes, "
-                        f"the signed size is {expected} bytes"
-                    )
-                self._stream(resp, dest, mode, have, expected, progress)
-        except httpx.HTTPError as exc:
-            raise TransportError(f"GET {url}: {type(exc).__name__}: {exc}") from exc
+        with self._client.stream("GET", url, headers=headers) as resp:
+            mode = self._check_response(resp, dest, have)
+            if mode == "wb":
+                have = 0
+            total = self._announced_size(resp, have)
+            if total is not None and total != expected:
+                # A complete file of another size is wrong content, not a bad transfer.
+                dest.unlink(missing_ok=True)
+                raise LengthError(
+                    f"artifact size announced by the server is {total} bytes, "
+                    f"the signed size is {expected} bytes"
+                )
+            self._stream(resp, dest, mode, have, expected, progress)
         got = dest.stat().st_size if dest.exists() else 0
         if got < expected:
             raise TransportError(f"GET {url}: body ended after {got} of {expected} bytes")
 
     @staticmethod
-    def _announced_size(resp: httpx.Response, have: int) -> int | None:
+    def _announced_size(resp: StreamResponse, have: int) -> int | None:
         """Full artifact size the response claims (Content-Range total or Content-Length)."""
         if resp.status_code == 206:
             m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
@@ -155,7 +151,7 @@ class HttpFetcher(Fetcher):
         return None
 
     @staticmethod
-    def _check_response(resp: httpx.Response, dest: Path, have: int) -> str:
+    def _check_response(resp: StreamResponse, dest: Path, have: int) -> str:
         """Decide how to write the body: append (resume) or start over. Returns a file mode."""
         if resp.status_code == 206 and have:
             m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
@@ -170,11 +166,11 @@ class HttpFetcher(Fetcher):
             return "wb"  # the server ignored Range (200): full body follows
         if resp.status_code == 416:
             dest.unlink(missing_ok=True)
-        raise TransportError(f"GET {resp.request.url}: HTTP {resp.status_code}")
+        raise TransportError(f"GET {resp.url}: HTTP {resp.status_code}")
 
     def _stream(
         self,
-        resp: httpx.Response,
+        resp: StreamResponse,
         dest: Path,
         mode: str,
         have: int,

@@ -17,7 +17,6 @@ self-test vectors when the ONNX file carries them: metadata property ``edgeloop.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import logging
 import sys
@@ -60,7 +59,9 @@ def _load_libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # The symbols the process already has: glibc's, without ctypes.util (which imports
+        # subprocess just to find a library that is loaded anyway).
+        libc = ctypes.CDLL(None)
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
         return libc
     except (OSError, AttributeError):
@@ -73,9 +74,10 @@ _LIBC = _load_libc()
 def tune_interpreter(switch_interval_s: float) -> None:
     """Lower the interpreter's thread switch interval (process-wide, never raised).
 
-    Building a session releases the GIL, but a thread waiting for the GIL can wait up to one
-    switch interval (5 ms by default) while another thread runs Python code; 0.5 ms keeps every
-    inference's worst wait under a millisecond while a new model loads beside it.
+    ONNX Runtime holds the GIL inside its session-building and destroying calls (0.1-0.4 ms each
+    for a small model), and a thread waiting for the GIL waits up to one switch interval (5 ms by
+    default) before the holder is asked to let go at its next bytecode; 0.5 ms bounds an
+    inference's wait while a new model loads beside it to that plus the longest single call.
     """
     if 0 < switch_interval_s < sys.getswitchinterval():
         sys.setswitchinterval(switch_interval_s)
@@ -87,6 +89,12 @@ def trim_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
+_GRAPH_OPT = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
 _NP_DTYPES = {"float32": np.float32, "float64": np.float64, "uint8": np.uint8, "int64": np.int64}
 
 
@@ -122,11 +130,15 @@ class ModelRuntime:
         self,
         *,
         intra_op_num_threads: int = 1,
+        graph_optimization: str = "basic",  # "disable", "basic", "extended" or "all"
         min_free_memory_bytes: int = 0,  # bytes that must stay free after a load
         load_headroom_factor: float = 4.0,  # x artifact size a load may need
         memory_probe: Callable[[], int | None] = available_memory_bytes,
     ) -> None:
+        if graph_optimization not in _GRAPH_OPT:
+            raise ValueError(f"unknown graph_optimization {graph_optimization!r}")
         self._threads = intra_op_num_threads
+        self._graph_opt = graph_optimization
         self._min_free = min_free_memory_bytes
         self._headroom = load_headroom_factor
         self._memory_probe = memory_probe
@@ -135,7 +147,8 @@ class ModelRuntime:
         self._retired: list[Loaded] = []  # replaced sessions awaiting release
         self.swaps = 0
         self.released = 0
-        self.last_free_cpu_s = 0.0  # CPU s the last release spent destroying sessions (GIL held)
+        self.last_free_cpu_s = 0.0  # CPU seconds the last release spent destroying sessions
+        self.last_free_wall_s = 0.0  # wall seconds of the same destruction (the GIL is held)
 
     @property
     def current(self) -> Loaded | None:
@@ -167,6 +180,7 @@ class ModelRuntime:
         opts.intra_op_num_threads = self._threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        opts.graph_optimization_level = _GRAPH_OPT[self._graph_opt]
         try:
             session = ort.InferenceSession(
                 str(path), sess_options=opts, providers=["CPUExecutionProvider"]
@@ -228,15 +242,16 @@ class ModelRuntime:
         """
         deadline = time.monotonic() + wait_s
         freed = 0
-        free_s = 0.0
+        free_s = free_wall_s = 0.0
         while True:
             with self._swap_lock:
                 idle = [r for r in self._retired if sys.getrefcount(r) <= 3]
                 self._retired = [r for r in self._retired if all(r is not i for i in idle)]
             freed += len(idle)
-            t_free = time.thread_time()
+            t_free, w_free = time.thread_time(), time.perf_counter()
             del idle  # the last references: sessions are destroyed here, off the serving path
             free_s += time.thread_time() - t_free
+            free_wall_s += time.perf_counter() - w_free
             if not self._retired or time.monotonic() >= deadline:
                 break
             time.sleep(0.0005)
@@ -244,6 +259,7 @@ class ModelRuntime:
             self.released += freed
             trim_heap()  # a ctypes call: runs without the GIL, serving is not held up
         self.last_free_cpu_s = free_s
+        self.last_free_wall_s = free_wall_s
         return freed
 
     @property

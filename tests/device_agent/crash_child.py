@@ -22,7 +22,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 from contract.messages import SampleRecord, encode_input
@@ -31,6 +30,7 @@ from device_agent.agent import Agent
 from device_agent.capture import Spool, Uploader
 from device_agent.config import AgentConfig
 from device_agent.errors import NoModelError
+from device_agent.http import HttpClient
 from tests.device_agent.agent_testkit import FEATURES, truth_label
 
 
@@ -75,7 +75,7 @@ def run_spool(cmd: dict[str, Any]) -> None:
     values["state_dir"] = Path(values["state_dir"])
     values["trusted_keys"] = []
     cfg = AgentConfig(**values)
-    client = httpx.Client(timeout=5.0)
+    client = HttpClient(timeout_s=5.0)
     up = Uploader(cfg, spool=spool, client=client, stop=stop)
     threading.Thread(target=up.run, daemon=True).start()
     rng = np.random.default_rng(os.getpid())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import uuid
 
-import httpx
 import numpy as np
 import pytest
 
@@ -19,6 +18,7 @@ from device_agent.capture import (
     capture_reason,
 )
 from device_agent.errors import UnknownPredictionError
+from device_agent.http import HttpClient
 from device_agent.metrics import Metrics
 from tests.device_agent.agent_testkit import FEATURES, FakeServer, make_config, wait_until
 
@@ -111,7 +111,7 @@ def test_spool_survives_restart_and_uploads_exactly_once(
     spool = Spool(tmp_path / "spool", batch_max=4, max_bytes=1 << 20)
     assert spool.stats().pending == 10
     stop = threading.Event()
-    with httpx.Client(timeout=5) as client:
+    with HttpClient(timeout_s=5) as client:
         up = Uploader(cfg, spool=spool, client=client, stop=stop)
         thread = threading.Thread(target=up.run)
         thread.start()
@@ -141,7 +141,7 @@ def test_whole_batch_4xx_moved_aside(tmp_path, signing_key, fake_server: FakeSer
     for i in range(3):
         spool.add(record(i))
     fake_server.sample_statuses = [422]
-    with httpx.Client(timeout=5) as client:
+    with HttpClient(timeout_s=5) as client:
         up = Uploader(cfg, spool=spool, client=client, stop=threading.Event())
         assert up.upload_once() is True
         assert up.upload_once() is True
@@ -154,7 +154,7 @@ def test_server_down_keeps_batches(tmp_path, signing_key) -> None:
     cfg = make_config(tmp_path, signing_key)  # server_url points at a closed port
     spool = Spool(tmp_path / "spool", batch_max=10, max_bytes=1 << 20)
     spool.add(record())
-    with httpx.Client(timeout=2) as client:
+    with HttpClient(timeout_s=2) as client:
         up = Uploader(cfg, spool=spool, client=client, stop=threading.Event())
         assert up.upload_once() is False
     assert spool.stats().pending == 1

@@ -26,11 +26,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from contract.messages import DeviceState
 from device_agent.capture import Spool, Uploader
+from device_agent.http import HttpClient
 from device_agent.store import ModelStore, sha256_file
 from device_agent.verify import load_trusted_keys, verify_installed
 from tests.device_agent.agent_testkit import (
@@ -338,7 +338,7 @@ def test_spool_exactly_once_across_sigkill(
     # Restart once more, in this process, with no new samples: drain what is left.
     spool = Spool(tmp_path / "spool", batch_max=batch_max, max_bytes=1 << 30)
     cfg = make_config(tmp_path, signing_key, server_url=fake_server.url)
-    with httpx.Client(timeout=5.0) as client:
+    with HttpClient(timeout_s=5.0) as client:
         up = Uploader(cfg, spool=spool, client=client, stop=threading.Event())
         wait_until(lambda: up.upload_once() and spool.stats().pending == 0)
     lost = set(acked) - set(fake_server.acked_ids)
