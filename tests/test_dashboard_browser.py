@@ -103,7 +103,7 @@ def test_operator_watches_and_approves_a_rollout_in_the_dashboard(
         page = browser_page
         page.goto(f"{server.url}/")
         card = page.locator(f"#rollout-{rid}")
-        card.wait_for(timeout=20_000)
+        card.wait_for(timeout=60_000)
         assert card.get_attribute("data-state") == "pending_approval"
         assert "Approve" in card.inner_text()
         # A fleet overview and the versions table are on the page too.
@@ -116,12 +116,12 @@ def test_operator_watches_and_approves_a_rollout_in_the_dashboard(
         card.get_by_role("button", name="Approve").click()
 
         page.wait_for_selector(f"#rollout-{rid}:not([data-state='pending_approval'])",
-                               timeout=20_000)
+                               timeout=60_000)
         assert "approved by dana" in card.inner_text()
         # Progress: the canary stage fills as the canary device installs v2, then everyone.
         page.wait_for_function(
             f"document.querySelector('#rollout-{rid}').dataset.state === 'completed'",
-            timeout=90_000,
+            timeout=240_000,
         )
         assert "3/3 on target" in card.inner_text() or "2/2 on target" in card.inner_text()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
