@@ -62,9 +62,15 @@ def browser_page():
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
             headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         yield page
@@ -93,11 +99,21 @@ def test_operator_watches_and_approves_a_rollout_in_the_dashboard(
     try:
         assert fleet.wait_ready(60)
         job = httpx.post(f"{api}/training-jobs", json={"model_line": "digits"}).json()
-        poll("challenger", lambda: httpx.get(f"{api}/training-jobs/{job['id']}").json()["status"]
-             == "succeeded")
-        rollout = poll("pending rollout", lambda: next(
-            (r for r in httpx.get(f"{api}/rollouts").json() if r["state"] == "pending_approval"),
-            None))
+        poll(
+            "challenger",
+            lambda: httpx.get(f"{api}/training-jobs/{job['id']}").json()["status"] == "succeeded",
+        )
+        rollout = poll(
+            "pending rollout",
+            lambda: next(
+                (
+                    r
+                    for r in httpx.get(f"{api}/rollouts").json()
+                    if r["state"] == "pending_approval"
+                ),
+                None,
+            ),
+        )
         rid = rollout["id"]
 
         page = browser_page
@@ -115,8 +131,9 @@ def test_operator_watches_and_approves_a_rollout_in_the_dashboard(
         fleet.start_traffic(5.0)
         card.get_by_role("button", name="Approve").click()
 
-        page.wait_for_selector(f"#rollout-{rid}:not([data-state='pending_approval'])",
-                               timeout=60_000)
+        page.wait_for_selector(
+            f"#rollout-{rid}:not([data-state='pending_approval'])", timeout=60_000
+        )
         assert "approved by dana" in card.inner_text()
         # Progress: the canary stage fills as the canary device installs v2, then everyone.
         page.wait_for_function(

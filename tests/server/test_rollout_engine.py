@@ -277,14 +277,12 @@ def test_status_batch_for_many_rollout_devices_is_written_in_one_transaction(fle
     services.rollouts.approve(rollout_id, approver="ci")
     detail = client.get(f"/api/v1/rollouts/{rollout_id}").json()
     release = detail["release"]
-    members = [
-        d["device_id"]
-        for d in client.get(f"/api/v1/rollouts/{rollout_id}/devices").json()
-    ]
+    members = [d["device_id"] for d in client.get(f"/api/v1/rollouts/{rollout_id}/devices").json()]
     assert len(members) >= 2
     for d in members:
-        status(services, d, DeviceState.DOWNLOADING, 1, rollout_id=rollout_id,
-               target_release=release)
+        status(
+            services, d, DeviceState.DOWNLOADING, 1, rollout_id=rollout_id, target_release=release
+        )
     services.ingest.drain()
     assert services.ingest.stats.batch_fallbacks == 0
     assert services.ingest.stats.failed_writes == 0
