@@ -8,15 +8,22 @@ each test gets its own schema-free database created from it and dropped afterwar
 from __future__ import annotations
 
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from firmware_sim.services import Mosquitto, free_port, wait_port  # noqa: F401 (re-exported)
+from firmware_sim.services import (  # noqa: F401 (free_port, wait_port re-exported)
+    Mosquitto,
+    ServerProcess,
+    free_port,
+    wait_port,
+)
 
 PG_URL = os.environ.get("EDGELOOP_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -90,3 +97,33 @@ def write_key_pair(directory: Path, key: Ed25519PrivateKey) -> tuple[Path, Path]
 def workdir(tmp_path: Path) -> Path:
     """A scratch directory kept by pytest after a failure (logs of servers and agents land here)."""
     return tmp_path
+
+
+def poll(what: str, check: Callable[[], Any], timeout: float = 120.0, every: float = 0.3) -> Any:
+    """Return ``check()``'s first truthy value; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# Settings for a real server process in tests: the factory model is trained at start, and
+# rollouts move quickly on a small fleet.
+FAST_SERVER_ENV = {
+    "EDGELOOP_BOOTSTRAP_LINE": "digits",
+    "EDGELOOP_BOOTSTRAP_TRAINER": "sklearn-mlp",
+    "EDGELOOP_ROLLOUT_TICK_S": "0.5",
+    "EDGELOOP_MIN_LABELLED": "20",
+    "EDGELOOP_CANARY_MIN_SOAK_S": "1",
+}
+
+
+@pytest.fixture
+def server(broker: Mosquitto, workdir: Path) -> Iterator[ServerProcess]:
+    """The real edgeloop server in a subprocess, on the test's broker (``FAST_SERVER_ENV``)."""
+    srv = ServerProcess(workdir / "server", mqtt_port=broker.port, env=FAST_SERVER_ENV).start()
+    yield srv
+    srv.stop()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 
 from firmware_sim.fleet import Fleet, FleetConfig, Inputs
 from firmware_sim.services import ServerProcess
+from tests.conftest import FAST_SERVER_ENV, poll
 from training.data import digits_pools
 
 pytestmark = pytest.mark.slow
@@ -25,29 +25,10 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("EDGELOOP_TEST_ARTIFACTS", "var/test-artifacts"))
 
 
-def poll(what, check, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 def server(broker, workdir) -> Iterator[ServerProcess]:
-    srv = ServerProcess(
-        workdir / "server",
-        mqtt_port=broker.port,
-        env={
-            "EDGELOOP_BOOTSTRAP_LINE": "digits",
-            "EDGELOOP_ROLLOUT_TICK_S": "0.5",
-            "EDGELOOP_CANARY_PERCENT": "34",
-            "EDGELOOP_MIN_LABELLED": "20",
-            "EDGELOOP_CANARY_MIN_SOAK_S": "1",
-        },
-    ).start()
+    env = {**FAST_SERVER_ENV, "EDGELOOP_CANARY_PERCENT": "34"}
+    srv = ServerProcess(workdir / "server", mqtt_port=broker.port, env=env).start()
     yield srv
     srv.stop()
 

@@ -39,21 +39,11 @@ from contract import (
     Topics,
     load_private_key,
 )
-from firmware_sim.services import ServerProcess
+from tests.conftest import poll
 from training.data import digits_pools
 
 pytestmark = pytest.mark.slow
 DEVICE = "e2e-0001"
-
-
-def poll(what: str, check: Callable[[], Any], timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class StatusListener:
@@ -111,23 +101,6 @@ class HostileMirror:
 
     def close(self) -> None:
         self.httpd.shutdown()
-
-
-@pytest.fixture
-def server(broker, workdir) -> Iterator[ServerProcess]:
-    srv = ServerProcess(
-        workdir / "server",
-        mqtt_port=broker.port,
-        env={
-            "EDGELOOP_BOOTSTRAP_LINE": "digits",
-            "EDGELOOP_BOOTSTRAP_TRAINER": "sklearn-mlp",
-            "EDGELOOP_ROLLOUT_TICK_S": "0.5",
-            "EDGELOOP_MIN_LABELLED": "20",
-            "EDGELOOP_CANARY_MIN_SOAK_S": "1",
-        },
-    ).start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture

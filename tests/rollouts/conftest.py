@@ -11,7 +11,7 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from contract import TargetMessage, Topics, encode_input
 from device_agent import AgentConfig
 from firmware_sim.fleet import Fleet, FleetConfig, Inputs
 from firmware_sim.services import Mosquitto, ServerProcess
+from tests.conftest import poll
 from training.data import digits_pools
 
 RELAXED_LINE = {
@@ -56,16 +57,6 @@ SERVER_ENV = {
     "EDGELOOP_INSTALL_TIMEOUT_S": "90",
     "EDGELOOP_ROLLOUT_RETRY_BACKOFF_S": "2",
 }
-
-
-def poll(what: str, check: Callable[[], Any], timeout: float = 120.0, every: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class TargetRecorder:

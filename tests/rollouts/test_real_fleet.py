@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from tests.rollouts.conftest import World, poll
+from tests.conftest import poll
+from tests.rollouts.conftest import World
 
 pytestmark = pytest.mark.slow
 
