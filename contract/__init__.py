@@ -10,10 +10,17 @@ Exception tree::
     ContractError                 (bad content: never retried, always reported)
     ├── SignatureError            (envelope not signed by a trusted key, or malformed)
     ├── ManifestError             (signed payload does not describe a valid manifest)
-    └── MessageError              (an MQTT/HTTP message does not match its schema)
+    ├── MessageError              (an MQTT/HTTP message does not match its schema)
+    └── RootError                 (root metadata invalid or not the next trusted version)
 """
 
-from contract._errors import ContractError, ManifestError, MessageError, SignatureError
+from contract._errors import (
+    ContractError,
+    ManifestError,
+    MessageError,
+    RootError,
+    SignatureError,
+)
 from contract.envelope import (
     PAYLOAD_TYPE,
     SignedEnvelope,
@@ -48,6 +55,7 @@ __all__ = [
     "ManifestError",
     "MessageError",
     "MetricsReport",
+    "RootError",
     "SampleRecord",
     "SignatureError",
     "SignedEnvelope",

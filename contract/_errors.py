@@ -15,3 +15,8 @@ class ManifestError(ContractError):
 
 class MessageError(ContractError):
     """A message does not match its schema."""
+
+
+class RootError(ContractError):
+    """Root metadata is malformed, not signed by a threshold of root keys, or not the next
+    version of the trusted root."""

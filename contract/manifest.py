@@ -11,7 +11,19 @@ A manifest is the payload of a DSSE envelope (``contract.envelope``). Fields:
   hint outside the signature; trust comes only from this hash.
 - ``input_spec``: tensor name, shape (``-1`` = batch), dtype and value range of the model's input.
 - ``labels``: class names in output order.
+- ``targeting``: which devices may install it (device ids, groups, hardware classes; an empty
+  list matches any) and what runtime it needs (``opset``: highest ONNX default-domain opset the
+  model imports; ``min_runtime_version``: lowest ONNX Runtime version, dotted ints). Optional in
+  the payload; absent means "any device".
 - ``created_at`` / ``expires_at``: RFC 3339 UTC; a device refuses an expired manifest.
+- ``deployment``: optional, ``"serve"`` (default: install and serve) or ``"shadow"`` (run the
+  model beside the serving one and report how it compares; never serve its answers). Signed,
+  so nothing outside the signature can make a device serve a shadow release.
+
+The agent applies no preprocessing: the input tensor is fed as given, so ``input_spec`` is the
+whole input contract. Self-test vectors travel inside the ONNX file (metadata
+``edgeloop.selftest``), so the artifact's sha256 covers them. The full format is in
+docs/bundle-format.md.
 """
 
 from __future__ import annotations
@@ -78,6 +90,80 @@ class ArtifactRef:
         return cls(name=name, sha256=sha, size=size)
 
 
+DEPLOYMENTS = ("serve", "shadow")  # how a device runs the release's model
+
+
+def _deployment(value: Any) -> str:
+    _require(value in DEPLOYMENTS, f"deployment must be one of: {', '.join(DEPLOYMENTS)}")
+    return str(value)
+
+
+_VERSION = re.compile(r"^[0-9]{1,6}(\.[0-9]{1,6}){0,3}$")
+MAX_TARGET_ENTRIES = 10_000  # ids/groups/classes one targeting list may hold
+
+
+def _str_list(data: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    value = data.get(name, [])
+    _require(
+        isinstance(value, list)
+        and len(value) <= MAX_TARGET_ENTRIES
+        and all(isinstance(x, str) and x for x in value),
+        f"targeting.{name} must be a list of non-empty strings (at most {MAX_TARGET_ENTRIES})",
+    )
+    return tuple(value)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'1.20.1' -> (1, 20, 1); anything after the numeric prefix (e.g. '.dev0') is ignored."""
+    parts: list[int] = []
+    for piece in version.split("."):
+        digits = re.match(r"^[0-9]+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group(0)))
+    return tuple(parts)
+
+
+@dataclass(frozen=True)
+class Targeting:
+    """Who may install a release. Every non-empty criterion must match (logical AND)."""
+
+    device_ids: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()  # matches when the device is in at least one of them
+    hardware_classes: tuple[str, ...] = ()
+    opset: int | None = None  # highest ONNX default-domain opset the model imports
+    min_runtime_version: str | None = None  # lowest ONNX Runtime version, e.g. "1.17"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device_ids": list(self.device_ids),
+            "groups": list(self.groups),
+            "hardware_classes": list(self.hardware_classes),
+            "opset": self.opset,
+            "min_runtime_version": self.min_runtime_version,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Targeting:
+        _require(isinstance(data, Mapping), "targeting must be an object")
+        opset, runtime = data.get("opset"), data.get("min_runtime_version")
+        _require(
+            opset is None or (isinstance(opset, int) and not isinstance(opset, bool) and opset > 0),
+            "targeting.opset must be a positive integer or null",
+        )
+        _require(
+            runtime is None or (isinstance(runtime, str) and bool(_VERSION.match(runtime))),
+            "targeting.min_runtime_version must be dotted integers (e.g. 1.17) or null",
+        )
+        return cls(
+            device_ids=_str_list(data, "device_ids"),
+            groups=_str_list(data, "groups"),
+            hardware_classes=_str_list(data, "hardware_classes"),
+            opset=opset,
+            min_runtime_version=runtime,
+        )
+
+
 @dataclass(frozen=True)
 class InputSpec:
     name: str
@@ -131,9 +217,11 @@ class Manifest:
     created_at: datetime
     expires_at: datetime
     extra: dict[str, Any] = field(default_factory=dict)  # informational, e.g. trainer, metrics
+    targeting: Targeting = field(default_factory=Targeting)
+    deployment: str = "serve"  # one of DEPLOYMENTS; "shadow": run beside, never serve
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "_type": MANIFEST_TYPE,
             "spec_version": SPEC_VERSION,
             "model_line": self.model_line,
@@ -146,6 +234,11 @@ class Manifest:
             "expires_at": format_time(self.expires_at),
             "extra": self.extra,
         }
+        if self.targeting != Targeting():  # absent means "any device"
+            d["targeting"] = self.targeting.to_dict()
+        if self.deployment != "serve":  # absent means "serve": older payloads stay byte-equal
+            d["deployment"] = self.deployment
+        return d
 
     def to_payload(self) -> bytes:
         """Canonical bytes: sorted keys, no whitespace, UTF-8."""
@@ -200,6 +293,8 @@ class Manifest:
             created_at=created,
             expires_at=expires,
             extra=extra,
+            targeting=Targeting.from_dict(data.get("targeting", {})),
+            deployment=_deployment(data.get("deployment", "serve")),
         )
 
 
@@ -230,4 +325,12 @@ def verify_manifest(
     return manifest
 
 
-__all__ = ["OUTPUT_NAME", "ArtifactRef", "InputSpec", "Manifest", "verify_manifest"]
+__all__ = [
+    "OUTPUT_NAME",
+    "ArtifactRef",
+    "InputSpec",
+    "Manifest",
+    "Targeting",
+    "verify_manifest",
+    "version_tuple",
+]

@@ -8,6 +8,11 @@ Foreign errors (contract, http.client, onnxruntime) are translated at the bounda
     AgentError
     ├── ContentError                 (bad content: REFUSED, never retried)
     │   ├── SignatureInvalidError    (envelope malformed or not signed by a trusted key)
+    │   │   └── RevokedKeyError      (signed by a release key a newer root dropped)
+    │   ├── RootInvalidError         (root metadata not the next validly signed version)
+    │   ├── RootExpiredError         (the newest trusted root is past its expires_at)
+    │   ├── TargetingMismatchError   (release is for other devices, groups or hardware)
+    │   ├── RuntimeIncompatibleError (release needs an opset/runtime this device lacks)
     │   ├── ManifestInvalidError     (signed payload is not a valid manifest)
     │   ├── ExpiredManifestError     (manifest past its expires_at)
     │   ├── ModelLineMismatchError   (target is for another model line)
@@ -23,6 +28,7 @@ Foreign errors (contract, http.client, onnxruntime) are translated at the bounda
     │   └── InsufficientMemoryError  (not enough free memory to load it next to the old one)
     ├── InferenceError               (ONNX Runtime failed on one inference)
     ├── NoModelError                 (predict before any model serves)
+    ├── IdentityError                (enrollment refused, or the credential is refused: 401/403)
     ├── UnknownPredictionError       (feedback for a prediction id not held, or evicted)
     └── ConfigError                  (agent configuration is invalid)
 """
@@ -40,6 +46,26 @@ class ContentError(AgentError):
 
 class SignatureInvalidError(ContentError):
     """The manifest envelope is malformed or lacks a valid signature from a trusted key."""
+
+
+class RevokedKeyError(SignatureInvalidError):
+    """Signed by a key that an older root allowed and the current root no longer lists."""
+
+
+class RootInvalidError(ContentError):
+    """Root metadata is malformed, skips a version, or lacks a threshold of root signatures."""
+
+
+class RootExpiredError(ContentError):
+    """The newest trusted root expired: nothing new is accepted until a fresh root arrives."""
+
+
+class TargetingMismatchError(ContentError):
+    """The signed targeting names other devices, groups or hardware classes."""
+
+
+class RuntimeIncompatibleError(ContentError):
+    """The release needs an ONNX opset or runtime version this device cannot provide."""
 
 
 class ManifestInvalidError(ContentError):
@@ -128,11 +154,24 @@ __all__ = [
     "ModelLineMismatchError",
     "ModelLoadError",
     "NoModelError",
+    "RevokedKeyError",
     "RollbackRefusedError",
+    "RootExpiredError",
+    "RootInvalidError",
+    "RuntimeIncompatibleError",
     "SelfTestError",
     "SignatureInvalidError",
     "SlowRetrievalError",
+    "TargetingMismatchError",
     "TransportError",
     "UnknownPredictionError",
     "VersionRefusedError",
 ]
+
+
+class IdentityError(AgentError):
+    """The server refused this device's bootstrap token or credential (HTTP 401/403).
+
+    Fatal until an operator acts (a new bootstrap token, or the device was revoked): retrying
+    the same secret cannot help, so the agent reports it and stops asking.
+    """

@@ -4,7 +4,8 @@ Layout under ``state_dir``::
 
     models/<sha256>.onnx      verified artifacts, content-addressed (the A/B slots' bytes)
     downloads/<sha256>.part   partial downloads (resumable); never loaded from here
-    state.json                slot pointers + update job + refused versions (one atomic file)
+    state.json                slot pointers + update job + refused versions + release floor
+    trust.json                root metadata envelopes newer than the pinned root (see below)
     spool/                    captured samples awaiting upload (see capture.py)
     outbox.jsonl              status/metrics reports held while the broker is unreachable
 
@@ -13,6 +14,13 @@ A/B slots: ``current`` is the slot that serves (on probation while the update jo
 fallback at start). Both point at fully verified files in ``models/``; a pointer only ever moves
 to a file that is complete, fsynced and hash-checked. Because the pointers and the update job
 live in one file, a crash can never separate "which model serves" from "where the update was".
+
+Trust: ``highest_release`` (the release floor) lives in ``state.json`` and the learned root chain
+in ``trust.json``; both are written only by this module with ``atomic_write``, never by a
+download (downloads only ever write ``downloads/<sha256>.part``, and a sha256 is 64 hex chars, so
+no download name can reach another file). ``trust.json`` is re-verified from the pinned root at
+every start, so a corrupted or edited file can only lose roots (re-learned from the server),
+never add trust.
 """
 
 from __future__ import annotations
@@ -191,6 +199,7 @@ class ModelStore:
         self.models_dir = self.root / "models"
         self.downloads_dir = self.root / "downloads"
         self.state_path = self.root / "state.json"
+        self.trust_path = self.root / "trust.json"
         for d in (self.models_dir, self.downloads_dir):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -224,6 +233,24 @@ class ModelStore:
 
     def save_state(self, state: PersistedState) -> None:
         atomic_write(self.state_path, state.to_json())
+
+    def load_roots(self) -> list[dict[str, Any]]:
+        """Root envelopes learned so far (unverified: the caller walks them from the pin)."""
+        try:
+            data = json.loads(self.trust_path.read_bytes())
+            roots = data["roots"]
+            if not isinstance(roots, list) or not all(isinstance(r, dict) for r in roots):
+                raise ValueError("roots must be a list of objects")
+            return roots
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, KeyError, TypeError):
+            os.replace(self.trust_path, self.trust_path.with_suffix(".corrupt"))
+            return []
+
+    def save_roots(self, roots: list[dict[str, Any]]) -> None:
+        body = {"trust_version": 1, "roots": roots}
+        atomic_write(self.trust_path, json.dumps(body, indent=1, sort_keys=True).encode("utf-8"))
 
     def stray_temp_files(self) -> list[Path]:
         """Leftovers of atomic writes a crash interrupted (never loaded; removed at start)."""
