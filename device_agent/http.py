@@ -14,6 +14,9 @@ nothing, since ``http.client`` and ``ssl`` are already imported by paho-mqtt.
   name checked), created once on first use.
 - Every failure is translated to the agent's family: ``ConnectError`` when no byte of the request
   left this device (the connection could not be opened), ``TransportError`` otherwise.
+- ``set_bearer(token, origin)`` adds ``Authorization: Bearer`` to requests for that one origin
+  (the edgeloop server) only: artifact URLs may point at mirrors or CDNs, which must never see
+  the device's credential.
 - A request on a reused connection that the server closed in the meantime (its keep-alive timer
   and our request crossed) is retried once on a fresh connection. Every request the agent makes
   is idempotent on the server (registration is an upsert, samples are deduplicated by id).
@@ -40,6 +43,12 @@ MAX_BODY_BYTES = 4 * 1024 * 1024  # bytes, cap on a non-streamed response body (
 _IDLE_PER_HOST = 4  # idle keep-alive connections kept per host
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 _Key = tuple[str, str, int]
+
+
+def _origin(url: str) -> _Key:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return (parts.scheme, parts.hostname or "", port)
 
 
 class Response:
@@ -106,6 +115,11 @@ class HttpClient:
         self._lock = threading.Lock()
         self._tls: ssl.SSLContext | None = None
         self._headers = {"User-Agent": f"edgeloop-agent/{AGENT_VERSION}"}
+        self._bearer: tuple[_Key, str] | None = None  # (server origin, token)
+
+    def set_bearer(self, token: str, *, origin: str) -> None:
+        """Send ``token`` as the bearer credential on every request to ``origin`` (a base URL)."""
+        self._bearer = (_origin(origin), token)
 
     def __enter__(self) -> HttpClient:
         return self
@@ -206,6 +220,8 @@ class HttpClient:
         if parts.query:
             target += "?" + parts.query
         hdrs = {**self._headers, **(headers or {})}
+        if self._bearer is not None and self._bearer[0] == key:
+            hdrs.setdefault("Authorization", f"Bearer {self._bearer[1]}")
         conn = self._take_idle(key)
         if conn is not None:
             try:

@@ -37,12 +37,14 @@ class MqttLink:
         *,
         topics: Topics | None = None,
         outbox: Outbox | None = None,
+        credential: str | None = None,
     ) -> None:
         self._cfg = config
         self._inbox = inbox
         self.outbox = outbox
         self._topics = topics or Topics()
         self.connected = threading.Event()
+        self.refused: str | None = None  # the broker's reason when it refused our login
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=config.device_id,
@@ -52,10 +54,16 @@ class MqttLink:
             min_delay=max(1, int(config.mqtt_reconnect_min_s)),
             max_delay=max(1, int(config.mqtt_reconnect_max_s)),
         )
+        if credential:
+            self.set_credential(credential)
         self._client.max_queued_messages_set(1000)  # reports kept while offline
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+
+    def set_credential(self, credential: str) -> None:
+        """Log in as username = device id, password = credential (used from the next connect)."""
+        self._client.username_pw_set(self._cfg.device_id, credential)
 
     @property
     def target_topic(self) -> str:
@@ -94,8 +102,11 @@ class MqttLink:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
         if reason_code.is_failure:
+            # Bad credentials or a revoked device: paho retries with its capped backoff.
             log.warning("MQTT connect refused: %s", reason_code)
+            self.refused = str(reason_code)
             return
+        self.refused = None
         # Subscribe on every connect: cheap, and correct when the broker lost our session.
         client.subscribe(self.target_topic, qos=1)
         self.connected.set()

@@ -1,10 +1,19 @@
 // edgeloop dashboard: reads the same public API as the CLI; actions go through the same endpoints.
+// Every call carries the operator's bearer token (kept in localStorage). GET /auth/me tells who
+// that is; buttons above the role are disabled, and the server refuses them anyway (403).
 "use strict";
 
 const API = "/api/v1";
 const REFRESH_MS = 2000;
 const COLORS = ["#58a6ff", "#3fb950", "#d29922", "#f85149", "#bc8cff", "#39c5cf", "#ff7b72"];
 const $ = (sel) => document.querySelector(sel);
+const ROLES = ["viewer", "operator", "approver", "admin"];
+// The least role each action needs (the server's rule; see server/api/routes/rollouts.py).
+const NEEDS = { approve: "approver", pause: "operator", resume: "operator", abort: "operator", rollback: "operator" };
+let me = null; // {name, role} of the token's operator, or null
+function token() { return $("#token").value.trim(); }
+function authHeaders() { return token() ? { Authorization: `Bearer ${token()}` } : {}; }
+function allowed(action) { return !!me && ROLES.indexOf(me.role) >= ROLES.indexOf(NEEDS[action]); }
 
 function esc(v) {
   return String(v ?? "").replace(/[&<>"']/g, (c) =>
@@ -21,18 +30,15 @@ function toast(msg) {
   setTimeout(() => t.classList.remove("show"), 3000);
 }
 async function getJSON(path) {
-  const r = await fetch(path, { headers: { Accept: "application/json" } });
-  if (!r.ok) throw new Error(`${path}: ${r.status}`);
+  const r = await fetch(path, { headers: { Accept: "application/json", ...authHeaders() } });
+  if (!r.ok) { const e = new Error(`${path}: ${r.status}`); e.status = r.status; throw e; }
   return r.json();
 }
-function operator() { return $("#operator").value.trim(); }
-
 async function act(rolloutId, action) {
-  const who = operator();
-  if (!who) { toast("Enter your name as operator first"); $("#operator").focus(); return; }
-  const body = action === "approve" ? { approver: who } : { by: who };
+  if (!me) { toast("Paste your operator token first"); $("#token").focus(); return; }
+  // No name in the body: the server records the token's operator.
   const r = await fetch(`${API}/rollouts/${rolloutId}/${action}`, {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() }, body: "{}",
   });
   const data = await r.json().catch(() => ({}));
   toast(r.ok ? `rollout #${rolloutId}: ${data.state}` : `refused: ${JSON.stringify(data.detail ?? r.status)}`);
@@ -77,12 +83,18 @@ function renderRollouts(rollouts) {
   if (!rollouts.length) return;
   $("#rollouts").innerHTML = rollouts.map((r) => {
     const active = ["canary", "rolling", "full", "awaiting_gate", "paused"].includes(r.state);
+    const button = (act, label, cls = "") => {
+      const ok = allowed(act);
+      const why = ok ? "" : ` disabled title="needs the ${NEEDS[act]} role"`;
+      return `<button class="${cls}" data-act="${act}" data-id="${r.id}"${why}>${label}</button>`;
+    };
     const buttons = [
-      r.state === "pending_approval" ? `<button data-act="approve" data-id="${r.id}">Approve</button>` : "",
-      r.state === "awaiting_gate" ? `<button data-act="approve" data-id="${r.id}">Approve next wave</button>` : "",
-      ["canary", "rolling", "full", "awaiting_gate"].includes(r.state) ? `<button class="secondary" data-act="pause" data-id="${r.id}">Pause</button>` : "",
-      r.state === "paused" ? `<button data-act="resume" data-id="${r.id}">Resume</button>` : "",
-      active || r.state === "pending_approval" ? `<button class="danger" data-act="abort" data-id="${r.id}">${active ? "Roll back" : "Abort"}</button>` : "",
+      r.state === "pending_approval" ? button("approve", "Approve") : "",
+      r.state === "awaiting_gate" ? button("approve", "Approve next wave") : "",
+      ["canary", "rolling", "full", "awaiting_gate"].includes(r.state) ? button("pause", "Pause", "secondary") : "",
+      r.state === "paused" ? button("resume", "Resume") : "",
+      active || r.state === "pending_approval" ? button("abort", active ? "Roll back" : "Abort", "danger") : "",
+      r.state === "completed" ? button("rollback", "Roll back", "danger") : "",
     ].join("");
     const gates = r.gates ? Object.entries(r.gates).map(([k, v]) => `${k}: ${typeof v === "number" ? fmt(v) : JSON.stringify(v)}`).join("\n") : "";
     return `<div class="rollout" id="rollout-${r.id}" data-state="${esc(r.state)}">
@@ -138,7 +150,29 @@ function chart(svg, series, key, yMax) {
   svg.innerHTML = out;
 }
 
+let checkedToken = null; // the token `me` belongs to
+async function whoami() {
+  const t = token();
+  if (t === checkedToken) return; // a second "change" (e.g. on blur) changes nothing
+  checkedToken = t;
+  if (!t) { me = null; $("#whoami").textContent = "not signed in"; return; }
+  try {
+    const who = await getJSON(`${API}/auth/me`);
+    if (token() === t) { me = who; $("#whoami").textContent = `${who.name} (${who.role})`; }
+  } catch (e) {
+    if (token() === t) {
+      me = null;
+      $("#whoami").textContent = e.status === 401 ? "token refused" : "cannot check token";
+    }
+  }
+}
+
 async function refresh() {
+  if (!me) {
+    $("#health").textContent = token() ? "token refused" : "sign in with a token";
+    $("#health").className = "pill bad";
+    return;
+  }
   try {
     const [health, lines, rollouts, devices] = await Promise.all([
       getJSON("/healthz"), getJSON(`${API}/model-lines`), getJSON(`${API}/rollouts`), getJSON(`${API}/devices`),
@@ -164,7 +198,11 @@ async function refresh() {
   }
 }
 
-$("#operator").value = localStorage.getItem("edgeloop.operator") || "";
-$("#operator").addEventListener("change", () => localStorage.setItem("edgeloop.operator", operator()));
-refresh();
+$("#token").value = localStorage.getItem("edgeloop.token") || "";
+$("#token").addEventListener("change", async () => {
+  localStorage.setItem("edgeloop.token", token());
+  await whoami();
+  refresh();
+});
+whoami().then(refresh);
 setInterval(refresh, REFRESH_MS);
