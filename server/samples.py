@@ -30,6 +30,8 @@ from contract import ContractError, InputSpec, Manifest, MessageError, decode_in
 from contract.envelope import SignedEnvelope
 from server import crud
 from server.db import Device, ModelLine, Release, Sample
+from server.screening import Screener
+from server.upload_limits import charge_quota
 
 MAX_SAMPLE_ID_CHARS = 64
 MAX_INT32 = 2**31 - 1
@@ -59,6 +61,7 @@ class UploadResult:
     accepted: int = 0
     duplicates: int = 0
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    quarantined: list[dict[str, Any]] = field(default_factory=list)  # stored, held by screening
     jobs_triggered: list[int] = field(default_factory=list)
 
 
@@ -225,15 +228,29 @@ def facts_from_release(line: str, release: int, envelope: Any) -> LineFacts | No
     )
 
 
-def upload_samples(session: Session, *, records: list[Any], now: datetime) -> UploadResult:
+def upload_samples(
+    session: Session,
+    *,
+    records: list[Any],
+    now: datetime,
+    screener: Screener | None = None,
+    daily_quota: int = 0,
+) -> UploadResult:
     """Validate and store one batch in one transaction; trigger retraining at the threshold.
 
     Duplicate sample ids (already stored, or repeated within the batch) are counted, not stored
-    twice, so a device may retry an upload safely. Commits.
+    twice, so a device may retry an upload safely. New samples are charged to their device's
+    ``daily_quota`` (0: none) and screened by ``screener``: quarantined ones are stored but do not
+    count toward retraining. Commits.
+
+    Raises:
+        RateLimitedError: a device would pass its daily quota (nothing of the batch is stored).
     """
     for attempt in range(_INSERT_RETRIES):
         try:
-            return _upload_once(session, records=records, now=now)
+            return _upload_once(
+                session, records=records, now=now, screener=screener, daily_quota=daily_quota
+            )
         except IntegrityError:
             session.rollback()
             if attempt == _INSERT_RETRIES - 1:
@@ -241,7 +258,14 @@ def upload_samples(session: Session, *, records: list[Any], now: datetime) -> Up
     raise AssertionError("unreachable")
 
 
-def _upload_once(session: Session, *, records: list[Any], now: datetime) -> UploadResult:
+def _upload_once(
+    session: Session,
+    *,
+    records: list[Any],
+    now: datetime,
+    screener: Screener | None,
+    daily_quota: int,
+) -> UploadResult:
     result = UploadResult()
     devices, lines = _facts(session, records)
     rows: list[dict[str, Any]] = []
@@ -286,10 +310,23 @@ def _upload_once(session: Session, *, records: list[Any], now: datetime) -> Uplo
             continue
         known[key] = (row["sample_id"], row["true_label"])
         fresh[row["sample_id"]] = row
+    per_device: dict[str, int] = {}
+    for row in fresh.values():
+        per_device[row["device_id"]] = per_device.get(row["device_id"], 0) + 1
+    for device_id in sorted(per_device):
+        charge_quota(
+            session, device_id=device_id, n=per_device[device_id], quota=daily_quota, now=now
+        )
     if fresh:
         session.execute(insert(Sample), list(fresh.values()))
+    held: dict[str, str] = {}
+    if screener is not None and fresh:
+        held = screener.screen(session, rows=list(fresh.values()), now=now)
+        result.quarantined = [{"sample_id": s, "reason": r} for s, r in sorted(held.items())]
     per_line: dict[str, int] = {}
     for row in fresh.values():
+        if row["sample_id"] in held:
+            continue  # held back from datasets: not a reason to retrain
         per_line[row["model_line"]] = per_line.get(row["model_line"], 0) + 1
     for line_name in sorted(per_line):  # fixed lock order: no deadlock between batches
         job_id = _count_and_trigger(session, line=line_name, added=per_line[line_name], now=now)

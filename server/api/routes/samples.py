@@ -9,7 +9,8 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from server.api.deps import ServicesDep, SessionDep
+from server.api.deps import DeviceDep, ServicesDep, SessionDep, ViewerDep
+from server.auth import require_same_device
 from server.errors import InvalidRequestError, PayloadTooLargeError
 from server.lineage import sample_lineage
 from server.samples import upload_samples
@@ -33,8 +34,8 @@ async def _read_capped(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-@router.post("", response_model=SamplesResult)
-async def post_samples(request: Request, services: ServicesDep) -> Any:
+@router.post("", response_model=SamplesResult, response_model_exclude_unset=True)
+async def post_samples(request: Request, device: DeviceDep, services: ServicesDep) -> Any:
     settings = services.settings
     raw = await _read_capped(request, settings.max_request_bytes)
     try:
@@ -52,22 +53,38 @@ async def post_samples(request: Request, services: ServicesDep) -> Any:
         raise PayloadTooLargeError(
             f"{len(body.samples)} samples in one batch, limit {settings.max_samples_per_batch}"
         )
+    # A device uploads only its own samples: one foreign record refuses the whole batch (403).
+    for record in body.samples:
+        if isinstance(record, dict) and "device_id" in record:
+            require_same_device(device, record["device_id"])
+
+    if services.sample_limiter is not None:
+        services.sample_limiter.take(device.device_id, len(body.samples))
 
     def work() -> Any:
         with services.sessions() as session:
-            return upload_samples(session, records=body.samples, now=services.clock())
+            return upload_samples(
+                session,
+                records=body.samples,
+                now=services.clock(),
+                screener=services.screener,
+                daily_quota=settings.sample_quota_per_device_per_day,
+            )
 
     result = await run_in_threadpool(work)
     if result.jobs_triggered:
         services.jobs.wake()
-    return {
+    out: dict[str, Any] = {
         "accepted": result.accepted,
         "duplicates": result.duplicates,
         "rejected": result.rejected,
     }
+    if result.quarantined:  # listed only when screening held some back
+        out["quarantined"] = result.quarantined
+    return out
 
 
 @router.get("/{sample_id}/lineage")
-def get_sample_lineage(sample_id: str, session: SessionDep) -> dict[str, Any]:
+def get_sample_lineage(sample_id: str, _op: ViewerDep, session: SessionDep) -> dict[str, Any]:
     """A sample -> the dataset versions holding it -> the model versions trained on them."""
     return sample_lineage(session, sample_id=sample_id)

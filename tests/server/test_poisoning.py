@@ -1,0 +1,457 @@
+"""Poisoning guard: per-device upload rate limit and daily quota, and label screening.
+
+Real databases (SQLite and PostgreSQL), a real champion (scikit-learn exported to ONNX, run by
+the server with onnxruntime), the real digits data and the real training pipeline for the
+dataset version.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from server import crud
+from server.db import DatasetSample, ModelLine, ModelVersion
+from server.db_audit import SampleUploadCount
+from server.errors import RateLimitedError
+from server.main import create_app
+from server.screening import ScreenConfig, label_verdicts
+from server.services import Services
+from server.signing import sign_release
+from server.upload_limits import SampleRateLimiter
+from tests.conftest import write_key_pair
+from tests.server.conftest import (
+    LINE,
+    authed_client,
+    create_line,
+    make_settings,
+    register,
+    sample,
+    services_of,
+)
+from training.data import digits_pools, drift
+
+
+def champion_onnx() -> bytes:
+    from sklearn.linear_model import LogisticRegression
+
+    from training.export import sklearn_to_onnx
+
+    pools = digits_pools()
+    clf = LogisticRegression(max_iter=1000).fit(pools.train.X, pools.train.y)
+    return sklearn_to_onnx(clf, n_features=64)
+
+
+_CHAMPION: list[bytes] = []
+
+
+def install_champion(services: Services) -> None:
+    """A real ONNX champion (v1) with its signed release."""
+    if not _CHAMPION:
+        _CHAMPION.append(champion_onnx())
+    sha, size = services.store.put_bytes(_CHAMPION[0])
+    with services.sessions() as session:
+        ml = session.get(ModelLine, LINE)
+        assert ml is not None
+        session.add(
+            ModelVersion(
+                line=LINE,
+                version=1,
+                status="champion",
+                sha256=sha,
+                size=size,
+                trainer="sklearn-mlp",
+                hyperparams={},
+                metrics={},
+                report={},
+                sample_count=0,
+            )
+        )
+        session.flush()
+        rel = sign_release(
+            session,
+            signer=services.signer,
+            line_name=LINE,
+            model_version=1,
+            now=services.clock(),
+            ttl_days=30,
+        )
+        ml.champion_version = 1
+        ml.current_release = rel.release
+        session.commit()
+
+
+def upload(client: TestClient, records: list[dict[str, Any]]) -> Any:
+    return client.post("/api/v1/samples", json={"samples": records})
+
+
+def digit_samples(
+    device: str, X: np.ndarray, y: np.ndarray, *, prefix: str
+) -> list[dict[str, Any]]:
+    return [
+        sample(device, sample_id=f"{prefix}-{i}", x=X[i], true_label=int(y[i]), predicted_label=0)
+        for i in range(len(X))
+    ]
+
+
+def quarantine(client: TestClient) -> list[dict[str, Any]]:
+    resp = client.get("/api/v1/samples/quarantine", params={"model_line": LINE, "limit": 1000})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+@pytest.fixture
+def line(client: TestClient) -> tuple[TestClient, Services]:
+    create_line(client)
+    services = services_of(client)
+    install_champion(services)
+    return client, services
+
+
+def test_flipped_labels_are_quarantined_with_reason_and_left_out_of_the_dataset(
+    tmp_path: Path, db_url: str, signing_key
+) -> None:
+    priv, _ = write_key_pair(tmp_path / "keys", signing_key)
+    settings = make_settings(
+        tmp_path, db_url, signing_key_path=priv, training_python=sys.executable
+    )
+    with authed_client(create_app(settings)) as client:
+        create_line(client, retrain_threshold=1000)
+        services = services_of(client)
+        install_champion(services)
+        register(client, "mallory")
+        register(client, "honest")
+        field = digits_pools().field
+        X, y = field.X[:60], field.y[:60]
+        flipped = (y + 1 + np.arange(60) % 9) % 10  # always another digit
+        assert np.all(flipped != y)
+        # The honest device first, so the device check has someone to compare with.
+        resp = upload(client, digit_samples("honest", X[:30], y[:30], prefix="h"))
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["accepted"] == 30
+        honest_held = len(resp.json().get("quarantined", []))
+        assert honest_held <= 2  # clean digits with their true labels pass
+        resp = upload(client, digit_samples("mallory", X[30:], flipped[30:], prefix="m"))
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["accepted"] == 30  # stored (nothing is lost), but held back
+        held = {q["sample_id"]: q["reason"] for q in body["quarantined"]}
+        assert len(held) >= 27, body
+        listed = [q for q in quarantine(client) if q["device_id"] == "mallory"]
+        assert len(listed) == 30  # the device check holds the rest too
+        label_held = [q for q in listed if q["check"] == "label"]
+        assert label_held and all(
+            "contradicts the champion (v1 predicts" in q["reason"] for q in label_held
+        )
+        device_held = [q for q in listed if q["check"] == "device"]
+        for q in device_held:
+            assert q["reason"].startswith("device mallory: ")
+            assert "contradict model and neighbours" in q["reason"]
+        assert all(q["created_at"] for q in listed)
+        # Screening is audited.
+        audit_log = client.get(
+            "/api/v1/audit", params={"action": "sample.quarantine", "limit": 1000}
+        ).json()["records"]
+        assert len(audit_log) >= 27 and audit_log[0]["actor"] == "screening"
+
+        # The next dataset version holds none of them.
+        resp = client.post("/api/v1/training-jobs", json={"model_line": LINE})
+        assert resp.status_code == 201, resp.text
+        assert services.jobs.run_once() == resp.json()["id"]
+        with services.sessions() as session:
+            job = crud.get_job(session, job_id=resp.json()["id"])
+            assert job.dataset_version, job.error
+            ids = set(
+                session.scalars(
+                    select(DatasetSample.sample_id).where(
+                        DatasetSample.dataset_version == job.dataset_version
+                    )
+                )
+            )
+        assert not any(i.startswith("m-") for i in ids)
+        assert sum(1 for i in ids if i.startswith("h-")) >= 28
+
+
+def test_honest_drifted_samples_mostly_pass(line) -> None:
+    client, _services = line
+    field = digits_pools().field
+    n_devices, per_device = 4, 50
+    X = drift(field.X[: n_devices * per_device], severity=1.0, seed=7)
+    y = field.y[: n_devices * per_device]
+    held = 0
+    for d in range(n_devices):
+        register(client, f"cam-{d}")
+        part = slice(d * per_device, (d + 1) * per_device)
+        resp = upload(client, digit_samples(f"cam-{d}", X[part], y[part], prefix=f"d{d}"))
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["accepted"] == per_device
+        held += len(resp.json().get("quarantined", []))
+    pass_rate = 1 - held / (n_devices * per_device)
+    print(f"honest drifted samples passing screening: {pass_rate:.3f}")
+    assert pass_rate >= 0.75
+    assert not any(q["check"] == "device" for q in quarantine(client))
+
+
+def test_an_operator_can_release_a_quarantined_sample(line) -> None:
+    client, services = line
+    register(client, "cam-1")
+    field = digits_pools().field
+    wrong = (field.y[:1] + 5) % 10
+    resp = upload(client, digit_samples("cam-1", field.X[:1], wrong, prefix="q"))
+    assert [q["sample_id"] for q in resp.json()["quarantined"]] == ["q-0"]
+    with services.sessions() as session:
+        assert "q-0" not in {r.sample_id for r in crud.samples_of_line(session, line=LINE)}
+    resp = client.post("/api/v1/samples/q-0/release")
+    assert resp.status_code == 200, resp.text
+    assert client.post("/api/v1/samples/q-0/release").status_code == 404
+    with services.sessions() as session:
+        assert "q-0" in {r.sample_id for r in crud.samples_of_line(session, line=LINE)}
+    assert quarantine(client) == []
+    released = client.get(
+        "/api/v1/samples/quarantine", params={"model_line": LINE, "include_released": True}
+    ).json()
+    assert released[0]["released_by"]
+    assert client.get("/api/v1/audit", params={"action": "sample.release"}).json()["records"]
+
+
+def test_no_champion_means_no_label_screening(client: TestClient) -> None:
+    create_line(client)
+    register(client, "cam-1")
+    field = digits_pools().field
+    resp = upload(client, digit_samples("cam-1", field.X[:5], (field.y[:5] + 1) % 10, prefix="n"))
+    assert resp.status_code == 200 and "quarantined" not in resp.json()
+
+
+def test_rate_limit_returns_429_with_retry_after_and_keeps_what_was_stored(
+    tmp_path: Path, db_url: str, signing_key
+) -> None:
+    priv, _ = write_key_pair(tmp_path / "keys", signing_key)
+    # Burst of 10 samples, refilled at one sample per 100 minutes: no refill during the test.
+    settings = make_settings(
+        tmp_path,
+        db_url,
+        signing_key_path=priv,
+        sample_rate_per_device_per_min=0.01,
+        sample_burst_per_device=10,
+    )
+    with authed_client(create_app(settings)) as client:
+        create_line(client)
+        register(client, "cam-1")
+        register(client, "cam-2")
+        resp = upload(client, [sample("cam-1", sample_id=f"a{i}") for i in range(10)])
+        assert resp.status_code == 200 and resp.json()["accepted"] == 10
+        resp = upload(client, [sample("cam-1", sample_id="a10")])
+        assert resp.status_code == 429
+        assert int(resp.headers["Retry-After"]) >= 1
+        assert "over its upload rate" in resp.json()["detail"]
+        resp = upload(client, [sample("cam-1", sample_id=f"big{i}") for i in range(11)])
+        assert resp.status_code == 429 and "send smaller batches" in resp.json()["detail"]
+        # Another device has its own allowance; what cam-1 stored is all still there.
+        assert upload(client, [sample("cam-2", sample_id="b0")]).status_code == 200
+        services = services_of(client)
+        with services.sessions() as session:
+            ids = {r.sample_id for r in crud.samples_of_line(session, line=LINE)}
+        assert ids == {f"a{i}" for i in range(10)} | {"b0"}
+
+
+def test_daily_quota_holds_across_two_app_instances(tmp_path: Path, pg_url: str, signing_key):
+    priv, _ = write_key_pair(tmp_path / "keys", signing_key)
+    settings = make_settings(
+        tmp_path, pg_url, signing_key_path=priv, sample_quota_per_device_per_day=30
+    )
+    with authed_client(create_app(settings)) as a:
+        create_line(a)
+        register(a, "cam-1")
+        with TestClient(create_app(settings)) as b:
+            b.auth = a.auth  # the same operator and device credentials
+            assert (
+                upload(a, [sample("cam-1", sample_id=f"a{i}") for i in range(20)]).json()[
+                    "accepted"
+                ]
+                == 20
+            )
+            assert (
+                upload(b, [sample("cam-1", sample_id=f"b{i}") for i in range(10)]).json()[
+                    "accepted"
+                ]
+                == 10
+            )
+            for client in (a, b):
+                resp = upload(client, [sample("cam-1", sample_id="over")])
+                assert resp.status_code == 429, resp.text
+                assert "daily quota of 30 samples" in resp.json()["detail"]
+                assert int(resp.headers["Retry-After"]) >= 1
+            # A retried batch of stored ids is a duplicate, not a new charge.
+            again = upload(b, [sample("cam-1", sample_id="a0")])
+            assert again.status_code == 200 and again.json()["duplicates"] == 1
+            with services_of(a).sessions() as session:
+                counts = session.scalars(select(SampleUploadCount.count)).all()
+                stored = len(crud.samples_of_line(session, line=LINE))
+            assert counts == [30] and stored == 30
+
+
+# ---------------------------------------------------------------- pure cores
+
+
+def test_label_verdicts_need_both_the_champion_and_the_neighbours_to_disagree() -> None:
+    ref_X = np.array([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [1.0, 1.0], [0.9, 1.0], [1.0, 0.9]])
+    ref_y = np.array([0, 0, 0, 1, 1, 1])
+    X = np.array([[0.05, 0.05], [0.05, 0.05], [0.95, 0.95]], dtype=np.float32)
+    y = np.array([1, 1, 1])
+    cfg = ScreenConfig(k=3, min_agreement=1)
+    # Sample a: champion says 0, neighbours say 0 -> held. Sample b: champion agrees -> kept.
+    # Sample c: neighbours agree -> kept.
+    verdicts = label_verdicts(
+        ["a", "b", "c"],
+        X,
+        y,
+        champion_pred=np.array([0, 1, 0]),
+        champion_version=4,
+        ref_X=ref_X,
+        ref_y=ref_y,
+        config=cfg,
+    )
+    assert [v.sample_id for v in verdicts] == ["a"]
+    assert "v4 predicts 0" in verdicts[0].reason and "0 of 3" in verdicts[0].reason
+
+
+def test_label_verdicts_spare_a_sample_whose_neighbours_do_not_back_the_champion() -> None:
+    # A drifted input: the champion is wrong on it, and its clean neighbours are scattered over
+    # several labels, none of them its own. Nothing contradicts the label strongly: kept. The
+    # same input with neighbours that back the champion is held.
+    X = np.array([[0.5, 0.5]], dtype=np.float32)
+    y = np.array([3])
+    scattered_y = np.array([0, 1, 2, 0, 1, 2])
+    backing_y = np.array([0, 0, 0, 0, 1, 2])
+    ref_X = np.array([[0.5, 0.51], [0.51, 0.5], [0.49, 0.5], [0.5, 0.49], [0.9, 0.9], [0.1, 0.1]])
+    cfg = ScreenConfig(k=4, min_agreement=1, min_contradiction=3)
+    common = dict(champion_pred=np.array([0]), champion_version=2, ref_X=ref_X, config=cfg)
+    assert label_verdicts(["d"], X, y, ref_y=scattered_y, **common) == []
+    held = label_verdicts(["d"], X, y, ref_y=backing_y, **common)
+    assert [v.sample_id for v in held] == ["d"] and "4 carry 0" in held[0].reason
+
+
+def test_rate_limiter_refills_with_its_clock() -> None:
+    now = [0.0]
+    lim = SampleRateLimiter(per_min=60, burst=5, clock=lambda: now[0])
+    lim.take("d", 5)
+    with pytest.raises(RateLimitedError) as exc:
+        lim.take("d", 2)
+    assert exc.value.retry_after_s == 3  # 2 samples at 1/s, rounded up
+    now[0] = 2.0
+    lim.take("d", 2)
+    lim.take("other", 5)
+    SampleRateLimiter(per_min=0, burst=1).take("d", 10**6)  # 0: no limit
+
+
+def test_the_agent_keeps_a_rate_limited_batch_and_waits_retry_after(
+    tmp_path: Path, signing_key
+) -> None:
+    """The device agent's uploader against the real server over HTTP: 429 is transient."""
+    import threading
+
+    import httpx
+
+    from contract.messages import SampleRecord, encode_input
+    from device_agent.capture import Spool, Uploader
+    from device_agent.http import HttpClient
+    from tests.authkit import bootstrap_token
+    from tests.conftest import TEST_ADMIN_TOKEN, auth_headers
+    from tests.device_agent.agent_testkit import make_config
+    from tests.server.live_server import LiveServer
+
+    priv, _ = write_key_pair(tmp_path / "keys", signing_key)
+    settings = make_settings(
+        tmp_path,
+        f"sqlite:///{tmp_path}/edgeloop.db",
+        signing_key_path=priv,
+        sample_rate_per_device_per_min=0.01,
+        sample_burst_per_device=3,
+    )
+    app = create_app(settings)
+    with LiveServer(app) as srv:
+        admin = httpx.Client(base_url=srv.url, headers=auth_headers(TEST_ADMIN_TOKEN))
+        create_line(admin)
+        resp = admin.post(
+            "/api/v1/devices/enroll",
+            json={
+                "bootstrap_token": bootstrap_token(admin),
+                "device_id": "dev-1",
+                "model_line": LINE,
+            },
+        )
+        assert resp.status_code == 201, resp.text
+        credential = resp.json()["credential"]
+        field = digits_pools().field
+        spool = Spool(tmp_path / "spool", batch_max=3, max_bytes=1 << 20)
+        for i in range(5):
+            spool.add(
+                SampleRecord(
+                    sample_id=f"r{i}",
+                    device_id="dev-1",
+                    model_line=LINE,
+                    model_version=1,
+                    input_b64=encode_input(field.X[i]),
+                    true_label=int(field.y[i]),
+                    predicted_label=0,
+                    confidence=0.5,
+                    captured_at=1.0,
+                )
+            )
+        cfg = make_config(tmp_path / "agent", signing_key, server_url=srv.url)
+        with HttpClient(timeout_s=10) as client:
+            client.set_bearer(credential, origin=srv.url)
+            up = Uploader(cfg, spool=spool, client=client, stop=threading.Event())
+            assert up.upload_once() is False  # first batch stored, second refused with 429
+        assert "HTTP 429" in (up.last_error or "") and "upload rate" in (up.last_error or "")
+        assert up.retry_after_s >= 1
+        stats = spool.stats()
+        assert (stats.uploaded, stats.pending, stats.rejected) == (3, 2, 0)  # kept for later
+        with app.state.services.sessions() as session:
+            stored = {r.sample_id for r in crud.samples_of_line(session, line=LINE)}
+        assert stored == {"r0", "r1", "r2"}
+        admin.close()
+
+
+def test_cli_lists_the_quarantine_with_reasons(tmp_path: Path, signing_key) -> None:
+    from typer.testing import CliRunner
+
+    from server.cli import app as cli_app
+    from tests.conftest import TEST_ADMIN_TOKEN
+    from tests.server.live_server import LiveServer
+
+    priv, _ = write_key_pair(tmp_path / "keys", signing_key)
+    app = create_app(make_settings(tmp_path, f"sqlite:///{tmp_path}/e.db", signing_key_path=priv))
+    with LiveServer(app) as srv:
+        client = authed_client(app)
+        with client:
+            create_line(client)
+            install_champion(services_of(client))
+            register(client, "cam-1")
+            field = digits_pools().field
+            resp = upload(
+                client, digit_samples("cam-1", field.X[:1], (field.y[:1] + 5) % 10, prefix="c")
+            )
+            assert [q["sample_id"] for q in resp.json()["quarantined"]] == ["c-0"]
+        result = CliRunner().invoke(
+            cli_app,
+            [
+                "--server",
+                srv.url,
+                "--token",
+                TEST_ADMIN_TOKEN,
+                "samples",
+                "quarantine",
+                "--line",
+                LINE,
+            ],
+        )
+    assert result.exit_code == 0, result.output
+    assert result.output.split()[:3] == ["c-0", "cam-1", "label"]
+    assert "contradicts the champion" in result.output
