@@ -8,6 +8,11 @@ Percent membership uses a stable hash of (rollout id, device id) mapped to ``[0,
 the engine freezes one cut-off per percent wave, taken from the devices known then, so that a
 10 % canary of ten devices is exactly one device; a device that enrolls later is placed by
 comparing its hash with those frozen cut-offs, so no wave ever reshuffles and nobody is missed.
+
+A wave's ``kind`` is ``serve`` (install and serve the new model) or ``shadow``: only the first
+wave, which then gets a release signed with ``deployment: "shadow"``; its devices run the
+challenger beside the champion and keep serving the champion. The serve waves after it get a
+separate, higher serve release, and only once the shadow gate held (``rollout_gates``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 MAX_WAVES = 20
+WAVE_KINDS = ("serve", "shadow")
 
 
 class PlanError(ValueError):
@@ -46,6 +52,7 @@ class Wave:
     min_soak_s: float = 0.0  # seconds the wave runs the new model after reaching success
     timeout_s: float = 120.0  # seconds without progress before a device is timed out
     manual_gate: bool = False  # an approver must release this wave
+    kind: str = "serve"  # "shadow": run the challenger beside the champion (first wave only)
 
     @property
     def label(self) -> str:
@@ -53,7 +60,7 @@ class Wave:
             return self.name
         if self.selector:
             return "groups " + ",".join(self.selector)
-        return f"{self.percent:g}%"
+        return f"{self.percent:g}%" + (" shadow" if self.kind == "shadow" else "")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -97,6 +104,7 @@ class Wave:
             percent=None if percent is None else float(percent),
             selector=tuple(str(s) for s in selector),
             name=str(data.get("name") or ""),
+            kind=str(data.get("kind") or "serve"),
             abort=abort,
             **{
                 k: type(getattr(base, k))(data[k])
@@ -170,6 +178,12 @@ def validate(waves: Sequence[Wave]) -> None:
                     f"{last_pct:g} (percentages are cumulative)"
                 )
             last_pct = w.percent
+        if w.kind not in WAVE_KINDS:
+            raise PlanError(f"wave {i}: kind must be one of: {', '.join(WAVE_KINDS)}")
+        if w.kind == "shadow" and (i != 1 or len(waves) == 1):
+            raise PlanError(
+                f"wave {i}: only the first wave of a plan with later waves may be a shadow wave"
+            )
         for name in ("success_pct", "error_pct"):
             if not 0 <= getattr(w, name) <= 100:
                 raise PlanError(f"wave {i}: {name} must be in [0, 100]")
