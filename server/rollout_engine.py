@@ -6,24 +6,27 @@ never advances or rolls back twice; starting a wave also inserts its ``rollout_w
 primary key refuses a second start outright. The state is committed before targets are
 published; at startup every target is announced again (``publish_all_targets``), which covers a
 crash between the two.
+
+The guarded update and wave bookkeeping live in ``server.rollout_guard``, the transitions
+(start a wave, roll back, advance, complete, pause on error) in ``server.rollout_transitions``;
+this module holds the operator actions and the ticker.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from server import crud
+from server import audit, crud
 from server.background import Worker
 from server.core.config import Settings
-from server.db import Device, ModelLine, ModelVersion, Rollout, utcnow
+from server.db import Rollout, utcnow
 from server.db_rollouts import RolloutWave
-from server.errors import ConflictError, NotFoundError
 from server.mqtt_bridge import TargetPublisher
 from server.rollout import (
     RUNNING_ROLLOUT_STATES,
@@ -33,6 +36,7 @@ from server.rollout import (
     state_for_wave,
 )
 from server.rollout_members import (
+    audience,
     count_failures,
     log_events,
     mark_timed_out,
@@ -49,6 +53,8 @@ from server.rollout_queries import (
     plan_of,
     retries_from,
 )
+from server.rollout_targeting import targeting_from_request, targeting_of
+from server.rollout_transitions import RolloutTransitions
 from server.signing import Signer, sign_release
 from server.targets import targets_for_line
 
@@ -56,7 +62,7 @@ log = logging.getLogger(__name__)
 RELEASED_STATES = (*RUNNING_ROLLOUT_STATES, "awaiting_gate")
 
 
-class RolloutEngine:
+class RolloutEngine(RolloutTransitions):
     """Operator actions on rollouts and the periodic ``tick`` that applies ``decide``."""
 
     def __init__(
@@ -87,9 +93,12 @@ class RolloutEngine:
         canary_percent: int | None,
         created_by: str,
         waves: list[dict[str, Any]] | None = None,
+        targeting: dict[str, Any] | None = None,
     ) -> Rollout:
-        """A rollout in pending_approval. Raises InvalidRequestError for a bad plan."""
+        """A rollout in pending_approval, for the devices ``targeting`` admits (None: all).
+        Raises InvalidRequestError for a bad plan."""
         plan = plan_from_request(self.settings, canary_percent=canary_percent, waves=waves)
+        stored = targeting_from_request(targeting)
         with self.sessions() as session:
             rollout = create_rollout(
                 session,
@@ -99,6 +108,7 @@ class RolloutEngine:
                 created_by=created_by,
                 now=self.clock(),
                 plan=plan,
+                targeting=stored,
             )
             log_events(
                 session,
@@ -107,33 +117,20 @@ class RolloutEngine:
                 now=self.clock(),
                 by=created_by,
             )
+            audit.record(
+                session,
+                actor=created_by,
+                action="rollout.create",
+                subject=f"rollout:{rollout.id}",
+                details={
+                    "line": model_line,
+                    "version": model_version,
+                    **({"targeting": stored} if stored else {}),
+                },
+                now=self.clock(),
+            )
             session.commit()
             return rollout
-
-    def _conflict(self, session: Session, rollout_id: int, action: str, allowed: str) -> None:
-        rollout = session.get(Rollout, rollout_id, populate_existing=True)
-        if rollout is None:
-            raise NotFoundError(f"unknown rollout {rollout_id}")
-        raise ConflictError(
-            f"rollout {rollout_id} is {rollout.state}; only a rollout that is {allowed} can be "
-            f"{action}"
-        )
-
-    def _guarded(
-        self,
-        session: Session,
-        rollout_id: int,
-        states: Sequence[str],
-        *,
-        at_stage: int | None = None,
-        **values: Any,
-    ) -> bool:
-        """``UPDATE rollouts SET values WHERE id AND state IN states [AND stage = at_stage]``."""
-        stmt = update(Rollout).where(Rollout.id == rollout_id, Rollout.state.in_(states))
-        if at_stage is not None:
-            stmt = stmt.where(Rollout.stage == at_stage)
-        res = session.execute(stmt.values(**values).execution_options(synchronize_session=False))
-        return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
     def approve(self, rollout_id: int, *, approver: str, now: datetime | None = None) -> Rollout:
         """Start the first wave (pending_approval) or the next one (awaiting_gate)."""
@@ -166,20 +163,14 @@ class RolloutEngine:
             rollout = self.get(session, rollout_id)
             if rollout.state != "pending_approval":
                 return False
-            devices = {
-                d: list(g or ())
-                for d, g in session.execute(
-                    select(Device.device_id, Device.groups).where(
-                        Device.model_line == rollout.model_line
-                    )
-                ).tuples()
-            }
+            devices = audience(session, rollout)  # the wave cut-offs count only the audience
             plan = plan_of(rollout, self.settings).frozen(rollout_id, devices)
             if not self._guarded(
                 session,
                 rollout_id,
                 ["pending_approval"],
                 at_stage=0,
+                by=approver,
                 state=state_for_wave(0, plan.last),
                 approved_by=approver,
                 approved_at=now,
@@ -197,6 +188,8 @@ class RolloutEngine:
                     model_version=rollout.to_version,
                     now=now,
                     ttl_days=self.settings.manifest_ttl_days,
+                    deployment=plan.waves[0].kind,  # a shadow wave gets a shadow release
+                    targeting=targeting_of(rollout.targeting),
                 )
                 rollout.release = release.release
             session.add(
@@ -211,69 +204,6 @@ class RolloutEngine:
             session.commit()
         self._publish(line, released)
         return True
-
-    def _start_wave(
-        self,
-        rollout_id: int,
-        wave: int,
-        *,
-        by: str,
-        now: datetime,
-        from_states: Sequence[str],
-        from_stage: int,
-        reason: str | None = None,
-    ) -> bool:
-        """Move from ``from_stage`` to ``wave`` (guarded) and release its devices."""
-        with self.sessions() as session:
-            rollout = self.get(session, rollout_id)
-            plan = Plan.from_dict(rollout.plan or {})
-            why = reason or f"wave {wave + 1} ({plan.waves[wave].label}) released by {by}"
-            if not self._guarded(
-                session,
-                rollout_id,
-                from_states,
-                at_stage=from_stage,
-                state=state_for_wave(wave, plan.last),
-                stage=wave,
-                stage_started_at=now,
-                full_at=now if wave == plan.last else Rollout.full_at,
-                reason=why,
-            ):
-                return False
-            self._finish_wave(session, rollout_id, from_stage, "succeeded", now=now)
-            session.add(
-                RolloutWave(rollout_id=rollout_id, wave=wave, started_at=now, started_by=by)
-            )
-            log_events(session, rollout_id, [(None, wave, "wave_started", why)], now=now, by=by)
-            session.flush()
-            rollout = self.get(session, rollout_id)
-            released = sync_members(session, rollout, plan, now=now, release_upto=wave)
-            line = rollout.model_line
-            session.commit()
-        log.info("rollout %s: %s", rollout_id, why)
-        self._publish(line, released)
-        return True
-
-    def _finish_wave(
-        self,
-        session: Session,
-        rollout_id: int,
-        wave: int,
-        outcome: str,
-        *,
-        now: datetime,
-        reason: str | None = None,
-    ) -> None:
-        session.execute(
-            update(RolloutWave)
-            .where(
-                RolloutWave.rollout_id == rollout_id,
-                RolloutWave.wave == wave,
-                RolloutWave.finished_at.is_(None),
-            )
-            .values(finished_at=now, outcome=outcome, reason=reason)
-            .execution_options(synchronize_session=False)
-        )
 
     def pause(
         self,
@@ -290,6 +220,7 @@ class RolloutEngine:
                 session,
                 rollout_id,
                 RELEASED_STATES,
+                by=by,
                 paused_state=Rollout.state,
                 state="paused",
                 paused_at=now,
@@ -313,6 +244,7 @@ class RolloutEngine:
                 session,
                 rollout_id,
                 ["paused"],
+                by=by,
                 state=func.coalesce(Rollout.paused_state, "canary"),
                 paused_state=None,
                 reason=f"resumed by {by}",
@@ -343,6 +275,7 @@ class RolloutEngine:
                 session,
                 rollout_id,
                 ["pending_approval"],
+                by=by,
                 state="aborted",
                 finished_at=now,
                 reason=why,
@@ -387,207 +320,6 @@ class RolloutEngine:
         with self.sessions() as session:
             return self.get(session, rollout_id)
 
-    @staticmethod
-    def get(session: Session, rollout_id: int) -> Rollout:
-        rollout = session.get(Rollout, rollout_id, populate_existing=True)
-        if rollout is None:
-            raise NotFoundError(f"unknown rollout {rollout_id}")
-        return rollout
-
-    # ------------------------------------------------------------ transitions
-
-    def _rollback(
-        self,
-        rollout_id: int,
-        *,
-        reason: str,
-        from_states: Sequence[str],
-        now: datetime,
-        by: str = "engine",
-    ) -> bool:
-        """Sign a new, higher release of the old version and send everyone back to it."""
-        with self.sessions() as session:
-            before = self.get(session, rollout_id).state
-            if not self._guarded(
-                session,
-                rollout_id,
-                from_states,
-                state="rolled_back",
-                paused_state=None,
-                finished_at=now,
-                reason=reason,
-            ):
-                return False
-            rollout = self.get(session, rollout_id)
-            line = rollout.model_line
-            assert rollout.from_version is not None
-            release = sign_release(
-                session,
-                signer=self.signer,
-                line_name=line,
-                model_version=rollout.from_version,
-                now=now,
-                ttl_days=self.settings.manifest_ttl_days,
-            )
-            rollout.rollback_release = release.release
-            values: dict[str, Any] = {"current_release": release.release}
-            if before == "completed":
-                values["champion_version"] = rollout.from_version
-                for version, status in (
-                    (rollout.to_version, "rejected"),
-                    (rollout.from_version, "champion"),
-                ):
-                    session.execute(
-                        update(ModelVersion)
-                        .where(ModelVersion.line == line, ModelVersion.version == version)
-                        .values(
-                            status=status,
-                            reason=f"rollout {rollout_id}: {reason}"
-                            if status == "rejected"
-                            else ModelVersion.reason,
-                        )
-                        .execution_options(synchronize_session=False)
-                    )
-            session.execute(
-                update(ModelLine)
-                .where(ModelLine.name == line)
-                .values(**values)
-                .execution_options(synchronize_session=False)
-            )
-            session.execute(
-                update(ModelVersion)
-                .where(
-                    ModelVersion.line == line,
-                    ModelVersion.version == rollout.to_version,
-                    ModelVersion.status == "candidate",
-                )
-                .values(status="rejected", reason=f"rollout {rollout_id}: {reason}")
-                .execution_options(synchronize_session=False)
-            )
-            self._finish_wave(
-                session, rollout_id, rollout.stage, "rolled_back", now=now, reason=reason
-            )
-            log_events(
-                session, rollout_id, [(None, rollout.stage, "rolled_back", reason)], now=now, by=by
-            )
-            session.commit()
-        log.warning("rollout %s rolled back: %s", rollout_id, reason)
-        self._publish(line, None)
-        return True
-
-    def _advance(self, rollout: Rollout, plan: Plan, decision: Decision, now: datetime) -> None:
-        """The running wave holds: complete, wait at a manual gate, or start the next wave."""
-        wave = rollout.stage
-        if wave >= plan.last:
-            self._complete(rollout, decision, now)
-            return
-        nxt = plan.waves[wave + 1]
-        if nxt.manual_gate:
-            why = f"{decision.reason}; wave {wave + 2} ({nxt.label}) waits for an approver"
-            with self.sessions() as session:
-                if self._guarded(
-                    session,
-                    rollout.id,
-                    [rollout.state],
-                    at_stage=wave,
-                    state="awaiting_gate",
-                    reason=why,
-                    gates=decision.gates,
-                ):
-                    self._finish_wave(
-                        session, rollout.id, wave, "succeeded", now=now, reason=decision.reason
-                    )
-                    log_events(session, rollout.id, [(None, wave, "awaiting_gate", why)], now=now)
-                    session.commit()
-            return
-        self._start_wave(
-            rollout.id,
-            wave + 1,
-            by="engine",
-            now=now,
-            from_states=[rollout.state],
-            from_stage=wave,
-            reason=f"{decision.reason} -> wave {wave + 2} ({nxt.label})",
-        )
-        with self.sessions() as session:
-            session.execute(
-                update(Rollout)
-                .where(Rollout.id == rollout.id, Rollout.stage == wave + 1)
-                .values(gates=decision.gates)
-                .execution_options(synchronize_session=False)
-            )
-            session.commit()
-
-    def _complete(self, rollout: Rollout, decision: Decision, now: datetime) -> None:
-        with self.sessions() as session:
-            if not self._guarded(
-                session,
-                rollout.id,
-                ["full"],
-                at_stage=rollout.stage,
-                state="completed",
-                finished_at=now,
-                reason=decision.reason,
-                gates=decision.gates,
-            ):
-                return
-            line = rollout.model_line
-            session.execute(
-                update(ModelVersion)
-                .where(ModelVersion.line == line, ModelVersion.status == "champion")
-                .values(status="retired")
-                .execution_options(synchronize_session=False)
-            )
-            session.execute(
-                update(ModelVersion)
-                .where(ModelVersion.line == line, ModelVersion.version == rollout.to_version)
-                .values(status="champion")
-                .execution_options(synchronize_session=False)
-            )
-            session.execute(
-                update(ModelLine)
-                .where(ModelLine.name == line)
-                .values(champion_version=rollout.to_version, current_release=rollout.release)
-                .execution_options(synchronize_session=False)
-            )
-            self._finish_wave(
-                session, rollout.id, rollout.stage, "succeeded", now=now, reason=decision.reason
-            )
-            log_events(
-                session, rollout.id, [(None, rollout.stage, "completed", decision.reason)], now=now
-            )
-            session.commit()
-        log.info("rollout %s completed: %s", rollout.id, decision.reason)
-
-    def _pause_on_error(self, rollout: Rollout, decision: Decision, now: datetime) -> None:
-        with self.sessions() as session:
-            if self._guarded(
-                session,
-                rollout.id,
-                [rollout.state],
-                at_stage=rollout.stage,
-                paused_state=rollout.state,
-                state="paused",
-                paused_at=now,
-                reason=decision.reason,
-                gates=decision.gates,
-            ):
-                log_events(
-                    session, rollout.id, [(None, rollout.stage, "paused", decision.reason)], now=now
-                )
-                session.commit()
-        log.warning("rollout %s paused: %s", rollout.id, decision.reason)
-
-    def _publish(self, line: str, device_ids: list[str] | None) -> None:
-        if device_ids is not None and not device_ids:
-            return
-        with self.sessions() as session:
-            targets = targets_for_line(
-                session, line=line, public_url=self.settings.public_url, device_ids=device_ids
-            )
-        for device_id, message in targets:
-            self.publisher.publish(device_id, message)
-
     def publish_all_targets(self) -> int:
         """Re-announce every device's target (at startup: covers a crash between commit and
         publish). Returns the number of messages queued."""
@@ -596,7 +328,9 @@ class RolloutEngine:
         count = 0
         for line in lines:
             with self.sessions() as session:
-                targets = targets_for_line(session, line=line, public_url=self.settings.public_url)
+                targets = targets_for_line(
+                    session, line=line, public_url=self.settings.public_url, roots=self.signer.roots
+                )
             for device_id, message in targets:
                 self.publisher.publish(device_id, message)
                 count += 1

@@ -19,6 +19,7 @@ from server.db import Device, Rollout, RolloutDevice
 from server.db_rollouts import DeviceHealth, RolloutEvent
 from server.rollout import FAILURE_STATES, IN_PROGRESS_STATES, RETRYABLE_STATES
 from server.rollout_plan import Plan
+from server.rollout_targeting import device_matches, targeting_of
 
 
 def log_events(
@@ -59,17 +60,28 @@ def quarantined_now(session: Session, device_ids: Iterable[str], now: datetime) 
     return {r.device_id: r.reason or "quarantined" for r in rows}
 
 
+def audience(session: Session, rollout: Rollout) -> dict[str, list[str]]:
+    """Device id -> groups, for the devices of the rollout's line its targeting admits
+    (server.rollout_targeting): the only devices that become members and get its release."""
+    targeting = targeting_of(rollout.targeting)
+    return {
+        d: list(g or ())
+        for d, hw, g in session.execute(
+            select(Device.device_id, Device.hardware, Device.groups).where(
+                Device.model_line == rollout.model_line
+            )
+        ).tuples()
+        if device_matches(targeting, device_id=d, hardware=hw, groups=g or ())
+    }
+
+
 def sync_members(
     session: Session, rollout: Rollout, plan: Plan, *, now: datetime, release_upto: int | None
 ) -> list[str]:
-    """Place new devices in their wave, hold out or let back quarantined ones, and release the
-    queued devices of waves ``<= release_upto``. Returns the devices released now."""
-    line_devices: Mapping[str, list[str]] = {
-        d: list(g or ())
-        for d, g in session.execute(
-            select(Device.device_id, Device.groups).where(Device.model_line == rollout.model_line)
-        ).tuples()
-    }
+    """Place new devices of the audience in their wave, hold out or let back quarantined ones,
+    and release the queued devices of waves ``<= release_upto``. Returns the devices released
+    now."""
+    line_devices: Mapping[str, list[str]] = audience(session, rollout)
     rd = RolloutDevice
     known = dict(
         session.execute(select(rd.device_id, rd.state).where(rd.rollout_id == rollout.id))
@@ -252,4 +264,15 @@ def touch_in_progress(session: Session, rollout_id: int, now: datetime) -> None:
             RolloutDevice.state.in_(IN_PROGRESS_STATES),
         )
         .values(updated_at=now)
+    )
+
+
+def released_devices(session: Session, rollout_id: int) -> list[str]:
+    """Devices of the rollout that were sent its release (any wave started so far)."""
+    return list(
+        session.scalars(
+            select(RolloutDevice.device_id).where(
+                RolloutDevice.rollout_id == rollout_id, RolloutDevice.notified_at.is_not(None)
+            )
+        ).all()
     )
