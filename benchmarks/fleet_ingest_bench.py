@@ -35,16 +35,12 @@ TARGET_S = 60.0  # seconds to absorb one report of each kind from every device
 PUBLISHERS = 4  # MQTT connections the devices' reports are spread over
 
 
-def register_all(api: str, n: int) -> list[str]:
+def register_all(server: ServerProcess, n: int) -> list[str]:
+    """Enroll ``n`` devices with one multi-use bootstrap token."""
     ids = [f"bench-{i:05d}" for i in range(n)]
-    with httpx.Client(timeout=30) as c:
-
-        def reg(d: str) -> None:
-            r = c.post(f"{api}/devices/register", json={"device_id": d, "model_line": "digits"})
-            r.raise_for_status()
-
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(reg, ids))
+    token = server.enrollment_token(max_uses=n)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda d: server.enroll(d, "digits", token=token), ids))
     return ids
 
 
@@ -108,10 +104,11 @@ def run_case(label: str, db_url: str, n: int, batch_max: int, root: Path) -> dic
                 },
                 "labels": [str(i) for i in range(10)],
             },
+            headers=server.headers,
         )
         r.raise_for_status()
         t_reg = time.perf_counter()
-        ids = register_all(api, n)
+        ids = register_all(server, n)
         reg_s = time.perf_counter() - t_reg
         deadline = time.monotonic() + 120
         while not httpx.get(f"{server.url}/healthz").json()["mqtt"]["connected"]:

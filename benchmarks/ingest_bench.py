@@ -60,8 +60,10 @@ def make_records(n: int, prefix: str, seed: int) -> list[dict]:
     ]
 
 
-def setup(api: str) -> None:
-    with httpx.Client(timeout=30) as c:
+def setup(server: ServerProcess) -> dict[str, dict[str, str]]:
+    """The line and the devices; returns each device's Authorization headers."""
+    api = f"{server.url}/api/v1"
+    with httpx.Client(timeout=30, headers=server.headers) as c:
         r = c.post(
             f"{api}/model-lines",
             json={
@@ -73,21 +75,37 @@ def setup(api: str) -> None:
             },
         )
         r.raise_for_status()
-        for d in range(DEVICES):
-            c.post(
-                f"{api}/devices/register",
-                json={"device_id": f"bench-{d:03d}", "model_line": "digits"},
-            ).raise_for_status()
+    token = server.enrollment_token(max_uses=DEVICES)
+    return {
+        f"bench-{d:03d}": {
+            "Authorization": f"Bearer {server.enroll(f'bench-{d:03d}', 'digits', token=token)}"
+        }
+        for d in range(DEVICES)
+    }
 
 
-def post_all(api: str, bodies: list[bytes], clients: int) -> float:
+def bodies_of(
+    records: list[dict], batch: int, creds: dict[str, dict[str, str]]
+) -> list[tuple[bytes, dict[str, str]]]:
+    """Pre-encoded batches, each of one device's records (a device uploads only its own)."""
+    by_device: dict[str, list[dict]] = {}
+    for r in records:
+        by_device.setdefault(r["device_id"], []).append(r)
+    return [
+        (json.dumps({"samples": rs[i : i + batch]}).encode(), creds[d])
+        for d, rs in by_device.items()
+        for i in range(0, len(rs), batch)
+    ]
+
+
+def post_all(api: str, bodies: list[tuple[bytes, dict[str, str]]], clients: int) -> float:
     """POST every body (pre-encoded JSON); returns wall seconds. Every sample must be accepted."""
-    headers = {"content-type": "application/json"}
 
-    def run(chunk: list[bytes]) -> int:
+    def run(chunk: list[tuple[bytes, dict[str, str]]]) -> int:
         accepted = 0
         with httpx.Client(timeout=120) as c:
-            for body in chunk:
+            for body, auth in chunk:
+                headers = {"content-type": "application/json", **auth}
                 r = c.post(f"{api}/samples", content=body, headers=headers)
                 r.raise_for_status()
                 accepted += r.json()["accepted"]
@@ -148,17 +166,17 @@ def run_backend(name: str, db_url: str, workdir: Path, n: int, batch: int) -> di
     ).start()
     try:
         api = f"{server.url}/api/v1"
-        setup(api)
+        creds = setup(server)
         records = make_records(n, "b-", seed=1)
-        bodies = [
-            json.dumps({"samples": records[i : i + batch]}).encode() for i in range(0, n, batch)
-        ]
+        bodies = bodies_of(records, batch, creds)
         # Warm-up (first request pays for imports and connection setup), not counted.
-        post_all(api, [json.dumps({"samples": make_records(50, "w-", 9)}).encode()], 1)
+        post_all(api, bodies_of(make_records(50, "w-", 9), 50, creds), 1)
         batched_s = post_all(api, bodies, CLIENTS)
         singles = make_records(SINGLE_SAMPLES, "s-", seed=2)
-        single_s = post_all(api, [json.dumps({"samples": [r]}).encode() for r in singles], CLIENTS)
-        count = httpx.get(f"{api}/model-lines/digits", timeout=30).json()["new_samples"]
+        single_s = post_all(api, bodies_of(singles, 1, creds), CLIENTS)
+        count = httpx.get(f"{api}/model-lines/digits", headers=server.headers, timeout=30).json()[
+            "new_samples"
+        ]
         assert count == n + 50 + SINGLE_SAMPLES, count
     finally:
         server.stop()

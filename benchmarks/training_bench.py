@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             },
         ).start()
         api = f"{server.url}/api/v1"
-        c = httpx.Client(timeout=60)
+        c = httpx.Client(timeout=60, headers=server.headers)  # the admin operator
+        creds: dict[str, dict[str, str]] = {}
         try:
             for line, (trainer, target) in LINES.items():
                 started = time.perf_counter()
@@ -104,11 +105,10 @@ def main(argv: list[str] | None = None) -> int:
                     600,
                 )
                 results.append(Result(line, trainer, target, time.perf_counter() - started))
+                token = server.enrollment_token(max_uses=DEVICES)
                 for d in range(DEVICES):
-                    c.post(
-                        f"{api}/devices/register",
-                        json={"device_id": f"{line}-cam-{d}", "model_line": line},
-                    ).raise_for_status()
+                    cred = server.enroll(f"{line}-cam-{d}", line, token=token)
+                    creds[f"{line}-cam-{d}"] = {"Authorization": f"Bearer {cred}"}
             for res in results:
                 line = res.line
                 sent = 0
@@ -129,7 +129,14 @@ def main(argv: list[str] | None = None) -> int:
                         for i in range(sent, sent + BATCH)
                     ]
                     t0 = time.perf_counter()
-                    out = c.post(f"{api}/samples", json={"samples": batch}).json()
+                    out = {"accepted": 0, "rejected": []}
+                    for dev in sorted({r["device_id"] for r in batch}):  # each device its own
+                        mine = [r for r in batch if r["device_id"] == dev]
+                        got = c.post(
+                            f"{api}/samples", json={"samples": mine}, headers=creds[dev]
+                        ).json()
+                        out["accepted"] += got["accepted"]
+                        out["rejected"] += got["rejected"]
                     sent += BATCH
                     if out["accepted"] != BATCH:
                         raise RuntimeError(f"samples refused: {out['rejected'][:3]}")
@@ -161,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                     for r in c.get(f"{api}/rollouts", params={"model_line": line}).json()
                     if r["to_version"] == version
                 )
-                approved = c.post(
-                    f"{api}/rollouts/{rollout['id']}/approve", json={"approver": "bench"}
-                )
+                approved = c.post(f"{api}/rollouts/{rollout['id']}/approve", json={})
                 approved.raise_for_status()
                 release = wait(
                     f"{line} signed release",

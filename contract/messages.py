@@ -42,6 +42,7 @@ class DeviceState(StrEnum):
     REFUSED = "refused"  # failed a signature, hash, size, version or targeting check
     FAILED = "failed"  # transient or runtime failure (download, load)
     ROLLED_BACK = "rolled_back"
+    SHADOW = "shadow"  # a shadow release runs beside the serving model (never serves)
 
 
 def _field(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...], *, optional=False):
@@ -84,17 +85,35 @@ def _as_mapping(data: Any) -> Mapping[str, Any]:
     return data
 
 
+MAX_TARGET_ROOTS = 256  # root envelopes one target message may carry
+
+
+def _roots(d: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+    roots = _field(d, "roots", list, optional=True) or []
+    if len(roots) > MAX_TARGET_ROOTS or not all(isinstance(r, dict) for r in roots):
+        raise MessageError(f"field 'roots' must be a list of at most {MAX_TARGET_ROOTS} objects")
+    return tuple(dict(r) for r in roots)
+
+
 @dataclass(frozen=True)
 class TargetMessage:
-    """Server -> device: run this signed release. ``artifact_url`` is only a hint."""
+    """Server -> device: run this signed release. ``artifact_url`` is only a hint.
+
+    ``roots`` carries root metadata envelopes newer than version 1 (see contract.trust): a
+    device applies the ones newer than its trusted root before verifying ``envelope``, which is
+    how online keys rotate without touching devices. Empty for a server without a root chain.
+    """
 
     model_line: str
     envelope: dict[str, Any]  # SignedEnvelope.to_dict(); the device verifies it
     artifact_url: str
     rollout_id: int | None = None
+    roots: tuple[dict[str, Any], ...] = ()  # root envelopes (SignedEnvelope.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["roots"] = [dict(r) for r in self.roots]
+        return d
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode()
@@ -107,6 +126,7 @@ class TargetMessage:
             envelope=dict(_field(d, "envelope", dict)),
             artifact_url=_field(d, "artifact_url", str),
             rollout_id=_field(d, "rollout_id", int, optional=True),
+            roots=_roots(d),
         )
 
 
@@ -157,9 +177,128 @@ class StatusReport:
         )
 
 
+MAX_CLASS_ENTRIES = 1024  # per-class entries one metrics report may carry
+MAX_CLASS_INDEX = 1 << 16  # highest class index (labels are output positions)
+_CLASS_KEYS = ("label", "support", "correct")
+
+
+@dataclass(frozen=True)
+class ClassCount:
+    """Labelled traffic of one class: ``support`` samples of it, ``correct`` of them right, and
+    ``predicted`` labelled inputs the model put in this class (for precision; 0 from agents
+    that do not count it)."""
+
+    label: int  # index of the class in the manifest's labels
+    support: int
+    correct: int
+    predicted: int = 0
+
+
+def _class_counts(d: Mapping[str, Any], name: str) -> tuple[ClassCount, ...]:
+    """Parse ``[{"label", "support", "correct"}, ...]``: bounded, unique labels, correct <=
+    support. Absent or null: no per-class counts (older agents)."""
+    raw = _field(d, name, list, optional=True)
+    if raw is None:
+        return ()
+    if len(raw) > MAX_CLASS_ENTRIES:
+        raise MessageError(f"field {name!r} holds {len(raw)} entries, limit {MAX_CLASS_ENTRIES}")
+    out: list[ClassCount] = []
+    seen: set[int] = set()
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, Mapping):
+            raise MessageError(f"{name}[{i}] must be an object with label, support, correct")
+        try:
+            label, support, correct = (_field(entry, k, int) for k in _CLASS_KEYS)
+            predicted = _field(entry, "predicted", int, optional=True) or 0
+        except MessageError as exc:
+            raise MessageError(f"{name}[{i}]: {exc}") from exc
+        if not 0 <= label <= MAX_CLASS_INDEX:
+            raise MessageError(f"{name}[{i}].label must be 0..{MAX_CLASS_INDEX}")
+        if support < 0 or not 0 <= correct <= support or predicted < 0:
+            raise MessageError(f"{name}[{i}] needs 0 <= correct <= support and predicted >= 0")
+        if label in seen:
+            raise MessageError(f"{name} lists label {label} twice")
+        seen.add(label)
+        out.append(ClassCount(label, support, correct, predicted))
+    return tuple(out)
+
+
+def _check_class_totals(
+    name: str, counts: tuple[ClassCount, ...], labelled: int, correct: int
+) -> None:
+    if (
+        sum(c.support for c in counts) > labelled
+        or sum(c.correct for c in counts) > correct
+        or sum(c.predicted for c in counts) > labelled
+    ):
+        raise MessageError(f"{name} add up to more than the labelled/correct totals")
+
+
+@dataclass(frozen=True)
+class ShadowFigures:
+    """A challenger run beside the serving champion on the same inputs (shadow wave).
+
+    ``compared`` inputs went through both models, ``agreed`` of them with the same argmax;
+    ``labelled`` of the compared inputs got ground truth, of which the champion got
+    ``champion_correct`` and the challenger ``challenger_correct`` right; per-class counts of
+    both on that same labelled traffic."""
+
+    model_version: int  # the challenger
+    compared: int
+    agreed: int
+    labelled: int
+    champion_correct: int
+    challenger_correct: int
+    errors: int = 0  # inputs the challenger failed on (not counted in compared)
+    class_counts: tuple[ClassCount, ...] = ()  # the challenger's, on the labelled inputs
+    champion_class_counts: tuple[ClassCount, ...] = ()  # the champion's, on the same inputs
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["class_counts"] = [asdict(c) for c in self.class_counts]
+        d["champion_class_counts"] = [asdict(c) for c in self.champion_class_counts]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ShadowFigures:
+        if not isinstance(data, Mapping):
+            raise MessageError("field 'shadow' must be an object")
+        names = ("compared", "agreed", "labelled", "champion_correct", "challenger_correct")
+        counts = {k: _field(data, k, int) for k in names}
+        errors = _field(data, "errors", int, optional=True) or 0
+        if any(v < 0 for v in counts.values()) or errors < 0:
+            raise MessageError("shadow counts must be >= 0")
+        # ``labelled`` may exceed ``compared``: ground truth can arrive a window after the input.
+        if counts["agreed"] > counts["compared"]:
+            raise MessageError("shadow agreed must not exceed compared")
+        if max(counts["champion_correct"], counts["challenger_correct"]) > counts["labelled"]:
+            raise MessageError("shadow correct counts must not exceed labelled")
+        classes = _class_counts(data, "class_counts")
+        _check_class_totals(
+            "shadow.class_counts", classes, counts["labelled"], counts["challenger_correct"]
+        )
+        champion = _class_counts(data, "champion_class_counts")
+        _check_class_totals(
+            "shadow.champion_class_counts", champion, counts["labelled"], counts["champion_correct"]
+        )
+        version = _field(data, "model_version", int)
+        if version < 0:
+            raise MessageError("shadow.model_version must be >= 0")
+        return cls(
+            model_version=version,
+            errors=errors,
+            class_counts=classes,
+            champion_class_counts=champion,
+            **counts,
+        )
+
+
 @dataclass(frozen=True)
 class MetricsReport:
-    """Device -> server: live metrics of one model version over one window."""
+    """Device -> server: live metrics of one model version over one window.
+
+    Optional (older agents omit them): ``class_counts``, the labelled traffic per true class;
+    ``shadow``, the figures of a challenger run beside this (serving) version."""
 
     device_id: str
     ts: float  # unix seconds at the end of the window, device clock
@@ -173,9 +312,14 @@ class MetricsReport:
     latency_ms_p50: float
     latency_ms_p95: float
     rollout_id: int | None = None
+    class_counts: tuple[ClassCount, ...] = ()
+    shadow: ShadowFigures | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["class_counts"] = [asdict(c) for c in self.class_counts]
+        d["shadow"] = self.shadow.to_dict() if self.shadow is not None else None
+        return d
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode()
@@ -195,7 +339,13 @@ class MetricsReport:
         window = float(_field(d, "window_s", (int, float)))
         if p50 < 0 or p95 < 0 or window <= 0:
             raise MessageError("latencies must be >= 0 and window_s > 0")
+        classes = _class_counts(d, "class_counts")
+        _check_class_totals("class_counts", classes, counts["labelled"], counts["correct"])
+        shadow_raw = d.get("shadow")
+        shadow = ShadowFigures.from_dict(shadow_raw) if shadow_raw is not None else None
         return cls(
+            class_counts=classes,
+            shadow=shadow,
             device_id=_device_id(d),
             ts=float(_field(d, "ts", (int, float))),
             model_line=_field(d, "model_line", str),

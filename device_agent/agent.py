@@ -28,9 +28,10 @@ from contract.messages import DeviceState, StatusReport, TargetMessage
 from contract.topics import Topics
 from device_agent.capture import Capture, PendingPrediction, Spool, Uploader
 from device_agent.config import AgentConfig
-from device_agent.errors import InferenceError, TransportError
+from device_agent.errors import IdentityError, InferenceError, TransportError
 from device_agent.fetcher import Fetcher, HttpFetcher, backoff_delay
 from device_agent.http import HttpClient
+from device_agent.identity import enroll, load_credential
 from device_agent.metrics import Metrics
 from device_agent.mqtt import MqttLink
 from device_agent.outbox import Outbox
@@ -77,6 +78,11 @@ class Agent:
         self._stop = threading.Event()
         self._own_http = http is None
         self._http = http or HttpClient(timeout_s=config.http_timeout_s)
+        # The per-device credential (HTTP bearer + MQTT password); None until enrolled.
+        self._credential = load_credential(config)
+        if self._credential:
+            self._http.set_bearer(self._credential, origin=config.server_url)
+        self.identity_error: str | None = None  # set when the server refused our identity
         self._own_fetcher = fetcher is None
         self._fetcher = fetcher or HttpFetcher(config, client=self._http, stop=self._stop)
         self._store = ModelStore(config.state_dir)
@@ -135,6 +141,7 @@ class Agent:
             self._resumed = True
             if self._updater.resume() is not None:
                 self._ready.set()
+            self._updater.resume_shadow()
             trim_heap()  # hand back what start-up freed (verification, session building)
         return self._ready.is_set()
 
@@ -148,12 +155,11 @@ class Agent:
         self._started = True
         tune_interpreter(self.config.switch_interval_s)
         self.resume()
-        self._mqtt = MqttLink(self.config, self._inbox, outbox=self._outbox)
-        try:
-            self._mqtt.start()
-        except TransportError as exc:
-            self._last_error = str(exc)
-            log.error("%s", exc)
+        self._mqtt = MqttLink(
+            self.config, self._inbox, outbox=self._outbox, credential=self._credential
+        )
+        if self._credential is not None or not self.config.bootstrap_token:
+            self._start_mqtt()  # else: after enrollment, so the first login has the credential
         name = self.config.device_id
         for target, label in (
             (self._update_worker, "update"),
@@ -172,6 +178,7 @@ class Agent:
         for t in self._threads:
             t.join(_JOIN_TIMEOUT_S)
         self._threads.clear()
+        self._updater.drop_shadow()
         if self._mqtt is not None:
             self._mqtt.stop()
             self._mqtt = None
@@ -203,6 +210,9 @@ class Agent:
                 self._live.record_error(serving.sha256)
             raise
         pid = uuid.uuid4().hex
+        shadow = self._updater.shadow  # read once; the challenger runs off this call's path
+        if shadow is not None and shadow.sha256 != loaded.sha256:
+            shadow.submit(pid, x, raw.label)
         self._metrics.record_inference(loaded.model_version, raw.latency_ms)
         self._live.record_inference(loaded.sha256, raw.latency_ms)
         self._capture.remember(
@@ -235,7 +245,11 @@ class Agent:
         Raises:
             UnknownPredictionError: the id is unknown, already labelled, or was evicted.
         """
-        return self._capture.feedback(prediction_id, true_label)
+        captured = self._capture.feedback(prediction_id, true_label)
+        shadow = self._updater.shadow
+        if shadow is not None:
+            shadow.label(prediction_id, true_label)
+        return captured
 
     def status(self) -> dict[str, Any]:
         """A JSON-ready snapshot of where this device stands."""
@@ -252,11 +266,15 @@ class Agent:
             "model_version": serving.model_version if serving else None,
             "release": cur.release if cur else None,
             "highest_release": self._updater.highest_release,
+            "trust_root_version": self._updater.root_version,  # 0: legacy pinned keys
             "rollout_id": cur.rollout_id if cur else None,
             "sha256": serving.sha256 if serving else None,
             "registered": self.registered,
+            "enrolled": self._credential is not None,
+            "identity_error": self.identity_error,
             "mqtt_connected": bool(self._mqtt and self._mqtt.connected.is_set()),
             "inferences": self._metrics.total_inferences,
+            "shadow": self._shadow_status(),
             "pending_labels": len(self._capture.pending),
             "spool": {
                 "pending": spool.pending,
@@ -288,6 +306,16 @@ class Agent:
             ],
             "outbox": {"pending": len(self._outbox), "dropped": self._outbox.dropped},
             "last_error": self._updater.last_error or self._uploader.last_error or self._last_error,
+        }
+
+    def _shadow_status(self) -> dict[str, Any] | None:
+        shadow = self._updater.shadow
+        if shadow is None:
+            return None
+        return {
+            "model_version": shadow.model_version,
+            "compared": shadow.compared_total,
+            "skipped": shadow.skipped,
         }
 
     # ---- threads ---------------------------------------------------------------------------
@@ -347,8 +375,11 @@ class Agent:
             serving = self._runtime.current
             cur = self._updater.current
             rollout = cur.rollout_id if cur and serving and cur.sha256 == serving.sha256 else None
+            shadow = self._updater.shadow
             reports = self._metrics.snapshot_and_reset(
-                serving_version=serving.model_version if serving else None, rollout_id=rollout
+                serving_version=serving.model_version if serving else None,
+                rollout_id=rollout,
+                shadow=shadow.snapshot_and_reset() if shadow is not None else None,
             )
             try:
                 self._live.dump(self._live_path)
@@ -358,9 +389,46 @@ class Agent:
                 for r in reports:
                     self._mqtt.publish_metrics(r)
 
-    def _bootstrap(self) -> None:
-        """Register (retrying), then poll for a target over HTTP until a model serves."""
+    def _start_mqtt(self) -> None:
+        if self._mqtt is None:
+            return
+        try:
+            self._mqtt.start()
+        except TransportError as exc:
+            self._last_error = str(exc)
+            log.error("%s", exc)
+
+    def _enroll(self) -> bool:
+        """Enroll with the bootstrap token unless a credential is stored (retrying transport
+        errors); False when the server refused (reported once, never retried)."""
         cfg = self.config
+        attempt = 0
+        while self._credential is None and not self._stop.is_set():
+            try:
+                credential = enroll(cfg, self._http)
+            except IdentityError as exc:
+                self.identity_error = self._last_error = str(exc)
+                log.error("%s", exc)
+                return False
+            except TransportError as exc:
+                self._last_error = f"enroll: {type(exc).__name__}: {exc}"
+                delay = backoff_delay(attempt, cfg.connect_retry_s, cfg.backoff_cap_s)
+                attempt += 1
+                self._stop.wait(delay)
+                continue
+            self._credential = credential
+            self._http.set_bearer(credential, origin=cfg.server_url)
+            if self._mqtt is not None:
+                self._mqtt.set_credential(credential)
+                self._start_mqtt()
+        return self._credential is not None
+
+    def _bootstrap(self) -> None:
+        """Enroll if needed, register (retrying), then poll for a target over HTTP until a
+        model serves."""
+        cfg = self.config
+        if not self._enroll():
+            return
         body = {
             "device_id": cfg.device_id,
             "model_line": cfg.model_line,
@@ -379,6 +447,9 @@ class Agent:
                         f"register refused: HTTP {resp.status_code} {resp.text[:200]}"
                     )
                     log.error("%s", self._last_error)
+                    if resp.status_code in (401, 403):  # revoked or unknown: stop asking
+                        self.identity_error = self._last_error
+                        return
                     break
                 self._last_error = f"register: HTTP {resp.status_code}"
             except TransportError as exc:

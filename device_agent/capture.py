@@ -322,7 +322,12 @@ class Capture:
         item = self.pending.pop(prediction_id)
         if item is None:
             raise UnknownPredictionError(f"no pending prediction {prediction_id!r}")
-        self._metrics.record_label(item.model_version, item.label == true_label)
+        self._metrics.record_label(
+            item.model_version,
+            item.label == true_label,
+            true_label=true_label,
+            predicted_label=item.label,
+        )
         if self._live is not None and item.sha256:
             self._live.record_label(item.sha256, item.label == true_label)
         reason = capture_reason(
@@ -370,6 +375,7 @@ class Uploader:
         self.sent = 0  # samples put on the wire (every attempt, including resends)
         self.server_duplicates = 0  # samples the server said it already stored
         self.last_error: str | None = None
+        self.retry_after_s = 0.0  # a 429's Retry-After: the next attempt waits at least this
 
     def upload_once(self) -> bool:
         """Seal the open batch and upload sealed batches oldest first until the spool is empty.
@@ -400,12 +406,22 @@ class Uploader:
                 rejected = self._parse_rejected(resp)
                 self.server_duplicates += self._parse_duplicates(resp)
                 self._spool.ack(path, count - rejected, rejected)
+            elif code in (401, 403):
+                # Our identity was refused (not enrolled yet, or revoked): the samples are not
+                # at fault, so keep them on disk and back off instead of dropping them.
+                self._spool.release()
+                self.last_error = f"sample upload refused: HTTP {code} {resp.text[:200]}"
+                log.error("%s", self.last_error)
+                return False
             elif 400 <= code < 500 and code not in (408, 429):
                 log.error("server refused batch %s: HTTP %d %s", path.name, code, resp.text[:200])
                 self._spool.reject(path, count)
             else:
                 self._spool.release()
                 self.last_error = f"sample upload: HTTP {code}"
+                if code == 429:  # over the server's rate limit or quota: keep the batch, wait
+                    self.retry_after_s = _retry_after_s(resp)
+                    self.last_error += f" {resp.text[:200]}"
                 return False
         return True
 
@@ -447,5 +463,15 @@ class Uploader:
                 delay = backoff_delay(
                     self._failures, self._cfg.upload_interval_s, self._cfg.upload_backoff_cap_s
                 )
+                delay = max(delay, min(self.retry_after_s, self._cfg.upload_backoff_cap_s))
+                self.retry_after_s = 0.0
                 self._failures += 1
         self._spool.seal()  # keep the open batch across the restart
+
+
+def _retry_after_s(resp: Response) -> float:
+    """Seconds from a Retry-After header (delta-seconds form); 0 when absent or unusable."""
+    try:
+        return max(0.0, float(resp.headers.get("retry-after", "0")))
+    except ValueError:
+        return 0.0

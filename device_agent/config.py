@@ -1,9 +1,16 @@
 """Agent configuration: one dataclass holding every limit, each with its unit.
 
 ``load_config`` reads a JSON file whose keys are the field names of ``AgentConfig``, except that
-trusted keys are given as ``trusted_key_files`` (PEM paths, relative to the config file). Any field
-can be overridden by an environment variable ``EDGELOOP_AGENT_<FIELD>`` (upper case); for
-``trusted_key_files`` the variable holds paths separated by ``os.pathsep``.
+the pinned root is given as ``trusted_root_file`` (the root v1 envelope JSON, relative to the
+config file) and legacy pinned release keys as ``trusted_key_files`` (PEM paths). Any field can be
+overridden by an environment variable ``EDGELOOP_AGENT_<FIELD>`` (upper case); for
+``trusted_key_files`` the variable holds paths separated by ``os.pathsep``, for ``groups`` names
+separated by commas.
+
+Trust: with ``trusted_root`` set (the normal case) the device pins only the offline root and
+learns newer roots from the server, so online keys rotate without touching it. ``trusted_keys``
+is the legacy mode (pinned release keys, no rotation or revocation); it is used only when no root
+is pinned.
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from contract import RootError
 from contract.envelope import load_public_key
 from contract.topics import valid_device_id
+from contract.trust import load_pinned_root
 from device_agent.errors import ConfigError
 from device_agent.probation import ProbationPolicy
 
@@ -40,9 +49,18 @@ class AgentConfig:
     mqtt_reconnect_min_s: float = 1.0  # seconds, first MQTT reconnect delay
     mqtt_reconnect_max_s: float = 60.0  # seconds, cap on the MQTT reconnect delay
     state_dir: Path = Path(".edgeloop/agent")
-    trusted_keys: list[bytes] = field(default_factory=list)  # PEM Ed25519 public keys
-    signature_threshold: int = 1  # distinct trusted signatures a manifest needs
-    hardware: str = "sim"
+    trusted_root: bytes | None = None  # pinned root v1 envelope (JSON); see contract.trust
+    trusted_keys: list[bytes] = field(default_factory=list)  # LEGACY pinned release keys (PEM)
+    signature_threshold: int = 1  # legacy mode only: distinct trusted signatures a manifest needs
+    clock_skew_s: float = 300.0  # seconds of clock error tolerated on every expires_at
+    # Targeting facts this device matches a release's signed targeting against.
+    groups: list[str] = field(default_factory=list)
+    # One-time enrollment secret; exchanged for a credential kept in state_dir/credential.json.
+    bootstrap_token: str = field(default="", repr=False)
+    max_opset: int = 21  # highest ONNX default-domain opset this device's runtime runs
+    # Hardware class: registered with the server (rollout audiences) and matched against a
+    # release's signed targeting.hardware_classes.
+    hardware: str = "generic"
     agent_version: str = AGENT_VERSION
     intra_op_num_threads: int = 1  # ONNX Runtime threads per inference session
     # ONNX Runtime graph optimisation: "disable", "basic", "extended" or "all". "basic" builds
@@ -145,6 +163,8 @@ def _coerce(name: str, kind: str, raw: str) -> Any:
             raise ValueError(raw)
         if kind == "Path":
             return Path(raw)
+        if kind.startswith("list[str]"):
+            return [p.strip() for p in raw.split(",") if p.strip()]
     except ValueError as exc:
         raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from exc
     return raw
@@ -166,6 +186,19 @@ def _read_keys(paths: list[Any], base: Path) -> list[bytes]:
     return keys
 
 
+def _read_root(name: str, base: Path) -> bytes:
+    path = Path(name) if Path(name).is_absolute() else base / name
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read trusted root {path}: {exc}") from exc
+    try:
+        load_pinned_root(raw)
+    except RootError as exc:
+        raise ConfigError(f"{path} is not valid root metadata: {exc}") from exc
+    return raw
+
+
 def config_from_mapping(
     data: Mapping[str, Any], *, base: Path, env: Mapping[str, str] | None = None
 ) -> AgentConfig:
@@ -178,6 +211,7 @@ def config_from_mapping(
     known = {f.name: f for f in fields(AgentConfig)}
     values: dict[str, Any] = {}
     key_files: list[Any] = []
+    root_file: str | None = None
     for key, value in data.items():
         if key == "trusted_key_files":
             if not isinstance(value, list):
@@ -185,18 +219,30 @@ def config_from_mapping(
             key_files = list(value)
         elif key == "trusted_keys":
             raise ConfigError("give trusted keys as trusted_key_files (PEM paths)")
+        elif key == "trusted_root_file":
+            if not isinstance(value, str):
+                raise ConfigError("trusted_root_file must be a path")
+            root_file = value
+        elif key == "trusted_root":
+            raise ConfigError("give the pinned root as trusted_root_file (a path)")
         elif key in known:
             values[key] = value
         else:
             raise ConfigError(f"unknown config key {key!r}")
     for name, f in known.items():
         raw = env.get(f"{ENV_PREFIX}{name.upper()}")
-        if raw is not None and name != "trusted_keys":
+        if raw is not None and name not in ("trusted_keys", "trusted_root"):
             values[name] = _coerce(name, str(f.type), raw)
     raw_keys = env.get(f"{ENV_PREFIX}TRUSTED_KEY_FILES")
     if raw_keys is not None:
         key_files, base = [p for p in raw_keys.split(os.pathsep) if p], Path.cwd()
     values["trusted_keys"] = _read_keys(key_files, base)
+    raw_root = env.get(f"{ENV_PREFIX}TRUSTED_ROOT_FILE")
+    root_base = base
+    if raw_root is not None:
+        root_file, root_base = raw_root, Path.cwd()
+    if root_file:
+        values["trusted_root"] = _read_root(root_file, root_base)
     if "state_dir" in values:
         sd = Path(values["state_dir"])
         values["state_dir"] = sd if sd.is_absolute() else base / sd

@@ -283,26 +283,32 @@ class ModelRuntime:
         loaded = self._loaded  # read once: the whole call uses this session
         if loaded is None:
             raise NoModelError("no verified model is serving yet")
-        spec = loaded.manifest.input_spec
-        arr = np.asarray(x)
-        if arr.size != spec.features:
-            raise ValueError(f"input holds {arr.size} values, the model expects {spec.features}")
-        feed = arr.astype(_NP_DTYPES[spec.dtype], copy=False).reshape(
-            _sample_shape(loaded.manifest)
-        )
-        t0 = time.perf_counter()
-        try:
-            probs = loaded.session.run([OUTPUT_NAME], {loaded.input_name: feed})[0][0]
-        except Exception as exc:
-            raise InferenceError(
-                f"inference failed: {exc}", model_version=loaded.model_version
-            ) from exc
-        latency_ms = (time.perf_counter() - t0) * 1000.0
-        label = int(np.argmax(probs))
-        raw = RawPrediction(
-            label=label, confidence=float(probs[label]), probabilities=probs, latency_ms=latency_ms
-        )
-        return raw, loaded
+        return classify(loaded, x), loaded
+
+
+def classify(loaded: Loaded, x: np.ndarray) -> RawPrediction:
+    """Run one sample through ``loaded`` (the serving model, or a shadow challenger).
+
+    Raises:
+        InferenceError: ONNX Runtime failed (carries the model version).
+        ValueError: ``x`` holds the wrong number of values.
+    """
+    spec = loaded.manifest.input_spec
+    arr = np.asarray(x)
+    if arr.size != spec.features:
+        raise ValueError(f"input holds {arr.size} values, the model expects {spec.features}")
+    feed = arr.astype(_NP_DTYPES[spec.dtype], copy=False).reshape(_sample_shape(loaded.manifest))
+    t0 = time.perf_counter()
+    try:
+        probs = loaded.session.run([OUTPUT_NAME], {loaded.input_name: feed})[0][0]
+    except Exception as exc:
+        msg = f"inference failed: {exc}"
+        raise InferenceError(msg, model_version=loaded.model_version) from exc
+    latency_ms = (time.perf_counter() - t0) * 1000.0
+    label = int(np.argmax(probs))
+    return RawPrediction(
+        label=label, confidence=float(probs[label]), probabilities=probs, latency_ms=latency_ms
+    )
 
 
 def _self_test(session: ort.InferenceSession, manifest: Manifest) -> None:

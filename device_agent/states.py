@@ -14,6 +14,8 @@ repeats at most one idempotent step. Handlers raise the agent's errors; the upda
        └─▶ REFUSED (signature, expiry, line, release, refused)   ROLLED_BACK ◀─ degraded ┘
     any step: ContentError ─▶ REFUSED; TransportError / ModelLoadError / OSError ─▶ FAILED
     first install (nothing to roll back to): INSTALLING ─▶ COMMITTED
+    shadow release (manifest deployment "shadow"): INSTALLING ─▶ SHADOW (no swap: the model
+    runs beside the serving one, see device_agent.shadow); the next serving target drops it
 """
 
 from __future__ import annotations
@@ -56,6 +58,16 @@ def on_notified(u: Updater, job: UpdateJob) -> PersistedState:
     u.report(S.NOTIFIED, job)
     cur = u.state.current
     serving = u.runtime.current
+    if manifest.deployment == "shadow":
+        shadow = u.shadow
+        if shadow is not None and shadow.sha256 == ref.sha256:  # e.g. the target re-delivered
+            return replace(
+                u.state,
+                highest_release=max(u.state.highest_release, manifest.release),
+                update=replace(job, state=S.SHADOW, reason="already running in shadow"),
+            )
+    else:
+        u.drop_shadow()  # any serving target ends a shadow run
     if cur is not None and serving is not None and serving.sha256 == ref.sha256 == cur.sha256:
         rec = u.record_for(job, manifest)
         if manifest.release > cur.release or rec.rollout_id != cur.rollout_id:
@@ -115,6 +127,13 @@ def on_installing(u: Updater, job: UpdateJob) -> PersistedState:
     path = u.store.model_path(job.sha256)
     verify_artifact(path, manifest.artifact)  # the hash is checked right before activation
     loaded = u.runtime.load(path, manifest)
+    if manifest.deployment == "shadow":  # run beside the champion; never swap it in
+        u.start_shadow(loaded)
+        return replace(
+            u.state,
+            highest_release=max(u.state.highest_release, job.release),
+            update=replace(job, state=S.SHADOW, reason="running beside the serving model"),
+        )
     old = u.state.current
     rec = u.record_for(job, manifest)
     serving = u.runtime.current

@@ -18,6 +18,9 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
+
+import onnxruntime as ort
 
 from contract.manifest import Manifest
 from contract.messages import MAX_REASON_CHARS, DeviceState, StatusReport, TargetMessage
@@ -34,13 +37,20 @@ from device_agent.faults import crash_point
 from device_agent.fetcher import Fetcher, backoff_delay
 from device_agent.probation import LiveTracker
 from device_agent.runtime import Loaded, ModelRuntime
+from device_agent.shadow import ShadowRunner
 from device_agent.store import InstallRecord, ModelStore, PersistedState, UpdateJob
-from device_agent.verify import load_trusted_keys, verify_artifact, verify_installed, verify_target
+from device_agent.verify import (
+    DeviceFacts,
+    ReleaseTrust,
+    verify_artifact,
+    verify_installed,
+    verify_target,
+)
 
 log = logging.getLogger(__name__)
 S = DeviceState
 Reporter = Callable[[StatusReport], None]
-SETTLED = frozenset({S.COMMITTED, S.ROLLED_BACK, S.REFUSED, S.ALREADY_INSTALLED, S.IDLE})
+SETTLED = frozenset({S.COMMITTED, S.ROLLED_BACK, S.REFUSED, S.ALREADY_INSTALLED, S.IDLE, S.SHADOW})
 
 
 class Updater:
@@ -71,7 +81,14 @@ class Updater:
         self._clock = clock
         self._monotonic = monotonic
         self._stop = stop or threading.Event()
-        self._trusted = load_trusted_keys(config.trusted_keys)
+        self._trusted, self._roots = self._load_trust(config, store)
+        self._device = DeviceFacts(
+            device_id=config.device_id,
+            groups=tuple(config.groups),
+            hardware_class=config.hardware,
+            max_opset=config.max_opset,
+            runtime_version=ort.__version__,
+        )
         self.state: PersistedState = store.load_state()
         self._manifest_cache: tuple[str, Manifest] | None = None
         self._old: Loaded | None = None  # the previous session, kept warm during probation
@@ -81,8 +98,41 @@ class Updater:
         self._pending: TargetMessage | None = None  # arrived during probation
         self.last_state: DeviceState = S.IDLE
         self.last_error: str | None = None
+        self.shadow: ShadowRunner | None = None  # a shadow release's challenger, if any
+
+    @staticmethod
+    def _load_trust(
+        config: AgentConfig, store: ModelStore
+    ) -> tuple[ReleaseTrust, list[dict[str, Any]]]:
+        """Pinned root + the persisted chain, re-verified (legacy: the pinned release keys)."""
+        if config.trusted_root is None:
+            return ReleaseTrust.legacy(config.trusted_keys, config.signature_threshold), []
+        learned = store.load_roots()
+        trust, kept, problem = ReleaseTrust.pinned(config.trusted_root, learned)
+        if problem is not None:
+            log.error("persisted root chain cut at a bad entry: %s", problem)
+            store.save_roots([dict(e) for e in kept])
+        return trust, [dict(e) for e in kept]
+
+    def learn_roots(self, envelopes: list[dict[str, Any]]) -> int:
+        """Apply root metadata newer than the trusted root: persisted first, then trusted.
+
+        Returns the trusted root version (0 in legacy mode). Raises RootInvalidError.
+        """
+        trust, applied = self._trusted.with_roots(envelopes)
+        if applied:
+            roots = self._roots + [dict(e) for e in applied]
+            self.store.save_roots(roots)
+            self._roots, self._trusted = roots, trust
+            log.info("trusted root is now version %d", self.root_version)
+        return self.root_version
 
     # ---- read-only views -------------------------------------------------------------------
+    @property
+    def root_version(self) -> int:
+        root = self._trusted.root
+        return root.version if root is not None else 0
+
     @property
     def persisted(self) -> PersistedState:
         return self.state
@@ -262,13 +312,15 @@ class Updater:
         if self._manifest_cache is not None and self._manifest_cache[0] == key:
             return self._manifest_cache[1]
         target = TargetMessage.from_dict(job.target)
+        self.learn_roots(list(target.roots))
         manifest = verify_target(
             target,
             self._trusted,
             model_line=self.config.model_line,
             highest_release=self.state.highest_release,
             now=datetime.fromtimestamp(self._clock(), tz=UTC),
-            threshold=self.config.signature_threshold,
+            device=self._device,
+            skew_s=self.config.clock_skew_s,
         )
         self._manifest_cache = (key, manifest)
         return manifest
@@ -316,6 +368,38 @@ class Updater:
             self.runtime.retire(self._old)
             self._old = None
         self.runtime.release_retired(self.config.release_wait_s)
+
+    # ---- shadow releases (see device_agent.shadow) ------------------------------------------
+    def start_shadow(self, loaded: Loaded) -> None:
+        """Run ``loaded`` beside the serving model (replacing any earlier challenger)."""
+        old, self.shadow = self.shadow, ShadowRunner(loaded).start()
+        if old is not None:
+            old.stop()
+        log.info("shadow: model version %d runs beside the champion", loaded.model_version)
+
+    def drop_shadow(self) -> None:
+        """Stop running the challenger (a serve target arrived, or the shadow was withdrawn)."""
+        old, self.shadow = self.shadow, None
+        if old is not None:
+            old.stop()
+            log.info("shadow: model version %d dropped", old.model_version)
+
+    def resume_shadow(self) -> None:
+        """After a restart in state SHADOW: verify and load the challenger again."""
+        job = self.state.update
+        if job is None or job.state != S.SHADOW or self.shadow is not None:
+            return
+        rec = InstallRecord(
+            envelope=dict(job.target["envelope"]),
+            sha256=job.sha256,
+            model_version=job.model_version,
+            release=job.release,
+        )
+        try:
+            self.start_shadow(self._load_record(rec))
+        except (AgentError, OSError) as exc:
+            log.error("persisted shadow model rejected: %s", exc)
+            self.last_error = f"persisted shadow model rejected: {exc}"
 
     def wait(self, seconds: float) -> None:
         self._stop.wait(seconds)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -73,6 +74,7 @@ class SimDevice:
         self.agent = agent
         self.rng = np.random.default_rng(seed)
         self.noise = noise
+        self.served: dict[int, int] = {}  # model version -> answers this device served
 
     @property
     def device_id(self) -> str:
@@ -90,6 +92,7 @@ class SimDevice:
             tally.failed += 1
             return
         tally.add(pred.model_version, pred.label == truth)
+        self.served[pred.model_version] = self.served.get(pred.model_version, 0) + 1
         self.agent.feedback(pred.prediction_id, truth)
 
 
@@ -106,6 +109,8 @@ class FleetConfig:
     metrics_interval_s: float = 2.0
     upload_interval_s: float = 0.5
     confidence_floor: float = 0.6
+    trusted_root: bytes | None = None  # pinned root v1 envelope; wins over trusted_keys
+    bootstrap_token: str = ""  # multi-use enrollment token the devices enroll with
 
 
 class Fleet:
@@ -132,9 +137,11 @@ class Fleet:
             mqtt_port=c.mqtt_port,
             state_dir=c.state_root / device_id,
             trusted_keys=list(c.trusted_keys),
+            trusted_root=c.trusted_root,
             metrics_interval_s=c.metrics_interval_s,
             upload_interval_s=c.upload_interval_s,
             confidence_floor=c.confidence_floor,
+            bootstrap_token=c.bootstrap_token,
         )
 
     def start(self) -> None:
@@ -216,11 +223,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--mqtt-host", default="127.0.0.1")
     p.add_argument("--mqtt-port", type=int, default=1883)
     p.add_argument("--devices", type=int, default=5)
-    p.add_argument("--trusted-key", action="append", required=True, help="PEM public key file")
+    p.add_argument("--trusted-root", help="pinned root metadata v1 (e.g. <data>/trust/1.root.json)")
+    p.add_argument("--trusted-key", action="append", default=[], help="LEGACY: PEM public key")
     p.add_argument("--state-root", default="./var/fleet")
     p.add_argument("--rate", type=float, default=2.0, help="inferences per device per second")
     p.add_argument("--drift", action="store_true", help="feed drifted inputs")
     p.add_argument("--id-prefix", default="sim")
+    p.add_argument(
+        "--bootstrap-token",
+        default=os.environ.get("EDGELOOP_AGENT_BOOTSTRAP_TOKEN", ""),
+        help="enrollment token (edgeloop devices enroll-token --uses N)",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     fleet = Fleet(
@@ -229,9 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             mqtt_host=a.mqtt_host,
             mqtt_port=a.mqtt_port,
             trusted_keys=read_keys(a.trusted_key),
+            trusted_root=Path(a.trusted_root).read_bytes() if a.trusted_root else None,
             state_root=Path(a.state_root),
             devices=a.devices,
             id_prefix=a.id_prefix,
+            bootstrap_token=a.bootstrap_token,
         )
     )
     fleet.drifted = a.drift

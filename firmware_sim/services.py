@@ -8,7 +8,9 @@ variables, exactly as an operator would.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
+
+from server.core.config import DEV_ADMIN_TOKEN
 
 
 def free_port() -> int:
@@ -46,19 +50,35 @@ def mosquitto_binary() -> str:
 class Mosquitto:
     """A mosquitto broker process on a free loopback port; ``stop()``/``start()`` for outages."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, *, auth_dir: Path | None = None
+    ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.proc: subprocess.Popen[bytes] | None = None
+        # auth_dir: where server.broker_acl writes passwd + acl; then anonymous clients are
+        # refused and every client is held to its ACL. pid_file lets the server SIGHUP us.
+        self.auth_dir = Path(auth_dir).resolve() if auth_dir is not None else None
+        self.pid_file = self.workdir / "mosquitto.pid"
 
     def start(self) -> Mosquitto:
         conf = self.workdir / "mosquitto.conf"
+        if self.auth_dir is not None:
+            auth = (
+                # Stay the user that owns the 0600 files (as root, mosquitto would drop to the
+                # "mosquitto" user, who cannot read them).
+                f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
+                "allow_anonymous false\n"
+                "per_listener_settings false\n"
+                f"password_file {self.auth_dir / 'passwd'}\n"
+                f"acl_file {self.auth_dir / 'acl'}\n"
+            )
+        else:
+            auth = "allow_anonymous true\n"
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
+            f"listener {self.port} 127.0.0.1\n" + auth + "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             "max_queued_messages 100000\n"
         )
@@ -67,8 +87,14 @@ class Mosquitto:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        self.pid_file.write_text(f"{self.proc.pid}\n")
         wait_port(self.port)
         return self
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads its password and ACL files."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -106,10 +132,47 @@ class ServerProcess:
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.data_dir / "server.log"
+        # The bootstrap admin operator token (development default unless the env sets one).
+        self.admin_token = self.env.get("EDGELOOP_ADMIN_TOKEN") or DEV_ADMIN_TOKEN
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Authorization headers of the admin operator."""
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    def enroll(self, device_id: str, model_line: str, *, token: str | None = None) -> str:
+        """Enroll one device (benchmarks, tests); returns its credential."""
+        resp = httpx.post(
+            f"{self.url}/api/v1/devices/enroll",
+            json={
+                "bootstrap_token": token or self.enrollment_token(max_uses=1),
+                "device_id": device_id,
+                "model_line": model_line,
+            },
+            timeout=30,
+        )
+        resp.raise_for_status()
+        return str(resp.json()["credential"])
+
+    def enrollment_token(self, max_uses: int = 1000) -> str:
+        """A multi-use bootstrap token for a fleet (made with the admin token)."""
+        resp = httpx.post(
+            f"{self.url}/api/v1/enrollment-tokens",
+            json={"max_uses": max_uses},
+            headers=self.headers,
+            timeout=30,
+        )
+        resp.raise_for_status()
+        return str(resp.json()["token"])
 
     @property
     def public_key_path(self) -> Path:
         return self.data_dir / "keys" / "signing.pub.pem"
+
+    @property
+    def root_path(self) -> Path:
+        """Root metadata v1 (development: generated at first start): what devices pin."""
+        return self.data_dir / "trust" / "1.root.json"
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ def main(agent_exe: str) -> int:
     agent = None
     try:
         deadline = time.monotonic() + 180
-        while not server.public_key_path.exists() and time.monotonic() < deadline:
+        while not server.root_path.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         cfg = root / "agent.json"
         cfg.write_text(
@@ -38,7 +38,8 @@ def main(agent_exe: str) -> int:
                     "mqtt_host": "127.0.0.1",
                     "mqtt_port": broker.port,
                     "state_dir": str(root / "agent"),
-                    "trusted_key_files": [str(server.public_key_path)],
+                    "trusted_root_file": str(server.root_path),
+                    "bootstrap_token": server.enrollment_token(max_uses=1),
                 }
             )
         )

@@ -1,7 +1,11 @@
 """The ``edgeloop`` operator CLI: talks to the server over HTTP.
 
 edgeloop --server URL devices list
-edgeloop rollouts approve 3 --as alice
+edgeloop --token $EDGELOOP_TOKEN rollouts approve 3   # who approves: the token's operator
+edgeloop tokens create --name alice --role approver    # admin: a token, printed once
+edgeloop devices enroll-token --uses 50                # operator: a bootstrap token
+edgeloop devices revoke cam-7
+edgeloop broker write-config --out ./broker            # passwd + acl from the database
 edgeloop models show digits 3            # metrics and the gate report
 edgeloop models alias digits champion
 edgeloop lineage model digits 3          # model -> dataset -> samples -> devices
@@ -43,6 +47,7 @@ TIMEOUT_S = 30.0  # seconds per HTTP request
 
 class _State:
     server: str = "http://127.0.0.1:8000"
+    token: str = ""  # operator bearer token (--token / EDGELOOP_TOKEN)
 
 
 state = _State()
@@ -56,14 +61,25 @@ def _main(
             "--server", envvar="EDGELOOP_SERVER_URL", help="Base URL of the edgeloop server."
         ),
     ] = "http://127.0.0.1:8000",
+    token: Annotated[
+        str,
+        typer.Option("--token", envvar="EDGELOOP_TOKEN", help="Operator bearer token."),
+    ] = "",
 ) -> None:
     state.server = server.rstrip("/")
+    state.token = token
 
 
 def _call(method: str, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
     try:
+        headers = {"Authorization": f"Bearer {state.token}"} if state.token else {}
         resp = httpx.request(
-            method, state.server + path, json=json, params=params, timeout=TIMEOUT_S
+            method,
+            state.server + path,
+            json=json,
+            params=params,
+            headers=headers,
+            timeout=TIMEOUT_S,
         )
     except httpx.HTTPError as exc:
         err_console.print(f"[red]cannot reach {state.server}: {exc}[/red]")
@@ -283,9 +299,14 @@ def rollouts_show(rollout_id: int) -> None:
 
 @rollouts_app.command("approve")
 def rollouts_approve(
-    rollout_id: int, approver: Annotated[str, typer.Option("--as", help="Who approves.")]
+    rollout_id: int,
+    approver: Annotated[
+        str | None,
+        typer.Option("--as", help="Optional: must be the token's operator (checked)."),
+    ] = None,
 ) -> None:
-    r = _call("POST", f"/api/v1/rollouts/{rollout_id}/approve", json={"approver": approver})
+    body = {"approver": approver} if approver else {}
+    r = _call("POST", f"/api/v1/rollouts/{rollout_id}/approve", json=body)
     console.print(f"rollout {rollout_id}: {r['state']} (release {r['release']})")
 
 
@@ -381,6 +402,33 @@ def keys_init(directory: Path, force: Annotated[bool, typer.Option("--force")] =
         raise typer.Exit(1)
     pub = write_key_pair(private)
     console.print(f"wrote {private} (keep secret) and {pub} (give to devices)")
+
+
+def _register_trust_commands() -> None:
+    from server.cli_keys import register
+
+    register(keys_app)
+
+
+_register_trust_commands()
+
+
+def _register_auth_commands() -> None:
+    from server.cli_auth import register
+
+    register(app, devices_app, call=_call, console=console)
+
+
+_register_auth_commands()
+
+
+def _register_audit_commands() -> None:
+    from server.cli_audit import register
+
+    register(app, call=_call, console=console, err_console=err_console)
+
+
+_register_audit_commands()
 
 
 def main() -> None:

@@ -112,8 +112,9 @@ def register_device(
     groups: list[str],
     agent_version: str | None,
     now: datetime,
+    commit: bool = True,
 ) -> Device:
-    """Idempotent upsert of a device; commits.
+    """Idempotent upsert of a device; commits (or only flushes with ``commit=False``).
 
     Raises:
         InvalidRequestError: invalid device id.
@@ -133,7 +134,10 @@ def register_device(
     device.groups = list(groups)
     device.agent_version = agent_version
     device.last_seen = now
-    session.commit()
+    if commit:
+        session.commit()
+    else:
+        session.flush()
     return device
 
 
@@ -376,9 +380,12 @@ def recover_stale_jobs(
 
 
 def samples_of_line(session: Session, *, line: str) -> Sequence[Any]:
+    """The line's samples a dataset version may include: quarantined ones are left out."""
+    from server.screening import quarantined_ids
+
     return session.execute(
         select(Sample.sample_id, Sample.device_id, Sample.input, Sample.true_label)
-        .where(Sample.model_line == line)
+        .where(Sample.model_line == line, Sample.sample_id.not_in(quarantined_ids(line=line)))
         .order_by(Sample.received_at, Sample.sample_id)
     ).all()
 

@@ -261,6 +261,9 @@ class Rollout(Base):
     gates: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # Waves and the hash cut-offs frozen at approval (server.rollout_plan.Plan); stage = wave.
     plan: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Who it is for (contract.Targeting.to_dict(), opset left to the model); None: any device.
+    # Signed into the rollout's releases; devices outside it never become members.
+    targeting: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class RolloutDevice(Base):
@@ -357,4 +360,7 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 
 def create_all(engine: Engine) -> None:
+    # Tables in their own modules: identity; per-class and shadow metrics.
+    from server import db_audit, db_auth, db_quality  # noqa: F401
+
     Base.metadata.create_all(engine)

@@ -5,10 +5,13 @@ Exception tree::
     EdgeloopError                 (root; carries the HTTP status it maps to)
     ├── ConfigError               (settings or key material unusable; fatal at startup)
     ├── NotFoundError             (404: the named thing does not exist)
+    ├── AuthenticationError       (401: no credential, or an unknown one)
+    ├── ForbiddenError            (403: known caller, not allowed: role, other device, revoked)
     ├── ConflictError             (409: the request clashes with the current state)
     ├── InvalidRequestError       (422: the request is well-formed JSON but not acceptable)
     ├── PayloadTooLargeError      (413: the request body is over its limit)
     ├── UnavailableError          (503, transient: a queue is full or a dependency is down)
+    ├── RateLimitedError          (429, transient: over a rate limit or quota; Retry-After)
     ├── ArtifactError             (stored bytes do not match their hash)
     └── TrainingError             (a training run crashed or wrote no usable output)
 
@@ -61,3 +64,26 @@ class ArtifactError(EdgeloopError):
 
 class TrainingError(EdgeloopError):
     """A training subprocess crashed or left no usable report."""
+
+
+class AuthenticationError(EdgeloopError):
+    """401: no credential, or one the server does not know (or no longer honours)."""
+
+    status_code = 401
+
+
+class ForbiddenError(EdgeloopError):
+    """403: the caller is known but may not do this (role too low, another device, revoked)."""
+
+    status_code = 403
+
+
+class RateLimitedError(EdgeloopError):
+    """429: the caller is over a rate limit or quota; retry after ``retry_after_s`` seconds."""
+
+    status_code = 429
+    transient = True
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, int(retry_after_s))

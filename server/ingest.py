@@ -26,9 +26,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from contract import MessageError, MetricsReport, StatusReport
 from server.background import Worker
 from server.db import Device, DeviceEvent, DeviceMetric, Rollout, RolloutDevice, utcnow
+from server.db_quality import ClassMetric, ShadowMetric
 from server.errors import UnavailableError
 from server.mqtt_bridge import IngestItem
-from server.rollout import SUCCESS_STATES, TERMINAL_STATES
+from server.rollout import SHADOW_STATE, SUCCESS_STATES, TERMINAL_STATES
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,14 @@ def check_report(report: Report) -> None:
         for name in ("inferences", "errors", "labelled", "correct"):
             if getattr(report, name) > MAX_COUNT:
                 raise InvalidReport(f"{name} is out of range")
+        shadow = report.shadow
+        if shadow is not None:
+            ints["shadow.model_version"] = shadow.model_version
+            for name in ("compared", "labelled", "errors"):
+                if getattr(shadow, name) > MAX_COUNT:
+                    raise InvalidReport(f"shadow.{name} is out of range")
+        # Other counts are bounded by these (agreed <= compared, correct and per-class counts
+        # <= labelled: checked when parsed).
     for name, value in ints.items():
         if value is not None and not 0 <= value <= MAX_INT32:
             raise InvalidReport(f"{name} {value} is out of range")
@@ -192,6 +201,8 @@ class IngestWriter:
                 .all()
             )
             metrics: list[dict[str, Any]] = []
+            classes: list[dict[str, Any]] = []
+            shadows: list[dict[str, Any]] = []
             events: list[dict[str, Any]] = []
             seen: dict[str, datetime] = {}
             last_status: dict[str, tuple[StatusReport, datetime]] = {}
@@ -206,6 +217,9 @@ class IngestWriter:
                 seen[report.device_id] = max(received_at, seen.get(report.device_id, received_at))
                 if isinstance(report, MetricsReport):
                     metrics.append(_metric_row(report, received_at))
+                    classes.extend(_class_rows(report, received_at))
+                    if report.shadow is not None:
+                        shadows.append(_shadow_row(report, received_at))
                 else:
                     events.append(_event_row(report, received_at))
                     prev = last_status.get(report.device_id)
@@ -213,6 +227,10 @@ class IngestWriter:
                         last_status[report.device_id] = (report, received_at)
             if metrics:
                 session.execute(insert(DeviceMetric), metrics)
+            if classes:
+                session.execute(insert(ClassMetric), classes)
+            if shadows:
+                session.execute(insert(ShadowMetric), shadows)
             if events:
                 session.execute(insert(DeviceEvent), events)
             self._update_devices(session, seen, last_status)
@@ -338,7 +356,7 @@ class IngestWriter:
                     "st": r.state.value,
                     "now": t,
                     "why": _clean(r.reason),
-                    "ok": r.state.value in SUCCESS_STATES,
+                    "ok": r.state.value in SUCCESS_STATES or r.state.value == SHADOW_STATE,
                     "terminal": r.state.value in TERMINAL_STATES,
                 }
                 for (rid, did), (r, t) in latest.items()
@@ -384,6 +402,48 @@ def _metric_row(r: MetricsReport, received_at: datetime) -> dict[str, Any]:
         "correct": r.correct,
         "p50": r.latency_ms_p50,
         "p95": r.latency_ms_p95,
+        "received_at": received_at,
+    }
+
+
+def _class_rows(r: MetricsReport, received_at: datetime) -> list[dict[str, Any]]:
+    """Per-class rows of one report: served counts, and a shadow's two sides if any."""
+    sides = [("served", r.model_version, r.class_counts)]
+    if r.shadow is not None:
+        sides.append(("shadow", r.shadow.model_version, r.shadow.class_counts))
+        sides.append(("shadow_champion", r.shadow.model_version, r.shadow.champion_class_counts))
+    return [
+        {
+            "device_id": r.device_id,
+            "model_line": r.model_line,
+            "model_version": version,
+            "source": source,
+            "label": c.label,
+            "support": c.support,
+            "correct": c.correct,
+            "predicted": c.predicted,
+            "received_at": received_at,
+        }
+        for source, version, counts in sides
+        for c in counts
+        if c.support or c.predicted
+    ]
+
+
+def _shadow_row(r: MetricsReport, received_at: datetime) -> dict[str, Any]:
+    s = r.shadow
+    assert s is not None
+    return {
+        "device_id": r.device_id,
+        "model_line": r.model_line,
+        "champion_version": r.model_version,
+        "challenger_version": s.model_version,
+        "compared": s.compared,
+        "agreed": s.agreed,
+        "labelled": s.labelled,
+        "champion_correct": s.champion_correct,
+        "challenger_correct": s.challenger_correct,
+        "errors": s.errors,
         "received_at": received_at,
     }
 

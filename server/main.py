@@ -14,6 +14,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.routes import (
     artifacts,
+    audit,
+    auth,
     devices,
     health,
     lineage,
@@ -22,10 +24,11 @@ from server.api.routes import (
     rollouts,
     samples,
     training,
+    trust,
     ui,
 )
-from server.core.config import Settings
-from server.errors import EdgeloopError
+from server.core.config import DEV_ADMIN_TOKEN, Settings
+from server.errors import ConfigError, EdgeloopError, RateLimitedError
 from server.observability import make_registry
 from server.services import Services, build_services
 
@@ -55,6 +58,10 @@ class BodyLimitMiddleware:
 
 def create_app(settings: Settings, *, services: Services | None = None) -> FastAPI:
     """Build the API. Background threads start in the lifespan (``with TestClient(app)``)."""
+    if not settings.effective_admin_token or (
+        settings.environment == "production" and settings.admin_token == DEV_ADMIN_TOKEN
+    ):
+        raise ConfigError("production needs EDGELOOP_ADMIN_TOKEN (the bootstrap admin token)")
     services = services or build_services(settings)
 
     @asynccontextmanager
@@ -71,7 +78,10 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
 
     @app.exception_handler(EdgeloopError)
     async def _edgeloop_error(_r: Request, exc: EdgeloopError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+        headers = None
+        if isinstance(exc, RateLimitedError):
+            headers = {"Retry-After": str(exc.retry_after_s)}
+        return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_r: Request, exc: RequestValidationError) -> JSONResponse:
@@ -99,6 +109,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
 
     for module in (
         health,
+        auth,  # before devices: POST /devices/enroll and /devices/{id}/revoke
         devices,
         samples,
         models,
@@ -108,6 +119,8 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
         observability,
         ui,
         lineage,
+        trust,
+        audit,
     ):
         app.include_router(module.router)
     ui.mount(app)

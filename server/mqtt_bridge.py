@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -64,6 +65,7 @@ class BridgeStats:
     bad_topic: int = 0
     published: int = 0
     connects: int = 0
+    revoked: int = 0  # reports of revoked devices, dropped
 
 
 class MqttBridge:
@@ -82,8 +84,12 @@ class MqttBridge:
         topics: Topics | None = None,
         shared_group: str | None = "edgeloop-server",
         session_expiry_s: int = 3600,
+        username: str = "",  # the server's broker login (Settings.mqtt_username); "": anonymous
+        password: str = "",
+        is_revoked: Callable[[str], bool] | None = None,  # drop reports of revoked devices
     ) -> None:
         self.host, self.port, self.keepalive_s = host, port, keepalive_s
+        self.is_revoked = is_revoked
         # MQTT 5 shared subscription: several server processes split the device reports
         # between them instead of each writing every report (None: every process gets all).
         self.subscription_prefix = f"$share/{shared_group}/" if shared_group else ""
@@ -104,6 +110,8 @@ class MqttBridge:
             protocol=mqtt.MQTTv5,
         )
         self.session_expiry_s = session_expiry_s
+        if username:
+            self._client.username_pw_set(username, password or None)
         self._client.reconnect_delay_set(reconnect_min_s, reconnect_max_s)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -132,6 +140,10 @@ class MqttBridge:
         parsed = self.topics.parse(msg.topic)
         if parsed is None or parsed[1] not in ("status", "metrics"):
             self.stats.bad_topic += 1
+            return
+        if self.is_revoked is not None and self.is_revoked(parsed[0]):
+            # Queued by the broker before the revocation took effect: never ingested.
+            self.stats.revoked += 1
             return
         self.stats.received += 1
         try:

@@ -15,7 +15,9 @@ Device states in a rollout (``rollout_devices.state``)::
                                                                       committed ◀─────┘
 
 ``installed`` and ``probation`` are still in progress: only ``committed`` (or
-``already_installed``) counts as success, since the agent may roll back during probation.
+``already_installed``) counts as success, since the agent may roll back during probation. In a
+shadow wave the devices settle in ``shadow`` (running the challenger beside the champion, which
+keeps serving); the wave is judged by the shadow gate instead of the served-traffic gates.
 """
 
 from __future__ import annotations
@@ -25,10 +27,17 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from server.rollout_gates import GateBounds, MetricSummary, evaluate
+from server.rollout_gates import (
+    GateBounds,
+    MetricSummary,
+    ShadowSummary,
+    evaluate,
+    evaluate_shadow,
+)
 from server.rollout_plan import Wave
 
 SUCCESS_STATES = frozenset({"committed", "already_installed"})
+SHADOW_STATE = "shadow"  # runs the challenger beside the champion: settled in a shadow wave
 RETRYABLE_STATES = frozenset({"failed", "timed_out"})
 FAILURE_STATES = frozenset({"failed", "refused", "rolled_back", "timed_out"})
 TERMINAL_STATES = SUCCESS_STATES | FAILURE_STATES
@@ -83,6 +92,8 @@ class WaveSnapshot:
     control: MetricSummary | None = None  # old version, any device, since approval
     baseline: MetricSummary | None = None  # old version on rollout devices, before approval
     error_override: bool = False  # an operator resumed after this wave's error pause
+    class_names: tuple[str, ...] = ()  # the line's labels, to name classes in gate reasons
+    shadow: ShadowSummary | None = None  # a shadow wave's figures (challenger beside champion)
 
 
 class Action(StrEnum):
@@ -127,7 +138,8 @@ def decide(snap: WaveSnapshot, bounds: GateBounds, retries: Retries) -> Decision
     )
     counted = {d: s for d, s in states.items() if s != "quarantined" or snap.devices[d].released}
     total = len(counted)
-    ok = sum(1 for s in counted.values() if s in SUCCESS_STATES)
+    settled_ok = SUCCESS_STATES | {SHADOW_STATE} if w.kind == "shadow" else SUCCESS_STATES
+    ok = sum(1 for s in counted.values() if s in settled_ok)
     final = sorted(
         d
         for d, s in counted.items()
@@ -172,7 +184,10 @@ def decide(snap: WaveSnapshot, bounds: GateBounds, retries: Retries) -> Decision
             f"{label}: {len(final)} of {total} devices failed ({failed_pct:.0f}% > error "
             f"threshold {w.error_pct:g}%); resume or roll back",
         )
-    gate = evaluate(snap.new, snap.control, snap.baseline, bounds)
+    if w.kind == "shadow":
+        gate = evaluate_shadow(snap.shadow or ShadowSummary(), bounds, snap.class_names)
+    else:
+        gate = evaluate(snap.new, snap.control, snap.baseline, bounds, snap.class_names)
     gates["quality"] = gate.detail
     if not gate.ok:
         return out(Action.ROLLBACK, f"{label}: quality gate failed: {gate.reason}")
@@ -194,7 +209,7 @@ def decide(snap: WaveSnapshot, bounds: GateBounds, retries: Retries) -> Decision
         return out(Action.WAIT, f"{label}: {gate.reason}")
     need = max(1, -(-int(w.success_pct * total) // 100))
     installs = sorted(
-        snap.devices[d].installed_at or snap.now for d, s in counted.items() if s in SUCCESS_STATES
+        snap.devices[d].installed_at or snap.now for d, s in counted.items() if s in settled_ok
     )
     reached = max(snap.started_at, installs[min(need, len(installs)) - 1])
     soak = snap.now - reached

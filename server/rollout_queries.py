@@ -16,11 +16,12 @@ from sqlalchemy.orm import Session
 
 from server import crud
 from server.core.config import Settings
-from server.db import DeviceMetric, Rollout, RolloutDevice
+from server.db import DeviceMetric, ModelLine, Rollout, RolloutDevice
+from server.db_quality import ClassMetric, ShadowMetric
 from server.db_rollouts import RolloutWave
 from server.errors import ConflictError, InvalidRequestError
 from server.rollout import DeviceRow, Retries, WaveSnapshot
-from server.rollout_gates import GateBounds, MetricSummary
+from server.rollout_gates import ClassCounts, GateBounds, MetricSummary, ShadowSummary
 from server.rollout_plan import Abort, Plan, PlanError, Wave, parse_plan_setting, shorthand
 from server.targets import active_rollout
 
@@ -41,6 +42,8 @@ def bounds_from(settings: Settings) -> GateBounds:
         max_error_rate=settings.max_error_rate,
         max_latency_ratio=settings.max_latency_ratio,
         latency_slack_ms=settings.latency_slack_ms,
+        min_class_support=settings.gate_min_class_support,
+        max_class_recall_drop=settings.max_class_recall_drop,
     )
 
 
@@ -116,10 +119,12 @@ def create_rollout(
     created_by: str,
     now: datetime,
     plan: Plan | None = None,
+    targeting: dict[str, Any] | None = None,
 ) -> Rollout:
     """Add a rollout in ``pending_approval`` under the line's row lock; flushes only.
 
-    Without ``plan`` the engine picks the settings' default plan at approval.
+    Without ``plan`` the engine picks the settings' default plan at approval. ``targeting``
+    (server.rollout_targeting) narrows who the rollout is for; None: every device of the line.
 
     Raises:
         NotFoundError: unknown line or version.
@@ -150,6 +155,7 @@ def create_rollout(
         created_by=created_by,
         created_at=now,
         plan=plan.to_dict() if plan is not None else None,
+        targeting=targeting,
     )
     session.add(rollout)
     session.flush()
@@ -190,33 +196,24 @@ def build_snapshot(
     )
     approved = rollout.approved_at or started
     released = select(rd.device_id).where(rd.rollout_id == rollout.id, rd.notified_at.is_not(None))
+    line = rollout.model_line
     new = summarize(
         session,
-        select(*_SUMS).where(
-            DeviceMetric.model_line == rollout.model_line,
-            DeviceMetric.model_version == rollout.to_version,
-            DeviceMetric.device_id.in_(released),
-            DeviceMetric.received_at >= approved,
-            DeviceMetric.received_at <= now,
-        ),
+        line=line,
+        version=rollout.to_version,
+        since=approved,
+        until=now,
+        devices=released,
     )
-    control = summarize(
-        session,
-        select(*_SUMS).where(
-            DeviceMetric.model_line == rollout.model_line,
-            DeviceMetric.model_version == rollout.from_version,
-            DeviceMetric.received_at >= approved,
-            DeviceMetric.received_at <= now,
-        ),
-    )
+    control = summarize(session, line=line, version=rollout.from_version, since=approved, until=now)
     baseline = summarize(
-        session,
-        select(*_SUMS).where(
-            DeviceMetric.model_line == rollout.model_line,
-            DeviceMetric.model_version == rollout.from_version,
-            DeviceMetric.device_id.in_(released),
-            DeviceMetric.received_at < approved,
-        ),
+        session, line=line, version=rollout.from_version, before=approved, devices=released
+    )
+    model_line = session.get(ModelLine, line)
+    shadow = (
+        shadow_summary(session, line=line, challenger=rollout.to_version, since=approved, until=now)
+        if plan.waves[wave].kind == "shadow"
+        else None
     )
     return WaveSnapshot(
         wave=wave,
@@ -229,16 +226,97 @@ def build_snapshot(
         control=control,
         baseline=baseline,
         error_override=bool(wave_row and wave_row.error_override),
+        class_names=tuple(model_line.labels or ()) if model_line else (),
+        shadow=shadow,
     )
 
 
-def summarize(session: Session, stmt: Any) -> MetricSummary:
-    row = session.execute(stmt).one()
+def summarize(
+    session: Session,
+    *,
+    line: str,
+    version: int | None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    before: datetime | None = None,
+    devices: Any = None,
+) -> MetricSummary:
+    """Sums of ``version``'s metric windows (and its served per-class counts) received in
+    [since, until] or before ``before``, optionally only from ``devices`` (a subquery)."""
+
+    def where(model: Any) -> list[Any]:
+        conds = [model.model_line == line, model.model_version == version]
+        if since is not None:
+            conds.append(model.received_at >= since)
+        if until is not None:
+            conds.append(model.received_at <= until)
+        if before is not None:
+            conds.append(model.received_at < before)
+        if devices is not None:
+            conds.append(model.device_id.in_(devices))
+        return conds
+
+    row = session.execute(select(*_SUMS).where(*where(DeviceMetric))).one()
     inferences = int(row[0] or 0)
+    classes = _class_sums(session, *where(ClassMetric), ClassMetric.source == "served")
     return MetricSummary(
         inferences=inferences,
         errors=int(row[1] or 0),
         labelled=int(row[2] or 0),
         correct=int(row[3] or 0),
         p95_ms=(float(row[4]) / inferences) if inferences and row[4] is not None else None,
+        classes=classes,
+    )
+
+
+def _class_sums(session: Session, *conds: Any) -> ClassCounts:
+    """label -> (support, correct, predicted), summed over the matching class_metrics rows."""
+    cm = ClassMetric
+    return {
+        int(label): (int(n or 0), int(ok or 0), int(p or 0))
+        for label, n, ok, p in session.execute(
+            select(cm.label, func.sum(cm.support), func.sum(cm.correct), func.sum(cm.predicted))
+            .where(*conds)
+            .group_by(cm.label)
+        ).tuples()
+    }
+
+
+def shadow_summary(
+    session: Session, *, line: str, challenger: int, since: datetime, until: datetime
+) -> ShadowSummary:
+    """Sums of the shadow figures devices reported for ``challenger`` in [since, until]."""
+    sm = ShadowMetric
+    row = session.execute(
+        select(
+            func.sum(sm.compared),
+            func.sum(sm.agreed),
+            func.sum(sm.labelled),
+            func.sum(sm.champion_correct),
+            func.sum(sm.challenger_correct),
+            func.sum(sm.errors),
+        ).where(
+            sm.model_line == line,
+            sm.challenger_version == challenger,
+            sm.received_at >= since,
+            sm.received_at <= until,
+        )
+    ).one()
+    cm = ClassMetric
+    window = (
+        cm.model_line == line,
+        cm.model_version == challenger,
+        cm.received_at >= since,
+        cm.received_at <= until,
+    )
+    compared, agreed, labelled, champ_ok, chall_ok, errors = (int(v or 0) for v in row)
+    return ShadowSummary(
+        compared=compared,
+        agreed=agreed,
+        labelled=labelled,
+        champion_correct=champ_ok,
+        challenger_correct=chall_ok,
+        errors=errors,
+        challenger_classes=_class_sums(session, *window, cm.source == "shadow"),
+        champion_classes=_class_sums(session, *window, cm.source == "shadow_champion"),
     )

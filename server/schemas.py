@@ -95,6 +95,8 @@ class SamplesResult(BaseModel):
     accepted: int
     duplicates: int
     rejected: list[RejectedSample]
+    # Stored but held back from dataset versions by screening (server.screening); in accepted.
+    quarantined: list[RejectedSample] = []
 
 
 # ---------------------------------------------------------------- model lines and versions
@@ -276,6 +278,31 @@ class WaveCreate(Strict):
     min_soak_s: Seconds | None = None
     timeout_s: Annotated[float, Field(gt=0, le=30 * 86400)] | None = None
     manual_gate: bool = False
+    # "shadow" (first wave only): its devices run the new model beside the champion, serving
+    # the champion's answers; the serve waves follow only if the shadow gate holds.
+    kind: Literal["serve", "shadow"] = "serve"
+
+
+DeviceId = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
+RuntimeVersion = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,6}(\.[0-9]{1,6}){0,3}$")]
+MAX_TARGET_DEVICES = 10_000  # = contract.manifest.MAX_TARGET_ENTRIES
+MAX_TARGET_NAMES = 256  # groups / hardware classes one rollout may name
+
+
+class TargetingCreate(Strict):
+    """Who a rollout is for (contract.Targeting, signed into its releases); empty = any.
+
+    Every non-empty criterion must match: a device outside it is not a member of the rollout
+    and refuses the release anyway. The opset is not set here: it is the model's, read from
+    the version's training report at signing.
+    """
+
+    groups: Annotated[list[Name], Field(max_length=MAX_TARGET_NAMES)] = []
+    hardware_classes: Annotated[list[Text], Field(max_length=MAX_TARGET_NAMES)] = []
+    device_ids: Annotated[list[DeviceId], Field(max_length=MAX_TARGET_DEVICES)] = []
+    min_runtime_version: RuntimeVersion | None = None  # lowest ONNX Runtime, e.g. "1.17"
 
 
 class RolloutCreate(Strict):
@@ -283,15 +310,17 @@ class RolloutCreate(Strict):
     model_version: Id32
     canary_percent: Annotated[int, Field(ge=1, le=100)] | None = None  # = waves [p, 100]
     waves: Annotated[list[WaveCreate], Field(min_length=1, max_length=20)] | None = None
-    created_by: Text
+    targeting: TargetingCreate | None = None
+    # The authenticated operator is recorded; a name given here must be that operator's (403).
+    created_by: Text | None = None
 
 
 class RolloutApprove(Strict):
-    approver: Text
+    approver: Text | None = None  # must be the authenticated operator's name when given
 
 
 class RolloutAction(Strict):
-    by: Text = "operator"
+    by: Text | None = None  # must be the authenticated operator's name when given
     reason: Reason | None = None
 
 
@@ -318,6 +347,7 @@ class RolloutPublic(BaseModel):
     reason: str | None
     gates: dict[str, Any] | None
     plan: dict[str, Any] | None = None  # waves and frozen cut-offs (server.rollout_plan)
+    targeting: dict[str, Any] | None = None  # contract.Targeting.to_dict() minus opset; None: any
 
 
 class RolloutDetail(RolloutPublic):

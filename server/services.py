@@ -10,19 +10,23 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from server import crud
 from server.artifacts import ArtifactStore
 from server.core.config import Settings
 from server.db import create_all, make_engine, make_sessionmaker, utcnow
+from server.enrollment import revoked_device_ids
 from server.errors import ConflictError
 from server.ingest import IngestWriter
 from server.jobs import JobRunner
 from server.line_config import bootstrap_line_config
 from server.mqtt_bridge import IngestItem, MqttBridge, RecordingPublisher, TargetPublisher
 from server.rollout_engine import RolloutEngine
-from server.signing import Signer, load_signer
+from server.screening import Screener, screen_config
+from server.signing import Signer, audit_published_roots, load_signer
+from server.upload_limits import SampleRateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +48,36 @@ class Services:
     rollouts: RolloutEngine
     jobs: JobRunner
     clock: Callable[[], datetime] = utcnow
+    screener: Screener | None = None  # label screening of uploaded samples
+    sample_limiter: SampleRateLimiter | None = None  # per-device upload rate (this process)
+    # Revoked device ids (loaded at start, added to on revoke): the bridge drops their reports.
+    revoked_devices: set[str] = field(default_factory=set)
     _started: list[str] = field(default_factory=list)
 
     def start(self) -> None:
         """Start the background threads the settings enable."""
         s = self.settings
+        if s.enrollment_token:
+            from server.enrollment import ensure_enrollment_token
+
+            with self.sessions() as session:
+                ensure_enrollment_token(
+                    session,
+                    token=s.enrollment_token,
+                    max_uses=s.enrollment_token_uses,
+                    ttl_s=s.enrollment_token_ttl_s,
+                    now=self.clock(),
+                )
+                try:
+                    session.commit()
+                except IntegrityError:  # another server process stored it first
+                    session.rollback()
+        if s.broker_config_dir is not None:
+            # The broker's password file and ACL exist (and are current) before anyone logs in.
+            from server.broker_acl import sync_broker
+
+            with self.sessions() as session:
+                sync_broker(session, s)
         # Jobs whose runner died (this server killed mid-training, or another one) go back to
         # the queue; a live runner elsewhere keeps its lease.
         self.jobs.recover()
@@ -122,6 +151,11 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
     )
     bridge: MqttBridge | None = None
     publisher: TargetPublisher
+    with sessions() as session:
+        revoked_devices = revoked_device_ids(session)
+    with sessions() as session:
+        if audit_published_roots(session, signer, now=clock()):
+            session.commit()
     if settings.mqtt_active:
         bridge = MqttBridge(
             host=settings.mqtt_host,
@@ -134,6 +168,9 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
             reconnect_min_s=settings.mqtt_reconnect_min_s,
             reconnect_max_s=settings.mqtt_reconnect_max_s,
             shared_group=settings.mqtt_shared_group or None,
+            username=settings.mqtt_username,
+            password=settings.mqtt_password,
+            is_revoked=revoked_devices.__contains__,
         )
         publisher = bridge
     else:
@@ -155,6 +192,12 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
         rollouts=rollouts,
         jobs=jobs,
         clock=clock,
+        screener=Screener(screen_config(settings), store),
+        sample_limiter=SampleRateLimiter(
+            per_min=settings.sample_rate_per_device_per_min,
+            burst=settings.sample_burst_per_device,
+        ),
+        revoked_devices=revoked_devices,
     )
     bootstrap(services)
     return services

@@ -25,6 +25,16 @@ from firmware_sim.services import (  # noqa: F401 (free_port, wait_port re-expor
     wait_port,
 )
 
+# The bootstrap admin operator token every test server uses (Settings.admin_token /
+# EDGELOOP_ADMIN_TOKEN); send it with auth_headers(TEST_ADMIN_TOKEN).
+TEST_ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+def auth_headers(token: str) -> dict[str, str]:
+    """HTTP headers that authenticate as the holder of ``token`` (operator or device)."""
+    return {"Authorization": f"Bearer {token}"}
+
+
 PG_URL = os.environ.get("EDGELOOP_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
@@ -118,6 +128,7 @@ FAST_SERVER_ENV = {
     "EDGELOOP_ROLLOUT_TICK_S": "0.5",
     "EDGELOOP_MIN_LABELLED": "20",
     "EDGELOOP_CANARY_MIN_SOAK_S": "1",
+    "EDGELOOP_ADMIN_TOKEN": TEST_ADMIN_TOKEN,
 }
 
 

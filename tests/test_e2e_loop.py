@@ -112,11 +112,12 @@ def agent_proc(server, broker, workdir) -> Iterator[tuple[subprocess.Popen[str],
         "mqtt_host": broker.host,
         "mqtt_port": broker.port,
         "state_dir": str(workdir / "agent"),
-        "trusted_key_files": [str(server.public_key_path)],
+        "trusted_root_file": str(server.root_path),
         "metrics_interval_s": 0.5,
         "upload_interval_s": 0.5,
     }
-    poll("the factory model", lambda: server.public_key_path.exists(), timeout=120)
+    poll("the factory model", lambda: server.root_path.exists(), timeout=120)
+    cfg["bootstrap_token"] = server.enrollment_token(max_uses=1)  # one-time: enrolls once
     path = workdir / "agent.json"
     path.write_text(json.dumps(cfg))
     proc = subprocess.Popen(
@@ -147,6 +148,7 @@ def test_agent_process_installs_signed_model_over_mqtt_and_refuses_attacks(
 ):
     proc, agent_url = agent_proc
     api = f"{server.url}/api/v1"
+    H = server.headers  # the admin operator
     listener = StatusListener(broker.host, broker.port)
     try:
         # 1. The factory model (v1, release 1) arrives over the HTTP fallback and serves.
@@ -166,11 +168,11 @@ def test_agent_process_installs_signed_model_over_mqtt_and_refuses_attacks(
         assert predict(pools.golden.X[0])["model_version"] == 1
 
         # 2. A challenger is trained (manual trigger), gated and signed; an operator approves.
-        job = httpx.post(f"{api}/training-jobs", json={"model_line": "digits"}).json()
+        job = httpx.post(f"{api}/training-jobs", json={"model_line": "digits"}, headers=H).json()
         job = poll(
             "training job",
             lambda: (
-                (j := httpx.get(f"{api}/training-jobs/{job['id']}").json())["status"]
+                (j := httpx.get(f"{api}/training-jobs/{job['id']}", headers=H).json())["status"]
                 not in ("queued", "running")
                 and j
             ),
@@ -181,13 +183,13 @@ def test_agent_process_installs_signed_model_over_mqtt_and_refuses_attacks(
             lambda: next(
                 (
                     r
-                    for r in httpx.get(f"{api}/rollouts").json()
+                    for r in httpx.get(f"{api}/rollouts", headers=H).json()
                     if r["state"] == "pending_approval"
                 ),
                 None,
             ),
         )
-        r = httpx.post(f"{api}/rollouts/{rollout['id']}/approve", json={"approver": "e2e-operator"})
+        r = httpx.post(f"{api}/rollouts/{rollout['id']}/approve", json={}, headers=H)
         assert r.status_code == 200, r.text
 
         # 3. The agent receives the target over MQTT, swaps, and reports back.
@@ -209,7 +211,7 @@ def test_agent_process_installs_signed_model_over_mqtt_and_refuses_attacks(
         device = poll(
             "server sees the device on the new model",
             lambda: (
-                (d := httpx.get(f"{api}/devices/{DEVICE}").json())["model_version"]
+                (d := httpx.get(f"{api}/devices/{DEVICE}", headers=H).json())["model_version"]
                 == rollout["to_version"]
                 and d
             ),
@@ -218,7 +220,7 @@ def test_agent_process_installs_signed_model_over_mqtt_and_refuses_attacks(
         done = poll(
             "rollout completed",
             lambda: (
-                (x := httpx.get(f"{api}/rollouts/{rollout['id']}").json())["state"]
+                (x := httpx.get(f"{api}/rollouts/{rollout['id']}", headers=H).json())["state"]
                 in ("completed", "rolled_back")
                 and x
             ),

@@ -13,6 +13,10 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The bootstrap admin token used in development when EDGELOOP_ADMIN_TOKEN is empty. Public by
+# design (it is in the docs); production refuses to start without a real one.
+DEV_ADMIN_TOKEN = "edgeloop-dev-admin-token"
+
 
 class Settings(BaseSettings):
     """Every knob of the server, each with its unit."""
@@ -45,6 +49,10 @@ class Settings(BaseSettings):
     # Signing: in development a missing key is generated; production refuses to start.
     signing_key_path: Path | None = None  # default: data_dir/keys/signing.pem
     manifest_ttl_days: int = Field(default=30, ge=1)  # days a signed manifest stays valid
+    # Root of trust (see server.trust): directory of <n>.root.json; in development a root is
+    # generated there when missing, production refuses to start without one.
+    trust_dir: Path | None = None  # default: data_dir/trust (env EDGELOOP_TRUST_DIR)
+    root_ttl_days: int = Field(default=365, ge=1)  # days a generated/signed root stays valid
 
     # Retraining.
     retrain_threshold: int = Field(default=1000, ge=1)  # accepted samples that trigger a job
@@ -87,10 +95,33 @@ class Settings(BaseSettings):
     abort_failure_pct: float = Field(default=50.0, ge=0, le=100)  # failed % of a wave: roll back
     abort_min_devices: int = Field(default=1, ge=1)  # settled devices before abort applies
     accuracy_z: float = Field(default=2.0, ge=0)  # significance an accuracy drop must reach
+    # Per-class recall gate: a class is judged once it has this many labelled samples (new and
+    # reference side); its recall may not drop by more than max_class_recall_drop (absolute).
+    gate_min_class_support: int = Field(default=20, ge=1)  # labelled samples of one class
+    max_class_recall_drop: float = Field(default=0.10, ge=0, le=1)  # absolute recall
     rollout_max_retries: int = Field(default=2, ge=0, le=10)  # re-sends to a failed device
     rollout_retry_backoff_s: float = Field(default=10.0, ge=0)  # seconds, doubled per retry
     quarantine_failures: int = Field(default=3, ge=1)  # failed attempts before quarantine
     quarantine_s: float = Field(default=3600.0, ge=0)  # seconds a quarantined device sits out
+
+    # Identity (server.auth). admin_token is the bootstrap admin operator's bearer token; empty
+    # in development means DEV_ADMIN_TOKEN (documented, never for production: startup refuses).
+    admin_token: str = ""
+    four_eyes: bool = False  # whoever created a rollout cannot approve it
+    enrollment_token_ttl_s: float = Field(default=86400.0, gt=0)  # seconds, default lifetime
+    # When set, the server rewrites Mosquitto's password_file and acl_file here on every
+    # enroll/revoke and signals the broker to reload (SIGHUP to the pid in broker_pid_file).
+    broker_config_dir: Path | None = None
+    broker_pid_file: Path | None = None
+    # Owner (uid) given to the 0600 broker files when the server runs as root and the broker
+    # as another user (docker: eclipse-mosquitto is uid 1883). None: keep the server's.
+    broker_file_uid: int | None = None
+    # A fleet bootstrap token created at startup (hash stored) if missing: lets an image or
+    # docker-compose carry it. Empty: none; operators mint tokens with the API/CLI instead.
+    enrollment_token: str = ""
+    enrollment_token_uses: int = Field(default=1000, ge=1)  # devices it may enroll
+    mqtt_username: str = ""  # the server's own broker login; empty: anonymous
+    mqtt_password: str = ""
 
     # Background services (tests turn them off and drive the cores directly).
     enable_mqtt: bool = True
@@ -105,9 +136,26 @@ class Settings(BaseSettings):
     max_samples_per_batch: int = Field(default=1000, ge=1)  # samples per upload request
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)  # bytes per request body
 
+    # Poisoning guard (server.upload_limits, server.screening). Rate: per server process.
+    sample_rate_per_device_per_min: float = Field(default=1200.0, ge=0)  # samples/min; 0: off
+    sample_burst_per_device: int = Field(default=2000, ge=1)  # samples a device may send at once
+    sample_quota_per_device_per_day: int = Field(default=50_000, ge=0)  # samples/UTC day; 0: off
+    screen_labels: bool = True  # label screening against champion + nearest neighbours
+    screen_k: int = Field(default=7, ge=1)  # neighbours consulted
+    screen_min_neighbour_agreement: int = Field(default=1, ge=1)  # of screen_k sharing the label
+    # of screen_k that must carry the champion's label instead (model and data agree)
+    screen_min_neighbour_contradiction: int = Field(default=3, ge=1)
+    screen_reference_max: int = Field(default=5000, ge=0)  # accepted samples used as neighbours
+    screen_device_min_samples: int = Field(default=20, ge=1)  # before the device check applies
+    screen_device_max_quarantine_ratio: float = Field(default=0.5, ge=0, le=1)  # fraction
+
     @property
     def signing_key_file(self) -> Path:
         return self.signing_key_path or self.data_dir / "keys" / "signing.pem"
+
+    @property
+    def trust_dir_path(self) -> Path:
+        return self.trust_dir or self.data_dir / "trust"
 
     @property
     def artifacts_dir(self) -> Path:
@@ -120,6 +168,13 @@ class Settings(BaseSettings):
     @property
     def line_configs_dir(self) -> Path:
         return self.line_config_dir or self.data_dir / "line-configs"
+
+    @property
+    def effective_admin_token(self) -> str:
+        """The admin token in force (DEV_ADMIN_TOKEN when unset in development)."""
+        if self.admin_token:
+            return self.admin_token
+        return DEV_ADMIN_TOKEN if self.environment == "development" else ""
 
     @property
     def mqtt_active(self) -> bool:

@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from contract.manifest import ArtifactRef, InputSpec, Manifest
 from contract.messages import TargetMessage
 from device_agent.config import AgentConfig
+from device_agent.http import HttpClient
 
 FEATURES = 64
 CLASSES = 10
@@ -140,10 +141,14 @@ def public_pem(key: Ed25519PrivateKey) -> bytes:
     )
 
 
+FAKE_BOOTSTRAP_TOKEN = "fake-bootstrap-token"
+
+
 def make_config(state_dir: Path, key: Ed25519PrivateKey, **overrides: Any) -> AgentConfig:
     values: dict[str, Any] = {
         "device_id": "dev-1",
         "model_line": LINE,
+        "bootstrap_token": FAKE_BOOTSTRAP_TOKEN,  # FakeServer enrolls with it
         "state_dir": state_dir,
         "trusted_keys": [public_pem(key)],
         "server_url": "http://127.0.0.1:9",  # discard port: nothing listens
@@ -198,6 +203,14 @@ class FakeServer:
     registrations: list[dict[str, Any]] = field(default_factory=list)
     target: bytes | None = None  # GET /api/v1/devices/{id}/target body, 404 if None
     throttle_bps: float | None = None  # artifact bytes per second (slow link), None = full speed
+    # Identity, as the real server does it: a bootstrap token buys one credential per device;
+    # device routes need "Authorization: Bearer <credential>" of that very device (else 401/403).
+    bootstrap_tokens: set[str] = field(default_factory=lambda: {FAKE_BOOTSTRAP_TOKEN})
+    credentials: dict[str, str] = field(default_factory=dict)  # credential -> device_id
+    enrollments: list[dict[str, Any]] = field(default_factory=list)
+    one_time_tokens: bool = False  # default: a fleet-wide multi-use token
+    revoked: set[str] = field(default_factory=set)  # device ids refused with 403
+    auth_refusals: list[tuple[str, int]] = field(default_factory=list)  # (path, status)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> FakeServer:
@@ -217,6 +230,13 @@ class FakeServer:
         host, port = self.httpd.server_address[:2]
         return f"http://{host!s}:{port}"
 
+    def issue(self, device_id: str) -> str:
+        """A credential for ``device_id`` (as if it had enrolled)."""
+        credential = f"cred-{device_id}-issued-{len(self.credentials)}"
+        with self.lock:
+            self.credentials[credential] = device_id
+        return credential
+
     def add(self, name: str, data: bytes) -> str:
         self.artifacts[name] = data
         return f"{self.url}/artifacts/{name}"
@@ -224,6 +244,13 @@ class FakeServer:
     def requests_for(self, name: str) -> list[dict[str, Any]]:
         with self.lock:
             return [e for e in self.log if e["path"] == f"/artifacts/{name}"]
+
+
+def device_http(srv: FakeServer, device_id: str = "dev-1", timeout_s: float = 5.0) -> HttpClient:
+    """An agent HTTP client that sends ``device_id``'s credential to ``srv``."""
+    client = HttpClient(timeout_s=timeout_s)
+    client.set_bearer(srv.issue(device_id), origin=srv.url)
+    return client
 
 
 _RANGE = re.compile(r"^bytes=(\d+)-$")
@@ -245,10 +272,28 @@ def _make_handler(srv: FakeServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
+        def _device(self, device_id: str | None) -> bool:
+            """Check the bearer credential speaks for ``device_id``; answer 401/403 if not."""
+            auth = self.headers.get("Authorization") or ""
+            holder = srv.credentials.get(auth.removeprefix("Bearer ").strip())
+            status = 0
+            if holder is None:
+                status = 401
+            elif holder in srv.revoked or (device_id is not None and holder != device_id):
+                status = 403
+            if status:
+                with srv.lock:
+                    srv.auth_refusals.append((self.path, status))
+                self._json(status, {"detail": f"refused ({holder or 'no credential'})"})
+                return False
+            return True
+
         def do_GET(self) -> None:
             if self.path.startswith("/artifacts/"):
                 self._artifact()
-            elif re.fullmatch(r"/api/v1/devices/[^/]+/target", self.path):
+            elif m := re.fullmatch(r"/api/v1/devices/([^/]+)/target", self.path):
+                if not self._device(m.group(1)):
+                    return
                 if srv.target is None:
                     self._json(404, {"detail": "no target"})
                 else:
@@ -262,6 +307,15 @@ def _make_handler(srv: FakeServer) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+            if self.path == "/api/v1/devices/enroll":
+                self._enroll(body)
+                return
+            if self.path == "/api/v1/devices/register" and not self._device(body["device_id"]):
+                return
+            if self.path == "/api/v1/samples" and not self._device(
+                body["samples"][0]["device_id"] if body.get("samples") else None
+            ):
+                return
             if self.path == "/api/v1/devices/register":
                 with srv.lock:
                     srv.registrations.append(body)
@@ -283,11 +337,30 @@ def _make_handler(srv: FakeServer) -> type[BaseHTTPRequestHandler]:
             else:
                 self._json(404, {"detail": "not found"})
 
+        def _enroll(self, body: dict[str, Any]) -> None:
+            with srv.lock:
+                srv.enrollments.append(body)
+                token = body.get("bootstrap_token")
+                if token not in srv.bootstrap_tokens:
+                    self._json(401, {"detail": "unknown enrollment token"})
+                    return
+                if srv.one_time_tokens:
+                    srv.bootstrap_tokens.discard(token)
+                credential = f"cred-{body['device_id']}-{len(srv.enrollments)}"
+                srv.credentials[credential] = body["device_id"]
+            self._json(201, {"device_id": body["device_id"], "credential": credential})
+
         def _artifact(self) -> None:
             name = self.path.removeprefix("/artifacts/")
             data = srv.artifacts.get(name)
             rng = self.headers.get("Range")
-            entry: dict[str, Any] = {"path": self.path, "range": rng, "status": None, "sent": 0}
+            entry: dict[str, Any] = {
+                "path": self.path,
+                "range": rng,
+                "status": None,
+                "sent": 0,
+                "authorization": self.headers.get("Authorization"),
+            }
             with srv.lock:
                 srv.log.append(entry)
             if data is None:

@@ -31,6 +31,7 @@ from device_agent.capture import Spool, Uploader
 from device_agent.config import AgentConfig
 from device_agent.errors import NoModelError
 from device_agent.http import HttpClient
+from device_agent.identity import enroll, load_credential
 from tests.device_agent.agent_testkit import FEATURES, truth_label
 
 
@@ -76,6 +77,9 @@ def run_spool(cmd: dict[str, Any]) -> None:
     values["trusted_keys"] = []
     cfg = AgentConfig(**values)
     client = HttpClient(timeout_s=5.0)
+    # The device's own identity, as the agent does it: the stored credential, else enroll.
+    credential = load_credential(cfg) or enroll(cfg, client)
+    client.set_bearer(credential, origin=cfg.server_url)
     up = Uploader(cfg, spool=spool, client=client, stop=stop)
     threading.Thread(target=up.run, daemon=True).start()
     rng = np.random.default_rng(os.getpid())

@@ -20,7 +20,13 @@ from device_agent.capture import (
 from device_agent.errors import UnknownPredictionError
 from device_agent.http import HttpClient
 from device_agent.metrics import Metrics
-from tests.device_agent.agent_testkit import FEATURES, FakeServer, make_config, wait_until
+from tests.device_agent.agent_testkit import (
+    FEATURES,
+    FakeServer,
+    device_http,
+    make_config,
+    wait_until,
+)
 
 
 def record(i: int = 0) -> SampleRecord:
@@ -111,7 +117,7 @@ def test_spool_survives_restart_and_uploads_exactly_once(
     spool = Spool(tmp_path / "spool", batch_max=4, max_bytes=1 << 20)
     assert spool.stats().pending == 10
     stop = threading.Event()
-    with HttpClient(timeout_s=5) as client:
+    with device_http(fake_server) as client:
         up = Uploader(cfg, spool=spool, client=client, stop=stop)
         thread = threading.Thread(target=up.run)
         thread.start()
@@ -141,7 +147,7 @@ def test_whole_batch_4xx_moved_aside(tmp_path, signing_key, fake_server: FakeSer
     for i in range(3):
         spool.add(record(i))
     fake_server.sample_statuses = [422]
-    with HttpClient(timeout_s=5) as client:
+    with device_http(fake_server) as client:
         up = Uploader(cfg, spool=spool, client=client, stop=threading.Event())
         assert up.upload_once() is True
         assert up.upload_once() is True

@@ -30,12 +30,13 @@ import pytest
 
 from contract.messages import DeviceState
 from device_agent.capture import Spool, Uploader
-from device_agent.http import HttpClient
 from device_agent.store import ModelStore, sha256_file
 from device_agent.verify import load_trusted_keys, verify_installed
 from tests.device_agent.agent_testkit import (
+    FAKE_BOOTSTRAP_TOKEN,
     LINE,
     FakeServer,
+    device_http,
     make_big_model,
     make_config,
     make_manifest,
@@ -159,6 +160,7 @@ def agent_cmd(state_dir: Path, srv: FakeServer, key_pem: bytes, crash: str | Non
             "state_dir": str(state_dir),
             "trusted_keys": [key_pem.decode()],
             "server_url": srv.url,
+            "bootstrap_token": FAKE_BOOTSTRAP_TOKEN,
             "mqtt_port": 9,  # no broker: targets arrive by the HTTP poll fallback
             "download_retries": 1,
             "download_chunk_bytes": 16 * 1024,
@@ -317,6 +319,7 @@ def test_spool_exactly_once_across_sigkill(
             "model_line": LINE,
             "state_dir": str(tmp_path),
             "server_url": fake_server.url,
+            "bootstrap_token": FAKE_BOOTSTRAP_TOKEN,
             "upload_interval_s": 0.01,
             "upload_backoff_cap_s": 0.05,
         },
@@ -338,7 +341,7 @@ def test_spool_exactly_once_across_sigkill(
     # Restart once more, in this process, with no new samples: drain what is left.
     spool = Spool(tmp_path / "spool", batch_max=batch_max, max_bytes=1 << 30)
     cfg = make_config(tmp_path, signing_key, server_url=fake_server.url)
-    with HttpClient(timeout_s=5.0) as client:
+    with device_http(fake_server, "crash-1") as client:  # the spool's device
         up = Uploader(cfg, spool=spool, client=client, stop=threading.Event())
         wait_until(lambda: up.upload_once() and spool.stats().pending == 0)
     lost = set(acked) - set(fake_server.acked_ids)

@@ -47,6 +47,7 @@ def server(broker, workdir) -> Iterator[ServerProcess]:
             "retrain_threshold": 10**9,  # no retraining in this test
             "initial_training": False,
         },
+        headers=srv.headers,
         timeout=30,
     )
     assert resp.status_code == 201, resp.text
@@ -90,6 +91,7 @@ def test_server_and_broker_outage_loses_and_duplicates_nothing(
     )
     observer = Observer(broker.host, broker.port)
     agents: dict[str, Agent] = {}
+    fleet_token = server.enrollment_token(max_uses=2)
     for device_id, spool_bytes in (("roomy", 64 << 20), ("tight", 8000)):
         observer.publish_target(device_id, target.to_json())
         cfg = make_config(
@@ -104,6 +106,7 @@ def test_server_and_broker_outage_loses_and_duplicates_nothing(
             upload_backoff_cap_s=0.5,
             spool_max_bytes=spool_bytes,
             http_timeout_s=2.0,
+            bootstrap_token=fleet_token,
         )
         agents[device_id] = Agent(cfg)
     observer.close()

@@ -21,9 +21,10 @@ import pytest
 
 from contract import TargetMessage, Topics, encode_input
 from device_agent import AgentConfig
+from device_agent.identity import load_credential
 from firmware_sim.fleet import Fleet, FleetConfig, Inputs
 from firmware_sim.services import Mosquitto, ServerProcess
-from tests.conftest import poll
+from tests.conftest import TEST_ADMIN_TOKEN, auth_headers, poll
 from training.data import digits_pools
 
 RELAXED_LINE = {
@@ -56,6 +57,9 @@ SERVER_ENV = {
     "EDGELOOP_WAVE_SUCCESS_PCT": "100",
     "EDGELOOP_INSTALL_TIMEOUT_S": "90",
     "EDGELOOP_ROLLOUT_RETRY_BACKOFF_S": "2",
+    # The poisoning guard's label screening would quarantine the flipped labels before they
+    # reach a dataset; off here, so the flipped model is trained and the rollout gates meet it.
+    "EDGELOOP_SCREEN_LABELS": "false",
 }
 
 
@@ -117,25 +121,36 @@ class World:
         self.server = ServerProcess(
             workdir / "server",
             mqtt_port=broker.port,
-            env={**SERVER_ENV, "EDGELOOP_BOOTSTRAP_CONFIG": str(config)},
+            env={
+                **SERVER_ENV,
+                "EDGELOOP_BOOTSTRAP_CONFIG": str(config),
+                "EDGELOOP_ADMIN_TOKEN": TEST_ADMIN_TOKEN,
+            },
         ).start()
+        self.headers = auth_headers(TEST_ADMIN_TOKEN)  # the admin operator
         self.api = f"{self.server.url}/api/v1"
         self.recorder = TargetRecorder(broker.host, broker.port)
         self.fleets: list[Fleet] = []
         self.inputs = Inputs.build(severity=0.0)
 
     def get(self, path: str, **params: Any) -> Any:
-        r = httpx.get(f"{self.api}{path}", params=params, timeout=30)
+        r = httpx.get(f"{self.api}{path}", params=params, headers=self.headers, timeout=30)
         assert r.status_code == 200, r.text
         return r.json()
 
-    def post(self, path: str, body: Any = None, expect: int = 200) -> Any:
-        r = httpx.post(f"{self.api}{path}", json=body, timeout=60)
+    def post(
+        self,
+        path: str,
+        body: Any = None,
+        expect: int = 200,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        r = httpx.post(f"{self.api}{path}", json=body, headers=headers or self.headers, timeout=60)
         assert r.status_code == expect, r.text
         return r.json()
 
     def start_fleet(self, n: int, prefix: str = "sim", rate_hz: float = 6.0) -> Fleet:
-        poll("the factory model", lambda: self.server.public_key_path.exists(), timeout=180)
+        poll("the factory model", lambda: self.server.root_path.exists(), timeout=180)
         poll(
             "a champion",
             lambda: self.get("/model-lines/digits").get("champion_version") is not None,
@@ -147,12 +162,14 @@ class World:
                 server_url=self.server.url,
                 mqtt_host=self.broker.host,
                 mqtt_port=self.broker.port,
-                trusted_keys=[self.server.public_key_path.read_bytes()],
+                trusted_keys=[],
+                trusted_root=self.server.root_path.read_bytes(),
                 state_root=self.workdir / f"fleet-{prefix}",
                 devices=n,
                 id_prefix=prefix,
                 metrics_interval_s=0.5,
                 upload_interval_s=5.0,
+                bootstrap_token=self.server.enrollment_token(max_uses=n),
             ),
             inputs=self.inputs,
         )
@@ -184,7 +201,11 @@ class World:
         """Every input the devices see (the field pool) and the base training inputs, each
         labelled (truth + 1) mod 10: the model learns the wrong digit for what devices see."""
         pools = digits_pools()
-        device = self.fleets[0].devices[0].device_id
+        sim = self.fleets[0].devices[0]
+        device = sim.device_id
+        # Uploaded as that device, with its own credential (a device speaks only for itself).
+        credential = load_credential(sim.agent.config)
+        assert credential, f"{device} is not enrolled"
         samples = []
         for name, split in (("field", pools.field), ("train", pools.train)):
             for i, (x, y) in enumerate(zip(split.X, split.y, strict=True)):
@@ -203,13 +224,14 @@ class World:
                 )
         accepted = 0
         for start in range(0, len(samples), 500):
-            accepted += self.post("/samples", {"samples": samples[start : start + 500]})["accepted"]
+            batch = {"samples": samples[start : start + 500]}
+            accepted += self.post("/samples", batch, headers=auth_headers(credential))["accepted"]
         assert accepted > len(samples) // 2, accepted
 
     def create_rollout(self, version: int, waves: list[dict[str, Any]]) -> int:
         r = self.post(
             "/rollouts",
-            {"model_line": "digits", "model_version": version, "created_by": "ci", "waves": waves},
+            {"model_line": "digits", "model_version": version, "waves": waves},
             expect=201,
         )
         return int(r["id"])

@@ -22,7 +22,9 @@ from server.db import ModelLine, ModelVersion
 from server.main import create_app
 from server.services import DIGITS_INPUT_SPEC, DIGITS_LABELS, Services
 from server.signing import sign_release
-from tests.conftest import write_key_pair
+from tests.authkit import FleetAuth, enroll
+from tests.conftest import TEST_ADMIN_TOKEN, write_key_pair
+from training.data import digits_pools
 
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
 LINE = "digits"
@@ -39,6 +41,7 @@ def make_settings(tmp_path: Path, db_url: str, **overrides: Any) -> Settings:
         enable_ingest_writer=False,
         canary_min_soak_s=0,
         min_labelled=50,
+        admin_token=TEST_ADMIN_TOKEN,
     )
     values.update(overrides)
     return Settings(**values)
@@ -54,7 +57,16 @@ def settings(tmp_path: Path, db_url: str, signing_key) -> Settings:
 def client(settings: Settings) -> Iterator[TestClient]:
     app = create_app(settings)
     with TestClient(app) as c:
+        # The admin operator by default; each enrolled device's own credential on its routes.
+        c.auth = FleetAuth(TEST_ADMIN_TOKEN)
         yield c
+
+
+def authed_client(app: Any) -> TestClient:
+    """A TestClient that acts as the admin operator, and as each device it enrolled."""
+    client = TestClient(app)
+    client.auth = FleetAuth(TEST_ADMIN_TOKEN)
+    return client
 
 
 def services_of(client: TestClient) -> Services:
@@ -77,11 +89,8 @@ def create_line(client: TestClient, name: str = LINE, **kw: Any) -> dict[str, An
 
 
 def register(client: TestClient, device_id: str, line: str = LINE) -> dict[str, Any]:
-    resp = client.post(
-        "/api/v1/devices/register", json={"device_id": device_id, "model_line": line}
-    )
-    assert resp.status_code == 200, resp.text
-    return resp.json()
+    """Enroll the device (its credential goes to the client's FleetAuth), or refresh it."""
+    return enroll(client, device_id, line)
 
 
 def fake_onnx_bytes(seed: int) -> bytes:
@@ -146,9 +155,15 @@ def sample(
     confidence: float = 0.4,
 ) -> dict:
     if x is None:
-        # Distinct content per id: the same input under two ids is refused (content hash).
+        # A real digit of the true label (label screening quarantines noise that neither the
+        # champion nor the neighbours call so), with a little noise so the content is distinct
+        # per id: the same input under two ids is refused (content hash).
         seed = int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "big")
-        x = np.random.default_rng(seed).random(64, dtype=np.float32)
+        rng = np.random.default_rng(seed)
+        pool = digits_pools().field
+        of_label = np.flatnonzero(pool.y == true_label)
+        image = pool.X[rng.choice(of_label)] if of_label.size else rng.random(64)
+        x = np.clip(image + rng.normal(0, 0.02, 64), 0.0, 1.0).astype(np.float32)
     return {
         "sample_id": sample_id,
         "device_id": device_id,

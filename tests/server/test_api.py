@@ -44,18 +44,15 @@ def test_register_is_idempotent_upsert(client: TestClient) -> None:
     )
     assert again.status_code == 200 and again.json()["hardware"] == "rpi4"
     assert [d["device_id"] for d in client.get("/api/v1/devices").json()] == ["cam-1"]
-    assert (
-        client.post(
-            "/api/v1/devices/register", json={"device_id": "cam-2", "model_line": "nope"}
-        ).status_code
-        == 404
+    # Registering needs the device's own credential; enrollment checks the line and the id.
+    unenrolled = client.post(
+        "/api/v1/devices/register", json={"device_id": "cam-2", "model_line": "digits"}
     )
-    assert (
-        client.post(
-            "/api/v1/devices/register", json={"device_id": "a/b", "model_line": "digits"}
-        ).status_code
-        == 422
-    )
+    assert unenrolled.status_code == 401
+    token = client.post("/api/v1/enrollment-tokens", json={"max_uses": 5}).json()["token"]
+    for device_id, line, code in (("cam-2", "nope", 404), ("a/b", "digits", 422)):
+        body = {"bootstrap_token": token, "device_id": device_id, "model_line": line}
+        assert client.post("/api/v1/devices/enroll", json=body).status_code == code
 
 
 def test_target_before_and_after_first_release(client: TestClient) -> None:
@@ -67,7 +64,7 @@ def test_target_before_and_after_first_release(client: TestClient) -> None:
     target = client.get("/api/v1/devices/cam-1/target").json()
     assert target["rollout_id"] is None
     assert target["artifact_url"].endswith("/api/v1/artifacts/" + target["artifact_url"][-64:])
-    assert client.get("/api/v1/devices/ghost/target").status_code == 404
+    assert client.get("/api/v1/devices/ghost/target").status_code == 401  # not enrolled
 
 
 def test_signed_release_verifies_with_the_servers_public_key(seeded: TestClient, settings) -> None:
@@ -151,7 +148,7 @@ def test_http_status_and_metrics_fallback_reach_the_db(seeded: TestClient) -> No
         assert s.scalar(select(func.count()).select_from(DeviceEvent)) == 1
 
 
-ROLL = {"model_line": "digits", "model_version": 2, "created_by": "alice"}
+ROLL = {"model_line": "digits", "model_version": 2}
 STATUS_OK = {
     "device_id": "cam-1",
     "ts": 1.0,
@@ -405,11 +402,11 @@ def test_rollout_state_conflicts(seeded: TestClient) -> None:
     assert seeded.post("/api/v1/rollouts", json=ROLL).status_code == 409  # one active per line
     assert seeded.post(f"/api/v1/rollouts/{rid}/pause").status_code == 409
     assert seeded.post(f"/api/v1/rollouts/{rid}/resume").status_code == 409
-    assert seeded.post(f"/api/v1/rollouts/{rid}/approve", json={"approver": "b"}).status_code == 200
-    assert seeded.post(f"/api/v1/rollouts/{rid}/approve", json={"approver": "b"}).status_code == 409
+    assert seeded.post(f"/api/v1/rollouts/{rid}/approve", json={}).status_code == 200
+    assert seeded.post(f"/api/v1/rollouts/{rid}/approve", json={}).status_code == 409
     assert seeded.post(f"/api/v1/rollouts/{rid}/pause").json()["state"] == "paused"
     assert seeded.post(f"/api/v1/rollouts/{rid}/resume").json()["state"] == "canary"
-    aborted = seeded.post(f"/api/v1/rollouts/{rid}/abort", json={"by": "carol", "reason": "test"})
+    aborted = seeded.post(f"/api/v1/rollouts/{rid}/abort", json={"by": "admin", "reason": "test"})
     assert aborted.json()["state"] == "rolled_back"
-    assert "aborted by carol" in aborted.json()["reason"]
+    assert "aborted by admin" in aborted.json()["reason"]
     assert seeded.post(f"/api/v1/rollouts/{rid}/abort").status_code == 409

@@ -16,7 +16,8 @@ from server.core.config import Settings
 from server.errors import ConfigError
 from server.main import create_app
 from server.services import Services
-from tests.conftest import free_port, write_key_pair
+from tests.authkit import FleetAuth, enroll
+from tests.conftest import TEST_ADMIN_TOKEN, free_port, write_key_pair
 from tests.server.conftest import add_version, make_settings, wait_for
 
 
@@ -43,8 +44,10 @@ def live_server(tmp_path: Path, signing_key) -> Iterator[tuple[str, Services]]:
     thread.join(20)
 
 
-def run_cli(url: str, *args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli_app, ["--server", url, *args], env={"COLUMNS": "250"})
+def run_cli(url: str, *args: str, token: str = TEST_ADMIN_TOKEN) -> tuple[int, str]:
+    result = CliRunner().invoke(
+        cli_app, ["--server", url, "--token", token, *args], env={"COLUMNS": "250"}
+    )
     return result.exit_code, result.output
 
 
@@ -62,7 +65,18 @@ def test_cli_lists_triggers_and_approves(live_server) -> None:
     )
     code, out = run_cli(url, "rollouts", "list")
     assert code == 0 and "pending_approval" in out
-    code, out = run_cli(url, "rollouts", "approve", "1", "--as", "alice")
+    # The admin mints an approver token for alice; she approves with it (the name comes from
+    # her token; "--as" must agree with it).
+    code, out = run_cli(url, "tokens", "create", "--name", "alice", "--role", "approver")
+    assert code == 0 and "alice (approver)" in out
+    alice = out.strip().splitlines()[-1]
+    code, out = run_cli(url, "whoami", token=alice)
+    assert code == 0 and "alice (approver)" in out
+    code, out = run_cli(url, "rollouts", "approve", "1", "--as", "bob", token=alice)
+    assert code == 1 and "not the authenticated operator" in out
+    code, out = run_cli(url, "rollouts", "approve", "1", token="wrong")
+    assert code == 1 and "error 401" in out
+    code, out = run_cli(url, "rollouts", "approve", "1", "--as", "alice", token=alice)
     assert code == 0 and "canary" in out
     code, out = run_cli(url, "rollouts", "show", "1")
     assert code == 0 and '"approved_by": "alice"' in out
@@ -72,8 +86,10 @@ def test_cli_lists_triggers_and_approves(live_server) -> None:
     assert code == 0 and "canary" in out
     code, out = run_cli(url, "rollouts", "abort", "1", "--reason", "demo")
     assert code == 0 and "rolled_back" in out
-    code, out = run_cli(url, "rollouts", "approve", "42", "--as", "alice")
+    code, out = run_cli(url, "rollouts", "approve", "42", token=alice)
     assert code == 1 and "unknown rollout 42" in out
+    code, out = run_cli(url, "devices", "enroll-token", "--uses", "3")
+    assert code == 0 and "3 uses" in out
     code, out = run_cli(url, "models", "list", "digits")
     assert code == 0 and "champion" in out
     code, out = run_cli(url, "devices", "list")
@@ -100,6 +116,7 @@ def test_development_generates_a_key_production_refuses(tmp_path: Path) -> None:
     assert (tmp_path / "dev" / "keys" / "signing.pub.pem").exists()
     prod = Settings(
         environment="production",
+        admin_token="a-real-admin-token",
         data_dir=tmp_path / "prod",
         database_url=f"sqlite:///{tmp_path}/prod.db",
         enable_mqtt=False,
@@ -116,11 +133,12 @@ def test_cli_lineage_and_registry(live_server) -> None:
     from tests.server.conftest import sample
 
     url, services = live_server
-    httpx.post(
-        f"{url}/api/v1/devices/register", json={"device_id": "cam-9", "model_line": "digits"}
-    )
-    batch = [sample("cam-9", sample_id=f"z{i}") for i in range(3)]
-    assert httpx.post(f"{url}/api/v1/samples", json={"samples": batch}).json()["accepted"] == 3
+    with httpx.Client(base_url=url, auth=FleetAuth(TEST_ADMIN_TOKEN), timeout=30) as http:
+        enroll(http, "cam-9", "digits")
+        batch = [sample("cam-9", sample_id=f"z{i}") for i in range(3)]
+        assert http.post("/api/v1/samples", json={"samples": batch}).json()["accepted"] == 3
+    code, out = run_cli(url, "devices", "revoke", "cam-9")
+    assert code == 0 and "cam-9 revoked" in out
     add_version(services, version=1, status="champion", champion_release=True)
     version = "ab" * 32
     with services.sessions() as s:

@@ -21,8 +21,10 @@ from firmware_sim.services import ServerProcess
 from server import crud
 from server.db import TrainingJob, utcnow
 from server.main import create_app
-from tests.conftest import write_key_pair
+from tests.authkit import FleetAuth, bootstrap_token, enroll
+from tests.conftest import TEST_ADMIN_TOKEN, auth_headers, write_key_pair
 from tests.server.conftest import (
+    authed_client,
     create_line,
     fake_python,
     make_settings,
@@ -33,13 +35,12 @@ from tests.server.conftest import (
 
 
 def _client(tmp_path: Path, db_url: str, signing_key, mode: str = "pass", **kw):
-    from fastapi.testclient import TestClient
 
     priv, _ = write_key_pair(tmp_path / "keys", signing_key)
     settings = make_settings(
         tmp_path, db_url, signing_key_path=priv, training_python=fake_python(tmp_path, mode), **kw
     )
-    return TestClient(create_app(settings))
+    return authed_client(create_app(settings))
 
 
 def _dead_pid() -> int:
@@ -130,8 +131,12 @@ def _server_env(tmp_path: Path, db_url: str, mode: str, **extra: str) -> dict[st
         "EDGELOOP_JOB_LEASE_S": "5",
         "EDGELOOP_TRAINING_RETRY_BACKOFF_S": "0",
         "FAKE_TRAINER_RUNS": str(tmp_path / "runs.log"),
+        "EDGELOOP_ADMIN_TOKEN": TEST_ADMIN_TOKEN,
         **extra,
     }
+
+
+ADMIN = auth_headers(TEST_ADMIN_TOKEN)
 
 
 @pytest.fixture
@@ -143,7 +148,7 @@ def servers() -> Iterator[list[ServerProcess]]:
 
 
 def _jobs(url: str) -> list[dict]:
-    return httpx.get(f"{url}/api/v1/training-jobs", timeout=10).json()
+    return httpx.get(f"{url}/api/v1/training-jobs", headers=ADMIN, timeout=10).json()
 
 
 def _runs(tmp_path: Path) -> list[str]:
@@ -172,7 +177,9 @@ def test_a_server_killed_mid_training_retries_the_job_after_restart(
     )
     assert job["trigger"] == "initial" and job["attempts"] == 2
     assert sorted(_runs(tmp_path)) == [f"{job['id']} attempt-1", f"{job['id']} attempt-2"]
-    versions = httpx.get(f"{restarted.url}/api/v1/model-lines/digits/versions").json()
+    versions = httpx.get(
+        f"{restarted.url}/api/v1/model-lines/digits/versions", headers=ADMIN
+    ).json()
     assert [(v["version"], v["job_id"]) for v in versions] == [(1, job["id"])]
 
 
@@ -189,23 +196,31 @@ def test_two_servers_on_one_postgres_train_each_trigger_once(
     servers.append(b.start())
     urls = [a.url, b.url]
     wait_for(
-        lambda: httpx.get(f"{a.url}/api/v1/model-lines/digits").json()["current_release"],
+        lambda: httpx.get(f"{a.url}/api/v1/model-lines/digits", headers=ADMIN).json()[
+            "current_release"
+        ],
         timeout=60,
         what="the initial model",
     )
-    for i in range(4):
-        r = httpx.post(
-            f"{urls[i % 2]}/api/v1/devices/register",
-            json={"device_id": f"cam-{i}", "model_line": "digits"},
-        )
-        assert r.status_code == 200, r.text
+    fleets = [httpx.Client(base_url=u, auth=FleetAuth(TEST_ADMIN_TOKEN), timeout=30) for u in urls]
+    token = bootstrap_token(fleets[0], max_uses=4)
+    creds: dict[str, dict[str, str]] = {}
+    for i in range(4):  # enrolled on either server: both share the database
+        device = enroll(fleets[i % 2], f"cam-{i}", "digits", token=token)
+        creds[f"cam-{i}"] = auth_headers(device["credential"])
+    for f in fleets:
+        f.close()
 
     accepted: list[int] = []
 
     def upload(k: int) -> None:
         for b_ in range(3):
             batch = [sample(f"cam-{k}", sample_id=f"k{k}-{b_}-{i}") for i in range(10)]
-            r = httpx.post(f"{urls[(k + b_) % 2]}/api/v1/samples", json={"samples": batch})
+            r = httpx.post(
+                f"{urls[(k + b_) % 2]}/api/v1/samples",
+                json={"samples": batch},
+                headers=creds[f"cam-{k}"],
+            )
             assert r.status_code == 200, r.text
             accepted.append(r.json()["accepted"])
 
@@ -227,7 +242,7 @@ def test_two_servers_on_one_postgres_train_each_trigger_once(
     runs = _runs(tmp_path)
     assert sorted(runs) == sorted(f"{j['id']} attempt-1" for j in jobs), runs
     assert all(j["attempts"] == 1 and j["status"] == "succeeded" for j in jobs), jobs
-    versions = httpx.get(f"{a.url}/api/v1/model-lines/digits/versions").json()
+    versions = httpx.get(f"{a.url}/api/v1/model-lines/digits/versions", headers=ADMIN).json()
     assert sorted(v["job_id"] for v in versions) == sorted(j["id"] for j in jobs)
     assert len({j["claimed_by"] for j in jobs}) >= 1
 
@@ -235,7 +250,9 @@ def test_two_servers_on_one_postgres_train_each_trigger_once(
     codes: list[int] = []
 
     def trigger(k: int) -> None:
-        r = httpx.post(f"{urls[k % 2]}/api/v1/training-jobs", json={"model_line": "digits"})
+        r = httpx.post(
+            f"{urls[k % 2]}/api/v1/training-jobs", json={"model_line": "digits"}, headers=ADMIN
+        )
         codes.append(r.status_code)
 
     threads = [threading.Thread(target=trigger, args=(k,)) for k in range(8)]

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from server.main import create_app
 from tests.conftest import write_key_pair
 from tests.server.conftest import (
+    authed_client,
     create_line,
     fake_python,
     make_settings,
@@ -27,7 +28,7 @@ def app_with_trainer(tmp_path: Path, db_url: str, signing_key, mode: str, **kw) 
     settings = make_settings(
         tmp_path, db_url, signing_key_path=priv, training_python=fake_python(tmp_path, mode), **kw
     )
-    return TestClient(create_app(settings))
+    return authed_client(create_app(settings))
 
 
 def run_job(client: TestClient) -> dict:
@@ -52,10 +53,7 @@ def test_initial_job_makes_the_factory_release_then_a_pass_gets_a_rollout(
         onnx.checker.check_model(onnx.load_from_string(blob))
         assert client.get("/api/v1/rollouts").json() == []  # factory release: no rollout
 
-        batch = [
-            sample("cam-1", sample_id=f"s{i}", x=np.full(64, i / 10, np.float32), true_label=i % 10)
-            for i in range(7)
-        ]
+        batch = [sample("cam-1", sample_id=f"s{i}", true_label=i % 10) for i in range(7)]
         assert client.post("/api/v1/samples", json={"samples": batch}).json()["accepted"] == 7
         assert (
             client.post("/api/v1/training-jobs", json={"model_line": "digits"}).status_code == 201

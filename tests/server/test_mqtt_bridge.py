@@ -7,7 +7,6 @@ import threading
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from contract import MetricsReport, StatusReport, TargetMessage, Topics
@@ -17,6 +16,7 @@ from server.main import create_app
 from tests.conftest import write_key_pair
 from tests.server.conftest import (
     add_version,
+    authed_client,
     create_line,
     make_settings,
     register,
@@ -48,7 +48,7 @@ def test_messages_from_devices_land_in_the_db_in_batches(
         mqtt_port=broker.port,
     )
     topics = Topics()
-    with TestClient(create_app(settings)) as client:
+    with authed_client(create_app(settings)) as client:
         services = services_of(client)
         create_line(client)
         devices = [f"dev-{i:03d}" for i in range(N_DEVICES)]
@@ -149,7 +149,7 @@ def test_targets_are_published_retained_and_broker_outage_is_survived(
         mqtt_reconnect_max_s=1,
     )
     topics = Topics()
-    with TestClient(create_app(settings)) as client:
+    with authed_client(create_app(settings)) as client:
         services = services_of(client)
         create_line(client)
         for d in ("cam-a", "cam-b"):
@@ -167,11 +167,10 @@ def test_targets_are_published_retained_and_broker_outage_is_survived(
             json={
                 "model_line": "digits",
                 "model_version": 2,
-                "created_by": "ci",
                 "canary_percent": 50,
             },
         ).json()["id"]
-        approved = client.post(f"/api/v1/rollouts/{rid}/approve", json={"approver": "ops"})
+        approved = client.post(f"/api/v1/rollouts/{rid}/approve", json={})
         assert approved.status_code == 200
         assert client.get("/api/v1/devices/cam-a/target").status_code == 200
         broker.start()

@@ -27,7 +27,7 @@ def fleet(client: TestClient) -> tuple[TestClient, Services, int]:
     add_version(services, version=2, status="candidate")
     resp = client.post(
         "/api/v1/rollouts",
-        json={"model_line": "digits", "model_version": 2, "created_by": "ci", "canary_percent": 20},
+        json={"model_line": "digits", "model_version": 2, "canary_percent": 20},
     )
     assert resp.status_code == 201, resp.text
     return client, services, resp.json()["id"]
@@ -91,7 +91,7 @@ def metrics(
 
 
 def approve(client: TestClient, rid: int) -> dict:
-    resp = client.post(f"/api/v1/rollouts/{rid}/approve", json={"approver": "alice"})
+    resp = client.post(f"/api/v1/rollouts/{rid}/approve", json={})
     assert resp.status_code == 200, resp.text
     return resp.json()
 

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from server.main import create_app
 from tests.conftest import write_key_pair
-from tests.server.conftest import make_settings, register, sample, services_of
+from tests.server.conftest import authed_client, make_settings, register, sample, services_of
 from training.data import digits_pools, drift
 
 CONFIG = {
@@ -36,7 +36,7 @@ def real(tmp_path: Path, db_url: str, signing_key) -> Iterator[TestClient]:
     settings = make_settings(
         tmp_path, db_url, signing_key_path=priv, training_python=sys.executable
     )
-    with TestClient(create_app(settings)) as client:
+    with authed_client(create_app(settings)) as client:
         yield client
 
 
@@ -48,13 +48,20 @@ def _train(client: TestClient) -> dict:
     return job
 
 
-def _upload(client: TestClient, X: np.ndarray, y: np.ndarray, prefix: str) -> None:
+def _upload(client: TestClient, X: np.ndarray, y: np.ndarray, prefix: str) -> list[str]:
+    """Upload as three devices; returns the ids label screening quarantined."""
     batch = [
         sample(f"cam-{i % 3}", sample_id=f"{prefix}{i}", x=X[i], true_label=int(y[i]))
         for i in range(len(y))
     ]
-    out = client.post("/api/v1/samples", json={"samples": batch}).json()
-    assert out["accepted"] == len(y), out
+    accepted, held = 0, []
+    for device in sorted({r["device_id"] for r in batch}):  # each device uploads its own
+        mine = [r for r in batch if r["device_id"] == device]
+        out = client.post("/api/v1/samples", json={"samples": mine}).json()
+        accepted += out["accepted"]
+        held += [q["sample_id"] for q in out.get("quarantined", [])]
+    assert accepted == len(y), out
+    return held
 
 
 def test_registry_lineage_gate_and_reproducibility(real: TestClient) -> None:
@@ -122,8 +129,13 @@ def test_registry_lineage_gate_and_reproducibility(real: TestClient) -> None:
     assert len(full["samples"]) == 150 and [m["version"] for m in full["models"]] == [2]
 
     # v3: a deliberately worse challenger (flipped labels) is rejected, the reason stored.
+    # Label screening is the first line of defence: it holds nearly all of them...
     flipped = (field.y[150:450] + 1) % 10
-    _upload(client, field.X[150:450], flipped, "f")
+    held = _upload(client, field.X[150:450], flipped, "f")
+    assert len(held) >= 0.9 * len(flipped), len(held)
+    # ...and the gate is the second: an operator who releases them all gets a rejected model.
+    for sample_id in held:
+        assert client.post(f"/api/v1/samples/{sample_id}/release").status_code == 200
     client.post("/api/v1/training-jobs", json={"model_line": "digits"})
     job3 = _train(client)
     assert job3["status"] == "rejected" and "golden accuracy" in job3["error"]

@@ -1,4 +1,9 @@
-"""Devices: registration, listing, their current target, HTTP fallback for status/metrics."""
+"""Devices: registration, listing, their current target, HTTP fallback for status/metrics.
+
+Device routes (register, target, status, metrics) take the device's own credential (DeviceDep)
+and refuse to act for another device id (403); listing and reading devices is for operators
+(viewer and up). Enrollment and revocation live in ``server.api.routes.auth``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,10 @@ from fastapi import APIRouter, Body
 
 from contract import MessageError, MetricsReport, StatusReport
 from server import crud
-from server.api.deps import ServicesDep, SessionDep
+from server.api.deps import DeviceDep, ServicesDep, SessionDep, ViewerDep
+from server.auth import require_same_device
+from server.db_auth import DeviceCredential
+from server.enrollment import check_allowed
 from server.errors import InvalidRequestError
 from server.ingest import InvalidReport, check_report
 from server.schemas import DevicePublic, DeviceRegister, Name
@@ -18,7 +26,20 @@ router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
 
 @router.post("/register", response_model=DevicePublic)
-def register(body: DeviceRegister, session: SessionDep, services: ServicesDep) -> Any:
+def register(
+    body: DeviceRegister, device: DeviceDep, session: SessionDep, services: ServicesDep
+) -> Any:
+    """An enrolled device refreshes its record (agent version, hardware) at every start; it may
+    not widen the model line or groups its enrollment granted."""
+    require_same_device(device, body.device_id)
+    cred = session.get(DeviceCredential, device.device_id)
+    check_allowed(
+        device_id=device.device_id,
+        model_line=body.model_line,
+        groups=list(body.groups),
+        line=cred.allowed_line if cred else None,
+        allowed=list(cred.allowed_groups or []) if cred else [],
+    )
     return crud.register_device(
         session,
         device_id=body.device_id,
@@ -31,20 +52,26 @@ def register(body: DeviceRegister, session: SessionDep, services: ServicesDep) -
 
 
 @router.get("", response_model=list[DevicePublic])
-def list_devices(session: SessionDep, model_line: Name | None = None) -> Any:
+def list_devices(_op: ViewerDep, session: SessionDep, model_line: Name | None = None) -> Any:
     return crud.list_devices(session, model_line=model_line)
 
 
 @router.get("/{device_id}", response_model=DevicePublic)
-def get_device(device_id: str, session: SessionDep) -> Any:
+def get_device(device_id: str, _op: ViewerDep, session: SessionDep) -> Any:
     return crud.get_device(session, device_id=device_id)
 
 
 @router.get("/{device_id}/target")
-def get_target(device_id: str, session: SessionDep, services: ServicesDep) -> dict[str, Any]:
+def get_target(
+    device_id: str, device: DeviceDep, session: SessionDep, services: ServicesDep
+) -> dict[str, Any]:
     """What this device should run now (contract.TargetMessage)."""
+    require_same_device(device, device_id)
     return resolve_target(
-        session, device_id=device_id, public_url=services.settings.public_url
+        session,
+        device_id=device_id,
+        public_url=services.settings.public_url,
+        roots=services.signer.roots,
     ).to_dict()
 
 
@@ -65,9 +92,14 @@ def _parse(cls: type[StatusReport] | type[MetricsReport], device_id: str, body: 
 
 @router.post("/{device_id}/status", status_code=202)
 def post_status(
-    device_id: str, session: SessionDep, services: ServicesDep, body: Annotated[Any, Body()]
+    device_id: str,
+    device: DeviceDep,
+    session: SessionDep,
+    services: ServicesDep,
+    body: Annotated[Any, Body()],
 ) -> dict[str, Any]:
     """HTTP fallback for devices that cannot reach the broker; same path as MQTT."""
+    require_same_device(device, device_id)
     report = _parse(StatusReport, device_id, body)
     crud.get_device(session, device_id=device_id)
     services.ingest.submit("status", report)
@@ -76,8 +108,13 @@ def post_status(
 
 @router.post("/{device_id}/metrics", status_code=202)
 def post_metrics(
-    device_id: str, session: SessionDep, services: ServicesDep, body: Annotated[Any, Body()]
+    device_id: str,
+    device: DeviceDep,
+    session: SessionDep,
+    services: ServicesDep,
+    body: Annotated[Any, Body()],
 ) -> dict[str, Any]:
+    require_same_device(device, device_id)
     report = _parse(MetricsReport, device_id, body)
     crud.get_device(session, device_id=device_id)
     services.ingest.submit("metrics", report)

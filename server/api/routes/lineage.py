@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 
-from server.api.deps import SessionDep
+from server.api.deps import SessionDep, require_viewer
 from server.lineage import DEFAULT_SAMPLE_LIMIT, dataset_lineage, device_lineage
 
-router = APIRouter(prefix="/api/v1", tags=["lineage"])
+router = APIRouter(prefix="/api/v1", tags=["lineage"], dependencies=[Depends(require_viewer)])
 
 SampleLimit = Annotated[int, Query(ge=0, le=10_000)]
 Offset = Annotated[int, Query(ge=0, le=10**9)]

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 
 from server import crud
-from server.api.deps import IdPath, ServicesDep, SessionDep, VersionPath
+from server.api.deps import (
+    IdPath,
+    OperatorDep,
+    ServicesDep,
+    SessionDep,
+    VersionPath,
+    require_viewer,
+)
 from server.errors import InvalidRequestError, NotFoundError
 from server.line_config import resolve_line_config
 from server.lineage import DEFAULT_SAMPLE_LIMIT, model_lineage
@@ -24,7 +31,10 @@ from server.schemas import (
     ReleasePublic,
 )
 
-router = APIRouter(prefix="/api/v1/model-lines", tags=["models"])
+# Reads need a viewer token (router-wide); changes need the operator role (per route).
+router = APIRouter(
+    prefix="/api/v1/model-lines", tags=["models"], dependencies=[Depends(require_viewer)]
+)
 
 SampleLimit = Annotated[int, Query(ge=0, le=10_000)]
 
@@ -35,7 +45,9 @@ def list_lines(session: SessionDep) -> Any:
 
 
 @router.post("", response_model=ModelLinePublic, status_code=201)
-def create_line(body: ModelLineCreate, session: SessionDep, services: ServicesDep) -> Any:
+def create_line(
+    body: ModelLineCreate, _op: OperatorDep, session: SessionDep, services: ServicesDep
+) -> Any:
     config = resolve_line_config(
         services.settings,
         trainer=body.trainer,
@@ -70,7 +82,11 @@ def get_line(name: Name, session: SessionDep) -> Any:
 
 @router.put("/{name}/config", response_model=ModelLinePublic)
 def put_config(
-    name: Name, body: LineConfigUpdate, session: SessionDep, services: ServicesDep
+    name: Name,
+    body: LineConfigUpdate,
+    _op: OperatorDep,
+    session: SessionDep,
+    services: ServicesDep,
 ) -> Any:
     """Replace the line's training config; the next training uses it."""
     crud.get_model_line(session, name=name)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import crud
-from server.api.deps import ServicesDep, SessionDep
+from server.api.deps import ServicesDep, SessionDep, ViewerDep
 from server.observability import version_series
 from server.schemas import Name
 
@@ -18,6 +18,7 @@ router = APIRouter(tags=["observability"])
 
 @router.get("/metrics", response_class=Response, include_in_schema=False)
 def prometheus(request: Request) -> Response:
+    """Open like /healthz: Prometheus scrapes without a token; it exposes counts, no secrets."""
     return Response(
         generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST
     )
@@ -26,6 +27,7 @@ def prometheus(request: Request) -> Response:
 @router.get("/api/v1/model-lines/{name}/series")
 def series(
     name: Name,
+    _op: ViewerDep,
     session: SessionDep,
     services: ServicesDep,
     bucket_s: Annotated[int, Query(ge=1, le=86_400)] = 10,

@@ -5,15 +5,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from server.api.deps import IdPath, ServicesDep, SessionDep
+from server.api.deps import (
+    ApproverDep,
+    IdPath,
+    OperatorDep,
+    ServicesDep,
+    SessionDep,
+    require_viewer,
+)
+from server.auth import Operator
 from server.core.config import Settings
 from server.db import DeviceEvent, Rollout, RolloutDevice
 from server.db_rollouts import RolloutEvent, RolloutWave
-from server.errors import NotFoundError
+from server.enrollment import audit
+from server.errors import ForbiddenError, NotFoundError
 from server.rollout import wave_counts
 from server.rollout_engine import RolloutEngine
 from server.rollout_queries import plan_of
@@ -26,7 +35,21 @@ from server.schemas import (
     RolloutPublic,
 )
 
-router = APIRouter(prefix="/api/v1/rollouts", tags=["rollouts"])
+# Reads need a viewer token; create/pause/resume/abort/rollback the operator role; approve the
+# approver role (and, with Settings.four_eyes, someone other than the rollout's creator). Rollback
+# is a safety action, so an operator may take it without an approver.
+router = APIRouter(
+    prefix="/api/v1/rollouts", tags=["rollouts"], dependencies=[Depends(require_viewer)]
+)
+
+
+def acting_as(operator: Operator, claimed: str | None, field: str) -> str:
+    """The name recorded for an action: the authenticated operator's (a different claim: 403)."""
+    if claimed is not None and claimed != operator.name:
+        raise ForbiddenError(
+            f"{field} {claimed!r} is not the authenticated operator {operator.name!r}"
+        )
+    return operator.name
 
 
 def _wave_state(rollout: Rollout, wave: int, row: RolloutWave | None) -> str:
@@ -82,13 +105,16 @@ def _detail(session: Session, rollout_id: int, settings: Settings) -> dict[str, 
 
 
 @router.post("", response_model=RolloutDetail, status_code=201)
-def create(body: RolloutCreate, session: SessionDep, services: ServicesDep) -> Any:
+def create(
+    body: RolloutCreate, operator: OperatorDep, session: SessionDep, services: ServicesDep
+) -> Any:
     rollout = services.rollouts.create(
         model_line=body.model_line,
         model_version=body.model_version,
         canary_percent=body.canary_percent,
         waves=[w.model_dump() for w in body.waves] if body.waves is not None else None,
-        created_by=body.created_by,
+        targeting=body.targeting.model_dump() if body.targeting is not None else None,
+        created_by=acting_as(operator, body.created_by, "created_by"),
     )
     return _detail(session, rollout.id, services.settings)
 
@@ -202,52 +228,78 @@ def events(rollout_id: IdPath, session: SessionDep) -> list[dict[str, Any]]:
 
 @router.post("/{rollout_id}/approve", response_model=RolloutDetail)
 def approve(
-    rollout_id: IdPath, body: RolloutApprove, session: SessionDep, services: ServicesDep
+    rollout_id: IdPath,
+    operator: ApproverDep,
+    session: SessionDep,
+    services: ServicesDep,
+    body: RolloutApprove | None = None,
 ) -> Any:
-    """Start the first wave, or the next wave waiting at a manual gate."""
-    services.rollouts.approve(rollout_id, approver=body.approver)
+    """Start the first wave, or the next wave waiting at a manual gate (approver role)."""
+    name = acting_as(operator, body.approver if body else None, "approver")
+    rollout = RolloutEngine.get(session, rollout_id)
+    if services.settings.four_eyes and rollout.created_by == name:
+        raise ForbiddenError(
+            f"four-eyes rule: {name} created rollout {rollout_id} and cannot approve it"
+        )
+    session.rollback()  # end the read transaction before the engine writes
+    services.rollouts.approve(rollout_id, approver=name)
+    audit(
+        session,
+        actor=name,
+        action="rollout.approve",
+        subject=f"rollout:{rollout_id}",
+        details={"role": operator.role.value},
+        now=services.clock(),
+    )
+    session.commit()
     return _detail(session, rollout_id, services.settings)
 
 
 @router.post("/{rollout_id}/pause", response_model=RolloutDetail)
 def pause(
     rollout_id: IdPath,
+    operator: OperatorDep,
     session: SessionDep,
     services: ServicesDep,
     body: RolloutAction | None = None,
 ) -> Any:
     action = body or RolloutAction()
-    services.rollouts.pause(rollout_id, by=action.by, reason=action.reason)
+    by = acting_as(operator, action.by, "by")
+    services.rollouts.pause(rollout_id, by=by, reason=action.reason)
     return _detail(session, rollout_id, services.settings)
 
 
 @router.post("/{rollout_id}/resume", response_model=RolloutDetail)
 def resume(
     rollout_id: IdPath,
+    operator: OperatorDep,
     session: SessionDep,
     services: ServicesDep,
     body: RolloutAction | None = None,
 ) -> Any:
     action = body or RolloutAction()
-    services.rollouts.resume(rollout_id, by=action.by)
+    services.rollouts.resume(rollout_id, by=acting_as(operator, action.by, "by"))
     return _detail(session, rollout_id, services.settings)
 
 
 @router.post("/{rollout_id}/abort", response_model=RolloutDetail)
 def abort(
     rollout_id: IdPath,
+    operator: OperatorDep,
     session: SessionDep,
     services: ServicesDep,
     body: RolloutAction | None = None,
 ) -> Any:
     action = body or RolloutAction()
-    services.rollouts.abort(rollout_id, by=action.by, reason=action.reason)
+    by = acting_as(operator, action.by, "by")
+    services.rollouts.abort(rollout_id, by=by, reason=action.reason)
     return _detail(session, rollout_id, services.settings)
 
 
 @router.post("/{rollout_id}/rollback", response_model=RolloutDetail)
 def rollback(
     rollout_id: IdPath,
+    operator: OperatorDep,
     session: SessionDep,
     services: ServicesDep,
     body: RolloutAction | None = None,
@@ -255,5 +307,6 @@ def rollback(
     """Send every device back to the previous model with a new signed release (also after the
     rollout completed: the champion goes back too)."""
     action = body or RolloutAction()
-    services.rollouts.rollback(rollout_id, by=action.by, reason=action.reason)
+    by = acting_as(operator, action.by, "by")
+    services.rollouts.rollback(rollout_id, by=by, reason=action.reason)
     return _detail(session, rollout_id, services.settings)

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
 from server import crud
-from server.api.deps import IdPath, ServicesDep, SessionDep
+from server.api.deps import IdPath, OperatorDep, ServicesDep, SessionDep, require_viewer
 from server.schemas import Name, TrainingJobCreate, TrainingJobPublic
 
-router = APIRouter(prefix="/api/v1/training-jobs", tags=["training"])
+router = APIRouter(
+    prefix="/api/v1/training-jobs", tags=["training"], dependencies=[Depends(require_viewer)]
+)
 
 
 @router.post("", response_model=TrainingJobPublic, status_code=201)
-def trigger(body: TrainingJobCreate, session: SessionDep, services: ServicesDep) -> Any:
+def trigger(
+    body: TrainingJobCreate, _op: OperatorDep, session: SessionDep, services: ServicesDep
+) -> Any:
     job = crud.enqueue_job(session, line=body.model_line, trigger="manual", now=services.clock())
     services.jobs.wake()
     return job
