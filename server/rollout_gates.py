@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 # class -> (support, correct[, predicted]): samples of the class, how many of those the model
@@ -128,6 +129,15 @@ class ClassVerdict:
     detail: list[dict[str, Any]]
 
 
+def _corrected_z(z: float, comparisons: int) -> float:
+    """The one-sided z a single test needs so that ``comparisons`` tests together keep the
+    false-alarm rate of one test at ``z`` (Bonferroni)."""
+    if z <= 0 or comparisons <= 1:
+        return z
+    alpha = (1.0 - NormalDist().cdf(z)) / comparisons
+    return NormalDist().inv_cdf(1.0 - alpha)
+
+
 def class_recall_gate(
     new: ClassCounts,
     reference: ClassCounts,
@@ -137,7 +147,9 @@ def class_recall_gate(
     """Per-class recall of ``new`` against ``reference`` (pure).
 
     A class is judged once both sides hold ``min_class_support`` of its samples: a drop beyond
-    ``max_class_recall_drop`` (and significant at ``accuracy_z``) fails. With fewer on either
+    ``max_class_recall_drop`` (and significant at ``accuracy_z``, Bonferroni-corrected for the
+    number of classes compared, so that ten classes do not give a good model ten chances to
+    fail by noise) fails. With fewer on either
     side such a drop is only ``suspect`` (wait for evidence); a class that looks fine never
     holds anything up. (In a shadow wave both sides saw the same inputs, so the supports match.)
     When both sides report predicted counts, a recall drop whose class F1 did not drop by more
@@ -148,6 +160,10 @@ def class_recall_gate(
     failed: tuple[float, str] | None = None
     suspect: tuple[float, str] | None = None
     with_precision = _has_predicted(new) and _has_predicted(reference)
+    z_needed = _corrected_z(
+        bounds.accuracy_z,
+        sum(1 for lb in reference if _triple(reference[lb])[0] and _triple(new.get(lb, (0, 0)))[0]),
+    )
     for label in sorted(reference):
         ref_n, ref_ok, ref_pred = _triple(reference[label])
         n, ok, pred = _triple(new.get(label, (0, 0)))
@@ -184,10 +200,8 @@ def class_recall_gate(
         if min(n, ref_n) < need:
             if suspect is None or drop > suspect[0]:
                 suspect = (drop, f"{text} on {min(n, ref_n)} of {need} samples needed")
-        elif (bounds.accuracy_z <= 0 or z >= bounds.accuracy_z) and (
-            failed is None or drop > failed[0]
-        ):
-            failed = (drop, f"{text} (z={z:.1f})")
+        elif (bounds.accuracy_z <= 0 or z >= z_needed) and (failed is None or drop > failed[0]):
+            failed = (drop, f"{text} (z={z:.1f}, {z_needed:.2f} needed)")
     rows.sort(key=lambda r: -r["drop"])
     return ClassVerdict(
         failed[1] if failed else None, suspect[1] if suspect else None, rows[:MAX_CLASS_DETAIL]

@@ -125,7 +125,7 @@ def test_agent_installs_retained_target_and_reports(
         assert fake_server.registrations[0] == {
             "device_id": "dev-1",
             "model_line": "digits",
-            "hardware": "sim",
+            "hardware": "generic",  # the default hardware class
             "agent_version": cfg.agent_version,
         }
         status = agent.status()

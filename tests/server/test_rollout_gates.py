@@ -284,3 +284,19 @@ def test_a_recall_drop_bought_back_in_precision_is_excused() -> None:
     healthy = {c: (50, 45, 50) for c in range(10)}
     verdict = class_recall_gate(killer, healthy, BOUNDS, NAMES)
     assert verdict.failed is not None and verdict.failed.startswith("class 3 ('3') recall 0.000")
+
+
+def test_ten_classes_do_not_give_a_good_model_ten_chances_to_fail_by_noise() -> None:
+    # Seen on a real fleet: a good model, one class at 16/20 against 54/56 (z = 2.3). Alone that
+    # passes a z >= 2.0 test; judged with nine other classes it is noise (Bonferroni: z >= 2.84
+    # needed), while a class that really collapsed still fails.
+    healthy = {c: (50, 48) for c in range(10)}
+    reference = {**healthy, 8: (56, 54)}
+    noisy = {**{c: (20, 20) for c in range(10)}, 8: (20, 16)}
+    verdict = class_recall_gate(noisy, reference, BOUNDS, NAMES)
+    assert verdict.failed is None
+    row = next(r for r in verdict.detail if r["label"] == 8)
+    assert row["drop"] > 0.1 and 2.0 < row["z"] < 2.84
+    collapsed = {**noisy, 8: (20, 6)}
+    failed = class_recall_gate(collapsed, reference, BOUNDS, NAMES).failed
+    assert failed is not None and "class 8" in failed and "2.84 needed" in failed
