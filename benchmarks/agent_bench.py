@@ -9,34 +9,35 @@ session off the serving path, swap the reference, release the retired session on
 call holds it. The pause a swap imposes is measured where it is felt: the latency of every
 inference in flight while a swap runs (load, flip, release), against steady-state inferences of the
 same run as the noise floor; the time the flip and the destructor hold the GIL is reported beside.
-Then a fresh subprocess imports ``device_agent``, starts an Agent on a digits model
-(64 inputs -> 128 hidden -> 10 classes, the shape of the digits line) and reports resident memory
-and import-to-serving time. Prints a table with PASS/FAIL per target; exits 1 on any FAIL.
+Before that, ``benchmarks.agent_footprint`` starts real Agents in fresh processes and reports
+resident memory and import-to-serving time (cold and warm page cache; see that module). Prints a
+table with PASS/FAIL per target; exits 1 on any FAIL.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+from benchmarks.agent_footprint import Row, footprint_rows, print_rows
+
+if TYPE_CHECKING:
+    import numpy as np
 
 FEATURES, HIDDEN, CLASSES = 64, 128, 10
-FOOTPRINT_LIMIT_BYTES = 80_000_000  # issue 4: the agent's resident memory, decimal MB
 
 
 def digits_mlp(seed: int) -> bytes:
     """A digits-shaped MLP (Gemm-Relu-Gemm-Softmax); ``seed`` changes weights and bytes."""
+    import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -91,18 +92,12 @@ def rss_bytes() -> int:
     return 0
 
 
-@dataclass
-class Row:
-    name: str
-    value: str
-    target: str
-    ok: bool | None  # None: informational
-
-
 # ---- swap under load -------------------------------------------------------------------------
 def swap_bench(workdir: Path, swaps: int, threads: int, steady_s: float, gap_s: float) -> list[Row]:
+    import numpy as np
+
     from device_agent.config import AgentConfig
-    from device_agent.runtime import ModelRuntime, tune_interpreter
+    from device_agent.runtime import ModelRuntime, freeze_heap, tune_interpreter
 
     # The settings an Agent with the default config uses (switch interval, session options).
     defaults = AgentConfig(device_id="bench", model_line="digits")
@@ -137,6 +132,7 @@ def swap_bench(workdir: Path, swaps: int, threads: int, steady_s: float, gap_s: 
     track(first)
     rt.swap(first, retire=True)
     del first
+    freeze_heap()  # what the Agent does once it serves
     stop = threading.Event()
     phase = {"name": "warmup"}
     cap = 3_000_000  # records per thread and phase, pre-touched so recording does not grow RSS
@@ -172,17 +168,38 @@ def swap_bench(workdir: Path, swaps: int, threads: int, steady_s: float, gap_s: 
     # the new session), flip (swap the reference), release (destroy the retired session).
     windows: list[tuple[float, float, float, float, float, float]] = []
     free_wall: list[float] = []  # seconds the destructor ran (the GIL is held throughout)
-    rss_first = rss_peak = rss_after = 0
+    rss_peak = rss_after = 0
     base_rss = rss_bytes()
+    # The first swap, before the measured ones: memory after it is the baseline for growth. Its
+    # gc.collect() runs here, outside every measured window (a full collection holds the GIL).
+    warm = rt.load(paths[1], manifests[1])
+    track(warm)
+    rt.swap(warm, retire=True)
+    del warm
+    rt.release_retired(5.0)
+    gc.collect()
+    rss_first = rss_bytes()
+    # Garbage collections during the measured phases: a collection holds the GIL throughout.
+    gc_ms: list[float] = []
+    gc_t0 = [0.0]
+
+    def on_gc(stage: str, info: dict) -> None:
+        if stage == "start":
+            gc_t0[0] = time.perf_counter()
+        elif phase["name"] in ("steady", "swaps"):
+            gc_ms.append((time.perf_counter() - gc_t0[0]) * 1000)
+
+    gc.callbacks.append(on_gc)
     rounds = 4  # steady and swap phases interleave, so neighbours' load hits both alike
     swap_s = 0.0
+    steady_next = steady_s / rounds
     for r in range(rounds):
         phase["name"] = "steady"
-        time.sleep(steady_s / rounds)
+        time.sleep(steady_next)
         phase["name"] = "swaps"
         t_start = time.perf_counter()
         for i in range(r * swaps // rounds, (r + 1) * swaps // rounds):
-            which = (i + 1) % 2
+            which = i % 2  # the warm-up swap left model 1 serving
             l0 = time.perf_counter()
             loaded = rt.load(paths[which], manifests[which])  # off the serving path
             l1 = time.perf_counter()
@@ -197,12 +214,14 @@ def swap_bench(workdir: Path, swaps: int, threads: int, steady_s: float, gap_s: 
             r1 = time.perf_counter()
             windows.append((l0, l1, f0, f1, r0, r1))
             free_wall.append(rt.last_free_wall_s)
-            if i == 0:
-                gc.collect()
-                rss_first = rss_bytes()
             if gap_s:
                 time.sleep(gap_s)
-        swap_s += time.perf_counter() - t_start
+        block_s = time.perf_counter() - t_start
+        swap_s += block_s
+        # The next steady phase lasts as long as this swap block: the floor gets as many samples.
+        steady_next = max(steady_s / rounds, block_s)
+    phase["name"] = "done"
+    gc.callbacks.remove(on_gc)
     gc.collect()
     rss_after = rss_bytes()
     phase["name"] = "done"
@@ -264,6 +283,13 @@ def swap_bench(workdir: Path, swaps: int, threads: int, steady_s: float, gap_s: 
             None,
         ),
         Row(
+            "garbage collections during the run, longest",
+            f"{len(gc_ms)} collections, longest {max(gc_ms, default=0.0):.3f} ms "
+            "(gc.freeze() at start, as the agent does)",
+            "",
+            None,
+        ),
+        Row(
             "load (build + warm) off the path, p50 / max",
             f"{np.percentile(load_ms, 50):.3f} / {load_ms.max():.3f} ms",
             "",
@@ -297,109 +323,6 @@ def swap_bench(workdir: Path, swaps: int, threads: int, steady_s: float, gap_s: 
     ]
 
 
-# ---- footprint in a fresh process --------------------------------------------------------------
-FOOTPRINT = r"""
-import json, sys, time
-t0 = time.perf_counter()
-from pathlib import Path
-import numpy as np
-from device_agent import Agent, AgentConfig
-cfg = AgentConfig(device_id="bench-1", model_line="digits", state_dir=Path(sys.argv[1]),
-                  trusted_keys=[Path(sys.argv[2]).read_bytes()],
-                  server_url="http://127.0.0.1:9", mqtt_port=9)
-agent = Agent(cfg)
-agent.start()
-assert agent.wait_ready(10)
-agent.predict(np.zeros(64, dtype=np.float32))
-serving_s = time.perf_counter() - t0
-# Inputs from os.urandom, not numpy.random: the agent never loads numpy.random (1.6 MB of
-# extension pages), so the harness must not charge it to the agent's footprint.
-import os
-for _ in range(2000):
-    x = np.frombuffer(os.urandom(64), dtype=np.uint8).astype(np.float32) / 16
-    p = agent.predict(x)
-    agent.feedback(p.prediction_id, p.label)
-time.sleep(1.0)
-rss = 0
-for line in open("/proc/self/status"):
-    if line.startswith("VmRSS:"):
-        rss = int(line.split()[1]) * 1024
-agent.stop()
-print(json.dumps({"serving_s": serving_s, "rss": rss}))
-"""
-
-FOOTPRINT_NUMPY_RANDOM = FOOTPRINT.replace(
-    "    x = np.frombuffer(os.urandom(64), dtype=np.uint8).astype(np.float32) / 16\n",
-    "    x = rng.uniform(0, 16, 64).astype(np.float32)\n",
-).replace("import os\n", "import os\nrng = np.random.default_rng(0)\n")
-assert "rng.uniform" in FOOTPRINT_NUMPY_RANDOM
-
-
-def footprint_bench(workdir: Path) -> list[Row]:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from device_agent.store import InstallRecord, ModelStore, PersistedState
-
-    key = Ed25519PrivateKey.generate()
-    pub = workdir / "key.pub.pem"
-    pub.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    data = digits_mlp(7)
-    manifest = manifest_for(data, 1)
-    state = workdir / "agent"
-    store = ModelStore(state)
-    store.model_path(manifest.artifact.sha256).write_bytes(data)
-    store.save_state(
-        PersistedState(
-            current=InstallRecord(
-                envelope=manifest.sign([key]).to_dict(),
-                sha256=manifest.artifact.sha256,
-                model_version=1,
-                release=1,
-            ),
-            highest_release=1,
-        )
-    )
-
-    def median_run(script: str) -> tuple[float, int]:
-        runs = []
-        for _ in range(3):  # the median of three cold starts
-            out = subprocess.run(
-                [sys.executable, "-c", script, str(state), str(pub)],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=True,
-            )
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        return sorted(r["serving_s"] for r in runs)[1], sorted(r["rss"] for r in runs)[1]
-
-    serving, rss = median_run(FOOTPRINT)
-    # The same run with the inputs drawn by numpy.random, as this benchmark did before: shown so
-    # the cost the harness itself added is visible, not hidden.
-    _, rss_np = median_run(FOOTPRINT_NUMPY_RANDOM)
-    return [
-        Row(
-            "agent RSS serving digits",
-            f"{rss:,} bytes = {rss / 1e6:.1f} MB ({rss / 2**20:.1f} MiB)",
-            "< 80 MB (80,000,000 bytes)",
-            rss < FOOTPRINT_LIMIT_BYTES,
-        ),
-        Row(
-            "  same, harness drawing inputs with numpy.random",
-            f"{rss_np:,} bytes = {rss_np / 1e6:.1f} MB (+{(rss_np - rss) / 1e6:.1f} MB charged by "
-            "the harness's numpy.random, which the agent never imports)",
-            "",
-            None,
-        ),
-        Row("import-to-serving", f"{serving * 1000:.0f} ms", "< 1 s", serving < 1.0),
-    ]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="agent_bench", description=__doc__.splitlines()[0])
     ap.add_argument("--swaps", type=int, default=1000)
@@ -409,18 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
         work = Path(tmp)
-        rows = swap_bench(work, args.swaps, args.threads, args.steady_s, args.gap_ms / 1000)
-        rows += footprint_bench(work)
-    width = max(len(r.name) for r in rows)
-    vwidth = max(len(r.value) for r in rows)
-    twidth = max(len(r.target) for r in rows)
-    print(f"{'metric':<{width}}  {'measured':<{vwidth}}  {'target':<{twidth}}  result")
-    for r in rows:
-        verdict = "" if r.ok is None else ("PASS" if r.ok else "FAIL")
-        print(f"{r.name:<{width}}  {r.value:<{vwidth}}  {r.target:<{twidth}}  {verdict}")
-    failed = [r.name for r in rows if r.ok is not None and not r.ok]  # ok may be a numpy bool
-    print("ALL PASS" if not failed else f"FAILED: {', '.join(failed)}")
-    return 1 if failed else 0
+        # Footprint first: this process has not mapped numpy or onnxruntime yet, so the cold
+        # starts really find the agent's libraries out of the page cache.
+        (work / "footprint").mkdir()
+        rows = footprint_rows(work / "footprint")
+        swap = swap_bench(work, args.swaps, args.threads, args.steady_s, args.gap_ms / 1000)
+        rows = swap + rows
+    return 0 if print_rows(rows) else 1
 
 
 if __name__ == "__main__":

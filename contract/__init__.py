@@ -2,8 +2,10 @@
 
 Everything that crosses a process boundary is described here: the signed model manifest and its
 envelope, the MQTT topic names, and the JSON messages on those topics and on the HTTP API that
-devices call. The module depends on the standard library and ``cryptography`` only, so an edge
-device can import it without the server's or the trainer's dependencies.
+devices call. Verifying needs only the standard library (Ed25519 through the libcrypto the ``ssl``
+module has loaded, see ``contract.ed25519``); signing also needs ``cryptography``, imported only
+by the functions that sign. An edge device imports it without the server's or trainer's
+dependencies.
 
 Exception tree::
 

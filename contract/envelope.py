@@ -8,6 +8,9 @@ signature over it with the pinned public key, and only then parse the payload as
 
 LEN is the decimal byte length, SP one ASCII space. ``keyid`` is the lowercase hex sha256 of the
 32-byte raw Ed25519 public key. This module is pure: bytes in, verified bytes out, or an exception.
+
+Verification goes through ``contract.ed25519`` and never imports ``cryptography`` (a device only
+verifies); signing imports it inside the functions that sign.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from contract._errors import SignatureError
+from contract.ed25519 import VerifyKey, as_verify_key
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from contract.ed25519 import PublicKeyLike
 
 PAYLOAD_TYPE = "application/vnd.edgeloop.manifest+json"
 
@@ -38,25 +43,21 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
 
 
-def key_id(public_key: Ed25519PublicKey) -> str:
+def key_id(public_key: PublicKeyLike) -> str:
     """Stable identifier of a public key: hex sha256 of its 32 raw bytes."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()
+    return hashlib.sha256(as_verify_key(public_key).raw).hexdigest()
 
 
-def load_public_key(pem: bytes) -> Ed25519PublicKey:
-    """Load an Ed25519 public key from PEM (SubjectPublicKeyInfo)."""
-    try:
-        key = serialization.load_pem_public_key(pem)
-    except (ValueError, TypeError) as exc:
-        raise SignatureError(f"not a PEM public key: {exc}") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise SignatureError("public key is not Ed25519")
-    return key
+def load_public_key(pem: bytes) -> VerifyKey:
+    """Load an Ed25519 public key from PEM (SubjectPublicKeyInfo). Raises SignatureError."""
+    return VerifyKey.from_pem(pem)
 
 
 def load_private_key(pem: bytes) -> Ed25519PrivateKey:
-    """Load an unencrypted Ed25519 private key from PEM (PKCS#8)."""
+    """Load an unencrypted Ed25519 private key from PEM (PKCS#8). Signing side only."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
@@ -139,7 +140,7 @@ def sign_payload(
 
 def verify_envelope(
     envelope: SignedEnvelope,
-    trusted: Iterable[Ed25519PublicKey],
+    trusted: Iterable[PublicKeyLike],
     *,
     threshold: int = 1,
     payload_type: str = PAYLOAD_TYPE,
@@ -153,16 +154,12 @@ def verify_envelope(
         raise SignatureError(
             f"payload type {envelope.payload_type!r} is not the expected {payload_type!r}"
         )
-    by_id = {key_id(k): k for k in trusted}
+    by_id = {key_id(k): k for k in map(as_verify_key, trusted)}
     message = pae(envelope.payload_type, envelope.payload)
     valid: set[str] = set()
     for kid, sig in envelope.signatures:
         key = by_id.get(kid)
-        if key is None or kid in valid:
-            continue
-        try:
-            key.verify(sig, message)
-        except InvalidSignature:
+        if key is None or kid in valid or not key.verify(sig, message):
             continue
         valid.add(kid)
     if len(valid) < threshold:

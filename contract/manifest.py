@@ -33,15 +33,15 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+from typing import TYPE_CHECKING, Any
 
 from contract._errors import ManifestError
 from contract.envelope import SignedEnvelope, sign_payload, verify_envelope
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from contract.ed25519 import PublicKeyLike
 
 MANIFEST_TYPE = "edgeloop/model-manifest"
 # Every model has an output of this name: float32 [batch, len(labels)], class probabilities.
@@ -300,7 +300,7 @@ class Manifest:
 
 def verify_manifest(
     envelope: SignedEnvelope | bytes | str | Mapping[str, Any],
-    trusted: Iterable[Ed25519PublicKey],
+    trusted: Iterable[PublicKeyLike],
     *,
     now: datetime,
     threshold: int = 1,

@@ -29,14 +29,17 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from contract._errors import RootError, SignatureError
+from contract.ed25519 import VerifyKey, as_verify_key
 from contract.envelope import SignedEnvelope, key_id, sign_payload, verify_envelope
 from contract.manifest import format_time
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from contract.ed25519 import PublicKeyLike
 
 ROOT_PAYLOAD_TYPE = "application/vnd.edgeloop.root+json"
 ROOT_TYPE = "edgeloop/root"
@@ -50,9 +53,9 @@ CLOCK_SKEW_S = 300
 _HEX32 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def public_hex(key: Ed25519PublicKey) -> str:
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return raw.hex()
+def public_hex(key: PublicKeyLike) -> str:
+    """The 64 hex characters of a public key's raw bytes, as root metadata lists it."""
+    return as_verify_key(key).raw.hex()
 
 
 def _require(cond: bool, message: str) -> None:
@@ -73,15 +76,23 @@ class Role:
 
 @dataclass(frozen=True)
 class Root:
-    """Verified (or about to be verified) root metadata."""
+    """Verified (or about to be verified) root metadata.
+
+    ``keys`` may be given as any ``PublicKeyLike`` (the server passes ``cryptography`` keys); they
+    are held as VerifyKey.
+    """
 
     version: int
     expires_at: datetime
-    keys: Mapping[str, Ed25519PublicKey]  # keyid -> key
+    keys: Mapping[str, PublicKeyLike]  # keyid -> key (held as VerifyKey)
     roles: Mapping[str, Role]
 
-    def role_keys(self, role: str) -> list[Ed25519PublicKey]:
-        return [self.keys[k] for k in self.roles[role].keyids]
+    def __post_init__(self) -> None:
+        keys = {kid: as_verify_key(k) for kid, k in self.keys.items()}
+        object.__setattr__(self, "keys", keys)
+
+    def role_keys(self, role: str) -> list[VerifyKey]:
+        return [as_verify_key(self.keys[k]) for k in self.roles[role].keyids]
 
     def threshold(self, role: str) -> int:
         return self.roles[role].threshold
@@ -138,7 +149,7 @@ class Root:
             isinstance(raw_keys, dict) and 0 < len(raw_keys) <= MAX_KEYS,
             f"root keys must be an object of 1..{MAX_KEYS} keys",
         )
-        keys: dict[str, Ed25519PublicKey] = {}
+        keys: dict[str, VerifyKey] = {}
         for kid, entry in raw_keys.items():
             _require(
                 isinstance(entry, dict)
@@ -147,7 +158,10 @@ class Root:
                 and bool(_HEX32.match(entry["public"])),
                 f"root key {kid[:12]}: keytype must be ed25519, public 64 hex chars",
             )
-            key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(entry["public"]))
+            try:
+                key = VerifyKey.from_raw(bytes.fromhex(entry["public"]))
+            except SignatureError as exc:
+                raise RootError(f"root key {kid[:12]}: {exc}") from exc
             _require(key_id(key) == kid, f"root key {kid[:12]}: keyid is not sha256(public)")
             keys[kid] = key
         raw_roles = data.get("roles")

@@ -1,7 +1,8 @@
 """edgeloop device agent: serve a signed ONNX model, capture hard samples, update safely.
 
-Edge dependencies only: the standard library, numpy, onnxruntime, paho-mqtt, cryptography and
-``contract``.
+Edge dependencies only: the standard library, numpy, onnxruntime, paho-mqtt and ``contract``.
+Signatures are verified through the libcrypto the ``ssl`` module loads (``contract.ed25519``);
+``cryptography`` is never imported unless that backend is unusable.
 """
 
 from device_agent.agent import Agent, Prediction

@@ -36,7 +36,7 @@ from device_agent.metrics import Metrics
 from device_agent.mqtt import MqttLink
 from device_agent.outbox import Outbox
 from device_agent.probation import LiveTracker
-from device_agent.runtime import ModelRuntime, trim_heap, tune_interpreter
+from device_agent.runtime import ModelRuntime, freeze_heap, trim_heap, tune_interpreter
 from device_agent.store import ModelStore
 from device_agent.updater import Updater
 
@@ -143,6 +143,8 @@ class Agent:
                 self._ready.set()
             self._updater.resume_shadow()
             trim_heap()  # hand back what start-up freed (verification, session building)
+            if self.config.freeze_heap:
+                freeze_heap()  # later GC passes skip start-up's objects (no 50 ms GIL stalls)
         return self._ready.is_set()
 
     def start(self) -> None:

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from contract import RootError
-from contract.envelope import load_public_key
+from contract import RootError, SignatureError
+from contract.ed25519 import VerifyKey
 from contract.topics import valid_device_id
 from contract.trust import load_pinned_root
 from device_agent.errors import ConfigError
@@ -94,6 +94,7 @@ class AgentConfig:
     load_headroom_factor: float = 4.0  # x artifact size a new session may need while loading
     release_wait_s: float = 5.0  # seconds to wait for in-flight inferences on a retired session
     switch_interval_s: float = 0.0005  # seconds; interpreter thread switch interval (0: keep)
+    freeze_heap: bool = True  # gc.freeze() once serving: collections skip start-up's objects
     # Probation: metric-gated commit after a swap (see probation.py).
     probation_min_labelled: int = 30  # labelled inferences that, if they hold, commit at once
     probation_max_s: float = 60.0  # seconds: commit on this bound if nothing degraded
@@ -179,9 +180,9 @@ def _read_keys(paths: list[Any], base: Path) -> list[bytes]:
         except OSError as exc:
             raise ConfigError(f"cannot read trusted key {path}: {exc}") from exc
         try:
-            load_public_key(pem)
-        except Exception as exc:
-            raise ConfigError(f"{path} is not an Ed25519 public key: {exc}") from exc
+            VerifyKey.from_pem(pem)
+        except SignatureError as exc:
+            raise ConfigError(f"trusted key {path}: {exc}") from exc
         keys.append(pem)
     return keys
 

@@ -12,11 +12,24 @@ thread, so no inference ever pays for a session's destructor, and memory returns
 Before a session is built, ``load`` checks memory headroom, and after warm-up it runs the bundle's
 self-test vectors when the ONNX file carries them: metadata property ``edgeloop.selftest`` holding
 ``{"inputs": [[...], ...], "labels": [...]}``. The metadata is inside the signed bytes.
+
+Building a session costs about a millisecond of CPU for the digits model. ONNX Runtime releases the
+GIL while it optimises the graph and while it runs, but not while it parses the model bytes (about
+0.3 ms) or destroys a session (about 0.1 ms): those bound the wait an inference can see from a swap
+through the GIL. Running the build on a lowered-priority thread (nice 19 or SCHED_IDLE) was
+measured and made inference latency worse: the builder, preempted while it holds the GIL inside
+ONNX Runtime's parser, stalls every inference behind it (see README, "Agent benchmark").
+
+The cyclic garbage collector is a worse stall: a full collection holds the GIL for tens of
+milliseconds once numpy and ONNX Runtime are loaded. ``freeze_heap`` (called once the agent
+serves) moves everything alive at start-up into the permanent generation, so later collections
+only scan what the agent allocated since.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import logging
 import sys
@@ -81,6 +94,25 @@ def tune_interpreter(switch_interval_s: float) -> None:
     """
     if 0 < switch_interval_s < sys.getswitchinterval():
         sys.setswitchinterval(switch_interval_s)
+
+
+_heap_frozen = threading.Event()
+
+
+def freeze_heap() -> bool:
+    """Collect, then exempt every object alive now from later collections (``gc.freeze``).
+
+    Call when start-up is over (imports done, first model serving). Objects allocated later are
+    still collected; a full collection then scans those alone instead of the ~10^5 objects of
+    numpy, ONNX Runtime and the standard library, which took 50-60 ms with the GIL held. Acts
+    once per process (a simulator runs many agents in one): returns True the time it froze.
+    """
+    if _heap_frozen.is_set():
+        return False
+    _heap_frozen.set()
+    gc.collect()
+    gc.freeze()
+    return True
 
 
 def trim_heap() -> None:

@@ -12,11 +12,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from contract import ManifestError, RootError, SignatureError
+from contract.ed25519 import VerifyKey, as_verify_key
 from contract.envelope import SignedEnvelope, key_id, load_public_key, verify_envelope
 from contract.manifest import ArtifactRef, Manifest, Targeting, format_time, version_tuple
 from contract.messages import TargetMessage
@@ -37,8 +36,11 @@ from device_agent.errors import (
 )
 from device_agent.store import sha256_file
 
+if TYPE_CHECKING:
+    from contract.ed25519 import PublicKeyLike
 
-def load_trusted_keys(pems: Iterable[bytes]) -> list[Ed25519PublicKey]:
+
+def load_trusted_keys(pems: Iterable[bytes]) -> list[VerifyKey]:
     """Parse the PEM public keys the device trusts. Raises SignatureInvalidError."""
     try:
         return [load_public_key(p) for p in pems]
@@ -54,7 +56,7 @@ class ReleaseTrust:
     root's ``release`` role signs new releases. Legacy mode (``roots`` empty): pinned ``keys``.
     """
 
-    keys: tuple[Ed25519PublicKey, ...]
+    keys: tuple[VerifyKey, ...]
     threshold: int
     roots: tuple[Root, ...] = ()
 
@@ -117,12 +119,12 @@ class ReleaseTrust:
             raise RootInvalidError(str(exc)) from exc
         return (ReleaseTrust.from_chain(chain), applied) if applied else (self, [])
 
-    def install_keys(self) -> list[Ed25519PublicKey]:
+    def install_keys(self) -> list[VerifyKey]:
         """Keys that may have signed an install already accepted: every root's release role.
         (Re-verifying persisted installs at start must not brick a device after a rotation.)"""
         if not self.roots:
             return list(self.keys)
-        seen: dict[str, Ed25519PublicKey] = {}
+        seen: dict[str, VerifyKey] = {}
         for r in self.roots:
             for k in r.role_keys("release"):
                 seen[key_id(k)] = k
@@ -188,14 +190,14 @@ def check_targeting(targeting: Targeting, device: DeviceFacts) -> None:
         )
 
 
-def _as_trust(trusted: ReleaseTrust | Sequence[Ed25519PublicKey], threshold: int) -> ReleaseTrust:
+def _as_trust(trusted: ReleaseTrust | Sequence[PublicKeyLike], threshold: int) -> ReleaseTrust:
     if isinstance(trusted, ReleaseTrust):
         return trusted
-    return ReleaseTrust(tuple(trusted), threshold)
+    return ReleaseTrust(tuple(as_verify_key(k) for k in trusted), threshold)
 
 
 def _signed_manifest(
-    envelope: Mapping[str, Any], keys: Sequence[Ed25519PublicKey], threshold: int, where: str = ""
+    envelope: Mapping[str, Any], keys: Sequence[VerifyKey], threshold: int, where: str = ""
 ) -> Manifest:
     """Signature check and parse only (no expiry). Raises a ContentError."""
     try:
@@ -228,7 +230,7 @@ def _release_signature(envelope: Mapping[str, Any], trust: ReleaseTrust) -> Mani
 
 def verify_target(
     target: TargetMessage,
-    trusted: ReleaseTrust | Sequence[Ed25519PublicKey],
+    trusted: ReleaseTrust | Sequence[PublicKeyLike],
     *,
     model_line: str,
     highest_release: int,
@@ -276,7 +278,7 @@ def verify_target(
 
 def verify_installed(
     envelope: Mapping[str, Any],
-    trusted: ReleaseTrust | Sequence[Ed25519PublicKey],
+    trusted: ReleaseTrust | Sequence[PublicKeyLike],
     *,
     model_line: str,
     sha256: str,

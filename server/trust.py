@@ -22,13 +22,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from contract import ContractError, RootError, SignedEnvelope, key_id, load_private_key
 from contract.trust import Role, Root, load_pinned_root, verify_root_update
 from server.errors import ConfigError
+
+if TYPE_CHECKING:
+    from contract.ed25519 import PublicKeyLike
 
 log = logging.getLogger(__name__)
 ROOT_FILE = re.compile(r"^([1-9][0-9]{0,8})\.root\.json$")
@@ -97,8 +100,8 @@ def load_chain(trust_dir: Path) -> TrustChain | None:
 
 
 def new_root(
-    root_keys: Sequence[Ed25519PublicKey],
-    release_keys: Sequence[Ed25519PublicKey],
+    root_keys: Sequence[PublicKeyLike],
+    release_keys: Sequence[PublicKeyLike],
     *,
     threshold: int,
     now: datetime,
@@ -114,9 +117,9 @@ def next_root(
     *,
     now: datetime,
     ttl_days: int,
-    add_release: Iterable[Ed25519PublicKey] = (),
+    add_release: Iterable[PublicKeyLike] = (),
     revoke: Iterable[str] = (),
-    root_keys: Sequence[Ed25519PublicKey] | None = None,
+    root_keys: Sequence[PublicKeyLike] | None = None,
     threshold: int | None = None,
 ) -> Root:
     """The next root version: release keys added/revoked (by keyid prefix), optionally new root
@@ -150,8 +153,8 @@ def next_root(
 
 def _root(
     version: int,
-    root_keys: Sequence[Ed25519PublicKey],
-    release_keys: Sequence[Ed25519PublicKey],
+    root_keys: Sequence[PublicKeyLike],
+    release_keys: Sequence[PublicKeyLike],
     threshold: int,
     release_threshold: int,
     now: datetime,

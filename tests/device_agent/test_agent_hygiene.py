@@ -1,11 +1,21 @@
 """An edge device installs only the agent's dependencies: importing the agent must not pull in
-anything from the server or trainer side."""
+anything from the server or trainer side, nor ``cryptography`` (the agent only verifies
+signatures, through the libcrypto the ``ssl`` module loads: ~8 MB less resident memory)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from contract.ed25519 import BACKEND_ENV, VerifyKey
+from device_agent.store import InstallRecord, ModelStore, PersistedState
+
+REPO = Path(__file__).resolve().parents[2]
 
 FORBIDDEN = (
     "torch",
@@ -21,6 +31,7 @@ FORBIDDEN = (
     "server",
     "training",
     "firmware_sim",
+    "cryptography",  # the agent only verifies: contract.ed25519 calls the loaded libcrypto
 )
 
 PROBE = """
@@ -36,7 +47,80 @@ def test_import_pulls_in_no_server_or_training_modules() -> None:
     )
     loaded = set(json.loads(out.stdout))
     assert loaded.isdisjoint(FORBIDDEN), loaded & set(FORBIDDEN)
-    assert {"onnxruntime", "numpy", "paho", "cryptography", "contract"} <= loaded
+    assert {"onnxruntime", "numpy", "paho", "contract"} <= loaded
     # The agent's HTTP client is the standard library's (device_agent/http.py): httpx and its
     # dependencies cost ~7 MB of resident memory on the device.
     assert loaded.isdisjoint({"httpx", "httpcore", "h11", "anyio", "certifi"}), loaded
+
+
+# A real agent, started the way benchmarks/agent_footprint.py starts one: it re-verifies its
+# installed signed model at start, then serves.
+AGENT = r"""
+import json, sys
+from pathlib import Path
+import numpy as np
+from device_agent import Agent, AgentConfig
+from contract import ed25519
+verified = []  # results of libcrypto verifications: the self-check's two, then the agent's
+_verify = ed25519._OpenSSLBackend.verify
+def counting(self, *args):
+    verified.append(_verify(self, *args))
+    return verified[-1]
+ed25519._OpenSSLBackend.verify = counting
+cfg = AgentConfig(device_id="hygiene-1", model_line="digits", state_dir=Path(sys.argv[1]),
+                  trusted_keys=[Path(sys.argv[2]).read_bytes()],
+                  server_url="http://127.0.0.1:9", mqtt_port=9)
+agent = Agent(cfg)
+agent.start()
+try:
+    ready = agent.wait_ready(30)
+    p = agent.predict(np.zeros(64, dtype=np.float32)) if ready else None
+finally:
+    agent.stop()
+loaded = sorted(m for m in sys.modules if m.split(".")[0] == "cryptography")
+print(json.dumps({"ready": ready, "model_version": p and p.model_version, "verified": verified,
+                  "cryptography": loaded, "backend": ed25519.backend_name()}))
+"""
+
+
+def test_agent_verifies_and_serves_without_cryptography(tmp_path: Path) -> None:
+    from benchmarks.agent_bench import digits_mlp, manifest_for
+
+    key = Ed25519PrivateKey.generate()
+    pub = tmp_path / "key.pub.pem"
+    pub.write_bytes(VerifyKey.from_raw(key.public_key().public_bytes_raw()).to_pem())
+    data = digits_mlp(7)
+    manifest = manifest_for(data, 1)
+    store = ModelStore(tmp_path / "agent")
+    store.model_path(manifest.artifact.sha256).write_bytes(data)
+    store.save_state(
+        PersistedState(
+            current=InstallRecord(
+                envelope=manifest.sign([key]).to_dict(),
+                sha256=manifest.artifact.sha256,
+                model_version=1,
+                release=1,
+            ),
+            highest_release=1,
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k != BACKEND_ENV}
+    out = subprocess.run(
+        [sys.executable, "-c", AGENT, str(tmp_path / "agent"), str(pub)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=REPO,
+        env=env,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    verified = result.pop("verified")
+    assert result == {
+        "ready": True,
+        "model_version": 1,
+        "cryptography": [],
+        "backend": "openssl",
+    }, out.stderr[-2000:]
+    # The backend's self-check (valid, then one bit flipped), then the installed manifest.
+    assert verified[:2] == [True, False] and True in verified[2:], verified

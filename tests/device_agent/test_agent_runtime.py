@@ -85,3 +85,35 @@ def test_hot_swap_while_four_threads_predict(rig: Rig, fake_server: FakeServer) 
     assert errors == []
     assert seen[1] > 0 and seen[2] > 0
     assert rig.serving_version() == 2
+
+
+# ---- the garbage collector off the swap's path ------------------------------------------------
+FREEZE_PROBE = """
+import gc, json
+from device_agent.runtime import freeze_heap
+class Node:
+    pass
+before = gc.get_freeze_count()
+first, second = freeze_heap(), freeze_heap()
+frozen = gc.get_freeze_count()
+# A cycle made after the freeze is still collected.
+a, b = Node(), Node()
+a.b, b.a = b, a
+del a, b
+found = gc.collect()
+print(json.dumps([before, first, second, frozen, found]))
+"""
+
+
+def test_freeze_heap_acts_once_and_later_cycles_are_still_collected() -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", FREEZE_PROBE], capture_output=True, text=True, check=True, timeout=60
+    )
+    before, first, second, frozen, found = json.loads(out.stdout)
+    assert before == 0 and first is True and second is False
+    assert frozen > 10_000  # numpy, onnxruntime and the standard library's objects
+    assert found >= 2
