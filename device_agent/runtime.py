@@ -15,10 +15,12 @@ self-test vectors when the ONNX file carries them: metadata property ``edgeloop.
 
 Building a session costs about a millisecond of CPU for the digits model. ONNX Runtime releases the
 GIL while it optimises the graph and while it runs, but not while it parses the model bytes (about
-0.3 ms) or destroys a session (about 0.1 ms): those bound the wait an inference can see from a swap
-through the GIL. Running the build on a lowered-priority thread (nice 19 or SCHED_IDLE) was
-measured and made inference latency worse: the builder, preempted while it holds the GIL inside
-ONNX Runtime's parser, stalls every inference behind it (see README, "Agent benchmark").
+0.3 ms) or destroys a session (about 0.1 ms). CPython 3.11 hands the GIL over unfairly among three
+contending threads, so on a machine whose cores the inference threads already fill, an inference
+can still wait through a whole build (README, "Agent: operation and benchmarks", has the
+figures). Running the build on a lowered-priority thread (nice 19 or SCHED_IDLE) was measured and
+made that worse: the builder, preempted while it holds the GIL inside ONNX Runtime's parser,
+stalls every inference behind it.
 
 The cyclic garbage collector is a worse stall: a full collection holds the GIL for tens of
 milliseconds once numpy and ONNX Runtime are loaded. ``freeze_heap`` (called once the agent
