@@ -84,6 +84,42 @@ def manifest_for(data: bytes, release: int):  # noqa: ANN201 - contract type, im
     )
 
 
+def write_installed_state(workdir: Path) -> tuple[Path, Path]:
+    """Write what an Agent resumes at start: a signed digits model installed in the current slot.
+
+    Returns the state directory and the PEM file of the public key that signed the manifest
+    (generated here; signing needs ``cryptography``, which only the harness imports).
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from device_agent.store import InstallRecord, ModelStore, PersistedState
+
+    key = Ed25519PrivateKey.generate()
+    pub = workdir / "key.pub.pem"
+    pub.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    data = digits_mlp(7)
+    manifest = manifest_for(data, 1)
+    store = ModelStore(workdir / "agent")
+    store.model_path(manifest.artifact.sha256).write_bytes(data)
+    store.save_state(
+        PersistedState(
+            current=InstallRecord(
+                envelope=manifest.sign([key]).to_dict(),
+                sha256=manifest.artifact.sha256,
+                model_version=1,
+                release=1,
+            ),
+            highest_release=1,
+        )
+    )
+    return workdir / "agent", pub
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status", encoding="ascii") as fh:
         for line in fh:

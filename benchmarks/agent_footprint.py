@@ -37,33 +37,8 @@ SERVING_LIMIT_S = 1.0  # issue 4: import-to-serving
 MAKE_STATE = r"""
 import sys
 from pathlib import Path
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from benchmarks.agent_bench import digits_mlp, manifest_for
-from device_agent.store import InstallRecord, ModelStore, PersistedState
-
-work = Path(sys.argv[1])
-key = Ed25519PrivateKey.generate()
-(work / "key.pub.pem").write_bytes(
-    key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-)
-data = digits_mlp(7)
-manifest = manifest_for(data, 1)
-store = ModelStore(work / "agent")
-store.model_path(manifest.artifact.sha256).write_bytes(data)
-store.save_state(
-    PersistedState(
-        current=InstallRecord(
-            envelope=manifest.sign([key]).to_dict(),
-            sha256=manifest.artifact.sha256,
-            model_version=1,
-            release=1,
-        ),
-        highest_release=1,
-    )
-)
+from benchmarks.agent_bench import write_installed_state
+write_installed_state(Path(sys.argv[1]))
 """
 
 FOOTPRINT = r"""

@@ -10,10 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from contract.ed25519 import BACKEND_ENV, VerifyKey
-from device_agent.store import InstallRecord, ModelStore, PersistedState
+from contract.ed25519 import BACKEND_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -84,29 +81,12 @@ print(json.dumps({"ready": ready, "model_version": p and p.model_version, "verif
 
 
 def test_agent_verifies_and_serves_without_cryptography(tmp_path: Path) -> None:
-    from benchmarks.agent_bench import digits_mlp, manifest_for
+    from benchmarks.agent_bench import write_installed_state
 
-    key = Ed25519PrivateKey.generate()
-    pub = tmp_path / "key.pub.pem"
-    pub.write_bytes(VerifyKey.from_raw(key.public_key().public_bytes_raw()).to_pem())
-    data = digits_mlp(7)
-    manifest = manifest_for(data, 1)
-    store = ModelStore(tmp_path / "agent")
-    store.model_path(manifest.artifact.sha256).write_bytes(data)
-    store.save_state(
-        PersistedState(
-            current=InstallRecord(
-                envelope=manifest.sign([key]).to_dict(),
-                sha256=manifest.artifact.sha256,
-                model_version=1,
-                release=1,
-            ),
-            highest_release=1,
-        )
-    )
+    state, pub = write_installed_state(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != BACKEND_ENV}
     out = subprocess.run(
-        [sys.executable, "-c", AGENT, str(tmp_path / "agent"), str(pub)],
+        [sys.executable, "-c", AGENT, str(state), str(pub)],
         capture_output=True,
         text=True,
         timeout=120,
