@@ -268,7 +268,6 @@ def swap_bench(workdir: Path, swaps: int, threads: int, steady_s: float, gap_s: 
     gc.callbacks.remove(on_gc)
     gc.collect()
     rss_after = rss_bytes()
-    phase["name"] = "done"
     time.sleep(0.05)
     stop.set()
     for w in workers:

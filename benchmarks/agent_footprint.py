@@ -30,21 +30,25 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+REPO = Path(__file__).resolve().parent.parent  # children run here: ``-c`` puts it on sys.path
 FOOTPRINT_LIMIT_BYTES = 80_000_000  # issue 4: the agent's resident memory, decimal MB
 SERVING_LIMIT_S = 1.0  # issue 4: import-to-serving
 
 MAKE_STATE = r"""
-import sys
+import json, sys
 from pathlib import Path
+from typing import Any
 from benchmarks.agent_bench import write_installed_state
-write_installed_state(Path(sys.argv[1]))
+print(json.dumps([str(p) for p in write_installed_state(Path(sys.argv[1]))]))
 """
 
 FOOTPRINT = r"""
 import json, sys, time
 t0 = time.perf_counter()
 from pathlib import Path
+from typing import Any
 import numpy as np
 from device_agent import Agent, AgentConfig
 cfg = AgentConfig(device_id="bench-1", model_line="digits", state_dir=Path(sys.argv[1]),
@@ -83,9 +87,8 @@ class Row:
     ok: bool | None  # None: informational
 
 
-def evict(paths: list[str]) -> int:
-    """Drop the clean, unmapped page-cache pages of ``paths``; returns how many files it reached."""
-    done = 0
+def evict(paths: list[str]) -> None:
+    """Drop the clean, unmapped page-cache pages of ``paths`` (best effort)."""
     for p in paths:
         try:
             fd = os.open(p, os.O_RDONLY)
@@ -94,41 +97,34 @@ def evict(paths: list[str]) -> int:
         try:
             os.fsync(fd)  # dirty pages (a fresh install) cannot be dropped until written
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            done += 1
         except OSError:
             pass
         finally:
             os.close(fd)
-    return done
 
 
-def start_once(state: Path, pub: Path) -> dict:
-    repo = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def run_child(script: str, *args: str) -> Any:
+    """Run ``script`` in a fresh interpreter in the repository; its last stdout line is JSON."""
     out = subprocess.run(
-        [sys.executable, "-c", FOOTPRINT, str(state), str(pub)],
+        [sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
-        env=env,
+        cwd=REPO,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measure(workdir: Path, runs: int) -> dict:
-    repo = str(Path(__file__).resolve().parent.parent)
-    subprocess.run(
-        [sys.executable, "-c", MAKE_STATE, str(workdir)], check=True, timeout=120, cwd=repo
-    )
-    state, pub = workdir / "agent", workdir / "key.pub.pem"
-    first = start_once(state, pub)  # learns which files the agent maps
+    state, pub = run_child(MAKE_STATE, str(workdir))
+    first = run_child(FOOTPRINT, state, pub)  # learns which files the agent maps
     mapped = [p for p in first["mapped"] if not p.startswith(str(workdir))]
-    warm = [start_once(state, pub) for _ in range(runs)]
+    warm = [run_child(FOOTPRINT, state, pub) for _ in range(runs)]
     cold = []
     for _ in range(runs):
         evict(mapped)
-        cold.append(start_once(state, pub))
+        cold.append(run_child(FOOTPRINT, state, pub))
     return {
         "cold_rss": statistics.median(r["rss"] for r in cold),
         "cold_serving_s": statistics.median(r["serving_s"] for r in cold),

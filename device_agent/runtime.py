@@ -106,7 +106,7 @@ def freeze_heap() -> bool:
 
     Call when start-up is over (imports done, first model serving). Objects allocated later are
     still collected; a full collection then scans those alone instead of the ~10^5 objects of
-    numpy, ONNX Runtime and the standard library, which took 50-60 ms with the GIL held. Acts
+    numpy, ONNX Runtime and the standard library, which took 38-63 ms with the GIL held. Acts
     once per process (a simulator runs many agents in one): returns True the time it froze.
     """
     if _heap_frozen.is_set():
