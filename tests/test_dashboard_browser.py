@@ -178,10 +178,18 @@ def test_operator_watches_and_approves_a_rollout_in_the_dashboard(
         )
         assert "approved by dana" in card.inner_text()
         # Progress: the canary stage fills as the canary device installs v2, then everyone.
-        page.wait_for_function(
-            f"document.querySelector('#rollout-{rid}').dataset.state === 'completed'",
-            timeout=240_000,
-        )
+        try:
+            page.wait_for_function(
+                f"document.querySelector('#rollout-{rid}').dataset.state === 'completed'",
+                timeout=240_000,
+            )
+        except Exception as exc:  # say where the rollout stood, not only that it timed out
+            detail = httpx.get(f"{api}/rollouts/{rid}", headers=admin).json()
+            pytest.fail(
+                f"rollout {rid} not completed: {exc}\nrollout: {detail}\n"
+                f"devices: {[d.agent.status() for d in fleet.devices]}\n"
+                f"server log:\n{server.log_tail(80)}"
+            )
         assert "3/3 on target" in card.inner_text() or "2/2 on target" in card.inner_text()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shot = ARTIFACTS / "dashboard-rollout.png"
