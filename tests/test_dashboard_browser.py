@@ -43,7 +43,20 @@ class LenientFleet(Fleet):
 
 @pytest.fixture
 def server(broker, workdir) -> Iterator[ServerProcess]:
-    env = {**FAST_SERVER_ENV, "EDGELOOP_CANARY_PERCENT": "34"}
+    # The server's quality gates are lenient too, for the same reason: three devices share this
+    # test process's CPU with the browser, so their p95 latencies (means of 0.5 s window
+    # maxima) are noise. On a loaded CI machine this rollout once failed to complete within
+    # 240 s (cause not recorded; a timeout now prints the rollout, devices and server log).
+    env = {
+        **FAST_SERVER_ENV,
+        "EDGELOOP_CANARY_PERCENT": "34",
+        "EDGELOOP_MAX_LATENCY_RATIO": "100",
+        "EDGELOOP_LATENCY_SLACK_MS": "1000",
+        "EDGELOOP_MAX_ACCURACY_DROP": "1",
+        "EDGELOOP_MAX_CLASS_RECALL_DROP": "1",
+        "EDGELOOP_INSTALL_TIMEOUT_S": "60",
+        "EDGELOOP_ROLLOUT_RETRY_BACKOFF_S": "2",
+    }
     srv = ServerProcess(workdir / "server", mqtt_port=broker.port, env=env).start()
     yield srv
     srv.stop()
