@@ -129,7 +129,15 @@ def rss_bytes() -> int:
 
 
 # ---- swap under load -------------------------------------------------------------------------
-def swap_bench(workdir: Path, swaps: int, threads: int, steady_s: float, gap_s: float) -> list[Row]:
+def swap_bench(
+    workdir: Path,
+    swaps: int,
+    threads: int,
+    steady_s: float,
+    gap_s: float,
+    binding: str = "auto",
+    build_nice: int | None = None,
+) -> list[Row]:
     import numpy as np
 
     from device_agent.config import AgentConfig
@@ -146,7 +154,12 @@ def swap_bench(workdir: Path, swaps: int, threads: int, steady_s: float, gap_s: 
         p.write_bytes(data)
         paths.append(p)
         manifests.append(manifest_for(data, i + 1))
-    rt = ModelRuntime(intra_op_num_threads=1, graph_optimization=defaults.graph_optimization)
+    rt = ModelRuntime(
+        intra_op_num_threads=1,
+        graph_optimization=defaults.graph_optimization,
+        binding=binding,
+        build_nice=defaults.build_nice if build_nice is None else build_nice,
+    )
     alive: set[int] = set()
     alive_max = 0
     alive_lock = threading.Lock()
@@ -211,7 +224,7 @@ def swap_bench(workdir: Path, swaps: int, threads: int, steady_s: float, gap_s: 
     # Per swap, wall-clock windows (perf_counter seconds) of its three steps: load (build + warm
     # the new session), flip (swap the reference), release (destroy the retired session).
     windows: list[tuple[float, float, float, float, float, float]] = []
-    free_wall: list[float] = []  # seconds the destructor ran (the GIL is held throughout)
+    free_wall: list[float] = []  # wall seconds the destructor took (python binding: GIL held)
     rss_peak = rss_after = 0
     base_rss = rss_bytes()
     # The first swap, before the measured ones: memory after it is the baseline for growth. Its
@@ -303,6 +316,12 @@ def swap_bench(workdir: Path, swaps: int, threads: int, steady_s: float, gap_s: 
     growth = (rss_after - rss_first) / rss_first
     mib = 1024 * 1024
     return [
+        Row(
+            "ONNX Runtime binding",
+            rt.binding + (f", builds and frees at nice {rt._native.applied}" if rt._native else ""),
+            "",
+            None,
+        ),
         Row("swaps performed", f"{swaps} in {swap_s:.1f} s", ">= 1000", swaps >= 1000),
         Row(
             "inferences (steady / during swaps)",
@@ -319,9 +338,14 @@ def swap_bench(workdir: Path, swaps: int, threads: int, steady_s: float, gap_s: 
             pause_max < 1.0,
         ),
         Row(
-            "GIL held by flip / by destroying old (p99.9 / max)",
+            "flip / freeing the old session, wall (p99.9 / max)",
             f"{np.percentile(flip_ms, q):.3f} / {flip_ms.max():.3f} ms; "
-            f"{np.percentile(free_ms, q):.3f} / {free_ms.max():.3f} ms",
+            f"{np.percentile(free_ms, q):.3f} / {free_ms.max():.3f} ms "
+            + (
+                "(the free runs without the GIL on the build thread)"
+                if rt.binding == "capi"
+                else "(the free holds the GIL throughout)"
+            ),
             "",
             None,
         ),
@@ -373,6 +397,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="inference threads")
     ap.add_argument("--steady-s", type=float, default=4.0, help="seconds of steady baseline")
     ap.add_argument("--gap-ms", type=float, default=5.0, help="pause between swaps (ms)")
+    ap.add_argument(
+        "--binding",
+        choices=("auto", "capi", "python"),
+        default="auto",
+        help="ONNX Runtime binding under test (auto: what an agent picks)",
+    )
+    ap.add_argument(
+        "--baseline",
+        choices=("python", "none"),
+        default="python",
+        help="also run the swap benchmark with this binding, same run, rows marked [baseline]",
+    )
+    ap.add_argument(
+        "--build-nice", type=int, default=None, help="capi build thread nice (default: config)"
+    )
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
         work = Path(tmp)
@@ -380,8 +419,17 @@ def main(argv: list[str] | None = None) -> int:
         # starts really find the agent's libraries out of the page cache.
         (work / "footprint").mkdir()
         rows = footprint_rows(work / "footprint")
-        swap = swap_bench(work, args.swaps, args.threads, args.steady_s, args.gap_ms / 1000)
+        gap = args.gap_ms / 1000
+        swap = swap_bench(
+            work, args.swaps, args.threads, args.steady_s, gap, args.binding, args.build_nice
+        )
         rows = swap + rows
+        if args.baseline != "none":
+            (work / "baseline").mkdir()
+            base = swap_bench(
+                work / "baseline", args.swaps, args.threads, args.steady_s, gap, args.baseline
+            )
+            rows += [Row(f"[baseline] {r.name}", r.value, "", None) for r in base]
     return 0 if print_rows(rows) else 1
 
 

@@ -91,6 +91,8 @@ class Agent:
             graph_optimization=config.graph_optimization,
             min_free_memory_bytes=config.min_free_memory_bytes,
             load_headroom_factor=config.load_headroom_factor,
+            binding=config.ort_binding,
+            build_nice=config.build_nice,
         )
         self._live = LiveTracker()
         self._live_path = config.state_dir / "live.json"

@@ -33,6 +33,7 @@ AGENT_VERSION = "0.1.0"
 ENV_PREFIX = "EDGELOOP_AGENT_"
 MiB = 1024 * 1024
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+ORT_BINDINGS = ("auto", "capi", "python")  # see device_agent.runtime.resolve_binding
 
 
 @dataclass
@@ -67,6 +68,13 @@ class AgentConfig:
     # a session in half the time of "all" (less GIL held while a swap loads) with the same
     # latency on MLPs; "all" adds layout rewrites that can speed up large convolutional models.
     graph_optimization: str = "basic"
+    # How ONNX Runtime is called: "capi" (its C library through ctypes; sessions are built and
+    # freed without holding the GIL, so a swap does not stall inferences), "python" (the
+    # onnxruntime package) or "auto" (capi when the C library loads). EDGELOOP_ORT_BINDING wins.
+    ort_binding: str = "auto"
+    # capi: sessions are built and freed on one thread at this nice value (Linux, per thread),
+    # so a swap takes only the CPU that serving leaves; 0 builds on the updater's thread.
+    build_nice: int = 19
     # Capture of samples worth retraining on.
     confidence_floor: float = 0.6  # probability: capture if the top-class confidence is below
     capture_wrong: bool = True  # capture when ground truth disagrees with the prediction
@@ -132,6 +140,10 @@ class AgentConfig:
             raise ConfigError(
                 f"graph_optimization must be one of {', '.join(GRAPH_OPTIMIZATION_LEVELS)}"
             )
+        if not 0 <= self.build_nice <= 19:
+            raise ConfigError("build_nice must be within 0..19")
+        if self.ort_binding not in ORT_BINDINGS:
+            raise ConfigError(f"ort_binding must be one of {', '.join(ORT_BINDINGS)}")
         if self.probation_max_s < 0 or self.probation_min_labelled < 1:
             raise ConfigError("probation_max_s must be >= 0 and probation_min_labelled >= 1")
         self.server_url = self.server_url.rstrip("/")

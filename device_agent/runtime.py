@@ -13,14 +13,13 @@ Before a session is built, ``load`` checks memory headroom, and after warm-up it
 self-test vectors when the ONNX file carries them: metadata property ``edgeloop.selftest`` holding
 ``{"inputs": [[...], ...], "labels": [...]}``. The metadata is inside the signed bytes.
 
-Building a session costs about a millisecond of CPU for the digits model. ONNX Runtime releases the
-GIL while it optimises the graph and while it runs, but not while it parses the model bytes (about
-0.3 ms) or destroys a session (about 0.1 ms). CPython 3.11 hands the GIL over unfairly among three
-contending threads, so on a machine whose cores the inference threads already fill, an inference
-can still wait through a whole build (README, "Agent: operation and benchmarks", has the
-figures). Running the build on a lowered-priority thread (nice 19 or SCHED_IDLE) was measured and
-made that worse: the builder, preempted while it holds the GIL inside ONNX Runtime's parser,
-stalls every inference behind it.
+Two ONNX Runtime bindings (``resolve_binding``). ``capi`` (default when the library loads) calls
+the C library through ``device_agent.ortc``: a session is parsed, optimised, set up and freed
+with the GIL released, on one ``NativeWorker`` thread at nice 19 (``build_nice``), so a swap
+takes only the CPU the serving threads leave and never holds the GIL they need. ``python`` is the
+onnxruntime package, whose extension holds the GIL while it parses a model (~0.3 ms for digits)
+and destroys a session (~0.1-0.2 ms); a low-priority builder is no use there, because the
+preempted builder would hold the GIL every inference waits for (measured: worse).
 
 The cyclic garbage collector is a worse stall: a full collection holds the GIL for tens of
 milliseconds once numpy and ONNX Runtime are loaded. ``freeze_heap`` (called once the agent
@@ -34,17 +33,20 @@ import ctypes
 import gc
 import json
 import logging
+import os
+import queue
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from contract.manifest import OUTPUT_NAME, Manifest
+from device_agent import ortc
 from device_agent.errors import (
     InferenceError,
     InsufficientMemoryError,
@@ -123,12 +125,121 @@ def trim_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
-_GRAPH_OPT = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
+_GRAPH_OPT = ortc.GRAPH_OPT  # level name -> GraphOptimizationLevel value (same in both bindings)
+BINDINGS = ("auto", "capi", "python")
+BINDING_ENV = "EDGELOOP_ORT_BINDING"  # overrides the configured binding (auto, capi, python)
+_binding_lock = threading.Lock()
+_resolved: dict[str, str] = {}
+
+
+def resolve_binding(requested: str = "auto") -> str:
+    """The ONNX Runtime binding to use: ``capi`` (``device_agent.ortc``: sessions built and freed
+    without the GIL) or ``python`` (the onnxruntime package). ``$EDGELOOP_ORT_BINDING`` wins over
+    ``requested``; ``auto`` takes ``capi`` when the C library loads, else ``python``.
+
+    Raises:
+        ValueError: an unknown binding name.
+        ortc.OrtUnavailable: ``capi`` was demanded and the C library cannot be loaded.
+    """
+    name = (os.environ.get(BINDING_ENV, "").strip().lower() or requested).lower()
+    if name not in BINDINGS:
+        raise ValueError(f"ONNX Runtime binding {name!r}: must be one of {', '.join(BINDINGS)}")
+    with _binding_lock:
+        if name not in _resolved:
+            if name == "python":
+                _resolved[name] = "python"
+            else:
+                try:
+                    ortc.load()
+                    _resolved[name] = "capi"
+                except ortc.OrtUnavailable as exc:
+                    if name == "capi":
+                        raise
+                    log.warning("%s; using the onnxruntime Python package", exc)
+                    _resolved[name] = "python"
+        return _resolved[name]
+
+
+class NativeWorker:
+    """One daemon thread, at a lowered CPU priority, that runs native ONNX Runtime calls.
+
+    With the C API binding a session build (parse, optimise, kernel set-up) and a session free
+    run without the GIL, so the only thing they still take from serving threads is CPU. Run on
+    this thread at nice ``nice`` (Linux: per thread), they get the CPU the serving threads
+    leave: on a device whose cores inference fills, a swap waits instead of inferences. The
+    thread holds the GIL only for the few bytecodes around each call (the earlier attempt at a
+    low-priority builder ran ONNX Runtime's GIL-holding parser at low priority, and every
+    inference then waited for the preempted builder).
+    """
+
+    def __init__(self, nice: int) -> None:
+        self.nice = nice
+        self.applied: int | None = None  # the nice value the thread got (None: not started)
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], list[Any], threading.Event]]
+        self._jobs = queue.SimpleQueue()
+        self._start = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the worker thread; return its result or raise its exception."""
+        if threading.current_thread() is self._thread:
+            return fn()  # e.g. a session finalised by a collection on this very thread
+        if self._thread is None:
+            with self._start:
+                if self._thread is None:
+                    t = threading.Thread(target=self._serve, name="ort-native", daemon=True)
+                    t.start()
+                    self._thread = t
+        box: list[Any] = []
+        done = threading.Event()
+        self._jobs.put((fn, box, done))
+        done.wait()
+        ok, value = box[0]
+        if ok:
+            return value
+        raise value
+
+    def _serve(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+        except (OSError, AttributeError) as exc:  # not Linux, or refused: run at our priority
+            log.warning("cannot lower the ONNX Runtime build thread to nice %d: %s", self.nice, exc)
+        try:
+            self.applied = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        except (OSError, AttributeError):
+            self.applied = None
+        while True:
+            fn, box, done = self._jobs.get()
+            try:
+                box.append((True, fn()))
+            except BaseException as exc:  # handed to the caller, raised there
+                box.append((False, exc))
+            done.set()
+
+
+_workers: dict[int, NativeWorker] = {}
+
+
+def native_worker(nice: int) -> NativeWorker | None:
+    """The process's worker thread for ``nice`` (shared by every runtime); None for nice 0."""
+    if nice <= 0:
+        return None
+    with _binding_lock:
+        worker = _workers.get(nice)
+        if worker is None:
+            worker = _workers[nice] = NativeWorker(nice)
+        return worker
+
+
+def runtime_version(binding: str = "auto") -> str:
+    """The ONNX Runtime version serving models in this process (what devices report)."""
+    if resolve_binding(binding) == "capi":
+        return ortc.version()
+    import onnxruntime as ort
+
+    return str(ort.__version__)
+
+
 _NP_DTYPES = {"float32": np.float32, "float64": np.float64, "uint8": np.uint8, "int64": np.int64}
 
 
@@ -136,7 +247,7 @@ _NP_DTYPES = {"float32": np.float32, "float64": np.float64, "uint8": np.uint8, "
 class Loaded:
     """A ready-to-serve session and the verified manifest it came from."""
 
-    session: ort.InferenceSession
+    session: Any  # ortc.Session, or onnxruntime.InferenceSession with the python binding
     manifest: Manifest
     input_name: str
     output_index: int
@@ -168,9 +279,13 @@ class ModelRuntime:
         min_free_memory_bytes: int = 0,  # bytes that must stay free after a load
         load_headroom_factor: float = 4.0,  # x artifact size a load may need
         memory_probe: Callable[[], int | None] = available_memory_bytes,
+        binding: str = "auto",  # see resolve_binding
+        build_nice: int = 19,  # capi: build and free sessions on a thread at this nice (0: here)
     ) -> None:
         if graph_optimization not in _GRAPH_OPT:
             raise ValueError(f"unknown graph_optimization {graph_optimization!r}")
+        self.binding = resolve_binding(binding)
+        self._native = native_worker(build_nice) if self.binding == "capi" else None
         self._threads = intra_op_num_threads
         self._graph_opt = graph_optimization
         self._min_free = min_free_memory_bytes
@@ -182,7 +297,7 @@ class ModelRuntime:
         self.swaps = 0
         self.released = 0
         self.last_free_cpu_s = 0.0  # CPU seconds the last release spent destroying sessions
-        self.last_free_wall_s = 0.0  # wall seconds of the same destruction (the GIL is held)
+        self.last_free_wall_s = 0.0  # wall seconds of the same destruction
 
     @property
     def current(self) -> Loaded | None:
@@ -210,15 +325,8 @@ class ModelRuntime:
             SelfTestError: the bundle's self-test vectors give other labels.
         """
         self.check_headroom(manifest.artifact.size)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self._threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = _GRAPH_OPT[self._graph_opt]
         try:
-            session = ort.InferenceSession(
-                str(path), sess_options=opts, providers=["CPUExecutionProvider"]
-            )
+            session = self._build(path)
         except Exception as exc:  # onnxruntime raises its own exception zoo
             raise ModelLoadError(f"onnxruntime cannot load {path.name}: {exc}") from exc
         inputs = session.get_inputs()
@@ -247,6 +355,26 @@ class ModelRuntime:
             output_index=output_index,
             model_version=manifest.model_version,
             sha256=manifest.artifact.sha256,
+        )
+
+    def _build(self, path: Path) -> Any:
+        if self.binding == "capi":
+            # Parse, optimise and kernel set-up all run with the GIL released.
+            return ortc.Session(
+                path.read_bytes(),
+                intra_op_num_threads=self._threads,
+                graph_optimization=self._graph_opt,
+                native=self._native,
+            )
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self._threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel(_GRAPH_OPT[self._graph_opt])
+        return ort.InferenceSession(
+            str(path), sess_options=opts, providers=["CPUExecutionProvider"]
         )
 
     def swap(self, loaded: Loaded | None, *, retire: bool = False) -> Loaded | None:
@@ -345,9 +473,15 @@ def classify(loaded: Loaded, x: np.ndarray) -> RawPrediction:
     )
 
 
-def _self_test(session: ort.InferenceSession, manifest: Manifest) -> None:
+def _custom_metadata(session: Any, key: str) -> str | None:
+    if isinstance(session, ortc.Session):
+        return session.custom_metadata(key)
+    return session.get_modelmeta().custom_metadata_map.get(key)
+
+
+def _self_test(session: Any, manifest: Manifest) -> None:
     """Run the bundle's self-test vectors, if its metadata carries any."""
-    raw = session.get_modelmeta().custom_metadata_map.get(SELFTEST_KEY)
+    raw = _custom_metadata(session, SELFTEST_KEY)
     if raw is None:
         return
     try:

@@ -20,8 +20,6 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-import onnxruntime as ort
-
 from contract.manifest import Manifest
 from contract.messages import MAX_REASON_CHARS, DeviceState, StatusReport, TargetMessage
 from device_agent import states
@@ -36,7 +34,7 @@ from device_agent.errors import (
 from device_agent.faults import crash_point
 from device_agent.fetcher import Fetcher, backoff_delay
 from device_agent.probation import LiveTracker
-from device_agent.runtime import Loaded, ModelRuntime
+from device_agent.runtime import Loaded, ModelRuntime, runtime_version
 from device_agent.shadow import ShadowRunner
 from device_agent.store import InstallRecord, ModelStore, PersistedState, UpdateJob
 from device_agent.verify import (
@@ -87,7 +85,7 @@ class Updater:
             groups=tuple(config.groups),
             hardware_class=config.hardware,
             max_opset=config.max_opset,
-            runtime_version=ort.__version__,
+            runtime_version=runtime_version(runtime.binding),
         )
         self.state: PersistedState = store.load_state()
         self._manifest_cache: tuple[str, Manifest] | None = None

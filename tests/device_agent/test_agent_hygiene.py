@@ -1,6 +1,8 @@
 """An edge device installs only the agent's dependencies: importing the agent must not pull in
 anything from the server or trainer side, nor ``cryptography`` (the agent only verifies
-signatures, through the libcrypto the ``ssl`` module loads: ~8 MB less resident memory)."""
+signatures, through the libcrypto the ``ssl`` module loads: ~8 MB less resident memory), nor
+the onnxruntime Python package while it serves through ONNX Runtime's C library
+(``device_agent.ortc``)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 from pathlib import Path
 
 from contract.ed25519 import BACKEND_ENV
+from device_agent.runtime import BINDING_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,7 +47,9 @@ def test_import_pulls_in_no_server_or_training_modules() -> None:
     )
     loaded = set(json.loads(out.stdout))
     assert loaded.isdisjoint(FORBIDDEN), loaded & set(FORBIDDEN)
-    assert {"onnxruntime", "numpy", "paho", "contract"} <= loaded
+    assert {"numpy", "paho", "contract"} <= loaded
+    # Which ONNX Runtime binding serves is decided when the first model loads.
+    assert "onnxruntime" not in loaded
     # The agent's HTTP client is the standard library's (device_agent/http.py): httpx and its
     # dependencies cost ~7 MB of resident memory on the device.
     assert loaded.isdisjoint({"httpx", "httpcore", "h11", "anyio", "certifi"}), loaded
@@ -75,16 +80,18 @@ try:
 finally:
     agent.stop()
 loaded = sorted(m for m in sys.modules if m.split(".")[0] == "cryptography")
+ort_py = sorted(m for m in sys.modules if m.split(".")[0] == "onnxruntime")
 print(json.dumps({"ready": ready, "model_version": p and p.model_version, "verified": verified,
-                  "cryptography": loaded, "backend": ed25519.backend_name()}))
+                  "cryptography": loaded, "backend": ed25519.backend_name(),
+                  "binding": agent._runtime.binding, "onnxruntime_package": ort_py}))
 """
 
 
-def test_agent_verifies_and_serves_without_cryptography(tmp_path: Path) -> None:
+def test_agent_verifies_and_serves_without_cryptography_or_the_ort_package(tmp_path: Path) -> None:
     from benchmarks.agent_bench import write_installed_state
 
     state, pub = write_installed_state(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != BACKEND_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in (BACKEND_ENV, BINDING_ENV)}
     out = subprocess.run(
         [sys.executable, "-c", AGENT, str(state), str(pub)],
         capture_output=True,
@@ -101,6 +108,8 @@ def test_agent_verifies_and_serves_without_cryptography(tmp_path: Path) -> None:
         "model_version": 1,
         "cryptography": [],
         "backend": "openssl",
+        "binding": "capi",
+        "onnxruntime_package": [],
     }, out.stderr[-2000:]
     # The backend's self-check (valid, then one bit flipped), then the installed manifest.
     assert verified[:2] == [True, False] and True in verified[2:], verified
