@@ -58,7 +58,8 @@ class OrtError(RuntimeError):
 _MEMBERS: dict[str, tuple[int, bool, bool, tuple[Any, ...]]] = {
     "GetErrorMessage": (2, False, False, (_P,)),
     "CreateEnv": (3, True, False, (_I, _S, _PP)),
-    "CreateSessionFromArray": (8, True, True, (_P, _P, _SZ, _P, _PP)),
+    "CreateSession": (7, True, True, (_P, _S, _P, _PP)),  # ORTCHAR_T is char off Windows
+    "CreateSessionFromArray": (8, True, True, (_P, _S, _SZ, _P, _PP)),
     "Run": (9, True, True, (_P, _P, _P, _P, _SZ, _P, _SZ, _P)),
     "CreateSessionOptions": (10, True, False, (_PP,)),
     "SetSessionLogSeverityLevel": (22, True, False, (_P, _I)),
@@ -114,6 +115,7 @@ class _Api:
 
     GetErrorMessage: Any
     CreateEnv: Any
+    CreateSession: Any
     CreateSessionFromArray: Any
     Run: Any
     CreateSessionOptions: Any
@@ -232,15 +234,16 @@ class Session:
 
     def __init__(
         self,
-        model: bytes,
+        model: bytes | str | os.PathLike[str],
         *,
         intra_op_num_threads: int = 1,
         inter_op_num_threads: int = 1,
         graph_optimization: str = "basic",
         native: Native | None = None,
     ) -> None:
-        """Build a session from ONNX bytes. ``native`` runs the build call (and, in ``close``,
-        the free) elsewhere, e.g. on a low-priority thread: ``native(fn)`` returns ``fn()``."""
+        """Build a session from ONNX bytes or a file path. ``native`` runs the build call (and,
+        in ``close``, the free) elsewhere, e.g. on a low-priority thread: ``native(fn)`` returns
+        ``fn()``."""
         api = self._api = load()
         self._native = native
         self._ptr = _P()
@@ -251,13 +254,15 @@ class Session:
             api.check(api.SetInterOpNumThreads(opts, inter_op_num_threads))
             api.check(api.SetSessionLogSeverityLevel(opts, _LOG_ERROR))
             api.check(api.SetSessionGraphOptimizationLevel(opts, GRAPH_OPT[graph_optimization]))
-            buf = ctypes.create_string_buffer(model, len(model))  # alive for the call
 
-            # The GIL is released for the whole parse + optimise + kernel set-up.
+            # The GIL is released for the whole read + parse + optimise + kernel set-up. A path
+            # is read by ONNX Runtime itself; bytes are passed without a copy (c_char_p).
             def build() -> Any:
-                return api.CreateSessionFromArray(
-                    api.env, buf, len(model), opts, ctypes.byref(self._ptr)
-                )
+                if isinstance(model, bytes):
+                    return api.CreateSessionFromArray(
+                        api.env, model, len(model), opts, ctypes.byref(self._ptr)
+                    )
+                return api.CreateSession(api.env, os.fsencode(model), opts, ctypes.byref(self._ptr))
 
             api.check(native(build) if native else build())
         finally:

@@ -361,7 +361,7 @@ class ModelRuntime:
         if self.binding == "capi":
             # Parse, optimise and kernel set-up all run with the GIL released.
             return ortc.Session(
-                path.read_bytes(),
+                path,
                 intra_op_num_threads=self._threads,
                 graph_optimization=self._graph_opt,
                 native=self._native,

@@ -288,3 +288,19 @@ def test_native_worker_runs_calls_on_one_lowered_thread() -> None:
     assert len(calls) == 2  # the build and the free went through the worker
     assert runtime.native_worker(0) is None
     assert runtime.native_worker(19) is runtime.native_worker(19)
+
+
+def test_a_session_builds_from_a_file_path(tmp_path) -> None:
+    model = mlp(meta={"k": "v"})
+    path = tmp_path / "model with spaces é.onnx"
+    path.write_bytes(model)
+    s = ortc.Session(path)
+    x = RNG.normal(size=(2, 64)).astype(np.float32)
+    np.testing.assert_allclose(
+        s.run(["probabilities"], {"x": x})[0],
+        reference(model).run(["probabilities"], {"x": x})[0],
+        rtol=1e-6,
+    )
+    assert s.custom_metadata("k") == "v"
+    with pytest.raises(ortc.OrtError, match="(?i)no such file|load model|open"):
+        ortc.Session(tmp_path / "missing.onnx")
