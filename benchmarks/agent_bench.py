@@ -137,6 +137,7 @@ def swap_bench(
     gap_s: float,
     binding: str = "auto",
     build_nice: int | None = None,
+    rounds: int = 4,
 ) -> list[Row]:
     import numpy as np
 
@@ -247,7 +248,7 @@ def swap_bench(
             gc_ms.append((time.perf_counter() - gc_t0[0]) * 1000)
 
     gc.callbacks.append(on_gc)
-    rounds = 4  # steady and swap phases interleave, so neighbours' load hits both alike
+    # Steady and swap phases interleave, so neighbours' load hits both alike.
     swap_s = 0.0
     steady_next = steady_s / rounds
     for r in range(rounds):
@@ -412,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--build-nice", type=int, default=None, help="capi build thread nice (default: config)"
     )
+    ap.add_argument("--rounds", type=int, default=4, help="steady/swap phase pairs, interleaved")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
         work = Path(tmp)
@@ -421,13 +423,26 @@ def main(argv: list[str] | None = None) -> int:
         rows = footprint_rows(work / "footprint")
         gap = args.gap_ms / 1000
         swap = swap_bench(
-            work, args.swaps, args.threads, args.steady_s, gap, args.binding, args.build_nice
+            work,
+            args.swaps,
+            args.threads,
+            args.steady_s,
+            gap,
+            args.binding,
+            args.build_nice,
+            args.rounds,
         )
         rows = swap + rows
         if args.baseline != "none":
             (work / "baseline").mkdir()
             base = swap_bench(
-                work / "baseline", args.swaps, args.threads, args.steady_s, gap, args.baseline
+                work / "baseline",
+                args.swaps,
+                args.threads,
+                args.steady_s,
+                gap,
+                args.baseline,
+                rounds=args.rounds,
             )
             rows += [Row(f"[baseline] {r.name}", r.value, "", None) for r in base]
     return 0 if print_rows(rows) else 1
