@@ -91,10 +91,10 @@ _LIBC = _load_libc()
 def tune_interpreter(switch_interval_s: float) -> None:
     """Lower the interpreter's thread switch interval (process-wide, never raised).
 
-    ONNX Runtime holds the GIL inside its session-building and destroying calls (0.1-0.4 ms each
-    for a small model), and a thread waiting for the GIL waits up to one switch interval (5 ms by
-    default) before the holder is asked to let go at its next bytecode; 0.5 ms bounds an
-    inference's wait while a new model loads beside it to that plus the longest single call.
+    A thread waiting for the GIL waits up to one switch interval (5 ms by default) before the
+    holder is asked to let go at its next bytecode; 0.5 ms bounds an inference's wait behind the
+    updater's Python (and, with the ``python`` binding, behind ONNX Runtime's GIL-holding parse
+    and destroy, 0.1-0.4 ms each for a small model) to that plus the longest single call.
     """
     if 0 < switch_interval_s < sys.getswitchinterval():
         sys.setswitchinterval(switch_interval_s)
