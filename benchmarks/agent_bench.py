@@ -319,7 +319,12 @@ def swap_bench(
     return [
         Row(
             "ONNX Runtime binding",
-            rt.binding + (f", builds and frees at nice {rt._native.applied}" if rt._native else ""),
+            rt.binding
+            + (
+                f", builds and frees at nice {rt.build_thread_nice}"
+                if rt.build_thread_nice is not None
+                else ""
+            ),
             "",
             None,
         ),

@@ -447,7 +447,7 @@ class Session:
         ptr, self._ptr = self._ptr, _P()
         self._local = threading.local()  # this thread's bound tensors go now, others' with us
         if ptr:
-            if self._native is not None and not _finalizing():
+            if self._native is not None and not sys.is_finalizing():
                 self._native(lambda: self._api.ReleaseSession(ptr))
             else:
                 self._api.ReleaseSession(ptr)
@@ -458,10 +458,6 @@ class Session:
 
 
 Native = Callable[[Callable[[], Any]], Any]  # runs a native call somewhere, returns its result
-
-
-def _finalizing() -> bool:
-    return sys.is_finalizing()
 
 
 _MAX_SHAPES = 16  # call signatures remembered per session (and bound per thread)

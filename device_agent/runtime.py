@@ -303,6 +303,11 @@ class ModelRuntime:
     def current(self) -> Loaded | None:
         return self._loaded
 
+    @property
+    def build_thread_nice(self) -> int | None:
+        """The nice value sessions are built at on the worker thread (None: on the caller's)."""
+        return self._native.applied if self._native else None
+
     def check_headroom(self, artifact_bytes: int) -> None:
         """Raise InsufficientMemoryError if loading ``artifact_bytes`` could starve serving."""
         avail = self._memory_probe()

@@ -8,9 +8,11 @@ each test gets its own schema-free database created from it and dropped afterwar
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,26 @@ def write_key_pair(directory: Path, key: Ed25519PrivateKey) -> tuple[Path, Path]
 def workdir(tmp_path: Path) -> Path:
     """A scratch directory kept by pytest after a failure (logs of servers and agents land here)."""
     return tmp_path
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_python(
+    script: str, *args: str, unset: Iterable[str] = (), timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh interpreter from the repository root, without the environment
+    variables named in ``unset``; a non-zero exit fails the test (CalledProcessError)."""
+    drop = set(unset)
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k not in drop},
+    )
 
 
 def poll(what: str, check: Callable[[], Any], timeout: float = 120.0, every: float = 0.3) -> Any:

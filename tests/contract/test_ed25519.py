@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import FrozenInstanceError
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -20,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from contract import SignatureError, ed25519, key_id, load_public_key
 from contract.ed25519 import VerifyKey, as_verify_key, backend_name
+from tests.conftest import run_python
 
-REPO = Path(__file__).resolve().parents[2]
 # The order of the Ed25519 base point: a signature's S must be below it (RFC 8032 5.1.7).
 GROUP_ORDER = 2**252 + 27742317777372353535851937790883648493
 
@@ -360,14 +356,5 @@ print(json.dumps({"ok": ok, "backend": backend_name(),
 
 
 def test_contract_verifies_without_importing_cryptography() -> None:
-    env = {k: v for k, v in os.environ.items() if k != ed25519.BACKEND_ENV}
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE, RFC8032[0][2], RFC8032[0][4]],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-        cwd=REPO,
-        env=env,
-    )
+    out = run_python(PROBE, RFC8032[0][2], RFC8032[0][4], unset=(ed25519.BACKEND_ENV,))
     assert json.loads(out.stdout) == {"ok": True, "backend": "openssl", "cryptography": False}

@@ -7,15 +7,11 @@ the onnxruntime Python package while it serves through ONNX Runtime's C library
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from contract.ed25519 import BACKEND_ENV
 from device_agent.runtime import BINDING_ENV
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import run_python
 
 FORBIDDEN = (
     "torch",
@@ -42,9 +38,7 @@ print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))
 
 
 def test_import_pulls_in_no_server_or_training_modules() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, check=True
-    )
+    out = run_python(PROBE)
     loaded = set(json.loads(out.stdout))
     assert loaded.isdisjoint(FORBIDDEN), loaded & set(FORBIDDEN)
     assert {"numpy", "paho", "contract"} <= loaded
@@ -91,16 +85,7 @@ def test_agent_verifies_and_serves_without_cryptography_or_the_ort_package(tmp_p
     from benchmarks.agent_bench import write_installed_state
 
     state, pub = write_installed_state(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in (BACKEND_ENV, BINDING_ENV)}
-    out = subprocess.run(
-        [sys.executable, "-c", AGENT, str(state), str(pub)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-        cwd=REPO,
-        env=env,
-    )
+    out = run_python(AGENT, str(state), str(pub), unset=(BACKEND_ENV, BINDING_ENV))
     result = json.loads(out.stdout.strip().splitlines()[-1])
     verified = result.pop("verified")
     assert result == {

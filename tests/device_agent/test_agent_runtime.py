@@ -107,12 +107,10 @@ print(json.dumps([before, first, second, frozen, found]))
 
 def test_freeze_heap_acts_once_and_later_cycles_are_still_collected() -> None:
     import json
-    import subprocess
-    import sys
 
-    out = subprocess.run(
-        [sys.executable, "-c", FREEZE_PROBE], capture_output=True, text=True, check=True, timeout=60
-    )
+    from tests.conftest import run_python
+
+    out = run_python(FREEZE_PROBE, timeout=60)
     before, first, second, frozen, found = json.loads(out.stdout)
     assert before == 0 and first is True and second is False
     assert frozen > 10_000  # numpy, onnxruntime and the standard library's objects
