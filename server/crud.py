@@ -212,8 +212,23 @@ def active_job(session: Session, *, line: str) -> TrainingJob | None:
     )
 
 
-def add_job(session: Session, *, line: str, trigger: str, now: datetime) -> TrainingJob | None:
+def last_job_finished_at(session: Session, *, line: str) -> datetime | None:
+    """When the line's most recent training job ended (any outcome); None if none has."""
+    return session.scalar(
+        select(func.max(TrainingJob.finished_at)).where(TrainingJob.model_line == line)
+    )
+
+
+def add_job(
+    session: Session,
+    *,
+    line: str,
+    trigger: str,
+    now: datetime,
+    not_before: datetime | None = None,
+) -> TrainingJob | None:
     """Queue a job for ``line`` unless one is queued or running; flushes, does not commit.
+    ``not_before``: no runner claims it earlier (a cooldown).
 
     The partial unique index ``uq_jobs_one_active_per_line`` is the real guard: an insert that
     races another process's fails inside a savepoint and returns None. The line's counter of
@@ -221,7 +236,9 @@ def add_job(session: Session, *, line: str, trigger: str, now: datetime) -> Trai
     """
     if active_job(session, line=line) is not None:
         return None
-    job = TrainingJob(model_line=line, status="queued", trigger=trigger, created_at=now)
+    job = TrainingJob(
+        model_line=line, status="queued", trigger=trigger, created_at=now, not_before=not_before
+    )
     try:
         with session.begin_nested():
             session.add(job)

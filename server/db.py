@@ -318,6 +318,14 @@ class DeviceEvent(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+# Execution option marking a read-only session's connections (make_read_sessionmaker).
+READ_ONLY_OPTION = "edgeloop_read_only"
+# Connections to a SQLite file: one per request thread (AnyIO's default limit, 40) plus the
+# background workers (ingest, rollouts, jobs, scheduler). They cost a file handle each.
+SQLITE_POOL_SIZE = 48
+POOL_TIMEOUT_S = 10.0  # seconds a thread waits for a pooled connection before failing
+
+
 def make_engine(url: str) -> Engine:
     """Build an engine for ``url``: SQLite (WAL, busy_timeout, BEGIN IMMEDIATE) or PostgreSQL.
 
@@ -330,7 +338,16 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # A file database gets enough connections for every request thread plus the background
+        # workers: a request must never wait for a connection that a blocked request holds.
+        pool: dict[str, Any] = (
+            {"pool_size": SQLITE_POOL_SIZE, "max_overflow": 0, "pool_timeout": POOL_TIMEOUT_S}
+            if parsed.database and parsed.database != ":memory:"
+            else {}
+        )
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, **pool
+        )
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -344,11 +361,19 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Writers take the write lock up front (no lock-upgrade failure mid-transaction);
+            # readers begin deferred, which in WAL mode takes no lock at all, so a read never
+            # queues behind a writer (see make_read_sessionmaker).
+            if conn.get_execution_options().get(READ_ONLY_OPTION):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     if parsed.get_backend_name() == "postgresql":
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        return create_engine(
+            url, pool_pre_ping=True, pool_size=10, max_overflow=40, pool_timeout=POOL_TIMEOUT_S
+        )
     raise ConfigError(f"unsupported database URL {url!r}: use sqlite:/// or postgresql://")
 
 
@@ -357,6 +382,18 @@ SessionFactory = Callable[[], Session]
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for requests that only read (GET, HEAD, authentication).
+
+    On SQLite their transactions begin deferred: a WAL reader sees a snapshot and takes no
+    lock, so reads never wait for the ingest writer, the rollout engine or a training
+    registration. On PostgreSQL (MVCC) they are ordinary sessions.
+    """
+    return sessionmaker(
+        engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False
+    )
 
 
 def create_all(engine: Engine) -> None:

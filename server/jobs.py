@@ -289,6 +289,7 @@ class JobRunner:
             p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p
         )
         env["EDGELOOP_TRAINER_PARENT_PID"] = str(os.getpid())  # the trainer exits if we die
+        env["EDGELOOP_TRAINER_NICE"] = str(self.settings.training_nice)  # serving comes first
         log.info("training job %s attempt %s: %s", job.id, job.attempts, " ".join(cmd))
         suffix = f"-{job.attempts}.log"
         with (

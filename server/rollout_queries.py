@@ -158,6 +158,10 @@ def create_rollout(
         targeting=targeting,
     )
     session.add(rollout)
+    if to_version > model_line.champion_version:
+        # The fleet now moves to ``to_version``: samples of older versions stop being evidence
+        # for the next training (server.samples.evidence_floor), so the count restarts.
+        model_line.new_samples = 0
     session.flush()
     return rollout
 

@@ -18,18 +18,19 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from contract import ContractError, InputSpec, Manifest, MessageError, decode_input
 from contract.envelope import SignedEnvelope
 from server import crud
-from server.db import Device, ModelLine, Release, Sample
+from server.db import Device, ModelLine, Release, Rollout, Sample
+from server.rollout import ACTIVE_ROLLOUT_STATES
 from server.screening import Screener
 from server.upload_limits import charge_quota
 
@@ -235,13 +236,17 @@ def upload_samples(
     now: datetime,
     screener: Screener | None = None,
     daily_quota: int = 0,
+    default_cooldown_s: float = 0.0,
 ) -> UploadResult:
     """Validate and store one batch in one transaction; trigger retraining at the threshold.
 
     Duplicate sample ids (already stored, or repeated within the batch) are counted, not stored
     twice, so a device may retry an upload safely. New samples are charged to their device's
     ``daily_quota`` (0: none) and screened by ``screener``: quarantined ones are stored but do not
-    count toward retraining. Commits.
+    count toward retraining, and neither do samples of a version older than the one the fleet
+    is moving to (:func:`evidence_floor`). ``default_cooldown_s``: seconds after a line's last
+    training before a threshold job may start, for lines whose config sets no ``cooldown_s``.
+    Commits.
 
     Raises:
         RateLimitedError: a device would pass its daily quota (nothing of the batch is stored).
@@ -249,7 +254,12 @@ def upload_samples(
     for attempt in range(_INSERT_RETRIES):
         try:
             return _upload_once(
-                session, records=records, now=now, screener=screener, daily_quota=daily_quota
+                session,
+                records=records,
+                now=now,
+                screener=screener,
+                daily_quota=daily_quota,
+                default_cooldown_s=default_cooldown_s,
             )
         except IntegrityError:
             session.rollback()
@@ -265,6 +275,7 @@ def _upload_once(
     now: datetime,
     screener: Screener | None,
     daily_quota: int,
+    default_cooldown_s: float,
 ) -> UploadResult:
     result = UploadResult()
     devices, lines = _facts(session, records)
@@ -323,13 +334,22 @@ def _upload_once(
     if screener is not None and fresh:
         held = screener.screen(session, rows=list(fresh.values()), now=now)
         result.quarantined = [{"sample_id": s, "reason": r} for s, r in sorted(held.items())]
+    floors = evidence_floor(session, lines={row["model_line"] for row in fresh.values()})
     per_line: dict[str, int] = {}
     for row in fresh.values():
         if row["sample_id"] in held:
             continue  # held back from datasets: not a reason to retrain
+        if row["model_version"] < floors.get(row["model_line"], 0):
+            continue  # stored for datasets, but evidence against a model the fleet is leaving
         per_line[row["model_line"]] = per_line.get(row["model_line"], 0) + 1
     for line_name in sorted(per_line):  # fixed lock order: no deadlock between batches
-        job_id = _count_and_trigger(session, line=line_name, added=per_line[line_name], now=now)
+        job_id = _count_and_trigger(
+            session,
+            line=line_name,
+            added=per_line[line_name],
+            now=now,
+            default_cooldown_s=default_cooldown_s,
+        )
         if job_id is not None:
             result.jobs_triggered.append(job_id)
     session.commit()
@@ -337,19 +357,62 @@ def _upload_once(
     return result
 
 
-def _count_and_trigger(session: Session, *, line: str, added: int, now: datetime) -> int | None:
+def evidence_floor(session: Session, *, lines: set[str]) -> dict[str, int]:
+    """Per line, the oldest model version whose samples count toward the next training.
+
+    That is the version the fleet is moving to: the newest of the champion and any candidate
+    in approval or rollout. A device still on an older version keeps uploading what that
+    version gets wrong; those samples are stored and used in datasets, but they are evidence
+    against a model being replaced, not against the candidate, so they trigger nothing.
+    """
+    if not lines:
+        return {}
+    floors = {
+        name: champion or 0
+        for name, champion in session.execute(
+            select(ModelLine.name, ModelLine.champion_version).where(ModelLine.name.in_(lines))
+        )
+    }
+    for name, newest in session.execute(
+        select(Rollout.model_line, func.max(Rollout.to_version))
+        .where(Rollout.model_line.in_(lines), Rollout.state.in_(ACTIVE_ROLLOUT_STATES))
+        .group_by(Rollout.model_line)
+    ):
+        floors[name] = max(floors.get(name, 0), int(newest))
+    return floors
+
+
+def cooldown_of(training_config: Mapping[str, Any] | None, default_s: float) -> float:
+    """The line's retraining cooldown in seconds (its config's ``cooldown_s``, else the
+    server default)."""
+    value = (training_config or {}).get("cooldown_s")
+    return float(value) if isinstance(value, int | float) and value >= 0 else default_s
+
+
+def _count_and_trigger(
+    session: Session, *, line: str, added: int, now: datetime, default_cooldown_s: float = 0.0
+) -> int | None:
     """Add to the line's counter under its row lock; enqueue one job when it crosses the
-    threshold and none is queued or running."""
+    threshold and none is queued or running. Within the line's cooldown after its last
+    training finished, the job is queued to start when the cooldown ends."""
     counted = session.execute(
         update(ModelLine)
         .where(ModelLine.name == line)
         .values(new_samples=ModelLine.new_samples + added)
-        .returning(ModelLine.new_samples, ModelLine.retrain_threshold)
+        .returning(
+            ModelLine.new_samples, ModelLine.retrain_threshold, ModelLine.training_config
+        )
         .execution_options(synchronize_session=False)
     ).one()
     if counted.new_samples < counted.retrain_threshold:
         return None
+    not_before = None
+    cooldown_s = cooldown_of(counted.training_config, default_cooldown_s)
+    if cooldown_s > 0:
+        last = crud.last_job_finished_at(session, line=line)
+        if last is not None and (now - last).total_seconds() < cooldown_s:
+            not_before = last + timedelta(seconds=cooldown_s)
     # None when a job is already queued or running (the partial unique index decides races):
     # that job will pick these samples up, or the next threshold will.
-    job = crud.add_job(session, line=line, trigger="threshold", now=now)
+    job = crud.add_job(session, line=line, trigger="threshold", now=now, not_before=not_before)
     return job.id if job is not None else None

@@ -16,7 +16,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from server import crud
 from server.artifacts import ArtifactStore
 from server.core.config import Settings
-from server.db import create_all, make_engine, make_sessionmaker, utcnow
+from server.db import (
+    create_all,
+    make_engine,
+    make_read_sessionmaker,
+    make_sessionmaker,
+    utcnow,
+)
 from server.enrollment import revoked_device_ids
 from server.errors import ConflictError
 from server.ingest import IngestWriter
@@ -49,6 +55,9 @@ class Services:
     jobs: JobRunner
     clock: Callable[[], datetime] = utcnow
     screener: Screener | None = None  # label screening of uploaded samples
+    # Sessions for requests that only read (GET, HEAD, authentication); see
+    # server.db.make_read_sessionmaker. None: use ``sessions``.
+    read_sessions: sessionmaker[Session] | None = None
     sample_limiter: SampleRateLimiter | None = None  # per-device upload rate (this process)
     # Revoked device ids (loaded at start, added to on revoke): the bridge drops their reports.
     revoked_devices: set[str] = field(default_factory=set)
@@ -183,6 +192,7 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
         settings=settings,
         engine=engine,
         sessions=sessions,
+        read_sessions=make_read_sessionmaker(engine),
         signer=signer,
         store=store,
         ingest_queue=ingest_queue,

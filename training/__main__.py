@@ -18,6 +18,19 @@ from training.errors import SpecError, TrainingError
 
 PARENT_ENV = "EDGELOOP_TRAINER_PARENT_PID"  # set by the server's job runner
 PARENT_POLL_S = 1.0  # seconds between checks that the runner still lives
+NICE_ENV = "EDGELOOP_TRAINER_NICE"  # niceness the job runner asks for (server training_nice)
+
+
+def _lower_priority() -> None:
+    """Run at the niceness the job runner asked for, before any worker thread exists (every
+    thread torch or BLAS starts later inherits it): training takes only the CPU that serving
+    the fleet leaves."""
+    wanted = os.environ.get(NICE_ENV, "")
+    if wanted.isdigit():
+        try:
+            os.nice(max(0, int(wanted) - os.nice(0)))
+        except OSError as exc:
+            print(f"training: cannot lower priority: {exc}", file=sys.stderr, flush=True)
 
 
 def _exit_with_parent() -> None:
@@ -43,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spec", required=True, help="path to the job's spec.json")
     parser.add_argument("--print", action="store_true", help="echo report.json to stdout")
     args = parser.parse_args(argv)
+    _lower_priority()
     _exit_with_parent()
 
     # Imported lazily so that `--help` and a bad spec fail fast, before torch/sklearn/ORT load.

@@ -9,6 +9,7 @@ One document (JSON, or TOML read with :mod:`tomllib`) says how a line is trained
     base = "digits"                # or "imagefolder:/data/parts" (train/ and golden/ folders)
     retrain_threshold = 1000       # optional: accepted samples that trigger a training
     schedule_s = 86400             # optional: also train this often, if new samples arrived
+    cooldown_s = 600               # optional: seconds after a training before a threshold job
 
     [hyperparams]                  # overrides of the trainer's defaults
     max_iter = 300
@@ -105,6 +106,8 @@ class LineConfig:
     gate: GateConfig = GateConfig()
     retrain_threshold: int | None = None  # None: the server's default
     schedule_s: float | None = None  # None: no scheduled training
+    # Seconds after the line's last training ends before a threshold job may start.
+    cooldown_s: float | None = None  # None: the server's default (retrain_cooldown_s)
 
     @classmethod
     def from_dict(cls, data: Any) -> LineConfig:
@@ -149,6 +152,14 @@ class LineConfig:
             or schedule < 1
         ):
             raise SpecError(f"schedule_s must be a number of seconds >= 1, got {schedule!r}")
+        cooldown = data.get("cooldown_s")
+        if cooldown is not None and (
+            isinstance(cooldown, bool)
+            or not isinstance(cooldown, int | float)
+            or not math.isfinite(cooldown)
+            or cooldown < 0
+        ):
+            raise SpecError(f"cooldown_s must be a number of seconds >= 0, got {cooldown!r}")
         return cls(
             trainer=trainer,
             hyperparams=dict(hyperparams),
@@ -159,6 +170,7 @@ class LineConfig:
             gate=GateConfig.from_dict(data.get("gate") or {}),
             retrain_threshold=threshold,
             schedule_s=float(schedule) if schedule is not None else None,
+            cooldown_s=float(cooldown) if cooldown is not None else None,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from server.auth import (
     DeviceIdentity,
@@ -30,12 +30,23 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_session(services: ServicesDep) -> Iterator[Session]:
-    with services.sessions() as session:
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def read_sessions(services: Services) -> sessionmaker[Session]:
+    return services.read_sessions or services.sessions
+
+
+def get_session(request: Request, services: ServicesDep) -> Iterator[Session]:
+    """The request's session: a read session for GET/HEAD (no write lock on SQLite), else a
+    writer's. Scope "function" (below): it closes when the handler returns, before the response
+    is sent, so no connection or lock is held while a response (an artifact) streams."""
+    maker = read_sessions(services) if request.method in READ_METHODS else services.sessions
+    with maker() as session:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 # Integer path parameters are bounded so an absurd id is a 422, never a database overflow.
 IdPath = Annotated[int, Path(ge=1, le=MAX_INT32)]
@@ -52,7 +63,7 @@ def _authorization(request: Request) -> str | None:
 def current_operator(request: Request, services: ServicesDep) -> Operator:
     """The operator behind the bearer token (401 without or with an unknown token)."""
     token = bearer_token(_authorization(request))
-    with services.sessions() as session:
+    with read_sessions(services)() as session:
         return authenticate_operator(
             session, token, admin_token=services.settings.effective_admin_token
         )
@@ -80,7 +91,7 @@ AdminDep = Annotated[Operator, Depends(require_admin)]
 def current_device(request: Request, services: ServicesDep) -> DeviceIdentity:
     """The device behind the bearer credential (401 unknown, 403 revoked)."""
     token = bearer_token(_authorization(request))
-    with services.sessions() as session:
+    with read_sessions(services)() as session:
         return authenticate_device(session, token)
 
 

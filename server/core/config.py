@@ -56,6 +56,11 @@ class Settings(BaseSettings):
 
     # Retraining.
     retrain_threshold: int = Field(default=1000, ge=1)  # accepted samples that trigger a job
+    # Seconds after a line's last training ends before a threshold job may start (a line's
+    # config `cooldown_s` wins). 0: none. Samples keep being stored meanwhile.
+    retrain_cooldown_s: float = Field(default=0.0, ge=0)
+    # Niceness of the trainer subprocess (0-19): training takes only the CPU serving leaves.
+    training_nice: int = Field(default=10, ge=0, le=19)
     training_python: str = sys.executable
     training_timeout_s: float = Field(default=3600.0, gt=0)  # seconds per training subprocess
     train_max_golden_drop: float = 0.03  # passed to the trainer's gate

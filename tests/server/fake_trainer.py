@@ -54,6 +54,10 @@ def main() -> int:
     if runs:
         with open(runs, "a") as f:
             f.write(f"{spec['job_id']} {out.name}\n")
+    # What the job runner asked of the trainer's environment (tests/server/test_retrain_*).
+    (out / "env.json").write_text(
+        json.dumps({"EDGELOOP_TRAINER_NICE": os.environ.get("EDGELOOP_TRAINER_NICE")})
+    )
     if args.mode == "crash":
         print("fake trainer: simulated crash (out of memory)", file=sys.stderr)
         return 3

@@ -8,14 +8,14 @@ from typing import Any
 from fastapi import APIRouter
 from sqlalchemy import text
 
-from server.api.deps import ServicesDep
+from server.api.deps import ServicesDep, read_sessions
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
 def healthz(services: ServicesDep) -> dict[str, Any]:
-    with services.sessions() as session:
+    with read_sessions(services)() as session:
         session.execute(text("SELECT 1"))
     bridge = services.bridge
     return {

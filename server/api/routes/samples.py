@@ -69,6 +69,7 @@ async def post_samples(request: Request, device: DeviceDep, services: ServicesDe
                 now=services.clock(),
                 screener=services.screener,
                 daily_quota=settings.sample_quota_per_device_per_day,
+                default_cooldown_s=settings.retrain_cooldown_s,
             )
 
     result = await run_in_threadpool(work)
