@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from enum import StrEnum
@@ -23,8 +24,13 @@ from contract.topics import valid_device_id
 
 # Limits on what one message may carry.
 MAX_MESSAGE_BYTES = 256 * 1024  # bytes, one MQTT status/metrics message
+MAX_TARGET_BYTES = 1024 * 1024  # bytes, one target message (MQTT payload or HTTP poll body)
+MAX_JSON_DEPTH = 32  # nesting levels of arrays/objects in any message (real ones use < 8)
 MAX_REASON_CHARS = 1000  # characters in a free-text reason
 MAX_INPUT_VALUES = 1 << 20  # values in one sample's input tensor
+MAX_URL_CHARS = 2048  # characters in an artifact URL
+MAX_MODEL_LINE_CHARS = 64  # characters in a model line name (the server's column width)
+MAX_ROLLOUT_ID = 2**63 - 1  # highest rollout id: the server's BIGINT id column
 
 
 class DeviceState(StrEnum):
@@ -72,17 +78,110 @@ def _device_id(data: Mapping[str, Any]) -> str:
     return device_id
 
 
-def _as_mapping(data: Any) -> Mapping[str, Any]:
-    if isinstance(data, bytes | str):
-        if len(data) > MAX_MESSAGE_BYTES:
-            raise MessageError(f"message is {len(data)} bytes, limit {MAX_MESSAGE_BYTES}")
-        try:
-            data = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MessageError(f"message is not JSON: {exc}") from exc
+# A JSON string (possibly cut off by the end of the input): what the depth scan skips.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"?', re.DOTALL)
+_BRACKETS = b"[]{}"
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in _BRACKETS)
+_DEPTH_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as int8
+
+
+def json_depth(data: bytes) -> int:
+    """The deepest nesting of arrays/objects in ``data``, brackets inside strings not counted.
+
+    A linear scan that never recurses, so it is safe on hostile input; it never under-counts
+    what a JSON parser would descend into (invalid JSON may over-count, which only refuses it).
+    """
+    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    if not brackets:
+        return 0
+    steps = np.frombuffer(brackets.translate(_DEPTH_STEPS), dtype=np.int8)
+    return max(0, int(np.cumsum(steps, dtype=np.int64).max()))
+
+
+def loads_bounded(
+    data: bytes | bytearray | memoryview | str,
+    *,
+    max_bytes: int,
+    max_depth: int = MAX_JSON_DEPTH,
+    what: str = "message",
+) -> Any:
+    """Parse JSON only after checking its size (bytes) and nesting depth.
+
+    Raises:
+        MessageError: over a limit, not UTF-8, or not JSON (numbers too long to convert
+            included); never RecursionError or another foreign error.
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    if len(raw) > max_bytes:
+        raise MessageError(f"{what} is {len(raw)} bytes, limit {max_bytes}")
+    try:
+        # UTF-8 only (RFC 8259): its multi-byte sequences hold no ASCII byte, so the byte scan
+        # below sees the very quotes and brackets the parser will.
+        text = data if isinstance(data, str) else raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MessageError(f"{what} is not UTF-8: {exc.reason} at byte {exc.start}") from exc
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise MessageError(f"{what} nests {depth} levels deep, limit {max_depth}")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, too many digits
+        raise MessageError(f"{what} is not JSON: {str(exc)[:200]}") from exc
+
+
+def _as_mapping(data: Any, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Mapping[str, Any]:
+    if isinstance(data, bytes | bytearray | memoryview | str):
+        data = loads_bounded(data, max_bytes=max_bytes)
     if not isinstance(data, Mapping):
         raise MessageError("message must be a JSON object")
     return data
+
+
+def bounded_id(value: Any, *, high: int = MAX_ROLLOUT_ID) -> int | None:
+    """``value`` if it is an int in 0..``high``, else None: for copying a field the signature
+    does not cover into a report (a value the server cannot store must not cost the report)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high:
+        return value
+    return None
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def clean_text(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` cut to ``limit`` characters with control characters and lone surrogates
+    replaced by U+FFFD: free text built from hostile input (a reason quoting a keyid) must be
+    storable as it is (PostgreSQL TEXT refuses NUL and invalid UTF-8)."""
+    return _UNPRINTABLE.sub("\ufffd", text[:limit])
+
+
+_MODEL_LINE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_URL = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces or controls
+
+
+def _model_line(d: Mapping[str, Any]) -> str:
+    line = _field(d, "model_line", str)
+    if not _MODEL_LINE.fullmatch(line):
+        raise MessageError(
+            f"model_line must be 1-{MAX_MODEL_LINE_CHARS} of [A-Za-z0-9._-] starting alphanumeric"
+        )
+    return line
+
+
+def _artifact_url(d: Mapping[str, Any]) -> str:
+    url = _field(d, "artifact_url", str)
+    if len(url) > MAX_URL_CHARS or not _URL.fullmatch(url):
+        raise MessageError(
+            f"artifact_url must be 1-{MAX_URL_CHARS} printable ASCII characters without spaces"
+        )
+    return url  # only a hint: the fetcher refuses a scheme it does not speak
+
+
+def _rollout_id(d: Mapping[str, Any]) -> int | None:
+    value = _field(d, "rollout_id", int, optional=True)
+    if value is not None and bounded_id(value) is None:
+        raise MessageError(f"rollout_id must be 0..{MAX_ROLLOUT_ID}")
+    return value
 
 
 MAX_TARGET_ROOTS = 256  # root envelopes one target message may carry
@@ -120,12 +219,15 @@ class TargetMessage:
 
     @classmethod
     def from_dict(cls, data: Any) -> TargetMessage:
-        d = _as_mapping(data)
+        """Validate every field, the unsigned ones (``model_line``, ``artifact_url``,
+        ``rollout_id``) included: they end up in logs, requests and reports. Bytes or str are
+        parsed with ``MAX_TARGET_BYTES`` and ``MAX_JSON_DEPTH``. Raises MessageError."""
+        d = _as_mapping(data, max_bytes=MAX_TARGET_BYTES)
         return cls(
-            model_line=_field(d, "model_line", str),
+            model_line=_model_line(d),
             envelope=dict(_field(d, "envelope", dict)),
-            artifact_url=_field(d, "artifact_url", str),
-            rollout_id=_field(d, "rollout_id", int, optional=True),
+            artifact_url=_artifact_url(d),
+            rollout_id=_rollout_id(d),
             roots=_roots(d),
         )
 

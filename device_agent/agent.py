@@ -5,14 +5,18 @@ MQTT client and ``state_dir``. Threads per agent: paho's loop, the update worker
 state machine of ``states.py``), the uploader, the metrics publisher (also drains the outbox of
 reports held while the broker was away), and the bootstrap thread (registration, then an HTTP
 poll for the target: continuously until a model serves, then every ``target_poll_interval_s``
-while MQTT is disconnected, for networks that block MQTT).
+while MQTT is disconnected, for networks that block MQTT). The four workers run under a
+``Supervisor`` that restarts one that dies; ``status()["workers"]`` says how they are.
+
+Whatever arrives from the network (MQTT target, HTTP target poll) goes through the bounded
+``TargetInbox`` and ``parse_target``; any exception while parsing or offering it becomes a
+REFUSED report naming the reason, never the end of the update worker.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -24,20 +28,22 @@ import numpy as np
 
 from contract import MessageError
 from contract.manifest import Manifest
-from contract.messages import DeviceState, StatusReport, TargetMessage
+from contract.messages import MAX_TARGET_BYTES, DeviceState, StatusReport, TargetMessage, bounded_id
 from contract.topics import Topics
 from device_agent.capture import Capture, PendingPrediction, Spool, Uploader
 from device_agent.config import AgentConfig
 from device_agent.errors import IdentityError, InferenceError, TransportError
 from device_agent.fetcher import Fetcher, HttpFetcher, backoff_delay
-from device_agent.http import HttpClient
+from device_agent.http import HttpClient, parse_length
 from device_agent.identity import enroll, load_credential
+from device_agent.inbox import Inbound, TargetInbox, parse_target
 from device_agent.metrics import Metrics
 from device_agent.mqtt import MqttLink
 from device_agent.outbox import Outbox
 from device_agent.probation import LiveTracker
 from device_agent.runtime import ModelRuntime, freeze_heap, trim_heap, tune_interpreter
 from device_agent.store import ModelStore
+from device_agent.supervisor import Supervisor
 from device_agent.updater import Updater
 
 log = logging.getLogger(__name__)
@@ -116,7 +122,7 @@ class Agent:
             config, spool=self._spool, metrics=self._metrics, clock=self._clock, live=self._live
         )
         self._uploader = Uploader(config, spool=self._spool, client=self._http, stop=self._stop)
-        self._inbox: queue.Queue[bytes] = queue.Queue()
+        self._inbox = TargetInbox()
         self._topics = Topics()
         self._mqtt: MqttLink | None = None
         self._updater = Updater(
@@ -130,7 +136,7 @@ class Agent:
             stop=self._stop,
         )
         self._ready = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._supervisor = Supervisor(f"agent-{config.device_id}", self._stop)
         self._resumed = False
         self._started = False
         self.registered = False
@@ -164,24 +170,19 @@ class Agent:
         )
         if self._credential is not None or not self.config.bootstrap_token:
             self._start_mqtt()  # else: after enrollment, so the first login has the credential
-        name = self.config.device_id
-        for target, label in (
-            (self._update_worker, "update"),
-            (self._uploader.run, "upload"),
-            (self._metrics_loop, "metrics"),
-            (self._bootstrap, "bootstrap"),
+        for label, target in (
+            ("update", self._update_worker),
+            ("upload", self._uploader.run),
+            ("metrics", self._metrics_loop),
+            ("bootstrap", self._bootstrap),
         ):
-            t = threading.Thread(target=target, name=f"agent-{name}-{label}", daemon=True)
-            t.start()
-            self._threads.append(t)
+            self._supervisor.start(label, target)
 
     def stop(self) -> None:
         """Stop threads, keep unsent samples on disk, disconnect cleanly. Idempotent."""
         self._stop.set()
         self._spool.batch_full.set()  # wake the uploader
-        for t in self._threads:
-            t.join(_JOIN_TIMEOUT_S)
-        self._threads.clear()
+        self._supervisor.join(_JOIN_TIMEOUT_S)
         self._updater.drop_shadow()
         if self._mqtt is not None:
             self._mqtt.stop()
@@ -191,6 +192,17 @@ class Agent:
             self._fetcher.close()
         if self._own_http:
             self._http.close()
+
+    @property
+    def _threads(self) -> list[threading.Thread]:
+        """The supervised worker threads (tests look for the bootstrap thread)."""
+        return self._supervisor.threads
+
+    @property
+    def healthy(self) -> bool:
+        """True while no worker is down and the MQTT network thread (once started) runs."""
+        mqtt_ok = self._mqtt is None or self._mqtt.loop_alive is not False
+        return self._supervisor.healthy and mqtt_ok
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until a verified model serves; True if one does."""
@@ -309,8 +321,16 @@ class Agent:
                 for r in st.refused[-5:]
             ],
             "outbox": {"pending": len(self._outbox), "dropped": self._outbox.dropped},
+            "healthy": self.healthy,
+            "workers": self._worker_status(),
             "last_error": self._updater.last_error or self._uploader.last_error or self._last_error,
         }
+
+    def _worker_status(self) -> dict[str, Any]:
+        workers: dict[str, Any] = self._supervisor.status()
+        if self._mqtt is not None and self._mqtt.loop_alive is not None:
+            workers["mqtt"] = {"state": "running" if self._mqtt.loop_alive else "down"}
+        return workers
 
     def _shadow_status(self) -> dict[str, Any] | None:
         shadow = self._updater.shadow
@@ -330,27 +350,29 @@ class Agent:
             self._outbox.add(self._topics.status(self.config.device_id), report.to_json(), qos=1)
 
     def _next_target(self, timeout: float) -> TargetMessage | None:
-        """Wait for a target; coalesce a burst to the latest message. None on timeout/invalid."""
-        try:
-            payload = self._inbox.get(timeout=timeout)
-        except queue.Empty:
+        """Wait for a target; coalesce a burst to the latest message. None on timeout, on a
+        cleared retained target, or when the message was refused (reported here)."""
+        item, skipped = self._inbox.take_newest(timeout)
+        if item is None:
             return None
-        skipped = 0
-        while True:  # only the newest target matters
-            try:
-                payload = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            skipped += 1
         if skipped:
             log.info("coalesced %d older target message(s) into the newest", skipped)
-        if not payload:
-            return None  # the retained target was cleared
         try:
-            return TargetMessage.from_dict(json.loads(payload))
-        except (ValueError, MessageError) as exc:
-            self._updater.refuse_message(f"invalid target message: {exc}")
-            return None
+            return parse_target(item)
+        except MessageError as exc:
+            reason = f"invalid target message ({item.source}): {exc}"
+        except Exception as exc:  # a parser bug must cost one message, never the worker
+            log.exception("target message (%s) broke the parser", item.source)
+            reason = f"invalid target message ({item.source}): {type(exc).__name__}: {exc}"
+        self._updater.refuse_message(reason)
+        return None
+
+    def _offer(self, target: TargetMessage) -> None:
+        try:
+            self._updater.offer(target)
+        except Exception as exc:  # persisted state could not take it: report, keep going
+            log.exception("target could not be accepted")
+            self._updater.refuse_message(f"target not accepted: {type(exc).__name__}: {exc}")
 
     def _update_worker(self) -> None:
         """Feed targets to the updater and run its state machine one step at a time."""
@@ -358,7 +380,7 @@ class Agent:
             busy = self._updater.busy
             target = self._next_target(timeout=0.0 if busy else 0.5)
             if target is not None:
-                self._updater.offer(target)
+                self._offer(target)
             if self._updater.busy:
                 try:
                     self._updater.step()
@@ -367,6 +389,22 @@ class Agent:
                     self._stop.wait(1.0)
             if self._runtime.current is not None:
                 self._ready.set()
+
+    def _poll_target(self, url: str) -> Inbound | None:
+        """GET the target, reading at most ``MAX_TARGET_BYTES`` of it; None unless 200.
+
+        Raises:
+            TransportError: the request failed.
+        """
+        with self._http.stream("GET", url) as resp:
+            if resp.status_code != 200:
+                resp.read_at_most(64 * 1024)  # a short error body: read it, keep the connection
+                return None
+            declared = parse_length(resp.headers.get("Content-Length"))
+            if declared is not None and declared > MAX_TARGET_BYTES:
+                return Inbound.too_large("http", declared)  # refused unread
+            body = resp.read_at_most(MAX_TARGET_BYTES)
+        return Inbound.of("http", body)
 
     def _metrics_loop(self) -> None:
         next_window = time.monotonic() + self.config.metrics_interval_s
@@ -379,6 +417,7 @@ class Agent:
             serving = self._runtime.current
             cur = self._updater.current
             rollout = cur.rollout_id if cur and serving and cur.sha256 == serving.sha256 else None
+            rollout = bounded_id(rollout)  # unsigned, and maybe persisted by an older agent
             shadow = self._updater.shadow
             reports = self._metrics.snapshot_and_reset(
                 serving_version=serving.model_version if serving else None,
@@ -462,7 +501,7 @@ class Agent:
             attempt += 1
             if self._stop.wait(delay):
                 return
-        last: bytes | None = None
+        last: str | None = None  # sha256 of the last body handed over
         url = cfg.server_url + TARGET_PATH.format(device_id=cfg.device_id)
         mqtt_down_since: float | None = None
         next_poll = 0.0
@@ -478,11 +517,14 @@ class Agent:
                     cfg.connect_retry_s if not self._ready.is_set() else cfg.target_poll_interval_s
                 )
                 try:
-                    resp = self._http.get(url)
-                    if resp.status_code == 200 and resp.content != last:
-                        last = resp.content
-                        self._inbox.put(resp.content)
+                    item = self._poll_target(url)
                 except TransportError as exc:
                     log.debug("target poll failed: %s", exc)
+                    item = None
+                if item is not None:
+                    digest = hashlib.sha256(item.payload or str(item.size).encode()).hexdigest()
+                    if digest != last:
+                        last = digest
+                        self._inbox.put(item)
             if self._stop.wait(min(cfg.connect_retry_s, 1.0)):
                 return

@@ -3,6 +3,7 @@
     edgeloop-agent run --config agent.json [--listen 127.0.0.1:0]
     edgeloop-agent check --config agent.json
     edgeloop-agent status --config agent.json
+    edgeloop-agent install --config agent.json DIR   # an exported bundle, offline
 
 ``run`` prints exactly one line, ``edgeloop-agent listening on http://HOST:PORT``, to stdout once
 the local API listens, logs JSON lines to stderr, and exits cleanly on SIGTERM/SIGINT.
@@ -21,6 +22,7 @@ import threading
 from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,7 @@ from device_agent.errors import (
     NoModelError,
     UnknownPredictionError,
 )
+from device_agent.offline import install_bundle
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # bytes accepted in one local API request
 _STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
@@ -99,12 +102,18 @@ def make_handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             if self.path == "/status":
                 self._send(200, agent.status())
-            elif self.path == "/healthz":  # 200 while a verified model serves
+            elif self.path == "/healthz":  # 200 while a model serves and no worker is down
                 st = agent.status()
-                ok = bool(st["serving"])
+                down = sorted(n for n, w in st["workers"].items() if w["state"] == "down")
+                ok = bool(st["serving"]) and not down
                 self._send(
                     200 if ok else 503,
-                    {"ok": ok, "model_version": st["model_version"], "state": st["state"]},
+                    {
+                        "ok": ok,
+                        "model_version": st["model_version"],
+                        "state": st["state"],
+                        "workers_down": down,
+                    },
                 )
             else:
                 self._send(404, {"error": f"no route GET {self.path}"})
@@ -237,6 +246,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    """Install an exported release bundle offline (device_agent.offline); exit 0 when it
+    installed, 1 when refused or failed. Prints one JSON object saying which."""
+    config = load_config(args.config)
+    result = install_bundle(config, args.directory)
+    print(json.dumps(result.to_dict(), indent=2), flush=True)
+    if not result.ok:
+        logging.getLogger(__name__).error("install refused: %s", result.reason)
+    return 0 if result.ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgeloop-agent", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO")
@@ -251,6 +271,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = sub.add_parser("status", help="print the persisted update state (no network)")
     status.add_argument("--config", required=True)
     status.set_defaults(func=cmd_status)
+    install = sub.add_parser(
+        "install", help="verify and install an exported release bundle (no server, no broker)"
+    )
+    install.add_argument("--config", required=True)
+    install.add_argument("directory", type=Path, help="written by `edgeloop releases export`")
+    install.set_defaults(func=cmd_install)
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
     try:

@@ -21,10 +21,10 @@ from pathlib import Path
 from device_agent.config import AgentConfig
 from device_agent.errors import LengthError, SlowRetrievalError, TransportError
 from device_agent.faults import crash_point
-from device_agent.http import HttpClient, StreamResponse
+from device_agent.http import HttpClient, StreamResponse, parse_length
 
 log = logging.getLogger(__name__)
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,40})-([0-9]{1,40})/([0-9]{1,40}|\*)")
 
 
 def backoff_delay(
@@ -142,26 +142,29 @@ class HttpFetcher(Fetcher):
     def _announced_size(resp: StreamResponse, have: int) -> int | None:
         """Full artifact size the response claims (Content-Range total or Content-Length)."""
         if resp.status_code == 206:
-            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-            if m and m.group(3).isdigit():
-                return int(m.group(3))
-        declared = resp.headers.get("Content-Length", "")
-        if declared.isdigit():
-            return int(declared) + (have if resp.status_code == 206 else 0)
+            m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range") or "")
+            total = parse_length(m.group(3)) if m else None
+            if total is not None:
+                return total
+        declared = parse_length(resp.headers.get("Content-Length"))
+        if declared is not None:
+            return declared + (have if resp.status_code == 206 else 0)
         return None
 
     @staticmethod
     def _check_response(resp: StreamResponse, dest: Path, have: int) -> str:
         """Decide how to write the body: append (resume) or start over. Returns a file mode."""
         if resp.status_code == 206 and have:
-            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-            start = int(m.group(1)) if m else -1
+            m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range") or "")
+            start = parse_length(m.group(1)) if m else None
             if start == have:
                 return "ab"
             if start == 0:
                 return "wb"
             dest.unlink(missing_ok=True)  # inconsistent range: next attempt starts afresh
-            raise TransportError(f"Content-Range {resp.headers.get('Content-Range')!r} != {have}")
+            raise TransportError(
+                f"Content-Range {(resp.headers.get('Content-Range') or '')[:100]!r} != {have}"
+            )
         if resp.status_code in (200, 206):
             return "wb"  # the server ignored Range (200): full body follows
         if resp.status_code == 416:

@@ -33,6 +33,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from contract import MessageError
+from contract.messages import loads_bounded
 from device_agent.config import AGENT_VERSION
 from device_agent.errors import ConnectError, TransportError
 
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     import ssl
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # bytes, cap on a non-streamed response body (JSON replies)
+MAX_LENGTH_DIGITS = 18  # decimal digits of a length header taken at face value (< 2**63)
 _IDLE_PER_HOST = 4  # idle keep-alive connections kept per host
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 _Key = tuple[str, str, int]
@@ -49,6 +52,15 @@ def _origin(url: str) -> _Key:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return (parts.scheme, parts.hostname or "", port)
+
+
+def parse_length(value: str | None) -> int | None:
+    """A byte count from a header (Content-Length, a Content-Range part): plain ASCII decimal
+    digits, else None. More than ``MAX_LENGTH_DIGITS`` digits reads as 10**18 (over any cap),
+    so a hostile header can neither raise nor cost a huge int conversion."""
+    if not value or not value.isascii() or not value.isdigit():
+        return None
+    return int(value) if len(value) <= MAX_LENGTH_DIGITS else 10**MAX_LENGTH_DIGITS
 
 
 class Response:
@@ -68,8 +80,12 @@ class Response:
         return self.content.decode("utf-8", errors="replace")
 
     def json(self) -> Any:
-        """The body parsed as JSON. Raises ValueError if it is not JSON."""
-        return _json.loads(self.content)
+        """The body parsed as JSON, nested at most ``MAX_JSON_DEPTH`` levels (a reply cannot
+        make the parser recurse). Raises ValueError if it is not such JSON."""
+        try:
+            return loads_bounded(self.content, max_bytes=len(self.content), what="response body")
+        except MessageError as exc:
+            raise ValueError(str(exc)) from exc
 
 
 class StreamResponse:
@@ -97,6 +113,23 @@ class StreamResponse:
                     self._raw.read()  # marks the body complete, so the connection is reused
                 return
             yield chunk
+
+    def read_at_most(self, limit: int) -> bytes:
+        """Read the body, stopping after ``limit`` + 1 bytes: a result longer than ``limit``
+        means the body was too long (the rest is never read; leaving the ``stream`` block then
+        closes the connection).
+
+        Raises:
+            TransportError: the connection failed.
+        """
+        parts: list[bytes] = []
+        got = 0
+        for chunk in self.iter_bytes(min(64 * 1024, limit + 1)):
+            parts.append(chunk)
+            got += len(chunk)
+            if got > limit:
+                break
+        return b"".join(parts)[: limit + 1]
 
 
 class HttpClient:
@@ -208,13 +241,13 @@ class HttpClient:
     def _send(
         self, method: str, url: str, body: bytes | None, headers: Mapping[str, str] | None
     ) -> tuple[_Key, http.client.HTTPConnection, http.client.HTTPResponse]:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise TransportError(f"{method} {url}: not an http(s) URL")
         try:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise TransportError(f"{method} {url[:200]}: not an http(s) URL")
             port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError as exc:
-            raise TransportError(f"{method} {url}: {exc}") from exc
+        except ValueError as exc:  # bad IPv6 literal, port out of range
+            raise TransportError(f"{method} {url[:200]}: {exc}") from exc
         key: _Key = (parts.scheme, parts.hostname, port)
         target = parts.path or "/"
         if parts.query:
@@ -228,18 +261,21 @@ class HttpClient:
                 return key, conn, self._exchange(conn, method, target, body, hdrs)
             except _STALE:
                 conn.close()  # the server closed it while idle: one retry on a fresh one
-            except (OSError, http.client.HTTPException) as exc:
+            except (OSError, ValueError, http.client.HTTPException) as exc:
                 conn.close()
                 raise TransportError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
-        conn = self._connect(key)
+        try:
+            conn = self._connect(key)
+        except (ValueError, http.client.HTTPException) as exc:  # a host http.client refuses
+            raise ConnectError(f"{method} {url[:200]}: {type(exc).__name__}: {exc}") from exc
         try:
             conn.connect()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a host name IDNA cannot encode
             conn.close()
             raise ConnectError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
         try:
             return key, conn, self._exchange(conn, method, target, body, hdrs)
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:
             conn.close()
             raise TransportError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
 
@@ -308,4 +344,4 @@ def _still_open(conn: http.client.HTTPConnection) -> bool:
     return not readable  # an idle HTTP/1.1 connection has nothing to read unless it closed
 
 
-__all__ = ["MAX_BODY_BYTES", "HttpClient", "Response", "StreamResponse"]
+__all__ = ["MAX_BODY_BYTES", "HttpClient", "Response", "StreamResponse", "parse_length"]

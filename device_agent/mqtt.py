@@ -1,15 +1,18 @@
 """Thin paho-mqtt 2.x adapter: connect, subscribe to our target topic, publish reports.
 
-No business logic runs on paho's network thread: ``on_message`` only puts the payload on a queue
-that the agent's update worker consumes. The session is persistent (MQTT v5, clean_start=False,
-session expiry), so QoS 1 targets published while the device was offline are delivered on
-reconnect; the server also retains the latest target on the topic.
+No business logic runs on paho's network thread: ``on_message`` only puts the payload on the
+bounded ``TargetInbox`` that the agent's update worker consumes (a payload over
+``MAX_TARGET_BYTES`` is kept as its size only, for the refusal report), and it cannot raise.
+The broker is told ``MAX_MQTT_PACKET_BYTES`` (MQTT v5 Maximum Packet Size), so it never sends
+this device a packet larger than that: paho would read any packet into memory whole. The
+session is persistent (MQTT v5, clean_start=False, session expiry), so QoS 1 targets published
+while the device was offline are delivered on reconnect; the server also retains the latest
+target on the topic.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from typing import Any
 
@@ -18,13 +21,19 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from contract.messages import MetricsReport, StatusReport
+from contract.messages import MAX_TARGET_BYTES, MetricsReport, StatusReport
 from contract.topics import Topics
 from device_agent.config import AgentConfig
 from device_agent.errors import TransportError
+from device_agent.inbox import Inbound, TargetInbox
 from device_agent.outbox import Outbox
 
 log = logging.getLogger(__name__)
+
+# Bytes, the largest MQTT packet the broker may send us. Above MAX_TARGET_BYTES on purpose: a
+# target between the two arrives and is refused with a report; a larger packet is discarded by
+# the broker (MQTT v5 3.1.2.11.4) before it can cost this device memory.
+MAX_MQTT_PACKET_BYTES = 8 * MAX_TARGET_BYTES
 
 
 class MqttLink:
@@ -33,7 +42,7 @@ class MqttLink:
     def __init__(
         self,
         config: AgentConfig,
-        inbox: queue.Queue[bytes],
+        inbox: TargetInbox,
         *,
         topics: Topics | None = None,
         outbox: Outbox | None = None,
@@ -45,6 +54,7 @@ class MqttLink:
         self._topics = topics or Topics()
         self.connected = threading.Event()
         self.refused: str | None = None  # the broker's reason when it refused our login
+        self._started = False
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=config.device_id,
@@ -57,6 +67,8 @@ class MqttLink:
         if credential:
             self.set_credential(credential)
         self._client.max_queued_messages_set(1000)  # reports kept while offline
+        # An exception in a callback must not end paho's network thread (paho logs it).
+        self._client.suppress_exceptions = True
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -77,6 +89,7 @@ class MqttLink:
         """
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self._cfg.mqtt_session_expiry_s
+        props.MaximumPacketSize = MAX_MQTT_PACKET_BYTES
         try:
             self._client.connect_async(
                 self._cfg.mqtt_host,
@@ -88,6 +101,15 @@ class MqttLink:
         except (OSError, ValueError) as exc:
             raise TransportError(f"MQTT connect to {self._cfg.mqtt_host}: {exc}") from exc
         self._client.loop_start()
+        self._started = True
+
+    @property
+    def loop_alive(self) -> bool | None:
+        """Whether paho's network thread runs; None before ``start`` (or after ``stop``)."""
+        thread = getattr(self._client, "_thread", None)  # paho keeps no public handle on it
+        if not self._started:
+            return None
+        return thread is not None and thread.is_alive()
 
     def stop(self) -> None:
         """Disconnect cleanly (the broker keeps the session) and join paho's thread."""
@@ -95,6 +117,7 @@ class MqttLink:
             self._client.disconnect()
         finally:
             self._client.loop_stop()
+        self._started = False
         self.connected.clear()
 
     # ---- paho callbacks: network thread, keep them trivial -----------------------------------
@@ -120,8 +143,11 @@ class MqttLink:
             log.warning("MQTT disconnected: %s", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic == self.target_topic:
-            self._inbox.put(bytes(msg.payload))
+        try:
+            if msg.topic == self.target_topic:
+                self._inbox.put(Inbound.of("mqtt", msg.payload))
+        except Exception:  # never on the network thread: the message is lost, the link is not
+            log.exception("MQTT message on %r dropped", getattr(msg, "_topic", b"")[:200])
 
     # ---- publishing ----------------------------------------------------------------------------
     def publish_status(self, report: StatusReport) -> None:

@@ -20,8 +20,16 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+from contract import MessageError
 from contract.manifest import Manifest
-from contract.messages import MAX_REASON_CHARS, DeviceState, StatusReport, TargetMessage
+from contract.messages import (
+    MAX_REASON_CHARS,
+    DeviceState,
+    StatusReport,
+    TargetMessage,
+    bounded_id,
+    clean_text,
+)
 from device_agent import states
 from device_agent.config import AgentConfig
 from device_agent.errors import (
@@ -29,6 +37,8 @@ from device_agent.errors import (
     ContentError,
     LengthError,
     ModelLoadError,
+    RootInvalidError,
+    SignatureInvalidError,
     TransportError,
 )
 from device_agent.faults import crash_point
@@ -309,17 +319,34 @@ class Updater:
         key = repr(sorted(job.target["envelope"].items()))
         if self._manifest_cache is not None and self._manifest_cache[0] == key:
             return self._manifest_cache[1]
-        target = TargetMessage.from_dict(job.target)
-        self.learn_roots(list(target.roots))
-        manifest = verify_target(
-            target,
-            self._trusted,
-            model_line=self.config.model_line,
-            highest_release=self.state.highest_release,
-            now=datetime.fromtimestamp(self._clock(), tz=UTC),
-            device=self._device,
-            skew_s=self.config.clock_skew_s,
-        )
+        # Anything but the agent's own errors from untrusted bytes is a bug in a parser, and
+        # still a refusal of these bytes: translated here, so the job settles and is reported.
+        try:
+            target = TargetMessage.from_dict(job.target)
+        except MessageError as exc:
+            raise SignatureInvalidError(f"target message: {exc}") from exc
+        except Exception as exc:
+            raise SignatureInvalidError(f"target message: {type(exc).__name__}: {exc}") from exc
+        try:
+            self.learn_roots(list(target.roots))
+        except (AgentError, OSError):
+            raise
+        except Exception as exc:
+            raise RootInvalidError(f"root metadata: {type(exc).__name__}: {exc}") from exc
+        try:
+            manifest = verify_target(
+                target,
+                self._trusted,
+                model_line=self.config.model_line,
+                highest_release=self.state.highest_release,
+                now=datetime.fromtimestamp(self._clock(), tz=UTC),
+                device=self._device,
+                skew_s=self.config.clock_skew_s,
+            )
+        except AgentError:
+            raise
+        except Exception as exc:
+            raise SignatureInvalidError(f"envelope: {type(exc).__name__}: {exc}") from exc
         self._manifest_cache = (key, manifest)
         return manifest
 
@@ -329,7 +356,7 @@ class Updater:
             sha256=manifest.artifact.sha256,
             model_version=manifest.model_version,
             release=manifest.release,
-            rollout_id=job.target.get("rollout_id"),
+            rollout_id=bounded_id(job.target.get("rollout_id")),
         )
 
     def swap_in(self, loaded: Loaded, *, keep_old: bool) -> None:
@@ -409,8 +436,8 @@ class Updater:
             self.last_state = state.update.state
 
     def refuse_message(self, reason: str) -> None:
-        """Report a target message that could not even be parsed."""
-        self.last_error = reason[:MAX_REASON_CHARS]
+        """Report a target message that could not even be parsed (no field of it is copied)."""
+        self.last_error = clean_text(reason)
         self.report(S.REFUSED, None, self.last_error)
 
     # ---- helpers -----------------------------------------------------------------------------
@@ -454,9 +481,10 @@ class Updater:
             model_line=self.config.model_line,
             model_version=serving.model_version if serving else None,
             release=self.state.highest_release or None,
-            rollout_id=tgt.get("rollout_id") if tgt else None,
+            # Not covered by the signature: copied only when the server can store it.
+            rollout_id=bounded_id(tgt.get("rollout_id")) if isinstance(tgt, dict) else None,
             target_release=job.release if job is not None and job.release else None,
-            reason=reason[:MAX_REASON_CHARS] if reason else None,
+            reason=clean_text(reason) if reason else None,
         )
         try:
             self._report_fn(report)

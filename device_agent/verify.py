@@ -8,6 +8,8 @@ into the agent's ContentError family.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,11 +18,18 @@ from typing import TYPE_CHECKING, Any
 
 from contract import ManifestError, RootError, SignatureError
 from contract.ed25519 import VerifyKey, as_verify_key
-from contract.envelope import SignedEnvelope, key_id, load_public_key, verify_envelope
+from contract.envelope import (
+    MAX_ENVELOPE_BYTES,
+    SignedEnvelope,
+    key_id,
+    load_public_key,
+    verify_envelope,
+)
 from contract.manifest import ArtifactRef, Manifest, Targeting, format_time, version_tuple
-from contract.messages import TargetMessage
+from contract.messages import MAX_JSON_DEPTH, TargetMessage, json_depth
 from contract.trust import Root, is_expired, load_pinned_root, root_version, walk_root_chain
 from device_agent.errors import (
+    ContentError,
     ExpiredManifestError,
     HashMismatchError,
     LengthError,
@@ -106,6 +115,8 @@ class ReleaseTrust:
         root = self.root
         if root is None or not envelopes:
             return self, []
+        for i, env in enumerate(envelopes):
+            check_payload_bounds(env, f"roots[{i}]", RootInvalidError)
         chain = list(self.roots)
         current = root
         applied: list[Mapping[str, Any]] = []
@@ -145,6 +156,29 @@ class ReleaseTrust:
                 f"trusted root v{root.version} expired at {format_time(root.expires_at)}: "
                 "waiting for newer root metadata"
             )
+
+
+def check_payload_bounds(
+    envelope: Any, what: str, error: type[ContentError] = SignatureInvalidError
+) -> None:
+    """Refuse an envelope whose payload is larger than ``MAX_ENVELOPE_BYTES`` or nests deeper
+    than ``MAX_JSON_DEPTH``, before any parser sees it (root payloads are parsed before their
+    signatures are checked: their version orders the chain). Other shape problems are left to
+    the envelope parser. Raises ``error``."""
+    if not isinstance(envelope, Mapping):
+        raise error(f"{what}: envelope must be a JSON object")
+    b64 = envelope.get("payload")
+    if not isinstance(b64, str):
+        return  # SignedEnvelope.from_dict names the problem
+    if len(b64) > (MAX_ENVELOPE_BYTES * 4) // 3 + 4:
+        raise error(f"{what}: payload over {MAX_ENVELOPE_BYTES} bytes")
+    try:
+        payload = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        return  # SignedEnvelope.from_dict names the problem
+    depth = json_depth(payload)
+    if depth > MAX_JSON_DEPTH:
+        raise error(f"{what}: payload nests {depth} levels deep, limit {MAX_JSON_DEPTH}")
 
 
 def _claimed_version(env: Mapping[str, Any]) -> int:
@@ -257,6 +291,7 @@ def verify_target(
             f"target is for model line {target.model_line!r}, this device serves {model_line!r}"
         )
     trust.check_fresh(now, skew_s)
+    check_payload_bounds(target.envelope, "envelope")
     manifest = _release_signature(target.envelope, trust)
     if is_expired(manifest.expires_at, now, skew_s):
         raise ExpiredManifestError(

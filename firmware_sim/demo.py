@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,10 @@ class LoopDidNotClose(RuntimeError):
     """The demo's loop stopped somewhere; the message says where."""
 
 
+HTTP_TIMEOUT_S = 30.0  # seconds one API call may take before it is retried
+HTTP_TRIES = 4  # attempts of one read-only API call (a loaded machine can be slow, not down)
+
+
 def num(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, int | float) else "n/a"
 
@@ -43,7 +48,11 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
+CURRENT_PHASE = ["starting"]  # what the demo was doing, for the failure message
+
+
 def phase(n: int, title: str) -> None:
+    CURRENT_PHASE[0] = f"[{n}] {title}"
     say(f"\n{BOLD}[{n}] {title}{RESET}")
 
 
@@ -82,8 +91,10 @@ class Demo:
         self.fleet: Fleet | None = None
         self.admin_token = secrets.token_urlsafe(24)  # the demo's bootstrap admin
         self.http = httpx.Client(
-            timeout=10.0, headers={"Authorization": f"Bearer {self.admin_token}"}
+            timeout=HTTP_TIMEOUT_S, headers={"Authorization": f"Bearer {self.admin_token}"}
         )
+        self.rollout_id: int | None = None  # the rollout being watched, for a failure report
+        self.failed = False  # a failed run keeps its work directory
         self.operator_token = self.admin_token  # what the CLI uses; an approver's, once made
 
     # Server API helpers ----------------------------------------------------------------------
@@ -94,9 +105,24 @@ class Demo:
         return f"{self.server.url}/api/v1"
 
     def get(self, path: str) -> Any:
-        r = self.http.get(f"{self.api}{path}")
-        r.raise_for_status()
-        return r.json()
+        """GET an API path; transport errors and 5xx are retried (reads are idempotent), then
+        reported as LoopDidNotClose naming the call."""
+        last = ""
+        for attempt in range(HTTP_TRIES):
+            try:
+                r = self.http.get(f"{self.api}{path}")
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc or 'no response'}"
+            else:
+                if r.status_code < 500:
+                    if r.is_error:
+                        raise LoopDidNotClose(
+                            f"GET {path} answered HTTP {r.status_code}: {r.text[:300]}"
+                        )
+                    return r.json()
+                last = f"HTTP {r.status_code}: {r.text[:300]}"
+            time.sleep(min(2.0**attempt, 5.0))
+        raise LoopDidNotClose(f"GET {path} failed {HTTP_TRIES} times; last: {last}")
 
     def line(self) -> dict[str, Any]:
         return self.get("/model-lines/digits")
@@ -114,7 +140,10 @@ class Demo:
             self.operator_token,
             *args,
         ]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired as exc:
+            raise LoopDidNotClose(f"`edgeloop {' '.join(args)}` took over 120 s") from exc
         if done.returncode != 0:
             raise LoopDidNotClose(
                 f"`edgeloop {' '.join(args)}` failed: {done.stderr or done.stdout}"
@@ -161,6 +190,11 @@ class Demo:
             timeout=300,
         )
         say(f"  model line 'digits': v{v1['champion_version']}, release {v1['current_release']}")
+        # The operator who will approve the rollout gets their token now, as a person would
+        # before they are needed (the bootstrap admin cannot be everyone's login).
+        made = self.cli("tokens", "create", "--name", "demo-approver", "--role", "approver")
+        self.operator_token = made.strip().splitlines()[-1]
+        say(DIM + "  $ edgeloop tokens create --name demo-approver --role approver" + RESET)
         say("  building the field inputs (clean and drifted with torchvision) ...")
         inputs = Inputs.build()
 
@@ -238,9 +272,6 @@ class Demo:
             f"  rollout #{rollout['id']}: v{rollout['from_version']} -> v{rollout['to_version']}, "
             f"state {rollout['state']}"
         )
-        made = self.cli("tokens", "create", "--name", "demo-approver", "--role", "approver")
-        self.operator_token = made.strip().splitlines()[-1]
-        say(DIM + "  $ edgeloop tokens create --name demo-approver --role approver" + RESET)
         out = self.cli("rollouts", "approve", str(rollout["id"]))
         say(
             DIM
@@ -255,6 +286,7 @@ class Demo:
             raise LoopDidNotClose(f"rollout #{rollout['id']} is still pending after approval")
 
         phase(7, f"Canary ({o.canary_percent}% of the fleet), gated on live metrics, then everyone")
+        self.rollout_id = rollout["id"]
         final = self._watch_rollout(rollout["id"])
         if final["state"] != "completed":
             raise LoopDidNotClose(
@@ -366,6 +398,41 @@ class Demo:
         say(f"{RED}{BOLD}The update did not improve accuracy under drift.{RESET}")
         return 1
 
+    def report_failure(self, exc: BaseException) -> None:
+        """Say which phase failed and why, the rollout's state, the server log's last lines
+        and where the work directory (kept) and the full traceback are."""
+        self.failed = True
+        what = str(exc) if isinstance(exc, LoopDidNotClose) else f"{type(exc).__name__}: {exc}"
+        say(f"\n{RED}{BOLD}The loop did not close in phase {CURRENT_PHASE[0]}:{RESET}")
+        say(f"{RED}  {what}{RESET}")
+        if self.rollout_id is not None and self.server is not None:
+            try:
+                r = self.http.get(f"{self.api}/rollouts/{self.rollout_id}", timeout=10).json()
+                say(
+                    f"  rollout #{self.rollout_id}: state {r.get('state')}, "
+                    f"v{r.get('from_version')} -> v{r.get('to_version')}; {r.get('reason') or ''}"
+                )
+            except (httpx.HTTPError, ValueError) as err:
+                say(f"  rollout #{self.rollout_id}: state unknown ({type(err).__name__}: {err})")
+        if self.fleet is not None:
+            versions = self.fleet.versions()
+            counts: dict[Any, int] = {}
+            for v in versions.values():
+                counts[v] = counts.get(v, 0) + 1
+            say(
+                "  devices by version: "
+                + ", ".join(f"v{v}: {n}" for v, n in sorted(counts.items(), key=str))
+            )
+        if self.server is not None:
+            say(f"{DIM}server log, last lines:\n{self.server.log_tail(30)}{RESET}")
+        trace = self.root / "demo-error.txt"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            trace.write_text("".join(traceback.format_exception(exc)))
+            say(f"  work directory kept: {self.root} (traceback in {trace.name})")
+        except OSError:
+            say(f"  work directory kept: {self.root}")
+
     def close(self) -> None:
         if self.fleet:
             self.fleet.stop()
@@ -373,7 +440,7 @@ class Demo:
             self.server.stop()
         self.broker.stop()
         self.http.close()
-        if not self.o.keep and self.o.workdir is None:
+        if not self.failed and not self.o.keep and self.o.workdir is None:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -412,13 +479,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return demo.run()
-    except LoopDidNotClose as exc:
-        say(f"\n{RED}{BOLD}The loop did not close: {exc}{RESET}")
-        if demo.server:
-            say(f"{DIM}server log tail:\n{demo.server.log_tail()}{RESET}")
-        return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # the front door: a clear message and the evidence, no traceback
+        demo.report_failure(exc)
+        return 1
     finally:
         demo.close()
 

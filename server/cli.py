@@ -11,10 +11,13 @@ edgeloop models alias digits champion
 edgeloop lineage model digits 3          # model -> dataset -> samples -> devices
 edgeloop lineage sample SAMPLE_ID        # sample -> datasets -> models
 edgeloop keys init ./keys
+edgeloop releases export digits 7 ./bundle   # for `edgeloop-agent install ./bundle` offline
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,6 +33,7 @@ rollouts_app = typer.Typer(help="Staged rollouts.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Training jobs.", no_args_is_help=True)
 keys_app = typer.Typer(help="Signing keys.", no_args_is_help=True)
 lineage_app = typer.Typer(help="Which data made which model, and back.", no_args_is_help=True)
+releases_app = typer.Typer(help="Signed releases.", no_args_is_help=True)
 for sub, name in (
     (devices_app, "devices"),
     (models_app, "models"),
@@ -37,6 +41,7 @@ for sub, name in (
     (jobs_app, "jobs"),
     (keys_app, "keys"),
     (lineage_app, "lineage"),
+    (releases_app, "releases"),
 ):
     app.add_typer(sub, name=name)
 
@@ -363,6 +368,66 @@ def rollouts_watch(
             time.sleep(interval)
             detail = _call("GET", f"/api/v1/rollouts/{rollout_id}")
             live.update(frame(detail))
+
+
+@releases_app.command("export")
+def releases_export(
+    line: str,
+    release: Annotated[int, typer.Argument(min=1)],
+    directory: Path,
+) -> None:
+    """Write release N of LINE, its artifact and the root chain into DIRECTORY, for an offline
+    install (`edgeloop-agent install DIRECTORY`). Layout: docs/bundle-format.md, section 8."""
+    from datetime import UTC, datetime
+
+    from server.release_export import (
+        ExportError,
+        check_release,
+        prepare_directory,
+        write_artifact,
+        write_bundle,
+    )
+
+    rel = _call("GET", f"/api/v1/model-lines/{line}/releases/{release}")
+    roots = _call("GET", "/api/v1/trust/roots")["roots"]
+    now = datetime.now(UTC)
+    try:
+        manifest = check_release(rel["envelope"], roots, line=line, release=release, now=now)
+        prepare_directory(directory)
+        with _stream(f"/api/v1/artifacts/{manifest.artifact.sha256}") as resp:
+            write_artifact(directory, manifest, resp.iter_bytes())
+        index = write_bundle(
+            directory,
+            envelope=rel["envelope"],
+            roots=roots,
+            manifest=manifest,
+            exported_at=now,
+            exported_from=state.server,
+        )
+    except ExportError as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    console.print(
+        f"exported {line} release {release} (model version {manifest.model_version}, "
+        f"{manifest.artifact.size} bytes, sha256 {manifest.artifact.sha256[:16]}) with root "
+        f"v1..v{len(index.roots)} into {directory}"
+    )
+
+
+@contextmanager
+def _stream(path: str) -> Iterator[httpx.Response]:
+    """A streamed GET on the server (same token and error handling as ``_call``)."""
+    headers = {"Authorization": f"Bearer {state.token}"} if state.token else {}
+    try:
+        with httpx.stream("GET", state.server + path, headers=headers, timeout=TIMEOUT_S) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                err_console.print(f"[red]error {resp.status_code}: {resp.text[:500]}[/red]")
+                raise typer.Exit(1)
+            yield resp
+    except httpx.HTTPError as exc:
+        err_console.print(f"[red]cannot reach {state.server}: {exc}[/red]")
+        raise typer.Exit(2) from exc
 
 
 @jobs_app.command("list")

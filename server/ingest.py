@@ -1,18 +1,23 @@
 """The ingest writer: drains device status/metrics from a queue and writes them in batches.
 
-Sources are the MQTT bridge (raw payload bytes) and the HTTP fallback endpoints (already parsed
-reports). One batch (up to ``batch_max`` messages or ``batch_wait_s``) is one transaction: bulk
-insert of metrics and status events, one UPDATE per device, one per rollout device. A message that
-does not parse, names another device than its topic, or comes from an unregistered device is
-counted and logged; it never stops the thread. If a batch fails to write, its messages are retried
-one by one so a single poison message cannot drop the others.
+Sources are the MQTT bridge (raw payload bytes) and the HTTP fallback endpoints (already read
+reports). Each message is read by ``server.ingest_parse.classify``, which never raises: a status
+report with a field out of range is stored with that field dropped (``DeviceEvent.dropped`` says
+which), and a report the server cannot use at all is stored as refused (``refused_reports``,
+under the topic's device, with the reason and an excerpt) so the operator sees it. Reports of
+unregistered devices are counted and dropped.
+
+One batch (up to ``batch_max`` messages or ``batch_wait_s``) is one transaction: bulk inserts of
+metrics, status events and refusals, one UPDATE per device, one per rollout device. If a batch
+fails to write, it is split in halves and each half written on its own, down to the single report
+the database refuses, which is then stored as refused: one poison message cannot drop the others,
+and nothing a device sends can end the writer's thread.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,27 +25,24 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Boolean, Table, and_, bindparam, case, func, insert, or_, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
-from contract import MessageError, MetricsReport, StatusReport
+from contract import MetricsReport, StatusReport
 from server.background import Worker
 from server.db import Device, DeviceEvent, DeviceMetric, Rollout, RolloutDevice, utcnow
+from server.db_ingest import RefusedReport, prune_refused
 from server.db_quality import ClassMetric, ShadowMetric
 from server.errors import UnavailableError
+from server.ingest_parse import MAX_REFUSAL_CHARS, Accepted, Refusal, classify, excerpt, printable
 from server.mqtt_bridge import IngestItem
 from server.rollout import SHADOW_STATE, SUCCESS_STATES, TERMINAL_STATES
 
 log = logging.getLogger(__name__)
 
-MAX_INT32 = 2**31 - 1
-MAX_COUNT = 2**62
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 Report = StatusReport | MetricsReport
-
-
-class InvalidReport(Exception):
-    """Internal: a message that cannot be stored (the text says why)."""
+Entry = tuple[Accepted | Refusal, datetime]  # a classified message and when it was received
 
 
 @dataclass
@@ -48,61 +50,26 @@ class IngestStats:
     received: int = 0
     status_written: int = 0
     metrics_written: int = 0
-    invalid: int = 0
+    invalid: int = 0  # reports refused (stored in refused_reports when the device is known)
+    refused_stored: int = 0
+    fields_dropped: int = 0  # reports stored with at least one field dropped
     unknown_device: int = 0
     batches: int = 0
-    failed_writes: int = 0
-    batch_fallbacks: int = 0  # batches that failed whole and were rewritten one by one
+    failed_writes: int = 0  # reports lost: neither they nor their refusal could be stored
+    batch_fallbacks: int = 0  # batches (or halves) that failed whole and were split
     last_error: str | None = None
 
 
-def parse_item(kind: str, topic_device: str, payload: Any) -> Report:
-    """Parse and range-check one message. Raises InvalidReport."""
-    if isinstance(payload, StatusReport | MetricsReport):
-        report: Report = payload
-    else:
-        cls = StatusReport if kind == "status" else MetricsReport
-        try:
-            report = cls.from_dict(payload)
-        except MessageError as exc:
-            raise InvalidReport(str(exc)) from exc
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise InvalidReport(f"unparseable {kind} message: {exc}") from exc
-    check_report(report)
-    if report.device_id != topic_device:
-        raise InvalidReport(
-            f"payload device_id {report.device_id!r} does not match the topic's {topic_device!r}"
-        )
-    return report
+@dataclass
+class _Written:
+    """What one committed transaction stored (added to the stats only after the commit)."""
 
-
-def check_report(report: Report) -> None:
-    """Reject values the database cannot hold (so one message cannot fail a whole batch)."""
-    if len(report.model_line) > 64 or _CONTROL.search(report.model_line):
-        raise InvalidReport("model_line must be at most 64 printable characters")
-    if isinstance(report, StatusReport):
-        ints = {
-            "model_version": report.model_version,
-            "release": report.release,
-            "rollout_id": report.rollout_id,
-            "target_release": report.target_release,
-        }
-    else:
-        ints = {"model_version": report.model_version, "rollout_id": report.rollout_id}
-        for name in ("inferences", "errors", "labelled", "correct"):
-            if getattr(report, name) > MAX_COUNT:
-                raise InvalidReport(f"{name} is out of range")
-        shadow = report.shadow
-        if shadow is not None:
-            ints["shadow.model_version"] = shadow.model_version
-            for name in ("compared", "labelled", "errors"):
-                if getattr(shadow, name) > MAX_COUNT:
-                    raise InvalidReport(f"shadow.{name} is out of range")
-        # Other counts are bounded by these (agreed <= compared, correct and per-class counts
-        # <= labelled: checked when parsed).
-    for name, value in ints.items():
-        if value is not None and not 0 <= value <= MAX_INT32:
-            raise InvalidReport(f"{name} {value} is out of range")
+    status: int = 0
+    metrics: int = 0
+    refused: int = 0
+    invalid: int = 0  # refused inside the transaction (another model line)
+    dropped: int = 0
+    unknown: int = 0
 
 
 class IngestWriter:
@@ -127,7 +94,7 @@ class IngestWriter:
             "ingest-writer", self._step, error_wait_s=0.0, on_error=self._record_error
         )
 
-    def submit(self, kind: str, report: Report) -> None:
+    def submit(self, kind: str, report: Report | Accepted) -> None:
         """Queue a report received over HTTP. Raises UnavailableError when the queue is full."""
         try:
             self.queue.put((kind, report.device_id, report, self.clock()), timeout=1.0)
@@ -167,32 +134,79 @@ class IngestWriter:
         return total
 
     def write_batch(self, batch: list[IngestItem]) -> None:
+        """Classify and store one batch; never raises for anything a device sent."""
         self.stats.received += len(batch)
-        parsed: list[tuple[Report, datetime]] = []
+        entries: list[Entry] = []
         for kind, device_id, payload, received_at in batch:
-            try:
-                parsed.append((parse_item(kind, device_id, payload), received_at))
-            except InvalidReport as exc:
+            entry = classify(kind, device_id, payload, received_ts=received_at.timestamp())
+            if isinstance(entry, Refusal):
                 self.stats.invalid += 1
-                log.info("dropped %s message for %s: %s", kind, device_id, exc)
-        if not parsed:
+                log.info("refused %s message for %s: %s", kind, device_id, entry.reason)
+            entries.append((entry, received_at))
+        self._write_or_split(entries)
+
+    def _write_or_split(self, entries: list[Entry]) -> None:
+        """Write ``entries`` in one transaction; on failure, each half on its own, down to the
+        single report the database refuses (stored as refused instead)."""
+        if not entries:
             return
         try:
-            self._write(parsed)
-        except SQLAlchemyError as exc:
+            written = self._write(entries)
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy's, or a driver's own (encoding)
+            if _is_outage(exc):
+                # No report is to blame: splitting would only repeat the failure (or the
+                # busy timeout) per half. Lost, as the broker has already had its ack.
+                self.stats.failed_writes += len(entries)
+                self.stats.last_error = str(exc)[:500]
+                log.error("database unavailable, %d reports lost: %s", len(entries), exc)
+                return
+            if len(entries) == 1:
+                self._store_unwritable(entries[0], exc)
+                return
             self.stats.batch_fallbacks += 1
-            log.warning("batch of %d failed (%s); retrying one by one", len(parsed), exc)
-            for item in parsed:
-                try:
-                    self._write([item])
-                except SQLAlchemyError as one_exc:
-                    self.stats.failed_writes += 1
-                    self.stats.last_error = str(one_exc)[:500]
-                    log.error("could not store report from %s: %s", item[0].device_id, one_exc)
+            log.warning("batch of %d failed (%s); writing it in halves", len(entries), exc)
+            mid = len(entries) // 2
+            self._write_or_split(entries[:mid])
+            self._write_or_split(entries[mid:])
+            return
+        self.stats.status_written += written.status
+        self.stats.metrics_written += written.metrics
+        self.stats.refused_stored += written.refused
+        self.stats.invalid += written.invalid
+        self.stats.fields_dropped += written.dropped
+        self.stats.unknown_device += written.unknown
+        self.stats.batches += 1
 
-    def _write(self, items: list[tuple[Report, datetime]]) -> None:
+    def _store_unwritable(self, entry: Entry, exc: Exception) -> None:
+        """One report the database would not take: store its refusal, or count it lost."""
+        item, received_at = entry
+        if isinstance(item, Accepted):
+            why = f"the database refused the report ({type(exc).__name__}: {exc})"
+            item = Refusal(
+                kind=item.kind,
+                device_id=item.device_id,
+                reason=printable(why, MAX_REFUSAL_CHARS)[0],
+                excerpt=excerpt(item),
+                size=None,
+            )
+            self.stats.invalid += 1
+            try:
+                written = self._write([(item, received_at)])
+            except Exception as again:  # noqa: BLE001 - counted and logged below
+                exc = again
+            else:
+                self.stats.refused_stored += written.refused
+                self.stats.unknown_device += written.unknown
+                log.error("stored report from %s as refused: %s", item.device_id, item.reason)
+                return
+        self.stats.failed_writes += 1
+        self.stats.last_error = str(exc)[:500]
+        log.error("could not store report from %s: %s", item.device_id, exc)
+
+    def _write(self, entries: list[Entry]) -> _Written:
+        written = _Written()
         with self.sessions() as session:
-            ids = {r.device_id for r, _ in items}
+            ids = {e.device_id for e, _ in entries}
             lines = dict(
                 session.execute(
                     select(Device.device_id, Device.model_line).where(Device.device_id.in_(ids))
@@ -204,16 +218,30 @@ class IngestWriter:
             classes: list[dict[str, Any]] = []
             shadows: list[dict[str, Any]] = []
             events: list[dict[str, Any]] = []
+            refused: list[dict[str, Any]] = []
+            statuses: list[tuple[StatusReport, datetime]] = []
             seen: dict[str, datetime] = {}
             last_status: dict[str, tuple[StatusReport, datetime]] = {}
-            for report, received_at in items:
-                line = lines.get(report.device_id)
+            for entry, received_at in entries:
+                line = lines.get(entry.device_id)
                 if line is None:
-                    self.stats.unknown_device += 1
+                    written.unknown += 1
                     continue
-                if report.model_line != line:
-                    self.stats.invalid += 1
+                if isinstance(entry, Refusal):
+                    refused.append(_refused_row(entry, received_at))
                     continue
+                report = entry.report
+                if report.model_line and report.model_line != line:
+                    why = f"model_line {report.model_line!r} is not the device's line {line!r}"
+                    refused.append(
+                        _refused_row(
+                            Refusal(entry.kind, entry.device_id, why, excerpt(entry), None),
+                            received_at,
+                        )
+                    )
+                    written.invalid += 1
+                    continue
+                written.dropped += bool(entry.dropped)
                 seen[report.device_id] = max(received_at, seen.get(report.device_id, received_at))
                 if isinstance(report, MetricsReport):
                     metrics.append(_metric_row(report, received_at))
@@ -221,7 +249,8 @@ class IngestWriter:
                     if report.shadow is not None:
                         shadows.append(_shadow_row(report, received_at))
                 else:
-                    events.append(_event_row(report, received_at))
+                    events.append(_event_row(report, entry.dropped, received_at))
+                    statuses.append((report, received_at))
                     prev = last_status.get(report.device_id)
                     if prev is None or report.ts >= prev[0].ts:
                         last_status[report.device_id] = (report, received_at)
@@ -233,12 +262,14 @@ class IngestWriter:
                 session.execute(insert(ShadowMetric), shadows)
             if events:
                 session.execute(insert(DeviceEvent), events)
+            if refused:
+                session.execute(insert(RefusedReport), refused)
+                prune_refused(session, (r["device_id"] for r in refused))
             self._update_devices(session, seen, last_status)
-            self._update_rollout_devices(session, items, lines)
+            self._update_rollout_devices(session, statuses, lines)
             session.commit()
-            self.stats.metrics_written += len(metrics)
-            self.stats.status_written += len(events)
-            self.stats.batches += 1
+        written.metrics, written.status, written.refused = len(metrics), len(events), len(refused)
+        return written
 
     @staticmethod
     def _update_devices(
@@ -282,15 +313,11 @@ class IngestWriter:
 
     @staticmethod
     def _update_rollout_devices(
-        session: Session, items: list[tuple[Report, datetime]], lines: dict[str, str]
+        session: Session, items: list[tuple[StatusReport, datetime]], lines: dict[str, str]
     ) -> None:
         """Move rollout_devices rows for status reports that are about a rollout's release."""
         statuses = [
-            (r, t)
-            for r, t in items
-            if isinstance(r, StatusReport)
-            and r.device_id in lines
-            and (r.rollout_id is not None or r.target_release is not None)
+            (r, t) for r, t in items if r.rollout_id is not None or r.target_release is not None
         ]
         if not statuses:
             return
@@ -310,7 +337,8 @@ class IngestWriter:
         for report, received_at in statuses:
             ro = by_id.get(report.rollout_id) if report.rollout_id is not None else None
             if ro is None:
-                ro = by_release.get((report.model_line, report.target_release))
+                # The device's registered line: the report's may have been dropped.
+                ro = by_release.get((lines[report.device_id], report.target_release))
             if ro is None or ro.release is None:
                 continue
             if report.target_release is not None and report.target_release != ro.release:
@@ -365,6 +393,11 @@ class IngestWriter:
 
     # ------------------------------------------------------------ thread
 
+    @property
+    def running(self) -> bool:
+        """Whether the writer's thread is alive (it survives any report; see Worker)."""
+        return self._worker.running
+
     def start(self) -> None:
         self._worker.start()
 
@@ -382,6 +415,13 @@ class IngestWriter:
     def _record_error(self, exc: Exception) -> None:
         self.stats.failed_writes += 1
         self.stats.last_error = str(exc)[:500]
+
+
+def _is_outage(exc: Exception) -> bool:
+    """The database, not a report, failed: connection lost, pool exhausted, locked, shut down."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError)
 
 
 def _clean(text: str | None) -> str | None:
@@ -448,7 +488,18 @@ def _shadow_row(r: MetricsReport, received_at: datetime) -> dict[str, Any]:
     }
 
 
-def _event_row(r: StatusReport, received_at: datetime) -> dict[str, Any]:
+def _refused_row(r: Refusal, received_at: datetime) -> dict[str, Any]:
+    return {
+        "device_id": r.device_id,
+        "kind": r.kind,
+        "reason": r.reason,
+        "excerpt": r.excerpt,
+        "size": r.size,
+        "received_at": received_at,
+    }
+
+
+def _event_row(r: StatusReport, dropped: tuple[str, ...], received_at: datetime) -> dict[str, Any]:
     return {
         "device_id": r.device_id,
         "ts": r.ts,
@@ -459,4 +510,5 @@ def _event_row(r: StatusReport, received_at: datetime) -> dict[str, Any]:
         "target_release": r.target_release,
         "reason": _clean(r.reason),
         "received_at": received_at,
+        "dropped": list(dropped) or None,
     }

@@ -103,8 +103,8 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
         return JSONResponse({"detail": "conflicts with stored data; retry"}, status_code=409)
 
     @app.exception_handler(OperationalError)
-    async def _db_down(_r: Request, exc: OperationalError) -> JSONResponse:
-        log.error("database unavailable: %s", exc.orig)
+    async def _db_down(request: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database unavailable (%s %s): %s", request.method, request.url.path, exc.orig)
         return JSONResponse({"detail": "database unavailable; retry"}, status_code=503)
 
     for module in (

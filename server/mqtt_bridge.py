@@ -2,7 +2,9 @@
 
 Nothing here interprets a message. The paho network thread only puts ``(kind, device_id,
 payload, received_at)`` into the ingest queue (``server.ingest`` parses and writes them), so a
-burst from 10,000 devices never blocks the socket on the database.
+burst from 10,000 devices never blocks the socket on the database. A payload over the message
+limit is queued as its size and first bytes (``Oversize``), never whole, and nothing a message
+carries can raise out of ``handle`` into paho's network thread.
 
 Targets are retained, QoS 1 and "latest wins", so the publisher coalesces per device: while the
 broker is down the pending map holds at most one message per device and is flushed on reconnect.
@@ -25,7 +27,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from contract import TargetMessage, Topics
+from contract.messages import MAX_MESSAGE_BYTES
 from server.db import utcnow
+from server.ingest_parse import Oversize
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,8 @@ class BridgeStats:
     published: int = 0
     connects: int = 0
     revoked: int = 0  # reports of revoked devices, dropped
+    oversize: int = 0  # payloads over MAX_MESSAGE_BYTES, queued as size and head only
+    errors: int = 0  # messages whose handling raised (logged; the network thread goes on)
 
 
 class MqttBridge:
@@ -116,6 +122,8 @@ class MqttBridge:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        # A callback that raises anyway is logged by paho instead of ending its network thread.
+        self._client.suppress_exceptions = True
 
     # ------------------------------------------------------------ network thread callbacks
 
@@ -137,19 +145,40 @@ class MqttBridge:
             log.warning("MQTT disconnected (%s); paho reconnects with backoff", reason)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        parsed = self.topics.parse(msg.topic)
-        if parsed is None or parsed[1] not in ("status", "metrics"):
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
             self.stats.bad_topic += 1
             return
-        if self.is_revoked is not None and self.is_revoked(parsed[0]):
-            # Queued by the broker before the revocation took effect: never ingested.
-            self.stats.revoked += 1
-            return
-        self.stats.received += 1
+        self.handle(topic, msg.payload)
+
+    def handle(self, topic: str, payload: bytes | bytearray) -> None:
+        """Queue one inbound message for the ingest writer (what ``on_message`` does). Never
+        raises: a failure is counted in ``stats.errors`` and logged."""
         try:
-            self.ingest_queue.put_nowait((parsed[1], parsed[0], bytes(msg.payload), utcnow()))
-        except queue.Full:
-            self.stats.dropped += 1  # metrics are QoS 0 and status is re-sent by the device
+            parsed = self.topics.parse(topic)
+            if parsed is None or parsed[1] not in ("status", "metrics"):
+                self.stats.bad_topic += 1
+                return
+            device_id, kind = parsed
+            if self.is_revoked is not None and self.is_revoked(device_id):
+                # Queued by the broker before the revocation took effect: never ingested.
+                self.stats.revoked += 1
+                return
+            self.stats.received += 1
+            body: bytes | Oversize
+            if len(payload) > MAX_MESSAGE_BYTES:
+                self.stats.oversize += 1
+                body = Oversize.of(payload)
+            else:
+                body = bytes(payload)
+            try:
+                self.ingest_queue.put_nowait((kind, device_id, body, utcnow()))
+            except queue.Full:
+                self.stats.dropped += 1  # metrics are QoS 0 and status is re-sent by the device
+        except Exception:  # noqa: BLE001 - see the docstring: the network thread must go on
+            self.stats.errors += 1
+            log.exception("MQTT message on %.200r could not be queued", topic)
 
     # ------------------------------------------------------------ publishing
 

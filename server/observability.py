@@ -92,6 +92,8 @@ def _process(services: Services) -> Iterator[Metric]:
         "status_written",
         "metrics_written",
         "invalid",
+        "refused_stored",
+        "fields_dropped",
         "unknown_device",
         "batches",
         "failed_writes",

@@ -399,9 +399,7 @@ def _count_and_trigger(
         update(ModelLine)
         .where(ModelLine.name == line)
         .values(new_samples=ModelLine.new_samples + added)
-        .returning(
-            ModelLine.new_samples, ModelLine.retrain_threshold, ModelLine.training_config
-        )
+        .returning(ModelLine.new_samples, ModelLine.retrain_threshold, ModelLine.training_config)
         .execution_options(synchronize_session=False)
     ).one()
     if counted.new_samples < counted.retrain_threshold:

@@ -78,6 +78,36 @@ class DevicePublic(BaseModel):
     last_reason: str | None
 
 
+class DeviceEventPublic(BaseModel):
+    """One stored status report; ``dropped`` lists what the server left out of it."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    ts: float  # device clock (the server's receive time when the device's was dropped)
+    state: str
+    model_version: int | None
+    release: int | None
+    rollout_id: int | None
+    target_release: int | None
+    reason: str | None
+    received_at: datetime
+    dropped: list[str] | None
+
+
+class RefusedReportPublic(BaseModel):
+    """A report the server could not use, kept with the reason and a bounded excerpt."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    kind: str
+    reason: str
+    excerpt: str
+    size: int | None  # bytes received; None when it came over HTTP already parsed
+    received_at: datetime
+
+
 # ---------------------------------------------------------------- samples
 
 

@@ -211,6 +211,9 @@ class FakeServer:
     one_time_tokens: bool = False  # default: a fleet-wide multi-use token
     revoked: set[str] = field(default_factory=set)  # device ids refused with 403
     auth_refusals: list[tuple[str, int]] = field(default_factory=list)  # (path, status)
+    # GET path -> the whole raw response (status line, headers, body) written as it is, then
+    # the connection is closed: a hostile server's headers and bytes. Logged in ``log``.
+    raw_responses: dict[str, bytes] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> FakeServer:
@@ -289,6 +292,17 @@ def _make_handler(srv: FakeServer) -> type[BaseHTTPRequestHandler]:
             return True
 
         def do_GET(self) -> None:
+            raw = srv.raw_responses.get(self.path)
+            if raw is not None:
+                with srv.lock:
+                    srv.log.append({"path": self.path, "range": self.headers.get("Range")})
+                self.close_connection = True
+                try:
+                    self.wfile.write(raw)
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                return
             if self.path.startswith("/artifacts/"):
                 self._artifact()
             elif m := re.fullmatch(r"/api/v1/devices/([^/]+)/target", self.path):

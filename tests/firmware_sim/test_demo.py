@@ -50,3 +50,38 @@ def test_demo_closes_the_loop_on_a_small_fleet(tmp_path):
     assert new > old + 0.2, "the retrained model must recover much of the loss"
     assert re.search(r"failed inferences\s+0$", out, re.M)
     assert "The loop closed" in out
+
+
+def test_a_demo_that_cannot_close_says_where_and_keeps_its_evidence(tmp_path):
+    """A phase that times out: the demo names the phase, shows the server log's last lines,
+    keeps its work directory and exits 1, with no traceback on the screen."""
+    work = tmp_path / "work"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "firmware_sim.demo",
+            "--devices",
+            "3",
+            "--threshold",
+            "1000000",  # never reached: phase 4 times out
+            "--measure-rounds",
+            "5",
+            "--workdir",
+            str(work),
+            "--timeout",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out[-4000:]
+    assert "The loop did not close in phase [4] Misclassified samples flow" in out, out[-4000:]
+    assert "timed out after 10s waiting for the retraining threshold" in out
+    assert "server log, last lines:" in out
+    assert "Traceback" not in out
+    assert f"work directory kept: {work}" in out
+    assert (work / "demo-error.txt").read_text().startswith("Traceback")
+    assert (work / "server" / "server.log").is_file()

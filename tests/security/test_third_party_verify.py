@@ -14,11 +14,20 @@ import json
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from contract.messages import TargetMessage
+from device_agent.errors import (
+    ExpiredManifestError,
+    RollbackRefusedError,
+    RootExpiredError,
+    TargetingMismatchError,
+)
+from device_agent.verify import DeviceFacts, ReleaseTrust, verify_target
 from server.core.config import Settings
 from server.signing import Signer, load_signer, write_key_pair
 from tests.device_agent.agent_testkit import make_manifest, make_model
@@ -141,7 +150,8 @@ def _doc_example(name: str) -> str:
     [
         (5, "2026-12-15T00:00:00+00:00", ["canary"], "ok"),
         (8, "2026-12-15T00:00:00+00:00", ["canary"], "below floor"),
-        (5, "2027-01-02T00:00:00+00:00", ["canary"], "expired"),
+        (5, "2026-12-31T12:00:00+00:00", ["canary"], "manifest expired"),
+        (5, "2027-01-02T00:00:00+00:00", ["canary"], "root v1 expired"),
         (5, "2026-12-15T00:00:00+00:00", ["eu"], "other groups"),
     ],
 )
@@ -166,3 +176,41 @@ def test_the_worked_example_of_the_spec_page_verifies(
     )
     assert verdict in out["reason"]
     assert out["ok"] == (verdict == "ok")
+
+
+@pytest.mark.parametrize(
+    ("floor", "now", "groups", "error"),
+    [
+        (5, "2026-12-15T00:00:00+00:00", ["canary"], None),
+        (8, "2026-12-15T00:00:00+00:00", ["canary"], RollbackRefusedError),
+        (5, "2026-12-31T12:00:00+00:00", ["canary"], ExpiredManifestError),
+        (5, "2027-01-02T00:00:00+00:00", ["canary"], RootExpiredError),
+        (5, "2026-12-15T00:00:00+00:00", ["eu"], TargetingMismatchError),
+    ],
+)
+def test_the_worked_example_fails_in_the_agent_for_the_reason_the_page_says(
+    floor: int, now: str, groups: list[str], error: type[Exception] | None
+) -> None:
+    """The same cases through the device agent's own verification core (steps 1 to 8)."""
+    trust, _, problem = ReleaseTrust.pinned(_doc_example("root").encode())
+    assert problem is None
+    target = TargetMessage(
+        model_line="digits", envelope=json.loads(_doc_example("manifest")), artifact_url="x"
+    )
+    verify = partial(
+        verify_target,
+        target,
+        trust,
+        model_line="digits",
+        highest_release=floor,
+        now=datetime.fromisoformat(now),
+        device=DeviceFacts("dev-1", tuple(groups), "generic", max_opset=21),
+        skew_s=300,
+    )
+    if error is None:
+        manifest = verify()
+        assert manifest.release == 7 and manifest.artifact.size == 20
+        return
+    with pytest.raises(error) as info:
+        verify()
+    assert type(info.value) is error

@@ -220,6 +220,7 @@ def test_two_servers_on_one_postgres_train_each_trigger_once(
                 f"{urls[(k + b_) % 2]}/api/v1/samples",
                 json={"samples": batch},
                 headers=creds[f"cam-{k}"],
+                timeout=60,  # the first uploads load the screening model on a loaded machine
             )
             assert r.status_code == 200, r.text
             accepted.append(r.json()["accepted"])

@@ -119,7 +119,9 @@ def test_cooldown_delays_the_threshold_job_until_it_ends(
             finished = session.scalars(select(TrainingJob.finished_at)).one()
         upload(client, "cam-1", "a", THRESHOLD, version=1)
         with services.sessions() as session:
-            job = session.scalars(select(TrainingJob).where(TrainingJob.trigger == "threshold")).one()
+            job = session.scalars(
+                select(TrainingJob).where(TrainingJob.trigger == "threshold")
+            ).one()
             assert job.status == "queued"
             assert job.not_before == finished + timedelta(seconds=3600)
         assert services.jobs.run_once() is None  # not claimed during the cooldown

@@ -9,18 +9,25 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Query
 
-from contract import MessageError, MetricsReport, StatusReport
-from server import crud
+from server import crud, db_ingest
 from server.api.deps import DeviceDep, ServicesDep, SessionDep, ViewerDep
 from server.auth import require_same_device
 from server.db_auth import DeviceCredential
 from server.enrollment import check_allowed
 from server.errors import InvalidRequestError
-from server.ingest import InvalidReport, check_report
-from server.schemas import DevicePublic, DeviceRegister, Name
+from server.ingest_parse import Accepted, classify
+from server.schemas import (
+    DeviceEventPublic,
+    DevicePublic,
+    DeviceRegister,
+    Name,
+    RefusedReportPublic,
+)
 from server.targets import resolve_target
+
+Limit = Annotated[int, Query(ge=1, le=db_ingest.MAX_LISTED)]
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
@@ -75,19 +82,29 @@ def get_target(
     ).to_dict()
 
 
-def _parse(cls: type[StatusReport] | type[MetricsReport], device_id: str, body: Any) -> Any:
-    try:
-        report = cls.from_dict(body)
-        check_report(report)
-    except (MessageError, InvalidReport) as exc:
-        raise InvalidRequestError(str(exc)) from exc
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise InvalidRequestError(f"invalid report: {exc}") from exc
-    if report.device_id != device_id:
-        raise InvalidRequestError(
-            f"device_id in the body ({report.device_id!r}) differs from the path ({device_id!r})"
-        )
-    return report
+@router.get("/{device_id}/events", response_model=list[DeviceEventPublic])
+def device_events(device_id: str, _op: ViewerDep, session: SessionDep, limit: Limit = 50) -> Any:
+    """The device's stored status reports, newest first; ``dropped`` names each field the server
+    left out of one (out of range, wrong type)."""
+    crud.get_device(session, device_id=device_id)
+    return db_ingest.list_events(session, device_id=device_id, limit=limit)
+
+
+@router.get("/{device_id}/refused", response_model=list[RefusedReportPublic])
+def refused_reports(device_id: str, _op: ViewerDep, session: SessionDep, limit: Limit = 50) -> Any:
+    """Reports from the device's topics the server could not use, newest first, with the reason
+    and an excerpt (the newest ``db_ingest.MAX_REFUSED_PER_DEVICE`` are kept)."""
+    crud.get_device(session, device_id=device_id)
+    return db_ingest.list_refused(session, device_id=device_id, limit=limit)
+
+
+def _parse(kind: str, device_id: str, body: Any, now_ts: float) -> Accepted:
+    """Read the body as the MQTT ingest does: fields out of range are dropped (and listed in
+    the response); a report the server cannot use at all is a 422 for the device to see."""
+    result = classify(kind, device_id, body, received_ts=now_ts)
+    if not isinstance(result, Accepted):
+        raise InvalidRequestError(result.reason)
+    return result
 
 
 @router.post("/{device_id}/status", status_code=202)
@@ -100,10 +117,10 @@ def post_status(
 ) -> dict[str, Any]:
     """HTTP fallback for devices that cannot reach the broker; same path as MQTT."""
     require_same_device(device, device_id)
-    report = _parse(StatusReport, device_id, body)
+    report = _parse("status", device_id, body, services.clock().timestamp())
     crud.get_device(session, device_id=device_id)
     services.ingest.submit("status", report)
-    return {"queued": True}
+    return {"queued": True, "dropped": list(report.dropped)}
 
 
 @router.post("/{device_id}/metrics", status_code=202)
@@ -115,7 +132,7 @@ def post_metrics(
     body: Annotated[Any, Body()],
 ) -> dict[str, Any]:
     require_same_device(device, device_id)
-    report = _parse(MetricsReport, device_id, body)
+    report = _parse("metrics", device_id, body, services.clock().timestamp())
     crud.get_device(session, device_id=device_id)
     services.ingest.submit("metrics", report)
-    return {"queued": True}
+    return {"queued": True, "dropped": list(report.dropped)}
