@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from contract import DeviceState, MessageError, MetricsReport, StatusReport
-from contract.messages import MAX_MESSAGE_BYTES, MAX_REASON_CHARS
+from contract.messages import MAX_MESSAGE_BYTES, MAX_REASON_CHARS, MAX_ROLLOUT_ID
 from contract.topics import valid_device_id
 
 MAX_INT32 = 2**31 - 1  # versions and releases: INTEGER columns on PostgreSQL
-MAX_INT64 = 2**63 - 1  # rollout ids: BIGINT columns
+MAX_INT64 = MAX_ROLLOUT_ID  # rollout ids: BIGINT columns (the contract's one limit)
 MAX_COUNT = 2**62  # metrics counts (BIGINT), with headroom for SQL sums
 MAX_TS = 2.0**33  # unix seconds (year 2242): a later device clock is absurd
 MAX_LINE_CHARS = 64  # characters of a model line name (model_lines.name)
