@@ -38,6 +38,7 @@ class LoopDidNotClose(RuntimeError):
 
 HTTP_TIMEOUT_S = 30.0  # seconds one API call may take before it is retried
 HTTP_TRIES = 4  # attempts of one read-only API call (a loaded machine can be slow, not down)
+MAX_TRAININGS = 3  # challengers the gate may reject in a row before the demo gives up
 
 
 def num(value: Any) -> str:
@@ -241,17 +242,7 @@ class Demo:
         say(f"  threshold reached: training job #{job['id']} queued ({job.get('trigger')})")
 
         phase(5, "Retraining, golden-set gate, ONNX export and parity, signing")
-        job = wait_for(
-            f"training job #{job['id']} to finish",
-            lambda: (
-                (j := self.get(f"/training-jobs/{job['id']}"))["status"]
-                not in ("queued", "running")
-                and j
-            ),
-            timeout=o.timeout_s,
-        )
-        if job["status"] != "succeeded":
-            raise LoopDidNotClose(f"training job ended {job['status']}: {job.get('error')}")
+        job = self._train_until_a_challenger_passes(job)
         version = self.get(f"/model-lines/digits/versions/{job['result_version']}")
         self._print_gate(version)
 
@@ -315,6 +306,47 @@ class Demo:
             t_done - t_threshold,
             time.monotonic() - t_start,
         )
+
+    def _train_until_a_challenger_passes(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Follow the line's threshold trainings until one passes the gate.
+
+        A challenger the gate rejects is not the end of the loop: it is registered as rejected,
+        the fleet keeps sending samples, and the next threshold trains again on more of them.
+        """
+        for _ in range(MAX_TRAININGS):
+            job = wait_for(
+                f"training job #{job['id']} to finish",
+                lambda j=job: (
+                    (got := self.get(f"/training-jobs/{j['id']}"))["status"]
+                    not in ("queued", "running")
+                    and got
+                ),
+                timeout=self.o.timeout_s,
+            )
+            if job["status"] == "succeeded":
+                return job
+            if job["status"] != "rejected":
+                raise LoopDidNotClose(f"training job ended {job['status']}: {job.get('error')}")
+            say(f"  challenger v{job.get('result_version')} {job.get('error')}")
+            say(
+                "  the loop goes on: the fleet keeps sending samples; waiting for the next training"
+            )
+            done = job["id"]
+            job = wait_for(
+                "the next threshold training",
+                lambda done=done: next(
+                    (
+                        j
+                        for j in self.get("/training-jobs?model_line=digits")
+                        if j.get("trigger") == "threshold" and j["id"] > done
+                    ),
+                    None,
+                ),
+                timeout=self.o.timeout_s,
+                every=0.25,
+            )
+            say(f"  threshold reached again: training job #{job['id']} queued")
+        raise LoopDidNotClose(f"{MAX_TRAININGS} challengers in a row failed the gate")
 
     def _threshold_job(self) -> dict[str, Any] | None:
         jobs = self.get("/training-jobs?model_line=digits")
