@@ -212,7 +212,9 @@ def decide(snap: WaveSnapshot, bounds: GateBounds, retries: Retries) -> Decision
         snap.devices[d].installed_at or snap.now for d, s in counted.items() if s in settled_ok
     )
     reached = max(snap.started_at, installs[min(need, len(installs)) - 1])
-    soak = snap.now - reached
+    # A commit stamped after the snapshot's clock was read (the ingest writer and the engine
+    # read the clock separately) has soaked 0 s, not a negative time to wait out.
+    soak = max(0.0, snap.now - reached)
     gates["soak_s"] = soak
     if soak < w.min_soak_s:
         return out(Action.WAIT, f"{label}: soaking {soak:.0f} of {w.min_soak_s:g} s")
