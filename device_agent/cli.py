@@ -8,7 +8,8 @@
 ``run`` prints exactly one line, ``edgeloop-agent listening on http://HOST:PORT``, to stdout once
 the local API listens, logs JSON lines to stderr, and exits cleanly on SIGTERM/SIGINT.
 Local API: ``POST /predict {"input": [floats]}``, ``POST /feedback {"prediction_id",
-"true_label"}``, ``GET /status``, ``GET /healthz`` (200 while a verified model serves and every worker runs, else 503).
+"true_label"}``, ``GET /status``, ``GET /healthz`` (200 while a verified model serves and every
+worker runs, else 503).
 """
 
 from __future__ import annotations

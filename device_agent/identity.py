@@ -4,6 +4,11 @@
 (temp file + fsync + ``os.replace``) with mode 0600. The same secret is the HTTP bearer token
 (``Authorization: Bearer``) and the MQTT password (username = device id). The bootstrap token is
 used once; after that only the credential is sent.
+
+An enrollment carries a random secret of the device's (``enrollment.json``, written like the
+credential before the request and removed once the credential is stored): when the reply is
+lost, the retry sends the same secret and the server issues a new credential instead of
+refusing the device as already enrolled.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 from pathlib import Path
 
 from device_agent.config import AgentConfig
@@ -20,6 +26,7 @@ from device_agent.http import HttpClient
 log = logging.getLogger(__name__)
 
 CREDENTIAL_FILE = "credential.json"
+ENROLLMENT_FILE = "enrollment.json"  # this enrollment's secret, until the credential is stored
 ENROLL_PATH = "/api/v1/devices/enroll"
 FILE_MODE = 0o600
 
@@ -47,10 +54,31 @@ def load_credential(config: AgentConfig) -> str | None:
 
 def save_credential(config: AgentConfig, credential: str) -> None:
     """Persist the credential (0600, atomic) before it is used anywhere."""
-    path = credential_path(config.state_dir)
+    body = json.dumps({"device_id": config.device_id, "credential": credential}).encode()
+    _write_private(credential_path(config.state_dir), body)
+
+
+def enrollment_secret(config: AgentConfig) -> str:
+    """This device's secret for its enrollment: the stored one (a retry), else a new one,
+    persisted before it is sent."""
+    path = Path(config.state_dir) / ENROLLMENT_FILE
+    try:
+        data = json.loads(path.read_bytes())
+        if isinstance(data, dict) and data.get("device_id") == config.device_id:
+            secret = data.get("secret")
+            if isinstance(secret, str) and len(secret) >= 32:
+                return secret
+    except (OSError, ValueError):
+        pass
+    secret = secrets.token_urlsafe(32)
+    _write_private(path, json.dumps({"device_id": config.device_id, "secret": secret}).encode())
+    return secret
+
+
+def _write_private(path: Path, body: bytes) -> None:
+    """Write ``body`` to ``path`` atomically, mode 0600, fsynced with its directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    body = json.dumps({"device_id": config.device_id, "credential": credential}).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
         os.write(fd, body)
@@ -83,6 +111,7 @@ def enroll(config: AgentConfig, http: HttpClient) -> str:
         "hardware": config.hardware,
         "groups": list(config.groups),
         "agent_version": config.agent_version,
+        "enroll_secret": enrollment_secret(config),
     }
     resp = http.post(config.server_url + ENROLL_PATH, json=body)
     if resp.status_code == 201:
@@ -91,6 +120,7 @@ def enroll(config: AgentConfig, http: HttpClient) -> str:
         except (ValueError, KeyError, TypeError) as exc:
             raise TransportError(f"enroll: unreadable reply: {exc}") from exc
         save_credential(config, credential)
+        (Path(config.state_dir) / ENROLLMENT_FILE).unlink(missing_ok=True)
         log.info("enrolled as %s", config.device_id)
         return credential
     if 400 <= resp.status_code < 500 and resp.status_code not in (408, 429):

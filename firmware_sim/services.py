@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import os
 import pwd
+import resource
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import httpx
 
+from server.broker_acl import wait_catches_sighup
 from server.core.config import DEV_ADMIN_TOKEN
 
 
@@ -40,6 +42,34 @@ def wait_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
+def raise_nofile(want: int) -> int:
+    """Raise this process's open-file limit (RLIMIT_NOFILE) towards ``want``; returns the new
+    soft limit. The hard limit is raised too where the process may (root); otherwise the soft
+    limit stops at the hard one. One socket per simulated device needs this above ~1,000."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= want:
+        return soft
+    if hard != resource.RLIM_INFINITY and hard < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want
+        except (ValueError, OSError):
+            want = hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return want
+
+
+def _nofile_preexec(want: int | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` giving the child its own open-file limit (None: inherit ours)."""
+    if want is None:
+        return None
+
+    def preexec() -> None:
+        raise_nofile(want)
+
+    return preexec
+
+
 def mosquitto_binary() -> str:
     exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(exe).exists():
@@ -48,10 +78,21 @@ def mosquitto_binary() -> str:
 
 
 class Mosquitto:
-    """A mosquitto broker process on a free loopback port; ``stop()``/``start()`` for outages."""
+    """A mosquitto broker process on a free loopback port; ``stop()``/``start()`` for outages.
+
+    ``max_connections`` (None: mosquitto's default, unlimited) and ``nofile`` (the broker's own
+    open-file limit, set in the child before exec; None: inherit) let one broker hold a
+    10,000-device swarm: each client is one file descriptor.
+    """
 
     def __init__(
-        self, workdir: Path, port: int | None = None, *, auth_dir: Path | None = None
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        auth_dir: Path | None = None,
+        max_connections: int | None = None,
+        nofile: int | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -62,6 +103,8 @@ class Mosquitto:
         # refused and every client is held to its ACL. pid_file lets the server SIGHUP us.
         self.auth_dir = Path(auth_dir).resolve() if auth_dir is not None else None
         self.pid_file = self.workdir / "mosquitto.pid"
+        self.max_connections = max_connections
+        self.nofile = nofile
 
     def start(self) -> Mosquitto:
         conf = self.workdir / "mosquitto.conf"
@@ -81,14 +124,24 @@ class Mosquitto:
             f"listener {self.port} 127.0.0.1\n" + auth + "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             "max_queued_messages 100000\n"
+            + (
+                f"max_connections {self.max_connections}\n"
+                if self.max_connections is not None
+                else ""
+            )
         )
         self.proc = subprocess.Popen(
             [mosquitto_binary(), "-c", str(conf)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=_nofile_preexec(self.nofile),  # noqa: PLW1509 - only sets a limit
         )
-        self.pid_file.write_text(f"{self.proc.pid}\n")
+        # The pid file (the server SIGHUPs it on every enroll/revoke) is written only once the
+        # broker listens and handles SIGHUP: mosquitto installs its handler after opening its
+        # listeners, and a SIGHUP before that kills it (its default action).
         wait_port(self.port)
+        wait_catches_sighup(self.proc.pid)
+        self.pid_file.write_text(f"{self.proc.pid}\n")
         return self
 
     def reload(self) -> None:
@@ -97,6 +150,7 @@ class Mosquitto:
             self.proc.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
+        self.pid_file.unlink(missing_ok=True)  # nothing to signal while it is down
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
@@ -114,8 +168,10 @@ class ServerProcess:
         env: Mapping[str, str] | None = None,
         port: int | None = None,
         python: str = sys.executable,
+        nofile: int | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.nofile = nofile  # the server's own open-file limit (None: inherit)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.python = python
@@ -183,6 +239,7 @@ class ServerProcess:
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=_nofile_preexec(self.nofile),  # noqa: PLW1509 - only sets a limit
         )
         log.close()
         deadline = time.monotonic() + timeout

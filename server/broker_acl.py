@@ -6,6 +6,12 @@ directory the broker reads, and :func:`reload_broker` sends SIGHUP (Mosquitto 2 
 password and ACL files on SIGHUP; an ACL is checked on every publish and subscribe, so a revoked
 device loses its rights at once, and its next login fails).
 
+Writes are group-committed (:class:`BrokerSync`): an enrollment waits until a write that
+started after its own commit is on disk and the broker was signalled, so its credential works
+the moment the API returns it, while a burst of enrollments (a fleet of 10,000 coming up) shares
+one rewrite and one SIGHUP per round instead of one each (which made enrolling N devices cost
+O(N^2) file lines and N broker reloads).
+
 Rights: a device reads only its own target topic and its groups' topics, and writes only its own
 status and metrics topics. The server's user reads and writes every edgeloop topic. Revoked
 devices are absent from both files.
@@ -17,7 +23,9 @@ import logging
 import os
 import signal
 import tempfile
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +38,15 @@ from server.enrollment import broker_users
 from server.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# Seconds between two rewrites of the broker files. A rewrite is O(enrolled devices) for us and
+# for Mosquitto's reload; spacing them lets a burst of enrollments share one (each waits at
+# most this long plus one rewrite for its credential to work).
+SYNC_MIN_INTERVAL_S = 0.25
+
+# Seconds a reload waits for a just-started broker to install its SIGHUP handler (Mosquitto does
+# so after it opens its listeners; a SIGHUP before that kills it).
+SIGHUP_READY_WAIT_S = 5.0
 
 PASSWORD_FILE = "passwd"
 ACL_FILE = "acl"
@@ -115,6 +132,39 @@ def write_broker_config(
     return passwd, acl
 
 
+def catches_sighup(pid: int) -> bool | None:
+    """Has process ``pid`` installed a SIGHUP handler? None: unknown (no /proc, no process).
+
+    A process that has not (Mosquitto in the first moments after it starts, even once it
+    listens) is killed by SIGHUP, its default action: a reload would be a broker outage."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    return None
+
+
+def wait_catches_sighup(
+    pid: int,
+    timeout_s: float = SIGHUP_READY_WAIT_S,
+    sleep: Callable[[float], None] = time.sleep,
+) -> bool:
+    """Wait (up to ``timeout_s``) until ``pid`` handles SIGHUP; True also when it cannot be
+    told (no /proc: send as before). False: it still would die of it."""
+    waited = 0.0
+    while True:
+        caught = catches_sighup(pid)
+        if caught is None or caught:
+            return True
+        if waited >= timeout_s:
+            return False
+        sleep(0.02)
+        waited += 0.02
+
+
 def reload_broker(pid_file: Path | None) -> bool:
     """SIGHUP the broker whose pid is in ``pid_file``; False when there is none to signal."""
     if pid_file is None:
@@ -123,6 +173,14 @@ def reload_broker(pid_file: Path | None) -> bool:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError) as exc:
         log.warning("broker not reloaded: cannot read pid from %s: %s", pid_file, exc)
+        return False
+    if not wait_catches_sighup(pid):
+        log.warning(
+            "broker not reloaded: pid %d does not handle SIGHUP after %g s (still starting, "
+            "or not a broker)",
+            pid,
+            SIGHUP_READY_WAIT_S,
+        )
         return False
     try:
         os.kill(pid, signal.SIGHUP)
@@ -145,15 +203,83 @@ def mosquitto_conf(directory: Path, *, port: int, host: str = "127.0.0.1") -> st
     )
 
 
-def sync_broker(session: Session, settings: Settings) -> None:
-    """After an enroll/revoke commit: rewrite the broker files and reload it, when configured."""
+class BrokerSync:
+    """Group commit of the broker files of one directory.
+
+    ``sync`` returns once a rewrite that *started after the call* has finished, so it covers
+    every change the caller committed before calling. Callers that arrive while a rewrite runs
+    wait for it to finish and then share the next one: with k concurrent callers the files are
+    written about twice, not k times.
+    """
+
+    def __init__(
+        self,
+        min_interval_s: float = SYNC_MIN_INTERVAL_S,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.min_interval_s = min_interval_s
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._last_write = -float("inf")  # monotonic time the last rewrite finished
+        self._write_lock = threading.Lock()  # one writer of the files at a time
+        self._state = threading.Lock()
+        self._requested = 0  # tickets handed out (one per sync call)
+        self._done = 0  # every ticket <= this is covered by a finished write
+        self.writes = 0  # rewrites performed (observability, tests)
+
+    def sync(self, sessions: Callable[[], Session], settings: Settings) -> None:
+        """Rewrite the files (reading the devices in a new session from ``sessions``) and
+        signal the broker, or return once a rewrite that started after this call did.
+
+        ``sessions`` should make read-only sessions: the rewrite only reads, and on SQLite a
+        writer's session would queue behind every enrollment in the database's writer queue
+        (``server.db.WriterQueue``) while this lock is held, stalling all of them.
+        """
+        with self._state:
+            self._requested += 1
+            ticket = self._requested
+        with self._write_lock:
+            with self._state:
+                if self._done >= ticket:
+                    return  # a write that started after our commit already covered us
+            wait = self._last_write + self.min_interval_s - self._monotonic()
+            if wait > 0:
+                self._sleep(wait)  # others queue behind us meanwhile and share this write
+            with self._state:
+                covers = self._requested
+            # Every caller holding a ticket <= covers committed before taking it, and this
+            # session starts now: it reads all of their rows.
+            with sessions() as session:
+                write_broker_config(
+                    session,
+                    settings.broker_config_dir,  # type: ignore[arg-type]
+                    server_user=settings.mqtt_username,
+                    server_password=settings.mqtt_password,
+                    file_uid=settings.broker_file_uid,
+                )
+            reload_broker(settings.broker_pid_file)
+            self._last_write = self._monotonic()
+            self.writes += 1
+            with self._state:
+                self._done = max(self._done, covers)
+
+
+# One BrokerSync per broker directory in this process: the files are process-global state, so
+# every writer of one directory must share its lock (created on first use, not at import).
+_SYNCS: dict[Path, BrokerSync] = {}
+_SYNCS_LOCK = threading.Lock()
+
+
+def broker_sync_for(directory: Path) -> BrokerSync:
+    with _SYNCS_LOCK:
+        return _SYNCS.setdefault(Path(directory).resolve(), BrokerSync())
+
+
+def sync_broker(sessions: Callable[[], Session], settings: Settings) -> None:
+    """After an enroll/revoke commit: rewrite the broker files and reload it, when configured
+    (group-committed with concurrent callers, see ``BrokerSync``). ``sessions`` makes the
+    session the devices are read in (a read-only one: see ``BrokerSync.sync``)."""
     if settings.broker_config_dir is None:
         return
-    write_broker_config(
-        session,
-        settings.broker_config_dir,
-        server_user=settings.mqtt_username,
-        server_password=settings.mqtt_password,
-        file_uid=settings.broker_file_uid,
-    )
-    reload_broker(settings.broker_pid_file)
+    broker_sync_for(settings.broker_config_dir).sync(sessions, settings)

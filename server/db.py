@@ -330,7 +330,10 @@ class DeviceEvent(Base):
 
 # Nullable columns added to tables after their first release: ``create_all`` adds them to an
 # existing database (it creates missing tables, never missing columns).
-ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("device_events", "dropped"),)
+ADDED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("device_events", "dropped"),
+    ("device_credentials", "enroll_secret_hash"),
+)
 
 
 # Execution option marking a read-only session's connections (make_read_sessionmaker).

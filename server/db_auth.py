@@ -54,4 +54,7 @@ class DeviceCredential(Base):
     # What the enrollment token allowed, kept so a later /register cannot widen it.
     allowed_line: Mapped[str | None] = mapped_column(String(64))  # None: any line
     allowed_groups: Mapped[list[str]] = mapped_column(JSON, default=list)  # []: any groups
+    # sha256 of the secret the device sent with its enrollment (None: it sent none): a retry
+    # of that enrollment after a lost reply proves itself with it (server.enrollment).
+    enroll_secret_hash: Mapped[str | None] = mapped_column(String(64))
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

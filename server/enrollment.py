@@ -6,7 +6,10 @@ Enrollment exchanges a bootstrap (enrollment) token for a per-device credential:
 * it may pin the model line and the groups a device may claim (403 when the request asks for
   more);
 * a device id that already holds a live credential is refused (409): a bootstrap token, even a
-  multi-use one, cannot take over an enrolled device. A revoked device stays revoked (403); it
+  multi-use one, cannot take over an enrolled device. The one exception is the same enrollment
+  retried after its reply was lost: the request carries the secret the device sent with the
+  first one (``enroll_secret``, stored hashed), and gets a new credential in place of the one it
+  never received. A revoked device stays revoked (403); it
   comes back only under a new device id. (A device that lost its credential is revoked and
   re-enrolled under a new id: that is the audit trail we want.)
 
@@ -17,6 +20,7 @@ Functions flush; the caller commits.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -58,6 +62,15 @@ def audit(
     except ImportError:  # pragma: no cover - only before the audit module exists
         return
     audit_log.record(session, actor=actor, action=action, subject=subject, details=details, now=now)
+
+
+def audit_lock(session: Session) -> None:
+    """The audit log's append lock (see ``server.audit.lock``), when that module is present."""
+    try:
+        from server import audit as audit_log
+    except ImportError:  # pragma: no cover - only before the audit module exists
+        return
+    audit_log.lock(session)
 
 
 @dataclass(frozen=True)
@@ -182,8 +195,8 @@ def ensure_enrollment_token(
     return True
 
 
-def _claim(session: Session, token: str, now: datetime) -> EnrollmentToken:
-    """Find a usable bootstrap token and count one use (atomic guarded UPDATE)."""
+def _live_token(session: Session, token: str, now: datetime) -> EnrollmentToken:
+    """The unexpired bootstrap token ``token`` names (read, no lock taken)."""
     row = session.scalar(
         select(EnrollmentToken).where(EnrollmentToken.token_hash == hash_token(token))
     )
@@ -193,16 +206,33 @@ def _claim(session: Session, token: str, now: datetime) -> EnrollmentToken:
         raise AuthenticationError(
             f"enrollment token {row.id} expired at {row.expires_at.isoformat()}"
         )
+    return row
+
+
+def _usable_token(session: Session, token: str, now: datetime) -> EnrollmentToken:
+    """The bootstrap token ``token`` names, if it may still enroll (read, no lock taken)."""
+    row = _live_token(session, token, now)
+    if row.uses >= row.max_uses:
+        raise _used_up(row)
+    return row
+
+
+def _used_up(row: EnrollmentToken) -> AuthenticationError:
+    return AuthenticationError(
+        f"enrollment token {row.id} is used up ({row.max_uses} of {row.max_uses} uses)"
+    )
+
+
+def _claim(session: Session, row: EnrollmentToken) -> None:
+    """Count one use of the token (atomic guarded UPDATE; its row lock is held to commit)."""
     claimed = session.execute(
         update(EnrollmentToken)
         .where(EnrollmentToken.id == row.id, EnrollmentToken.uses < EnrollmentToken.max_uses)
         .values(uses=EnrollmentToken.uses + 1)
+        .execution_options(synchronize_session=False)
     ).rowcount  # type: ignore[attr-defined]
     if not claimed:
-        raise AuthenticationError(
-            f"enrollment token {row.id} is used up ({row.max_uses} of {row.max_uses} uses)"
-        )
-    return row
+        raise _used_up(row)
 
 
 def check_allowed(
@@ -236,13 +266,18 @@ def enroll_device(
     groups: list[str],
     agent_version: str | None,
     now: datetime,
+    enroll_secret: str | None = None,
 ) -> Enrollment:
     """Exchange a bootstrap token for a device credential (see the module docstring).
+
+    ``enroll_secret``: the device's secret for this enrollment. Stored hashed; a retry of an
+    enrollment whose reply was lost, with the same bootstrap token and secret, gets a new
+    credential in place of the first (see ``_retry``) instead of a ConflictError.
 
     Raises:
         AuthenticationError: unknown, expired or used-up token.
         ForbiddenError: revoked device, or a line/groups the token does not allow.
-        ConflictError: the device is already enrolled.
+        ConflictError: the device is already enrolled (and this is no retry of that).
         InvalidRequestError / NotFoundError: bad device id, unknown line.
     """
     if not valid_device_id(device_id) or ":" in device_id:
@@ -253,12 +288,23 @@ def enroll_device(
     existing = session.get(DeviceCredential, device_id)
     if existing is not None and existing.revoked_at is not None:
         raise ForbiddenError(f"device {device_id} is revoked; enroll it under a new device id")
+    if existing is not None and _is_retry(existing, enroll_secret):
+        return _retry(
+            session,
+            existing,
+            token=token,
+            model_line=model_line,
+            hardware=hardware,
+            groups=groups,
+            agent_version=agent_version,
+            now=now,
+        )
     if existing is not None:
         raise ConflictError(
             f"device {device_id} is already enrolled; it keeps its credential "
             "(revoke it and enroll a new device id to replace it)"
         )
-    row = _claim(session, token, now)
+    row = _usable_token(session, token, now)
     granted = list(groups) if groups or not row.groups else list(row.groups)
     check_allowed(
         device_id=device_id,
@@ -287,14 +333,83 @@ def enroll_device(
             enrollment_token_id=row.id,
             allowed_line=row.model_line,
             allowed_groups=list(row.groups),
+            enroll_secret_hash=hash_token(enroll_secret) if enroll_secret else None,
         )
     )
     session.flush()
+    # Only now the locks every enrollment contends for, held to the caller's commit: the audit
+    # log's append lock (taken first, see server.audit: lock order) and the token's row. A fleet
+    # enrolling at once serialises on these two, so nothing else happens while they are held.
+    audit_lock(session)
+    _claim(session, row)
     audit(
         session,
         actor=f"enrollment:{row.id}",
         action="device.enroll",
         subject=f"device:{device_id}",
+        details={"model_line": model_line, "groups": granted, "enrollment_token": row.id},
+        now=now,
+    )
+    return Enrollment(device=device, credential=credential)
+
+
+def _is_retry(cred: DeviceCredential, enroll_secret: str | None) -> bool:
+    """Does this request carry the secret the device's enrollment was made with?"""
+    return bool(
+        enroll_secret
+        and cred.enroll_secret_hash
+        and hmac.compare_digest(cred.enroll_secret_hash, hash_token(enroll_secret))
+    )
+
+
+def _retry(
+    session: Session,
+    cred: DeviceCredential,
+    *,
+    token: str,
+    model_line: str,
+    hardware: str | None,
+    groups: list[str],
+    agent_version: str | None,
+    now: datetime,
+) -> Enrollment:
+    """The same enrollment again (its reply was lost): a new credential replaces the first,
+    which nobody received. Only the requester of the first enrollment knows its secret, so a
+    holder of the (multi-use) bootstrap token alone still cannot take over an enrolled device.
+    The token must be the one that enrolled it and unexpired; no further use is counted.
+    """
+    row = _live_token(session, token, now)
+    if row.id != cred.enrollment_token_id:
+        raise ConflictError(f"device {cred.device_id} is already enrolled")
+    granted = list(groups) if groups or not row.groups else list(row.groups)
+    check_allowed(
+        device_id=cred.device_id,
+        model_line=model_line,
+        groups=granted,
+        line=row.model_line,
+        allowed=row.groups,
+    )
+    device = crud.register_device(
+        session,
+        device_id=cred.device_id,
+        model_line=model_line,
+        hardware=hardware,
+        groups=granted,
+        agent_version=agent_version,
+        now=now,
+        commit=False,
+    )
+    credential = new_secret()
+    cred.credential_hash = hash_token(credential)
+    cred.mqtt_hash = mosquitto_hash(credential)
+    cred.issued_at = now
+    session.flush()
+    audit_lock(session)
+    audit(
+        session,
+        actor=f"enrollment:{row.id}",
+        action="device.enroll_retry",
+        subject=f"device:{cred.device_id}",
         details={"model_line": model_line, "groups": granted, "enrollment_token": row.id},
         now=now,
     )

@@ -15,6 +15,7 @@ this module holds the operator actions and the ticker.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -73,9 +74,12 @@ class RolloutEngine(RolloutTransitions):
         signer: Signer,
         publisher: TargetPublisher,
         clock: Callable[[], datetime] = utcnow,
+        read_sessions: sessionmaker[Session] | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
+        self.read_sessions = read_sessions or sessions
+        self._publish_lock = threading.Lock()
         self.signer = signer
         self.publisher = publisher
         self.clock = clock
@@ -335,6 +339,16 @@ class RolloutEngine(RolloutTransitions):
                 self.publisher.publish(device_id, message)
                 count += 1
         return count
+
+    def publish_device_targets(self, line: str, device_ids: list[str]) -> None:
+        """Announce these devices' targets now (call after committing a change to them).
+
+        A device that enrolls or registers after a rollout's last tick, or after the rollout
+        completed, is in no announcement of the engine's: without this its retained target
+        topic stays empty and it never converges on the line's release. A device that a
+        running rollout then takes into a started wave is announced again by the next tick.
+        """
+        self._publish(line, list(device_ids))
 
     # ------------------------------------------------------------ the ticker
 

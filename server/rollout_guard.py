@@ -4,10 +4,16 @@
 (with its ``rollout.state`` audit record): whoever wins it performs the side effects, so two
 engines or a restarted one never apply a transition twice. ``_publish`` announces targets after
 the commit. The attributes are set by ``server.rollout_engine.RolloutEngine``.
+
+Publishing is serialised (``_publish_lock``): each announcement reads the targets and hands them
+to the publisher under the lock, so a later announcement read a newer state than an earlier one,
+and the publisher's "latest wins" keeps the newest target of a device whatever thread (the
+ticker, an operator action, a device registering) announced it.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -33,6 +39,8 @@ class RolloutGuards:
     signer: Signer
     publisher: TargetPublisher
     clock: Callable[[], datetime]
+    read_sessions: sessionmaker[Session]  # targets are only read: no writer's turn on SQLite
+    _publish_lock: threading.Lock
 
     def _conflict(self, session: Session, rollout_id: int, action: str, allowed: str) -> None:
         rollout = session.get(Rollout, rollout_id, populate_existing=True)
@@ -114,16 +122,17 @@ class RolloutGuards:
     def _publish(self, line: str, device_ids: list[str] | None) -> None:
         if device_ids is not None and not device_ids:
             return
-        with self.sessions() as session:
-            targets = targets_for_line(
-                session,
-                line=line,
-                public_url=self.settings.public_url,
-                device_ids=device_ids,
-                roots=self.signer.roots,
-            )
-        for device_id, message in targets:
-            self.publisher.publish(device_id, message)
+        with self._publish_lock:
+            with self.read_sessions() as session:
+                targets = targets_for_line(
+                    session,
+                    line=line,
+                    public_url=self.settings.public_url,
+                    device_ids=device_ids,
+                    roots=self.signer.roots,
+                )
+            for device_id, message in targets:
+                self.publisher.publish(device_id, message)
 
 
 __all__ = ["RolloutGuards"]

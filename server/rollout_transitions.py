@@ -23,6 +23,7 @@ from server.rollout_members import log_events, released_devices, sync_members
 from server.rollout_plan import Plan
 from server.rollout_targeting import targeting_of
 from server.signing import sign_release
+from server.targets import devices_not_sent
 
 # The engine's logger: its records keep the name operators filter on.
 log = logging.getLogger("server.rollout_engine")
@@ -264,6 +265,13 @@ class RolloutTransitions(RolloutGuards):
             )
             session.commit()
         log.info("rollout %s completed: %s", rollout.id, decision.reason)
+        # The line's current release changed: announce it to every device that did not get it
+        # from the rollout (joined after its last tick, never released, held out). Read after
+        # the commit, so a device registering meanwhile is either read here or announces
+        # itself after this commit (RolloutEngine.publish_device_targets).
+        with self.read_sessions() as session:
+            others = devices_not_sent(session, line=line, rollout_id=rollout.id)
+        self._publish(line, others)
 
     def _pause_on_error(self, rollout: Rollout, decision: Decision, now: datetime) -> None:
         with self.sessions() as session:

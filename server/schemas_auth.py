@@ -12,6 +12,8 @@ from server.enrollment import MAX_ENROLLMENT_USES
 from server.schemas import DevicePublic, Name, OptText, Strict, Text
 
 Secret = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+# Long enough that it cannot be guessed (a device makes it with secrets.token_urlsafe(32)).
+EnrollSecret = Annotated[str, StringConstraints(min_length=32, max_length=512)]
 MAX_TOKEN_TTL_S = 366 * 86400.0  # seconds a bootstrap token may live at most
 
 
@@ -63,6 +65,10 @@ class DeviceEnroll(Strict):
     hardware: OptText | None = None
     groups: Annotated[list[Name], Field(max_length=32)] = []
     agent_version: OptText | None = None
+    # A random secret the device makes once per enrollment and keeps until it has stored its
+    # credential: a retry with the same one after a lost reply gets a new credential (the
+    # first is withdrawn) instead of 409. None: a retry is refused as before.
+    enroll_secret: EnrollSecret | None = None
 
 
 class DeviceEnrolled(BaseModel):

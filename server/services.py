@@ -85,8 +85,7 @@ class Services:
             # The broker's password file and ACL exist (and are current) before anyone logs in.
             from server.broker_acl import sync_broker
 
-            with self.sessions() as session:
-                sync_broker(session, s)
+            sync_broker(self.read_sessions or self.sessions, s)
         # Jobs whose runner died (this server killed mid-training, or another one) go back to
         # the queue; a live runner elsewhere keeps its lease.
         self.jobs.recover()
@@ -184,15 +183,21 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
         publisher = bridge
     else:
         publisher = RecordingPublisher()
+    read_sessions = make_read_sessionmaker(engine)
     rollouts = RolloutEngine(
-        settings=settings, sessions=sessions, signer=signer, publisher=publisher, clock=clock
+        settings=settings,
+        sessions=sessions,
+        signer=signer,
+        publisher=publisher,
+        clock=clock,
+        read_sessions=read_sessions,
     )
     jobs = JobRunner(settings=settings, sessions=sessions, store=store, signer=signer, clock=clock)
     services = Services(
         settings=settings,
         engine=engine,
         sessions=sessions,
-        read_sessions=make_read_sessionmaker(engine),
+        read_sessions=read_sessions,
         signer=signer,
         store=store,
         ingest_queue=ingest_queue,

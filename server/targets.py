@@ -89,15 +89,14 @@ def targets_for_line(
             rollout_id=rollout.id,
             roots=roots,
         )
-        in_rollout = set(
-            session.scalars(
-                select(RolloutDevice.device_id).where(
-                    RolloutDevice.rollout_id == rollout.id,
-                    RolloutDevice.notified_at.is_not(None),
-                    RolloutDevice.state.not_in(NOT_SENT_STATES),
-                )
-            ).all()
+        sent = select(RolloutDevice.device_id).where(
+            RolloutDevice.rollout_id == rollout.id,
+            RolloutDevice.notified_at.is_not(None),
+            RolloutDevice.state.not_in(NOT_SENT_STATES),
         )
+        if device_ids is not None:  # one device asking: not every member of the rollout
+            sent = sent.where(RolloutDevice.device_id.in_(device_ids))
+        in_rollout = set(session.scalars(sent).all())
     out: list[tuple[str, TargetMessage]] = []
     for device_id in devices:
         if rollout_msg is not None and device_id in in_rollout:
@@ -109,6 +108,24 @@ def targets_for_line(
         elif current is not None:
             out.append((device_id, current))
     return out
+
+
+def devices_not_sent(session: Session, *, line: str, rollout_id: int) -> list[str]:
+    """The devices of ``line`` that rollout ``rollout_id`` did not send its release to (not
+    members, never released, held out or rolled back): whose target changes when it ends."""
+    sent = select(RolloutDevice.device_id).where(
+        RolloutDevice.rollout_id == rollout_id,
+        RolloutDevice.device_id == Device.device_id,
+        RolloutDevice.notified_at.is_not(None),
+        RolloutDevice.state.not_in(NOT_SENT_STATES),
+    )
+    return list(
+        session.scalars(
+            select(Device.device_id)
+            .where(Device.model_line == line, ~sent.exists())
+            .order_by(Device.device_id)
+        ).all()
+    )
 
 
 def _admits(targeting: Targeting, facts: tuple[str, str | None, tuple[str, ...]]) -> bool:

@@ -242,3 +242,97 @@ def test_a_revoked_device_cannot_log_in_and_its_queued_reports_are_dropped(
     # The other device still logs in.
     _, rc = connect(world, "cam-b", world["creds"]["cam-b"])
     assert not rc.is_failure
+
+
+def test_an_enrollment_whose_broker_rewrite_fails_still_gets_its_credential(
+    world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The enrollment is committed before the broker files are rewritten: a rewrite that fails
+    (e.g. the database is busy) must not turn the reply into a 500, or the device loses a
+    credential it can never ask for again. The next rewrite gives it its broker login."""
+    from server.api.routes import auth as auth_routes
+
+    client = world["client"]
+    real = auth_routes.sync_broker
+
+    def failing(*_a: Any, **_k: Any) -> None:
+        raise RuntimeError("database is locked (writer queue)")
+
+    monkeypatch.setattr(auth_routes, "sync_broker", failing)
+    cred = enroll(client, "cam-c", "digits")["credential"]
+    headers = {"Authorization": f"Bearer {cred}"}
+    assert client.get("/api/v1/devices/cam-c/target", headers=headers).status_code == 200
+    _, before = connect(world, "cam-c", cred)
+    assert before.is_failure  # not in the broker's files yet
+    monkeypatch.setattr(auth_routes, "sync_broker", real)
+    enroll(client, "cam-d", "digits")  # the next rewrite covers cam-c too
+    _, after = connect(world, "cam-c", cred)
+    assert not after.is_failure
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.slept.append(round(s, 6))
+        self.now += s
+
+
+def test_broker_rewrites_are_spaced_and_shared_by_waiting_enrollments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from server import broker_acl
+
+    clock = FakeClock()
+    gate = threading.Event()
+    writes: list[float] = []
+
+    def write(*_a: Any, **_k: Any) -> None:
+        if not writes:
+            gate.wait(30)  # the first rewrite is slow: the others queue behind it
+        writes.append(clock.now)
+
+    monkeypatch.setattr(broker_acl, "write_broker_config", write)
+    monkeypatch.setattr(broker_acl, "reload_broker", lambda _pid: True)
+    sync = broker_acl.BrokerSync(min_interval_s=0.25, monotonic=clock.monotonic, sleep=clock.sleep)
+    settings = make_settings(tmp_path, "sqlite://", broker_config_dir=tmp_path / "b")
+    sessions = _NullSessions()
+
+    first = threading.Thread(target=sync.sync, args=(sessions, settings))
+    first.start()
+    poll("the first rewrite started", lambda: sessions.opened == 1, timeout=10)
+    waiting = [threading.Thread(target=sync.sync, args=(sessions, settings)) for _ in range(5)]
+    for t in waiting:
+        t.start()
+    poll("five enrollments queued", lambda: sync._requested == 6, timeout=10)
+    gate.set()
+    for t in (first, *waiting):
+        t.join(30)
+    # One rewrite for the first caller, one shared by the five that arrived during it, spaced
+    # by the minimum interval.
+    assert sync.writes == 2 and len(writes) == 2
+    assert clock.slept == [0.25] and writes[1] - writes[0] == 0.25
+    # Later, after the interval: no wait at all.
+    clock.now += 10
+    sync.sync(sessions, settings)
+    assert sync.writes == 3 and clock.slept == [0.25]
+
+
+class _NullSessions:
+    """A session factory whose sessions are never used (write_broker_config is replaced)."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+
+    def __call__(self) -> Any:
+        import contextlib
+
+        self.opened += 1
+        return contextlib.nullcontext(None)

@@ -104,3 +104,47 @@ def test_a_revoked_device_stops_asking(tmp_path, signing_key) -> None:
         assert server.auth_refusals == [("/api/v1/devices/register", 403)]
     finally:
         server.stop()
+
+
+class _LostReplyHttp:
+    """Answers enrollments in turn: the first reply is lost on the way back, then 201."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict] = []
+
+    def post(self, _url: str, *, json: dict) -> object:
+        from device_agent.errors import TransportError
+
+        self.bodies.append(dict(json))
+        if len(self.bodies) == 1:
+            raise TransportError("connection reset: the reply never arrived")
+
+        class Reply:
+            status_code = 201
+
+            def json(self) -> dict:
+                return {"credential": "cred-2"}
+
+        return Reply()
+
+
+def test_a_retried_enrollment_sends_the_same_secret_and_forgets_it_once_enrolled(
+    tmp_path, signing_key
+) -> None:
+    import pytest
+
+    from device_agent.errors import TransportError
+    from device_agent.identity import ENROLLMENT_FILE, enroll, load_credential
+
+    config = make_config(tmp_path / "state", signing_key)
+    http = _LostReplyHttp()
+    with pytest.raises(TransportError):
+        enroll(config, http)  # type: ignore[arg-type]
+    secret_file = tmp_path / "state" / ENROLLMENT_FILE
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    assert enroll(config, http) == "cred-2"  # type: ignore[arg-type]
+    first, retry = http.bodies
+    assert first["enroll_secret"] == retry["enroll_secret"]
+    assert len(first["enroll_secret"]) >= 32
+    assert load_credential(config) == "cred-2"
+    assert not secret_file.exists()

@@ -338,6 +338,49 @@ def test_a_bootstrap_token_is_one_time_expires_and_pins_line_and_groups(fleet: T
     assert cred not in hashes  # only hashes are stored
 
 
+def test_an_enrollment_retried_after_a_lost_reply_gets_a_credential_and_only_it(
+    fleet: TestClient,
+) -> None:
+    """The reply of an enrollment is lost (the device never saw its credential): the retry with
+    the same token and the same enroll_secret gets a new credential, and the first one stops
+    working. Anyone holding only the bootstrap token is still refused (409), as is the right
+    secret with another token; no further use of the token is counted."""
+    services = services_of(fleet)
+    token = fleet.post("/api/v1/enrollment-tokens", json={"max_uses": 2}).json()
+    secret = "s" * 43
+    body = {
+        "bootstrap_token": token["token"],
+        "device_id": "cam-r",
+        "model_line": "digits",
+        "enroll_secret": secret,
+    }
+    lost = fleet.post("/api/v1/devices/enroll", json=body)
+    assert lost.status_code == 201, lost.text
+    retried = fleet.post("/api/v1/devices/enroll", json=body)
+    assert retried.status_code == 201, retried.text
+    first, second = lost.json()["credential"], retried.json()["credential"]
+    assert first != second
+    target = "/api/v1/devices/cam-r/target"
+    assert fleet.get(target, headers=auth_headers(second)).status_code == 200
+    assert fleet.get(target, headers=auth_headers(first)).status_code == 401
+
+    for attempt in (
+        {**body, "enroll_secret": "x" * 43},  # the token alone: another device's attempt
+        {k: v for k, v in body.items() if k != "enroll_secret"},
+        {**body, "bootstrap_token": bootstrap_token(fleet)},  # the secret with another token
+    ):
+        taken = fleet.post("/api/v1/devices/enroll", json=attempt)
+        assert taken.status_code == 409 and "already enrolled" in taken.json()["detail"]
+    assert fleet.get(target, headers=auth_headers(second)).status_code == 200
+    short = fleet.post("/api/v1/devices/enroll", json={**body, "enroll_secret": "short"})
+    assert short.status_code == 422
+    with services.sessions() as s:
+        uses = s.get(EnrollmentToken, token["id"]).uses
+        stored = s.get(DeviceCredential, "cam-r").enroll_secret_hash
+    assert uses == 1
+    assert stored is not None and secret not in stored  # only its hash is kept
+
+
 def test_viewer_cannot_mint_enrollment_tokens(fleet: TestClient) -> None:
     viewer = operator_token(fleet, "vera", "viewer")
     assert fleet.post("/api/v1/enrollment-tokens", json={}, headers=viewer).status_code == 403

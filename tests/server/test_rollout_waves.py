@@ -97,13 +97,20 @@ def test_three_waves_late_joiner_manual_gate_and_no_double_advance(client: TestC
         session.execute(insert(RolloutWave), [{"rollout_id": rid, "wave": 1, "started_by": "x"}])
         session.commit()
 
-    # A device enrolling now lands in its wave by hash: released at once if that wave started.
+    # A device enrolling now is told the line's current release at once (no tick may ever
+    # look at it again), then lands in its wave by hash: released at the next tick if that
+    # wave started.
     register(client, "cam-late")
+    pub = services.publisher
+    assert isinstance(pub, RecordingPublisher)
+    assert [(d, version_of(m.to_dict())) for d, m in pub.sent] == [("cam-late", 1)]
+    pub.clear()
     services.rollouts.tick(t + timedelta(seconds=2))
     late = client.get(f"/api/v1/rollouts/{rid}/devices/cam-late").json()
-    late_sent = sent(services)
+    late_sent = [(d, version_of(m.to_dict())) for d, m in pub.sent]
+    pub.clear()
     if late["wave"] <= 2:
-        assert late["state"] == "notified" and late_sent == ["cam-late"]
+        assert late["state"] == "notified" and late_sent == [("cam-late", 2)]
     else:
         assert late["state"] == "queued" and late_sent == []
 

@@ -7,12 +7,21 @@ revoking a device needs the operator role. Every secret is returned once, at cre
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter
 
 from server import enrollment
-from server.api.deps import AdminDep, IdPath, OperatorDep, ServicesDep, SessionDep, ViewerDep
+from server.api.deps import (
+    AdminDep,
+    IdPath,
+    OperatorDep,
+    ServicesDep,
+    SessionDep,
+    ViewerDep,
+    read_sessions,
+)
 from server.broker_acl import sync_broker
 from server.schemas import DevicePublic
 from server.schemas_auth import (
@@ -26,6 +35,7 @@ from server.schemas_auth import (
     OperatorTokenPublic,
 )
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["auth"])
 
 
@@ -88,7 +98,8 @@ def create_enrollment_token(
 
 @router.post("/devices/enroll", response_model=DeviceEnrolled, status_code=201)
 def enroll(body: DeviceEnroll, session: SessionDep, services: ServicesDep) -> Any:
-    """Exchange a bootstrap token for this device's credential (returned once)."""
+    """Exchange a bootstrap token for this device's credential (returned once). A retry of
+    the same enrollment (same token and ``enroll_secret``) after a lost reply gets a new one."""
     done = enrollment.enroll_device(
         session,
         token=body.bootstrap_token,
@@ -98,11 +109,20 @@ def enroll(body: DeviceEnroll, session: SessionDep, services: ServicesDep) -> An
         groups=list(body.groups),
         agent_version=body.agent_version,
         now=services.clock(),
+        enroll_secret=body.enroll_secret,
     )
     session.commit()
-    sync_broker(session, services.settings)
+    device_id, line = done.device.device_id, done.device.model_line
+    # Committed: from here on nothing may fail the request, or the device loses the credential
+    # (a retry is refused: "already enrolled"). A broker rewrite that fails is logged; the next
+    # enrollment, revocation or server start writes the files again.
+    try:
+        sync_broker(read_sessions(services), services.settings)
+    except Exception:
+        log.exception("broker files not rewritten after enrolling %s", device_id)
+    services.rollouts.publish_device_targets(line, [device_id])
     return {
-        "device_id": done.device.device_id,
+        "device_id": device_id,
         "credential": done.credential,
         "device": DevicePublic.model_validate(done.device),
     }
@@ -118,5 +138,5 @@ def revoke(
     )
     session.commit()
     services.revoked_devices.add(device_id)
-    sync_broker(session, services.settings)
+    sync_broker(read_sessions(services), services.settings)
     return device

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Body, Query
 from server import crud, db_ingest
 from server.api.deps import DeviceDep, ServicesDep, SessionDep, ViewerDep
 from server.auth import require_same_device
+from server.db import Device
 from server.db_auth import DeviceCredential
 from server.enrollment import check_allowed
 from server.errors import InvalidRequestError
@@ -37,7 +38,8 @@ def register(
     body: DeviceRegister, device: DeviceDep, session: SessionDep, services: ServicesDep
 ) -> Any:
     """An enrolled device refreshes its record (agent version, hardware) at every start; it may
-    not widen the model line or groups its enrollment granted."""
+    not widen the model line or groups its enrollment granted. A new or changed device gets its
+    target announced at once (it may join after a rollout's last tick)."""
     require_same_device(device, body.device_id)
     cred = session.get(DeviceCredential, device.device_id)
     check_allowed(
@@ -47,7 +49,9 @@ def register(
         line=cred.allowed_line if cred else None,
         allowed=list(cred.allowed_groups or []) if cred else [],
     )
-    return crud.register_device(
+    before = session.get(Device, device.device_id)
+    facts = (before.model_line, before.hardware, list(before.groups or ())) if before else None
+    registered = crud.register_device(
         session,
         device_id=body.device_id,
         model_line=body.model_line,
@@ -56,6 +60,11 @@ def register(
         agent_version=body.agent_version,
         now=services.clock(),
     )
+    if facts != (registered.model_line, registered.hardware, list(registered.groups or ())):
+        # New, or its line, hardware or groups changed (what its target depends on): announce
+        # its target now; an unchanged device's retained target is already on the broker.
+        services.rollouts.publish_device_targets(registered.model_line, [registered.device_id])
+    return registered
 
 
 @router.get("", response_model=list[DevicePublic])
