@@ -108,10 +108,13 @@ class Services:
             self.jobs.stop()
         if "rollouts" in self._started:
             self.rollouts.stop()
-        if "ingest" in self._started:
-            self.ingest.stop()
+        # The bridge goes first: paho acknowledges a QoS 1 report when it arrives, so a report
+        # taken after the ingest writer's last drain would be lost. Once the bridge is
+        # disconnected the broker keeps later reports in the server's persistent session.
         if "mqtt" in self._started and self.bridge is not None:
             self.bridge.stop()
+        if "ingest" in self._started:
+            self.ingest.stop()
         self._started.clear()
         self.engine.dispose()
 

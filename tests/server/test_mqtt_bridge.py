@@ -210,3 +210,64 @@ def test_targets_are_published_retained_and_broker_outage_is_survived(
         finally:
             sub.loop_stop()
             sub.disconnect()
+
+
+def test_no_report_is_lost_when_the_server_stops_while_devices_report(
+    broker, tmp_path: Path, db_url: str, signing_key
+) -> None:
+    """Reports keep arriving while the server shuts down and while it is away: every one the
+    broker accepted is stored once the server is back (the bridge disconnects before the ingest
+    writer's last drain; the broker holds the rest in the server's persistent session)."""
+    priv, _ = write_key_pair(tmp_path / "keys", signing_key)
+    settings = make_settings(
+        tmp_path,
+        db_url,
+        signing_key_path=priv,
+        enable_mqtt=True,
+        enable_ingest_writer=True,
+        mqtt_port=broker.port,
+        mqtt_client_id="edgeloop-server-restart-test",  # the same session across the restart
+        mqtt_shared_group="edgeloop-server",
+    )
+    topics = Topics()
+    device = "dev-restart"
+    sent: list[float] = []
+    stop = threading.Event()
+
+    def publish() -> None:
+        pub = client_for(broker)
+        i = 0
+        while not stop.is_set():
+            ts = 1_700_000_000.0 + i
+            report = StatusReport(device, ts, DeviceState.IDLE, "digits", 1, 1)
+            pub.publish(topics.status(device), report.to_json(), qos=1).wait_for_publish(10)
+            sent.append(ts)
+            i += 1
+            stop.wait(0.005)
+        pub.disconnect()
+        pub.loop_stop()
+
+    with authed_client(create_app(settings)) as client:
+        create_line(client)
+        register(client, device)
+        bridge = services_of(client).bridge
+        assert bridge is not None
+        wait_for(bridge.connected.is_set, what="bridge connected")
+        publisher = threading.Thread(target=publish)
+        publisher.start()
+        wait_for(lambda: len(sent) >= 200, what="reports flowing")
+    # The app has stopped (lifespan exit) while the publisher went on; it goes on a little more.
+    wait_for(lambda: len(sent) >= 400, what="reports while the server is away")
+    stop.set()
+    publisher.join(30)
+    with authed_client(create_app(settings)) as client:
+        services = services_of(client)
+
+        def stored() -> set[float]:
+            with services.sessions() as session:
+                return set(
+                    session.scalars(select(DeviceEvent.ts).where(DeviceEvent.device_id == device))
+                )
+
+        wait_for(lambda: stored() >= set(sent), timeout=60, what="every report stored")
+        assert stored() == set(sent)
