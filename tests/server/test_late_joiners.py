@@ -25,16 +25,15 @@ from server.db import RolloutDevice
 from server.main import create_app
 from server.services import Services
 from server.targets import resolve_target
-from tests.conftest import write_key_pair
 from tests.server.conftest import (
     add_version,
     authed_client,
     create_line,
-    make_settings,
     register,
     services_of,
     wait_for,
 )
+from tests.server.test_mqtt_bridge import bridge_settings
 from tests.server.test_rollout_engine import install, metrics
 
 pytestmark = pytest.mark.slow
@@ -116,15 +115,7 @@ def released(services: Services, rid: int) -> list[str]:
 def test_devices_joining_during_and_after_a_rollout_get_the_current_target(
     broker, tmp_path: Path, db_url: str, signing_key, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    priv, _ = write_key_pair(tmp_path / "keys", signing_key)
-    settings = make_settings(
-        tmp_path,
-        db_url,
-        signing_key_path=priv,
-        enable_mqtt=True,
-        mqtt_port=broker.port,
-        mqtt_reconnect_max_s=1,
-    )
+    settings = bridge_settings(tmp_path, db_url, signing_key, broker, mqtt_reconnect_max_s=1)
     with authed_client(create_app(settings)) as client:
         services = services_of(client)
         assert services.bridge is not None

@@ -35,17 +35,28 @@ def client_for(broker) -> mqtt.Client:
     return c
 
 
-def test_messages_from_devices_land_in_the_db_in_batches(
-    broker, tmp_path: Path, db_url: str, signing_key
-) -> None:
+def bridge_settings(tmp_path: Path, db_url: str, signing_key, broker, **overrides):
+    """Settings of a test app whose MQTT bridge talks to ``broker``."""
     priv, _ = write_key_pair(tmp_path / "keys", signing_key)
-    settings = make_settings(
+    return make_settings(
         tmp_path,
         db_url,
         signing_key_path=priv,
         enable_mqtt=True,
-        enable_ingest_writer=True,
         mqtt_port=broker.port,
+        **overrides,
+    )
+
+
+def test_messages_from_devices_land_in_the_db_in_batches(
+    broker, tmp_path: Path, db_url: str, signing_key
+) -> None:
+    settings = bridge_settings(
+        tmp_path,
+        db_url,
+        signing_key,
+        broker,
+        enable_ingest_writer=True,
     )
     topics = Topics()
     with authed_client(create_app(settings)) as client:
@@ -138,14 +149,12 @@ def test_messages_from_devices_land_in_the_db_in_batches(
 def test_targets_are_published_retained_and_broker_outage_is_survived(
     broker, tmp_path: Path, db_url: str, signing_key
 ) -> None:
-    priv, _ = write_key_pair(tmp_path / "keys", signing_key)
-    settings = make_settings(
+    settings = bridge_settings(
         tmp_path,
         db_url,
-        signing_key_path=priv,
-        enable_mqtt=True,
+        signing_key,
+        broker,
         enable_ingest_writer=True,
-        mqtt_port=broker.port,
         mqtt_reconnect_max_s=1,
     )
     topics = Topics()
@@ -218,14 +227,12 @@ def test_no_report_is_lost_when_the_server_stops_while_devices_report(
     """Reports keep arriving while the server shuts down and while it is away: every one the
     broker accepted is stored once the server is back (the bridge disconnects before the ingest
     writer's last drain; the broker holds the rest in the server's persistent session)."""
-    priv, _ = write_key_pair(tmp_path / "keys", signing_key)
-    settings = make_settings(
+    settings = bridge_settings(
         tmp_path,
         db_url,
-        signing_key_path=priv,
-        enable_mqtt=True,
+        signing_key,
+        broker,
         enable_ingest_writer=True,
-        mqtt_port=broker.port,
         mqtt_client_id="edgeloop-server-restart-test",  # the same session across the restart
         mqtt_shared_group="edgeloop-server",
     )
