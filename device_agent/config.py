@@ -46,7 +46,10 @@ class AgentConfig:
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
     mqtt_keepalive_s: int = 30  # seconds between MQTT pings
-    mqtt_session_expiry_s: int = 7 * 24 * 3600  # seconds the broker keeps our session offline
+    # Seconds the broker keeps our session while we are offline; 0 (the default): no session
+    # is kept. The target is retained and reports wait in our own outbox, so nothing needs the
+    # broker to remember us, and an offline device costs the broker nothing (see mqtt.py).
+    mqtt_session_expiry_s: int = 0
     mqtt_reconnect_min_s: float = 1.0  # seconds, first MQTT reconnect delay
     mqtt_reconnect_max_s: float = 60.0  # seconds, cap on the MQTT reconnect delay
     state_dir: Path = Path(".edgeloop/agent")

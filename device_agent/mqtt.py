@@ -4,10 +4,16 @@ No business logic runs on paho's network thread: ``on_message`` only puts the pa
 bounded ``TargetInbox`` that the agent's update worker consumes (a payload over
 ``MAX_TARGET_BYTES`` is kept as its size only, for the refusal report), and it cannot raise.
 The broker is told ``MAX_MQTT_PACKET_BYTES`` (MQTT v5 Maximum Packet Size), so it never sends
-this device a packet larger than that: paho would read any packet into memory whole. The
-session is persistent (MQTT v5, clean_start=False, session expiry), so QoS 1 targets published
-while the device was offline are delivered on reconnect; the server also retains the latest
-target on the topic.
+this device a packet larger than that: paho would read any packet into memory whole.
+
+No broker session is kept by default (clean start, session expiry 0): the server retains the
+latest target on the device's topic, so a device that was offline gets it when it subscribes
+again (it subscribes on every connect), and its own reports wait in its own outbox. Nothing is
+gained by a persistent session, and it costs: the broker holds every offline device's session,
+and Mosquitto up to 2.0.22 corrupts its session-expiry list when a reload (SIGHUP, which the
+server sends after each enrollment) re-checks sessions restored from its persistence file, then
+crashes in ``session_expiry__remove`` (mosquitto#3418, PR #3341); seen here with 2.0.11 after a
+broker restart. ``mqtt_session_expiry_s`` > 0 asks for a persistent session again.
 """
 
 from __future__ import annotations
@@ -95,7 +101,7 @@ class MqttLink:
                 self._cfg.mqtt_host,
                 self._cfg.mqtt_port,
                 keepalive=self._cfg.mqtt_keepalive_s,
-                clean_start=False,
+                clean_start=self._cfg.mqtt_session_expiry_s == 0,
                 properties=props,
             )
         except (OSError, ValueError) as exc:

@@ -124,6 +124,9 @@ class Mosquitto:
             f"listener {self.port} 127.0.0.1\n" + auth + "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             "max_queued_messages 100000\n"
+            # Connects, disconnects (with their reasons) and errors, for reading a failed run.
+            f"log_dest file {self.workdir / 'mosquitto.log'}\n"
+            "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
             + (
                 f"max_connections {self.max_connections}\n"
                 if self.max_connections is not None

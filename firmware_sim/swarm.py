@@ -202,10 +202,6 @@ class Stack:
             # rollout's quality gates (tested in tests/rollouts) would roll it back at random.
             "EDGELOOP_MAX_ACCURACY_DROP": "1.0",
             "EDGELOOP_MAX_LATENCY_RATIO": "100",
-            # One server: no shared subscription. Mosquitto (2.0.11 here) does not queue a
-            # shared subscription's messages while its only member is offline, so the status
-            # reports devices send during a server restart were acknowledged and then lost.
-            "EDGELOOP_MQTT_SHARED_GROUP": "",
             **self.extra_env,
         }
         self.server = ServerProcess(

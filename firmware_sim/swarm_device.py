@@ -1,7 +1,7 @@
 """One simulated device of the swarm (``firmware_sim.swarm``): asyncio, its own MQTT session.
 
 Each ``SwarmDevice`` is a coroutine-sized edge device: its own aiomqtt session (client id and
-username = device id, password = its enrolled credential, persistent session, QoS 1 status),
+username = device id, password = its enrolled credential, clean session, QoS 1 status),
 its own artifact download over HTTP with Range (resuming from the bytes it holds), its own
 signature check (``device_agent.verify.verify_target``, i.e. the contract's Ed25519 envelope and
 manifest code) and hash check of the bytes it downloaded, the agent's status states in the
@@ -63,7 +63,7 @@ log = logging.getLogger("edgeloop.swarm")
 S = DeviceState
 
 MISC_INTERVAL_S = 5.0  # seconds between paho housekeeping calls per client (keepalive pings)
-SESSION_EXPIRY_S = 3600  # seconds the broker keeps a device's session while it is offline
+SESSION_EXPIRY_S = 0  # no broker session, as the agent (device_agent/mqtt.py says why)
 ACTIVE = frozenset({S.NOTIFIED, S.DOWNLOADING, S.VERIFYING, S.INSTALLING, S.PROBATION})
 SETTLED = frozenset({S.COMMITTED, S.ALREADY_INSTALLED, S.REFUSED, S.ROLLED_BACK})
 
@@ -79,6 +79,19 @@ class SwarmMqttClient(aiomqtt.Client):
     async def _misc_loop(self) -> None:
         while self._client.loop_misc() == 0:  # MQTT_ERR_SUCCESS
             await asyncio.sleep(MISC_INTERVAL_S)
+
+    async def retire(self) -> None:
+        """Leave the session (DISCONNECT if still connected) and consume how it ended.
+
+        aiomqtt's ``__aexit__`` returns early when the connection has already dropped, leaving
+        the "Unexpected disconnection" error in a future nobody reads, which asyncio then logs
+        as "Future exception was never retrieved" once per dropped device.
+        """
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.__aexit__(None, None, None), 5)
+        ended = self._disconnected
+        if ended.done() and not ended.cancelled():
+            ended.exception()
 
     def drop(self) -> None:
         """Lose the connection abruptly (no DISCONNECT): a cable pulled or power lost."""
@@ -151,6 +164,7 @@ class Counters:
     http_drops: int = 0
     mqtt_drops: int = 0
     reconnects: int = 0
+    connect_errors: int = 0  # connects that failed with something other than an MqttError
     power_cuts: int = 0
     inferences: int = 0
     verify_s: float = 0.0  # seconds spent in signature checks (verify_target)
@@ -393,8 +407,9 @@ class SwarmDevice:
             username=self.device_id,
             password=self.credential,
             protocol=aiomqtt.ProtocolVersion.V5,
-            # A polling device drops its session (and so the target subscription).
-            clean_start=self.mode == "poll",
+            # As the agent: no broker session; a push device subscribes on every connect and
+            # gets its retained target, a polling device does not subscribe at all.
+            clean_start=True,
             properties=props,
             keepalive=cfg.mqtt_keepalive_s,
             timeout=30,
@@ -409,7 +424,12 @@ class SwarmDevice:
                 async with self.ctx.connect_slots:
                     await self._delay()
                     await client.__aenter__()
-            except aiomqtt.MqttError:
+            except Exception as exc:  # noqa: BLE001 - any failed connect is retried, never fatal
+                # aiomqtt turns most socket errors into MqttError, but not all (a timeout in
+                # the TLS-less connect, a refused socket during a broker restart): a device
+                # that gives up here would stay offline for the rest of the run.
+                if not isinstance(exc, aiomqtt.MqttError):
+                    self.ctx.counters.connect_errors += 1
                 await asyncio.sleep(backoff * (0.5 + self.rng.random()))
                 backoff = min(backoff * 2, 30.0)
                 continue
@@ -427,8 +447,7 @@ class SwarmDevice:
             finally:
                 self.online = False
                 self._mqtt = None
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(client.__aexit__(None, None, None), 5)
+                await client.retire()
             await asyncio.sleep(backoff * (0.5 + self.rng.random()))
 
     async def _receive(self, client: SwarmMqttClient) -> None:

@@ -8,6 +8,9 @@ carries can raise out of ``handle`` into paho's network thread.
 
 Targets are retained, QoS 1 and "latest wins", so the publisher coalesces per device: while the
 broker is down the pending map holds at most one message per device and is flushed on reconnect.
+A reconnect that finds no session of ours on the broker (a broker that restarted without its
+state: crashed, replaced, a new cluster node) may also have lost the retained targets, so it
+calls ``on_session_lost``, which the server uses to announce every target again.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class BridgeStats:
     revoked: int = 0  # reports of revoked devices, dropped
     oversize: int = 0  # payloads over MAX_MESSAGE_BYTES, queued as size and head only
     errors: int = 0  # messages whose handling raised (logged; the network thread goes on)
+    sessions_lost: int = 0  # reconnects that found no session of ours on the broker
 
 
 class MqttBridge:
@@ -96,6 +100,9 @@ class MqttBridge:
     ) -> None:
         self.host, self.port, self.keepalive_s = host, port, keepalive_s
         self.is_revoked = is_revoked
+        # Called on paho's network thread when a reconnect finds no session of ours on the
+        # broker; it must return at once (the server hands the work to a thread).
+        self.on_session_lost: Callable[[], None] | None = None
         # MQTT 5 shared subscription: several server processes split the device reports
         # between them instead of each writing every report (None: every process gets all).
         self.subscription_prefix = f"$share/{shared_group}/" if shared_group else ""
@@ -135,9 +142,19 @@ class MqttBridge:
         client.subscribe(
             [(prefix + self.topics.all_status, 1), (prefix + self.topics.all_metrics, 0)]
         )
+        present = bool(getattr(_f, "session_present", False))
+        reconnect = self.stats.connects > 0  # the first connect follows the startup announcement
         self.stats.connects += 1
+        log.info("MQTT connected (session present: %s)", present)
         self.connected.set()
         self._wake.set()
+        if reconnect and not present:
+            self.stats.sessions_lost += 1
+            if self.on_session_lost is not None:
+                try:
+                    self.on_session_lost()
+                except Exception:  # noqa: BLE001 - never raise into paho's network thread
+                    log.exception("on_session_lost failed")
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.connected.clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -62,6 +63,25 @@ class Services:
     # Revoked device ids (loaded at start, added to on revoke): the bridge drops their reports.
     revoked_devices: set[str] = field(default_factory=set)
     _started: list[str] = field(default_factory=list)
+    _announcing: threading.Lock = field(default_factory=threading.Lock)
+
+    def announce_all_targets(self) -> None:
+        """Announce every device's target again, in a thread of its own (the MQTT bridge calls
+        this from paho's network thread when the broker kept no session of ours, and so may
+        have lost the retained targets too). A run already going covers a second call."""
+        if not self._announcing.acquire(blocking=False):
+            return
+
+        def run() -> None:
+            try:
+                n = self.rollouts.publish_all_targets()
+                log.warning("broker had lost our session: %d targets announced again", n)
+            except Exception:  # noqa: BLE001 - logged; the next session loss tries again
+                log.exception("announcing the targets again failed")
+            finally:
+                self._announcing.release()
+
+        threading.Thread(target=run, name="announce-targets", daemon=True).start()
 
     def start(self) -> None:
         """Start the background threads the settings enable."""
@@ -93,6 +113,7 @@ class Services:
             self.ingest.start()
             self._started.append("ingest")
         if self.bridge is not None:
+            self.bridge.on_session_lost = self.announce_all_targets
             self.bridge.start()
             self._started.append("mqtt")
             self.rollouts.publish_all_targets()

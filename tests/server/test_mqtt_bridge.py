@@ -278,3 +278,50 @@ def test_no_report_is_lost_when_the_server_stops_while_devices_report(
 
         wait_for(lambda: stored() >= set(sent), timeout=60, what="every report stored")
         assert stored() == set(sent)
+
+
+def test_a_broker_that_lost_its_state_gets_every_target_again(
+    broker, tmp_path: Path, db_url: str, signing_key
+) -> None:
+    """A broker that comes back without its persistence file (crashed between saves, replaced,
+    a new cluster node) has lost the retained targets too: the server finds no session of its
+    own on reconnect and announces every target again, so devices that subscribe get one."""
+    settings = bridge_settings(tmp_path, db_url, signing_key, broker, mqtt_reconnect_max_s=1)
+    topics = Topics()
+    devices = ("cam-a", "cam-b", "cam-c")
+    with authed_client(create_app(settings)) as client:
+        services = services_of(client)
+        create_line(client)
+        for d in devices:
+            register(client, d)
+        add_version(services, version=1, status="champion", champion_release=True)
+        assert services.bridge is not None
+        wait_for(services.bridge.connected.is_set, what="bridge connected")
+        services.rollouts.publish_all_targets()
+        wait_for(lambda: services.bridge.pending() == 0, what="targets published")
+
+        broker.stop()
+        (broker.workdir / "mosquitto.db").unlink(missing_ok=True)  # its state is gone
+        broker.start()
+        wait_for(lambda: services.bridge.stats.sessions_lost == 1, timeout=30, what="reconnect")
+
+        got: dict[str, TargetMessage] = {}
+        lock = threading.Lock()
+        sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+
+        def on_message(_c, _u, msg) -> None:
+            parsed = topics.parse(msg.topic)
+            assert parsed is not None  # retained, or live if the announcement comes later
+            with lock:
+                got[parsed[0]] = TargetMessage.from_dict(msg.payload)
+
+        sub.on_message = on_message
+        sub.connect(broker.host, broker.port)
+        sub.subscribe(f"{topics.prefix}/devices/+/target", qos=1)
+        sub.loop_start()
+        try:
+            wait_for(lambda: set(got) == set(devices), timeout=30, what="retained targets")
+            assert {m.model_line for m in got.values()} == {"digits"}
+        finally:
+            sub.loop_stop()
+            sub.disconnect()
