@@ -31,7 +31,9 @@ def backoff_delay(
     attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None
 ) -> float:
     """Exponential backoff with "equal jitter": half fixed, half random, capped (seconds)."""
-    ceiling = min(cap_s, base_s * (2**attempt))
+    # 2.0 ** attempt overflows a float past attempt 1023 (a device retrying for days): the
+    # exponent stops growing once the cap is reached anyway.
+    ceiling = min(cap_s, base_s * (2.0 ** min(max(attempt, 0), 64)))
     r = (rng or random).random()
     return ceiling / 2 + r * ceiling / 2
 

@@ -171,3 +171,17 @@ def test_complete_file_of_other_size_is_content_error_not_retried(
     finally:
         fetcher.close()
     assert len(fake_server.requests_for("short.onnx")) == 1  # bad content: no retry
+
+
+def test_backoff_delay_stays_capped_after_thousands_of_attempts() -> None:
+    """A device that has retried for days (attempt past 1023) still gets a delay, not an
+    OverflowError that kills the worker."""
+    import random
+
+    from device_agent.fetcher import backoff_delay
+
+    rng = random.Random(0)
+    for attempt in (0, 1, 10, 1023, 1024, 10**6):
+        delay = backoff_delay(attempt, 1.0, 60.0, rng)
+        assert 0 < delay <= 60.0
+    assert backoff_delay(10**6, 1.0, 60.0, rng) >= 30.0  # half of the cap is fixed
