@@ -1,10 +1,11 @@
 """The edgeloop wire contract, defined once and imported by the server and the agent.
 
 Everything that crosses a process boundary is described here: the signed model manifest and its
-envelope, the MQTT topic names, and the JSON messages on those topics and on the HTTP API that
-devices call. Verifying needs only the standard library (Ed25519 through the libcrypto the ``ssl``
-module has loaded, see ``contract.ed25519``); signing also needs ``cryptography``, imported only
-by the functions that sign. An edge device imports it without the server's or trainer's
+envelope, the MQTT topic names, the JSON messages on those topics and on the HTTP API that
+devices call, and the monitoring reference and summaries (``contract.monitoring``). Verifying
+needs only the standard library (Ed25519 through the libcrypto the ``ssl`` module has loaded, see
+``contract.ed25519``); signing also needs ``cryptography``, imported only by the functions that
+sign. An edge device imports it without the server's or trainer's
 dependencies.
 
 Exception tree::
@@ -43,6 +44,7 @@ from contract.messages import (
     decode_input,
     encode_input,
 )
+from contract.monitoring import MonitoringReference, MonitorSummary
 from contract.topics import TOPIC_PREFIX, Topics
 
 __all__ = [
@@ -57,6 +59,8 @@ __all__ = [
     "ManifestError",
     "MessageError",
     "MetricsReport",
+    "MonitorSummary",
+    "MonitoringReference",
     "RootError",
     "SampleRecord",
     "SignatureError",

@@ -6,6 +6,9 @@ Direction and QoS:
   target (TargetMessage). Retained so that a device that was offline converges on reconnect.
 - ``{prefix}/devices/{device_id}/status``   device -> server, QoS 1. Update progress (StatusReport).
 - ``{prefix}/devices/{device_id}/metrics``  device -> server, QoS 0. Live metrics (MetricsReport).
+- ``{prefix}/devices/{device_id}/monitor``  device -> server, QoS 1. One period's signal histograms
+  (``contract.monitoring.MonitorSummary``). QoS 1 because a lost period is a hole in the drift
+  record: the agent's outbox holds summaries while the broker is away.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 TOPIC_PREFIX = "edgeloop/v1"
+DEVICE_TOPIC_KINDS = ("target", "status", "metrics", "monitor")  # last level of a device topic
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -35,6 +39,9 @@ class Topics:
     def metrics(self, device_id: str) -> str:
         return f"{self.prefix}/devices/{device_id}/metrics"
 
+    def monitor(self, device_id: str) -> str:
+        return f"{self.prefix}/devices/{device_id}/monitor"
+
     @property
     def all_status(self) -> str:
         return f"{self.prefix}/devices/+/status"
@@ -42,6 +49,10 @@ class Topics:
     @property
     def all_metrics(self) -> str:
         return f"{self.prefix}/devices/+/metrics"
+
+    @property
+    def all_monitor(self) -> str:
+        return f"{self.prefix}/devices/+/monitor"
 
     def parse(self, topic: str) -> tuple[str, str] | None:
         """Split a device topic into (device_id, kind); None if it is not one of ours."""
@@ -51,6 +62,6 @@ class Topics:
         rest = topic[len(head) :].split("/")
         if len(rest) != 2 or not valid_device_id(rest[0]):
             return None
-        if rest[1] not in ("target", "status", "metrics"):
+        if rest[1] not in DEVICE_TOPIC_KINDS:
             return None
         return rest[0], rest[1]

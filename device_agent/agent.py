@@ -38,6 +38,7 @@ from device_agent.http import HttpClient, parse_length
 from device_agent.identity import enroll, load_credential
 from device_agent.inbox import Inbound, TargetInbox, parse_target
 from device_agent.metrics import Metrics
+from device_agent.monitor import Monitor
 from device_agent.mqtt import MqttLink
 from device_agent.outbox import Outbox
 from device_agent.probation import LiveTracker
@@ -111,6 +112,9 @@ class Agent:
             model_line=config.model_line,
             clock=self._clock,
             latency_samples_max=config.latency_samples_max,
+        )
+        self._monitor = Monitor(
+            device_id=config.device_id, model_line=config.model_line, clock=self._clock
         )
         self._spool = Spool(
             config.state_dir / "spool",
@@ -231,6 +235,8 @@ class Agent:
             shadow.submit(pid, x, raw.label)
         self._metrics.record_inference(loaded.model_version, raw.latency_ms)
         self._live.record_inference(loaded.sha256, raw.latency_ms)
+        if loaded.monitoring is not None and self.config.monitor_interval_s > 0:
+            self._monitor.observe(loaded, x, raw.probabilities)
         self._capture.remember(
             pid,
             PendingPrediction(
@@ -321,6 +327,11 @@ class Agent:
                 for r in st.refused[-5:]
             ],
             "outbox": {"pending": len(self._outbox), "dropped": self._outbox.dropped},
+            "monitor": {
+                "enabled": bool(serving and serving.monitoring and self.config.monitor_interval_s),
+                "pending": self._monitor.pending,
+                "summaries": self._monitor.summaries,
+            },
             "healthy": self.healthy,
             "workers": self._worker_status(),
             "last_error": self._updater.last_error or self._uploader.last_error or self._last_error,
@@ -408,9 +419,16 @@ class Agent:
 
     def _metrics_loop(self) -> None:
         next_window = time.monotonic() + self.config.metrics_interval_s
+        monitor_s = self.config.monitor_interval_s
+        next_monitor = time.monotonic() + monitor_s
         while not self._stop.wait(min(0.5, self.config.metrics_interval_s)):
             if self._mqtt is not None:
                 self._mqtt.drain_outbox()
+            if monitor_s > 0:
+                self._monitor.flush()  # bin buffered rows here, not on an inference thread
+                if time.monotonic() >= next_monitor:
+                    next_monitor += monitor_s
+                    self._publish_monitor()
             if time.monotonic() < next_window:
                 continue
             next_window += self.config.metrics_interval_s
@@ -431,6 +449,22 @@ class Agent:
             if self._mqtt is not None:
                 for r in reports:
                     self._mqtt.publish_metrics(r)
+
+    def _publish_monitor(self) -> None:
+        """Close the monitoring period and publish its summaries (QoS 1, outbox offline)."""
+        serving = self._runtime.current
+        cur = self._updater.current
+        release = cur.release if cur and serving and cur.sha256 == serving.sha256 else None
+        summaries = self._monitor.snapshot_and_reset(
+            serving_sha256=serving.sha256 if serving else None, release=bounded_id(release)
+        )
+        for summary in summaries:
+            if self._mqtt is not None:
+                self._mqtt.publish_monitor(summary)
+            else:
+                self._outbox.add(
+                    self._topics.monitor(self.config.device_id), summary.to_json(), qos=1
+                )
 
     def _start_mqtt(self) -> None:
         if self._mqtt is None:

@@ -87,6 +87,9 @@ class AgentConfig:
     upload_backoff_cap_s: float = 60.0  # seconds, cap on the upload retry delay
     spool_max_bytes: int = 64 * MiB  # bytes of spooled batches; the oldest batch is dropped
     metrics_interval_s: float = 5.0  # seconds per metrics window
+    # Seconds per monitoring period: one histogram summary per model that served (never an
+    # input; well under 2 KB); 0 turns monitoring off. See device_agent.monitor.
+    monitor_interval_s: float = 60.0
     latency_samples_max: int = 10_000  # latencies kept per window and model version
     # Network.
     http_timeout_s: float = 10.0  # seconds, connect/read timeout of every HTTP request
@@ -147,6 +150,8 @@ class AgentConfig:
             raise ConfigError("build_nice must be within 0..19")
         if self.ort_binding not in ORT_BINDINGS:
             raise ConfigError(f"ort_binding must be one of {', '.join(ORT_BINDINGS)}")
+        if not (self.monitor_interval_s >= 0 and self.monitor_interval_s < float("inf")):
+            raise ConfigError("monitor_interval_s must be >= 0 seconds (0: monitoring off)")
         if self.probation_max_s < 0 or self.probation_min_labelled < 1:
             raise ConfigError("probation_max_s must be >= 0 and probation_min_labelled >= 1")
         self.server_url = self.server_url.rstrip("/")

@@ -28,6 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from contract.messages import MAX_TARGET_BYTES, MetricsReport, StatusReport
+from contract.monitoring import MonitorSummary
 from contract.topics import Topics
 from device_agent.config import AgentConfig
 from device_agent.errors import TransportError
@@ -163,6 +164,10 @@ class MqttLink:
     def publish_metrics(self, report: MetricsReport) -> None:
         """QoS 0: a lost window is replaced by the next one."""
         self._publish(self._topics.metrics(self._cfg.device_id), report.to_json(), qos=0)
+
+    def publish_monitor(self, summary: MonitorSummary) -> None:
+        """QoS 1: a lost period is a hole in the drift record; held in the outbox offline."""
+        self._publish(self._topics.monitor(self._cfg.device_id), summary.to_json(), qos=1)
 
     def _publish(self, topic: str, payload: bytes, *, qos: int) -> None:
         """Publish now, or hold the report in the outbox while the broker is unreachable."""

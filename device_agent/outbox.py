@@ -1,4 +1,4 @@
-"""Status and metrics reports held on disk while the broker is unreachable.
+"""Status, metrics and monitoring reports held on disk while the broker is unreachable.
 
 Bounded by ``max_records``; when full the oldest record is dropped and counted. Records are
 appended as JSON lines; ``drain`` publishes them in order once the broker is back and then

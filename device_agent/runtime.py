@@ -11,7 +11,8 @@ thread, so no inference ever pays for a session's destructor, and memory returns
 
 Before a session is built, ``load`` checks memory headroom, and after warm-up it runs the bundle's
 self-test vectors when the ONNX file carries them: metadata property ``edgeloop.selftest`` holding
-``{"inputs": [[...], ...], "labels": [...]}``. The metadata is inside the signed bytes.
+``{"inputs": [[...], ...], "labels": [...]}``. It also reads the monitoring reference (metadata
+``edgeloop.monitoring``, see ``device_agent.monitor``). The metadata is inside the signed bytes.
 
 Two ONNX Runtime bindings (``resolve_binding``). ``capi`` (default when the library loads) calls
 the C library through ``device_agent.ortc``: a session is parsed, optimised, set up and freed
@@ -46,6 +47,8 @@ from typing import Any
 import numpy as np
 
 from contract.manifest import OUTPUT_NAME, Manifest
+from contract.monitoring import METADATA_KEY as MONITORING_KEY
+from contract.monitoring import MonitoringReference
 from device_agent import ortc
 from device_agent.errors import (
     InferenceError,
@@ -54,6 +57,7 @@ from device_agent.errors import (
     NoModelError,
     SelfTestError,
 )
+from device_agent.monitor import load_reference
 
 log = logging.getLogger(__name__)
 SELFTEST_KEY = "edgeloop.selftest"
@@ -253,6 +257,9 @@ class Loaded:
     output_index: int
     model_version: int
     sha256: str
+    # The monitoring reference from the model's metadata (device_agent.monitor); None: the
+    # model is served unmonitored.
+    monitoring: MonitoringReference | None = None
 
 
 @dataclass(frozen=True)
@@ -360,6 +367,7 @@ class ModelRuntime:
             output_index=output_index,
             model_version=manifest.model_version,
             sha256=manifest.artifact.sha256,
+            monitoring=load_reference(_custom_metadata(session, MONITORING_KEY), manifest),
         )
 
     def _build(self, path: Path) -> Any:

@@ -31,6 +31,7 @@ from training.dataset import DatasetVersion, build_dataset
 from training.errors import ChampionError, ParityError, SpecError
 from training.evaluate import evaluate_gate, model_metrics
 from training.export import OPSET, add_metadata, check_parity, onnx_predict_proba
+from training.monitoring import build_reference, embed_reference
 from training.samples import Samples, load_samples
 from training.spec import JobSpec
 from training.trainers import train
@@ -171,6 +172,27 @@ def _json_bytes(doc: Any) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
 
 
+def _with_monitoring(onnx_bytes: bytes, ds: DatasetVersion, base: BaseData, spec: JobSpec) -> bytes:
+    """The model with its monitoring reference embedded (see :mod:`training.monitoring`): input
+    signals from the training rows and the holdout, output signals and the confidence
+    calibration from the holdout (golden + recent-field evaluation rows, never trained on)."""
+    X_holdout = (
+        np.concatenate([base.golden.X, ds.X_field]) if ds.field_eval_count else base.golden.X
+    )
+    y_holdout = (
+        np.concatenate([base.golden.y, ds.y_field]) if ds.field_eval_count else base.golden.y
+    )
+    reference = build_reference(
+        lambda X: onnx_predict_proba(onnx_bytes, X),
+        ds.X_train,
+        X_holdout,
+        y_holdout,
+        n_classes=len(spec.labels),
+        value_range=(spec.input_spec.min, spec.input_spec.max),
+    )
+    return embed_reference(onnx_bytes, reference)
+
+
 def run_job(spec: JobSpec, *, clock: Callable[[], float] = time.perf_counter) -> Report:
     """Run the job described by ``spec`` and write its outputs into ``spec.output_dir``.
 
@@ -247,6 +269,7 @@ def run_job(spec: JobSpec, *, clock: Callable[[], float] = time.perf_counter) ->
             "warm_start_from": spec.champion.version if warm_used and spec.champion else "",
         },
     )
+    onnx_bytes = _with_monitoring(onnx_bytes, ds, base, spec)
     parity = check_parity(onnx_bytes, model.predict_proba, base.golden.X)
 
     has_field = ds.field_eval_count > 0
