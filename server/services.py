@@ -13,26 +13,26 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from server import crud
-from server.artifacts import ArtifactStore
 from server.core.config import Settings
-from server.db import (
+from server.core.errors import ConflictError
+from server.db import crud
+from server.db.engine import (
     create_all,
     make_engine,
     make_read_sessionmaker,
     make_sessionmaker,
     utcnow,
 )
-from server.enrollment import revoked_device_ids
-from server.errors import ConflictError
-from server.ingest import IngestWriter
-from server.jobs import JobRunner
-from server.line_config import bootstrap_line_config
-from server.mqtt_bridge import IngestItem, MqttBridge, RecordingPublisher, TargetPublisher
-from server.rollout_engine import RolloutEngine
-from server.screening import Screener, screen_config
-from server.signing import Signer, audit_published_roots, load_signer
-from server.upload_limits import SampleRateLimiter
+from server.fleet.ingest import IngestWriter
+from server.fleet.mqtt_bridge import IngestItem, MqttBridge, RecordingPublisher, TargetPublisher
+from server.identity.enrollment import revoked_device_ids
+from server.intake.screening import Screener, screen_config
+from server.intake.upload_limits import SampleRateLimiter
+from server.release.artifacts import ArtifactStore
+from server.release.signing import Signer, audit_published_roots, load_signer
+from server.retrain.jobs import JobRunner
+from server.retrain.line_config import bootstrap_line_config
+from server.rollout.engine import RolloutEngine
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Services:
     clock: Callable[[], datetime] = utcnow
     screener: Screener | None = None  # label screening of uploaded samples
     # Sessions for requests that only read (GET, HEAD, authentication); see
-    # server.db.make_read_sessionmaker. None: use ``sessions``.
+    # server.db.engine.make_read_sessionmaker. None: use ``sessions``.
     read_sessions: sessionmaker[Session] | None = None
     sample_limiter: SampleRateLimiter | None = None  # per-device upload rate (this process)
     # Revoked device ids (loaded at start, added to on revoke): the bridge drops their reports.
@@ -67,7 +67,7 @@ class Services:
         """Start the background threads the settings enable."""
         s = self.settings
         if s.enrollment_token:
-            from server.enrollment import ensure_enrollment_token
+            from server.identity.enrollment import ensure_enrollment_token
 
             with self.sessions() as session:
                 ensure_enrollment_token(
@@ -83,7 +83,7 @@ class Services:
                     session.rollback()
         if s.broker_config_dir is not None:
             # The broker's password file and ACL exist (and are current) before anyone logs in.
-            from server.broker_acl import sync_broker
+            from server.identity.broker_acl import sync_broker
 
             sync_broker(self.read_sessions or self.sessions, s)
         # Jobs whose runner died (this server killed mid-training, or another one) go back to

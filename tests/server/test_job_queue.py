@@ -18,8 +18,8 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
 from firmware_sim.services import ServerProcess
-from server import crud
-from server.db import TrainingJob, utcnow
+from server.db import crud
+from server.db.engine import TrainingJob, utcnow
 from server.main import create_app
 from tests.authkit import FleetAuth, bootstrap_token, enroll
 from tests.conftest import TEST_ADMIN_TOKEN, auth_headers, write_key_pair

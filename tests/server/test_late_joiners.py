@@ -20,11 +20,11 @@ import pytest
 from sqlalchemy import select
 
 from contract import TargetMessage, Topics
-from server import crud
-from server.db import RolloutDevice
+from server.db import crud
+from server.db.engine import RolloutDevice
 from server.main import create_app
+from server.rollout.targets import resolve_target
 from server.services import Services
-from server.targets import resolve_target
 from tests.server.conftest import (
     add_version,
     authed_client,

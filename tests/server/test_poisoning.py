@@ -16,15 +16,15 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from server import crud
-from server.db import DatasetSample, ModelLine, ModelVersion
-from server.db_audit import SampleUploadCount
-from server.errors import RateLimitedError
+from server.core.errors import RateLimitedError
+from server.db import crud
+from server.db.engine import DatasetSample, ModelLine, ModelVersion
+from server.db.samples import SampleUploadCount
+from server.intake.screening import ScreenConfig, label_verdicts
+from server.intake.upload_limits import SampleRateLimiter
 from server.main import create_app
-from server.screening import ScreenConfig, label_verdicts
+from server.release.signing import sign_release
 from server.services import Services
-from server.signing import sign_release
-from server.upload_limits import SampleRateLimiter
 from tests.conftest import write_key_pair
 from tests.server.conftest import (
     LINE,
@@ -422,7 +422,7 @@ def test_the_agent_keeps_a_rate_limited_batch_and_waits_retry_after(
 def test_cli_lists_the_quarantine_with_reasons(tmp_path: Path, signing_key) -> None:
     from typer.testing import CliRunner
 
-    from server.cli import app as cli_app
+    from server.cli.main import app as cli_app
     from tests.conftest import TEST_ADMIN_TOKEN
     from tests.server.live_server import LiveServer
 

@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from server.rollout import Action, DeviceRow, Retries, WaveSnapshot, decide, state_for_wave
-from server.rollout_gates import GateBounds, MetricSummary, evaluate
-from server.rollout_plan import (
+from server.rollout.decide import Action, DeviceRow, Retries, WaveSnapshot, decide, state_for_wave
+from server.rollout.gates import GateBounds, MetricSummary, evaluate
+from server.rollout.plan import (
     Abort,
     Plan,
     PlanError,

@@ -10,9 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import insert
 
-from server.db_rollouts import RolloutWave
-from server.mqtt_bridge import RecordingPublisher
-from server.rollout_engine import RolloutEngine
+from server.db.rollouts import RolloutWave
+from server.fleet.mqtt_bridge import RecordingPublisher
+from server.rollout.engine import RolloutEngine
 from server.services import Services
 from tests.server.conftest import add_version, create_line, register, services_of
 from tests.server.test_rollout_engine import install, metrics, release_of, target, version_of
@@ -230,7 +230,7 @@ def test_other_bad_requests_are_4xx(client: TestClient) -> None:
 def test_cli_watch_once_prints_progress_per_wave(client: TestClient, monkeypatch) -> None:
     from typer.testing import CliRunner
 
-    import server.cli as cli
+    import server.cli.main as cli
 
     services, rid = setup(client)
     client.post(f"/api/v1/rollouts/{rid}/approve", json={})

@@ -22,10 +22,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from server import crud
 from server.api.deps import ServicesDep
-from server.artifacts import check_sha256
-from server.errors import NotFoundError
+from server.core.errors import NotFoundError
+from server.db import crud
+from server.release.artifacts import check_sha256
 from server.services import Services
 
 router = APIRouter(prefix="/api/v1/artifacts", tags=["artifacts"])

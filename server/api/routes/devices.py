@@ -11,24 +11,24 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query
 
-from server import crud, db_ingest
 from server.api.deps import DeviceDep, ServicesDep, SessionDep, ViewerDep
-from server.auth import require_same_device
-from server.db import Device
-from server.db_auth import DeviceCredential
-from server.enrollment import check_allowed
-from server.errors import InvalidRequestError
-from server.ingest_parse import Accepted, classify
-from server.schemas import (
+from server.api.schemas import (
     DeviceEventPublic,
     DevicePublic,
     DeviceRegister,
     Name,
     RefusedReportPublic,
 )
-from server.targets import resolve_target
+from server.core.errors import InvalidRequestError
+from server.db import crud, reports
+from server.db.engine import Device
+from server.db.identity import DeviceCredential
+from server.fleet.ingest_parse import Accepted, classify
+from server.identity.auth import require_same_device
+from server.identity.enrollment import check_allowed
+from server.rollout.targets import resolve_target
 
-Limit = Annotated[int, Query(ge=1, le=db_ingest.MAX_LISTED)]
+Limit = Annotated[int, Query(ge=1, le=reports.MAX_LISTED)]
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
@@ -96,15 +96,15 @@ def device_events(device_id: str, _op: ViewerDep, session: SessionDep, limit: Li
     """The device's stored status reports, newest first; ``dropped`` names each field the server
     left out of one (out of range, wrong type)."""
     crud.get_device(session, device_id=device_id)
-    return db_ingest.list_events(session, device_id=device_id, limit=limit)
+    return reports.list_events(session, device_id=device_id, limit=limit)
 
 
 @router.get("/{device_id}/refused", response_model=list[RefusedReportPublic])
 def refused_reports(device_id: str, _op: ViewerDep, session: SessionDep, limit: Limit = 50) -> Any:
     """Reports from the device's topics the server could not use, newest first, with the reason
-    and an excerpt (the newest ``db_ingest.MAX_REFUSED_PER_DEVICE`` are kept)."""
+    and an excerpt (the newest ``reports.MAX_REFUSED_PER_DEVICE`` are kept)."""
     crud.get_device(session, device_id=device_id)
-    return db_ingest.list_refused(session, device_id=device_id, limit=limit)
+    return reports.list_refused(session, device_id=device_id, limit=limit)
 
 
 def _parse(kind: str, device_id: str, body: Any, now_ts: float) -> Accepted:

@@ -6,7 +6,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 
-from server import crud
 from server.api.deps import (
     IdPath,
     OperatorDep,
@@ -15,10 +14,7 @@ from server.api.deps import (
     VersionPath,
     require_viewer,
 )
-from server.errors import InvalidRequestError, NotFoundError
-from server.line_config import resolve_line_config
-from server.lineage import DEFAULT_SAMPLE_LIMIT, model_lineage
-from server.schemas import (
+from server.api.schemas import (
     Alias,
     AliasPublic,
     ArtifactInfo,
@@ -30,6 +26,10 @@ from server.schemas import (
     Name,
     ReleasePublic,
 )
+from server.core.errors import InvalidRequestError, NotFoundError
+from server.db import crud
+from server.retrain.line_config import resolve_line_config
+from server.retrain.lineage import DEFAULT_SAMPLE_LIMIT, model_lineage
 
 # Reads need a viewer token (router-wide); changes need the operator role (per route).
 router = APIRouter(

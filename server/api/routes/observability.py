@@ -8,10 +8,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server import crud
 from server.api.deps import ServicesDep, SessionDep, ViewerDep
-from server.observability import version_series
-from server.schemas import Name
+from server.api.metrics import version_series
+from server.api.schemas import Name
+from server.db import crud
 
 router = APIRouter(tags=["observability"])
 

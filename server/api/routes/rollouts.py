@@ -17,16 +17,7 @@ from server.api.deps import (
     SessionDep,
     require_viewer,
 )
-from server.auth import Operator
-from server.core.config import Settings
-from server.db import DeviceEvent, Rollout, RolloutDevice
-from server.db_rollouts import RolloutEvent, RolloutWave
-from server.enrollment import audit
-from server.errors import ForbiddenError, NotFoundError
-from server.rollout import wave_counts
-from server.rollout_engine import RolloutEngine
-from server.rollout_queries import plan_of
-from server.schemas import (
+from server.api.schemas import (
     Name,
     RolloutAction,
     RolloutApprove,
@@ -34,6 +25,15 @@ from server.schemas import (
     RolloutDetail,
     RolloutPublic,
 )
+from server.core.config import Settings
+from server.core.errors import ForbiddenError, NotFoundError
+from server.db.engine import DeviceEvent, Rollout, RolloutDevice
+from server.db.rollouts import RolloutEvent, RolloutWave
+from server.identity.auth import Operator
+from server.identity.enrollment import audit
+from server.rollout.decide import wave_counts
+from server.rollout.engine import RolloutEngine
+from server.rollout.queries import plan_of
 
 # Reads need a viewer token; create/pause/resume/abort/rollback the operator role; approve the
 # approver role (and, with Settings.four_eyes, someone other than the rollout's creator). Rollback

@@ -6,9 +6,9 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
-from server import crud
 from server.api.deps import IdPath, OperatorDep, ServicesDep, SessionDep, require_viewer
-from server.schemas import Name, TrainingJobCreate, TrainingJobPublic
+from server.api.schemas import Name, TrainingJobCreate, TrainingJobPublic
+from server.db import crud
 
 router = APIRouter(
     prefix="/api/v1/training-jobs", tags=["training"], dependencies=[Depends(require_viewer)]
