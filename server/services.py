@@ -15,14 +15,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.core.config import Settings
 from server.core.errors import ConflictError
-from server.db import crud
-from server.db.engine import (
-    create_all,
-    make_engine,
-    make_read_sessionmaker,
-    make_sessionmaker,
-    utcnow,
-)
+from server.db import registry
+from server.db.base import utcnow
+from server.db.engine import create_all, make_engine, make_read_sessionmaker, make_sessionmaker
 from server.fleet.ingest import IngestWriter
 from server.fleet.mqtt_bridge import IngestItem, MqttBridge, RecordingPublisher, TargetPublisher
 from server.identity.enrollment import revoked_device_ids
@@ -127,7 +122,7 @@ def bootstrap(services: Services) -> None:
     config = bootstrap_line_config(s)
     with services.sessions() as session:
         try:
-            crud.create_model_line(
+            registry.create_model_line(
                 session,
                 name=s.bootstrap_line,
                 trainer=config.trainer,

@@ -18,7 +18,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from server.db.engine import Device, DeviceMetric, Rollout, Sample, TrainingJob
+from server.db.fleet import Device, DeviceMetric
+from server.db.registry import TrainingJob
+from server.db.rollouts import Rollout
+from server.db.sample_store import Sample
 from server.services import Services
 
 INSTANCE = f"{socket.gethostname()}:{os.getpid()}"

@@ -24,10 +24,52 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy import DDL, JSON, BigInteger, String, event, func, select, text
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from server.db.samples import AuditRecord
+from server.db.base import Base, UTCDateTime
+
+
+class AuditRecord(Base):
+    """One hash-chained audit record; ``hash`` covers every other column and ``prev_hash``."""
+
+    __tablename__ = "audit_log"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    ts: Mapped[datetime] = mapped_column(UTCDateTime)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    subject: Mapped[str] = mapped_column(String(256))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))  # sha256 hex of the previous record
+    hash: Mapped[str] = mapped_column(String(64))  # sha256 hex of this record
+
+
+_PG_APPEND_ONLY = DDL(
+    """
+    CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger AS $$
+    BEGIN
+        RAISE EXCEPTION USING MESSAGE = 'audit_log is append-only: ' || TG_OP || ' refused';
+    END
+    $$ LANGUAGE plpgsql;
+    CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log
+        FOR EACH ROW EXECUTE FUNCTION audit_log_append_only();
+    """
+).execute_if(dialect="postgresql")
+
+_SQLITE_NO_UPDATE = DDL(
+    "CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log "
+    "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: UPDATE refused'); END"
+).execute_if(dialect="sqlite")
+
+_SQLITE_NO_DELETE = DDL(
+    "CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log "
+    "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: DELETE refused'); END"
+).execute_if(dialect="sqlite")
+
+for _ddl in (_PG_APPEND_ONLY, _SQLITE_NO_UPDATE, _SQLITE_NO_DELETE):
+    event.listen(AuditRecord.__table__, "after_create", _ddl)
+
 
 GENESIS_HASH = "0" * 64
 # Arbitrary constant naming the audit log's advisory lock on PostgreSQL.

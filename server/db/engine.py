@@ -1,9 +1,10 @@
-"""ORM models and the engine factory (SQLite with WAL, or PostgreSQL via psycopg 3).
+"""The engine factory, sessions and schema creation (SQLite with WAL, or PostgreSQL via psycopg 3).
 
 SQLite transactions start with ``BEGIN IMMEDIATE`` so a read-then-write transaction cannot fail
 with SQLITE_BUSY when it upgrades its lock; with ``busy_timeout`` writers queue instead.
 PostgreSQL runs at READ COMMITTED; state transitions are guarded UPDATEs (``WHERE state = ...``)
-and counters are atomic ``UPDATE ... RETURNING``.
+and counters are atomic ``UPDATE ... RETURNING``. The tables live in one module per area
+(``server.db.registry``, ``fleet``, ``sample_store``, ...), all on ``server.db.base.Base``.
 """
 
 from __future__ import annotations
@@ -13,320 +14,29 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    DateTime,
-    Engine,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    LargeBinary,
-    String,
-    Text,
-    UniqueConstraint,
-    create_engine,
-    event,
-    inspect,
-    text,
-)
-from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.orm import Session, sessionmaker
 
 from server.core.errors import ConfigError
+from server.db import (  # noqa: F401 - every table module registers its tables on Base.metadata
+    audit,
+    datasets,
+    fleet,
+    identity,
+    quality,
+    registry,
+    reports,
+    rollouts,
+    sample_store,
+)
+from server.db.base import Base
 
 log = logging.getLogger(__name__)
-
-# Autoincrement keys: BIGINT on PostgreSQL, the rowid alias on SQLite.
-BigId = BigInteger().with_variant(Integer(), "sqlite")
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC datetimes on both backends (SQLite stores them naive)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class ModelLine(Base):
-    __tablename__ = "model_lines"
-
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    trainer: Mapped[str] = mapped_column(String(32))
-    hyperparams: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    input_spec: Mapped[dict[str, Any]] = mapped_column(JSON)
-    labels: Mapped[list[str]] = mapped_column(JSON)
-    retrain_threshold: Mapped[int] = mapped_column(Integer)
-    champion_version: Mapped[int | None] = mapped_column(Integer)
-    current_release: Mapped[int | None] = mapped_column(Integer)
-    last_release: Mapped[int] = mapped_column(Integer, default=0)
-    new_samples: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    # The resolved training config (training.config.LineConfig.to_dict()); trainer and
-    # hyperparams above mirror it.
-    training_config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    schedule_s: Mapped[float | None] = mapped_column(Float)  # seconds; None: no schedule
-    last_job_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # last enqueue
-
-
-class Device(Base):
-    __tablename__ = "devices"
-
-    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    model_line: Mapped[str] = mapped_column(ForeignKey("model_lines.name"), index=True)
-    hardware: Mapped[str | None] = mapped_column(String(128))
-    groups: Mapped[list[str]] = mapped_column(JSON, default=list)
-    agent_version: Mapped[str | None] = mapped_column(String(64))
-    registered_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    state: Mapped[str | None] = mapped_column(String(32))
-    model_version: Mapped[int | None] = mapped_column(Integer)
-    release: Mapped[int | None] = mapped_column(Integer)
-    last_reason: Mapped[str | None] = mapped_column(Text)
-
-
-class ModelVersion(Base):
-    __tablename__ = "model_versions"
-    __table_args__ = (UniqueConstraint("line", "version"),)
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    line: Mapped[str] = mapped_column(ForeignKey("model_lines.name"))
-    version: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16))  # champion/candidate/rejected/retired
-    sha256: Mapped[str | None] = mapped_column(String(64))
-    size: Mapped[int | None] = mapped_column(BigInteger)
-    parent_version: Mapped[int | None] = mapped_column(Integer)
-    dataset_version: Mapped[str | None] = mapped_column(String(128))
-    trainer: Mapped[str] = mapped_column(String(32))
-    hyperparams: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    sample_count: Mapped[int] = mapped_column(Integer, default=0)
-    job_id: Mapped[int | None] = mapped_column(BigInteger)
-    reason: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    weights_sha256: Mapped[str | None] = mapped_column(String(64))  # framework weights (npz)
-
-
-class Release(Base):
-    __tablename__ = "releases"
-    __table_args__ = (UniqueConstraint("line", "release"),)
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    line: Mapped[str] = mapped_column(ForeignKey("model_lines.name"))
-    release: Mapped[int] = mapped_column(Integer)
-    model_version: Mapped[int] = mapped_column(Integer)
-    sha256: Mapped[str] = mapped_column(String(64))
-    envelope: Mapped[dict[str, Any]] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-
-
-class Sample(Base):
-    __tablename__ = "samples"
-    __table_args__ = (
-        Index("ix_samples_line", "model_line"),
-        # The same input twice on a line is refused (content hash); this makes it race-proof.
-        Index("uq_samples_line_content", "model_line", "content_sha256", unique=True),
-        Index("ix_samples_device", "device_id"),
-    )
-
-    sample_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    device_id: Mapped[str] = mapped_column(ForeignKey("devices.device_id"))
-    model_line: Mapped[str] = mapped_column(ForeignKey("model_lines.name"))
-    model_version: Mapped[int] = mapped_column(Integer)
-    input: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian
-    true_label: Mapped[int] = mapped_column(Integer)
-    predicted_label: Mapped[int] = mapped_column(Integer)
-    confidence: Mapped[float] = mapped_column(Float)
-    captured_at: Mapped[float] = mapped_column(Float)  # unix seconds, device clock
-    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    content_sha256: Mapped[str | None] = mapped_column(String(64))  # of the input bytes
-
-
-# At most one queued or running job per line: the database, not the code, guarantees that one
-# trigger gives one training, whatever number of server processes share it.
-_ACTIVE_JOB = text("status IN ('queued', 'running')")
-
-
-class TrainingJob(Base):
-    __tablename__ = "training_jobs"
-    __table_args__ = (
-        Index("ix_jobs_line_status", "model_line", "status"),
-        Index(
-            "uq_jobs_one_active_per_line",
-            "model_line",
-            unique=True,
-            postgresql_where=_ACTIVE_JOB,
-            sqlite_where=_ACTIVE_JOB,
-        ),
-    )
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    model_line: Mapped[str] = mapped_column(ForeignKey("model_lines.name"))
-    status: Mapped[str] = mapped_column(String(16))  # queued/running/succeeded/failed/rejected
-    trigger: Mapped[str] = mapped_column(String(16))  # threshold/manual/initial/schedule
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    error: Mapped[str | None] = mapped_column(Text)
-    result_version: Mapped[int | None] = mapped_column(Integer)
-    sample_count: Mapped[int | None] = mapped_column(Integer)
-    # Durable queue: a claim takes an attempt; the runner heartbeats while the trainer runs; a
-    # job whose heartbeat stops (server killed) is queued again until max_attempts.
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
-    claimed_by: Mapped[str | None] = mapped_column(String(128))  # host:pid:nonce of the runner
-    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)  # retry backoff
-    dataset_version: Mapped[str | None] = mapped_column(String(64))
-
-
-class DatasetVersion(Base):
-    """An immutable, content-addressed dataset manifest (see training.dataset)."""
-
-    __tablename__ = "dataset_versions"
-
-    version: Mapped[str] = mapped_column(String(64), primary_key=True)
-    base: Mapped[str] = mapped_column(Text)
-    base_sha256: Mapped[str] = mapped_column(String(64))
-    field_fraction: Mapped[float] = mapped_column(Float)
-    sample_count: Mapped[int] = mapped_column(Integer)
-    train_count: Mapped[int] = mapped_column(Integer)
-    field_count: Mapped[int] = mapped_column(Integer)
-    rejected_count: Mapped[int] = mapped_column(Integer)
-    # The manifest without its id lists (those are the dataset_samples rows).
-    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
-    model_line: Mapped[str] = mapped_column(String(64))  # the line that first built it
-    job_id: Mapped[int | None] = mapped_column(BigInteger)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-
-
-class DatasetSample(Base):
-    """Which accepted samples a dataset version holds, and on which side of the split."""
-
-    __tablename__ = "dataset_samples"
-    __table_args__ = (Index("ix_dataset_samples_sample", "sample_id"),)
-
-    dataset_version: Mapped[str] = mapped_column(
-        ForeignKey("dataset_versions.version"), primary_key=True
-    )
-    sample_id: Mapped[str] = mapped_column(ForeignKey("samples.sample_id"), primary_key=True)
-    role: Mapped[str] = mapped_column(String(8))  # train/field
-
-
-class Rollout(Base):
-    __tablename__ = "rollouts"
-    __table_args__ = (Index("ix_rollouts_line_state", "model_line", "state"),)
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    model_line: Mapped[str] = mapped_column(ForeignKey("model_lines.name"))
-    from_version: Mapped[int | None] = mapped_column(Integer)
-    to_version: Mapped[int] = mapped_column(Integer)
-    release: Mapped[int | None] = mapped_column(Integer)
-    rollback_release: Mapped[int | None] = mapped_column(Integer)
-    # pending_approval/canary/rolling/full/awaiting_gate/paused/completed/rolled_back/aborted
-    state: Mapped[str] = mapped_column(String(24))
-    paused_state: Mapped[str | None] = mapped_column(String(24))  # what resume returns to
-    stage: Mapped[int] = mapped_column(Integer, default=0)
-    canary_percent: Mapped[int] = mapped_column(Integer)
-    created_by: Mapped[str] = mapped_column(String(128))
-    approved_by: Mapped[str | None] = mapped_column(String(128))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    approved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    stage_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    full_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    reason: Mapped[str | None] = mapped_column(Text)
-    gates: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    # Waves and the hash cut-offs frozen at approval (server.rollout.plan.Plan); stage = wave.
-    plan: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    # Who it is for (contract.Targeting.to_dict(), opset left to the model); None: any device.
-    # Signed into the rollout's releases; devices outside it never become members.
-    targeting: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-
-
-class RolloutDevice(Base):
-    __tablename__ = "rollout_devices"
-
-    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"), primary_key=True)
-    device_id: Mapped[str] = mapped_column(ForeignKey("devices.device_id"), primary_key=True)
-    stage: Mapped[int] = mapped_column(Integer)  # the device's wave (0 = canary)
-    state: Mapped[str] = mapped_column(String(32))
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    installed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # server clock
-    reason: Mapped[str | None] = mapped_column(Text)
-    notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # first sent the release
-    attempts: Mapped[int] = mapped_column(Integer, default=0)  # re-sends after a failure
-    failures: Mapped[int] = mapped_column(Integer, default=0)  # failed attempts counted
-
-
-class DeviceMetric(Base):
-    __tablename__ = "device_metrics"
-    __table_args__ = (Index("ix_metrics_line_version", "model_line", "model_version"),)
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    device_id: Mapped[str] = mapped_column(String(128), index=True)
-    model_line: Mapped[str] = mapped_column(String(64))
-    model_version: Mapped[int] = mapped_column(Integer)
-    rollout_id: Mapped[int | None] = mapped_column(BigInteger)
-    ts: Mapped[float] = mapped_column(Float)  # device clock
-    window_s: Mapped[float] = mapped_column(Float)
-    inferences: Mapped[int] = mapped_column(BigInteger)
-    errors: Mapped[int] = mapped_column(BigInteger)
-    labelled: Mapped[int] = mapped_column(BigInteger)
-    correct: Mapped[int] = mapped_column(BigInteger)
-    p50: Mapped[float] = mapped_column(Float)
-    p95: Mapped[float] = mapped_column(Float)
-    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-
-
-class DeviceEvent(Base):
-    """Status history: every StatusReport accepted, for operators chasing a stuck device."""
-
-    __tablename__ = "device_events"
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    device_id: Mapped[str] = mapped_column(String(128), index=True)
-    ts: Mapped[float] = mapped_column(Float)
-    state: Mapped[str] = mapped_column(String(32))
-    model_version: Mapped[int | None] = mapped_column(Integer)
-    release: Mapped[int | None] = mapped_column(Integer)
-    rollout_id: Mapped[int | None] = mapped_column(BigInteger)
-    target_release: Mapped[int | None] = mapped_column(Integer)
-    reason: Mapped[str | None] = mapped_column(Text)
-    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    # What the server left out of the report ("dropped rollout_id: out of range"); None: nothing.
-    dropped: Mapped[list[str] | None] = mapped_column(JSON)
-
 
 # Nullable columns added to tables after their first release: ``create_all`` adds them to an
 # existing database (it creates missing tables, never missing columns).
@@ -531,9 +241,6 @@ def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 
 def create_all(engine: Engine) -> None:
-    # Tables in their own modules: identity; refused reports; per-class and shadow metrics.
-    from server.db import identity, quality, reports, samples  # noqa: F401
-
     Base.metadata.create_all(engine)
     _add_columns(engine, ADDED_COLUMNS)
 

@@ -17,7 +17,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from server.db.engine import Base, BigId, UTCDateTime, utcnow
+from server.db.base import Base, BigId, UTCDateTime, utcnow
 
 CLASS_SOURCES = ("served", "shadow", "shadow_champion")
 

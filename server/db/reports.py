@@ -16,7 +16,8 @@ from datetime import datetime
 from sqlalchemy import Index, Integer, String, Text, delete, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from server.db.engine import Base, BigId, DeviceEvent, UTCDateTime, utcnow
+from server.db.base import Base, BigId, UTCDateTime, utcnow
+from server.db.fleet import DeviceEvent
 
 MAX_REFUSED_PER_DEVICE = 100  # refused reports kept per device (the newest)
 MAX_LISTED = 500  # rows one API call returns

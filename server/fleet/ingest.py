@@ -32,9 +32,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from contract import MetricsReport, StatusReport
 from server.core.background import Worker
 from server.core.errors import UnavailableError
-from server.db.engine import Device, DeviceEvent, DeviceMetric, Rollout, RolloutDevice, utcnow
+from server.db.base import utcnow
+from server.db.fleet import Device, DeviceEvent, DeviceMetric
 from server.db.quality import ClassMetric, ShadowMetric
 from server.db.reports import RefusedReport, prune_refused
+from server.db.rollouts import Rollout, RolloutDevice
 from server.fleet.ingest_parse import (
     MAX_REFUSAL_CHARS,
     Accepted,

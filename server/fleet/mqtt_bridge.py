@@ -28,7 +28,7 @@ from paho.mqtt.properties import Properties
 
 from contract import TargetMessage, Topics
 from contract.messages import MAX_MESSAGE_BYTES
-from server.db.engine import utcnow
+from server.db.base import utcnow
 from server.fleet.ingest_parse import Oversize
 
 log = logging.getLogger(__name__)

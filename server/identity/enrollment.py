@@ -37,8 +37,8 @@ from server.core.errors import (
     InvalidRequestError,
     NotFoundError,
 )
-from server.db import crud
-from server.db.engine import Device
+from server.db import fleet, registry
+from server.db.fleet import Device
 from server.db.identity import DeviceCredential, EnrollmentToken, OperatorToken
 from server.identity.auth import Operator, Role, hash_token, mosquitto_hash, new_secret
 
@@ -144,7 +144,7 @@ def create_enrollment_token(
     if not 1 <= max_uses <= MAX_ENROLLMENT_USES:
         raise InvalidRequestError(f"max_uses must be 1..{MAX_ENROLLMENT_USES}")
     if model_line is not None:
-        crud.get_model_line(session, name=model_line)
+        registry.get_model_line(session, name=model_line)
     token = new_secret()
     row = EnrollmentToken(
         token_hash=hash_token(token),
@@ -313,7 +313,7 @@ def enroll_device(
         line=row.model_line,
         allowed=row.groups,
     )
-    device = crud.register_device(
+    device = fleet.register_device(
         session,
         device_id=device_id,
         model_line=model_line,
@@ -389,7 +389,7 @@ def _retry(
         line=row.model_line,
         allowed=row.groups,
     )
-    device = crud.register_device(
+    device = fleet.register_device(
         session,
         device_id=cred.device_id,
         model_line=model_line,
@@ -418,7 +418,7 @@ def _retry(
 
 def revoke_device(session: Session, *, device_id: str, by: Operator, now: datetime) -> Device:
     """Refuse the device everywhere from now on (HTTP 403; gone from the broker files)."""
-    device = crud.get_device(session, device_id=device_id)
+    device = fleet.get_device(session, device_id=device_id)
     cred = session.get(DeviceCredential, device_id)
     if cred is None:
         # Never enrolled (registered before enrollment existed): a placeholder that no bearer

@@ -28,8 +28,11 @@ from sqlalchemy.orm import Session
 
 from contract import ContractError, InputSpec, Manifest, MessageError, decode_input
 from contract.envelope import SignedEnvelope
-from server.db import crud
-from server.db.engine import Device, ModelLine, Release, Rollout, Sample
+from server.db import job_queue
+from server.db.fleet import Device
+from server.db.registry import ModelLine, Release
+from server.db.rollouts import Rollout
+from server.db.sample_store import Sample
 from server.intake.screening import Screener
 from server.intake.upload_limits import charge_quota
 from server.rollout.decide import ACTIVE_ROLLOUT_STATES
@@ -407,10 +410,10 @@ def _count_and_trigger(
     not_before = None
     cooldown_s = cooldown_of(counted.training_config, default_cooldown_s)
     if cooldown_s > 0:
-        last = crud.last_job_finished_at(session, line=line)
+        last = job_queue.last_job_finished_at(session, line=line)
         if last is not None and (now - last).total_seconds() < cooldown_s:
             not_before = last + timedelta(seconds=cooldown_s)
     # None when a job is already queued or running (the partial unique index decides races):
     # that job will pick these samples up, or the next threshold will.
-    job = crud.add_job(session, line=line, trigger="threshold", now=now, not_before=not_before)
+    job = job_queue.add_job(session, line=line, trigger="threshold", now=now, not_before=not_before)
     return job.id if job is not None else None

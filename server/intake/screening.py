@@ -18,8 +18,8 @@ to the device). A sample that passes them is stored, then screened here:
   ``device_max_ratio`` of them are quarantined, all its samples not yet in a dataset version are
   quarantined too ("device X: 80% of its labels contradict model and neighbours").
 
-Quarantined samples stay stored (nothing is lost) but ``crud.samples_of_line`` skips them, so no
-dataset version includes them, and they do not count toward the retraining threshold. An
+Quarantined samples stay stored (nothing is lost) but ``sample_store.samples_of_line`` skips them,
+so no dataset version includes them, and they do not count toward the retraining threshold. An
 operator can release one (it then enters the next dataset version).
 
 :func:`label_verdicts` is the pure core; :class:`Screener` is the shell (database, artifact
@@ -41,8 +41,9 @@ from sqlalchemy.orm import Session
 
 from server.core.errors import NotFoundError
 from server.db import audit
-from server.db.engine import DatasetSample, ModelLine, ModelVersion, Sample
-from server.db.samples import SampleQuarantine
+from server.db.datasets import DatasetSample
+from server.db.registry import ModelLine, ModelVersion
+from server.db.sample_store import Sample, SampleQuarantine, quarantined_ids
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +136,6 @@ def _base_reference(base: str, features: int) -> tuple[np.ndarray, np.ndarray] |
 
     pools = digits_pools()
     return pools.train.X, pools.train.y
-
-
-def quarantined_ids(*, line: str) -> Any:
-    """A subquery of the line's quarantined (not released) sample ids."""
-    return select(SampleQuarantine.sample_id).where(
-        SampleQuarantine.model_line == line, SampleQuarantine.released_at.is_(None)
-    )
 
 
 class Screener:

@@ -25,7 +25,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from server.core.errors import RateLimitedError
-from server.db.samples import SampleUploadCount
+from server.db.sample_store import SampleUploadCount
 
 _MAX_TRACKED = 100_000  # devices remembered by the bucket map before idle ones are forgotten
 

@@ -39,7 +39,7 @@ from contract.manifest import Targeting
 from contract.trust import Root
 from server.core.config import Settings
 from server.core.errors import ConfigError, ConflictError, NotFoundError
-from server.db.engine import ModelLine, ModelVersion, Release
+from server.db.registry import ModelLine, ModelVersion, Release
 from server.release.targeting import model_opset
 from server.release.trust import (
     DEV_ROOT_DIR,
@@ -291,7 +291,7 @@ def audit_published_roots(session: Session, signer: Signer, *, now: datetime) ->
     """Record ``root.publish`` (and ``key.rotate`` when the release keys changed) once per root
     version the server serves; commits nothing. Returns the number of versions recorded."""
     from server.db import audit  # late: audit imports the ORM, which must not import signing
-    from server.db.samples import AuditRecord
+    from server.db.audit import AuditRecord
 
     if signer.chain is None:
         return 0

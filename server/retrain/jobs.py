@@ -13,7 +13,7 @@ Failure handling:
 - any other exit, a signal (SIGKILL, OOM), a timeout or no usable report: the job is queued again
   with a backoff, until ``training_max_attempts``;
 - the server dies mid-training: the lease expires (or the runner's pid is gone on this host) and
-  any runner queues the job again (:func:`server.db.crud.recover_stale_jobs`); the trainer
+  any runner queues the job again (:func:`server.db.job_queue.recover_stale_jobs`); the trainer
   subprocess notices its parent died and exits;
 - a runner that lost its lease (another runner re-queued the job) stops its trainer and writes
   nothing: every write is guarded by ``status = 'running' AND claimed_by = me``.
@@ -45,8 +45,9 @@ from contract import InputSpec
 from server.core.background import Worker
 from server.core.config import Settings
 from server.core.errors import ConflictError, EdgeloopError, TrainingError
-from server.db import crud
-from server.db.engine import ModelLine, ModelVersion, TrainingJob, utcnow
+from server.db import job_queue, registry, sample_store
+from server.db.base import utcnow
+from server.db.registry import ModelLine, ModelVersion, TrainingJob
 from server.release.artifacts import ArtifactStore
 from server.release.signing import Signer, sign_release
 from server.retrain.lineage import store_dataset
@@ -123,7 +124,7 @@ class JobRunner:
     def recover(self) -> tuple[list[int], list[int]]:
         """Re-queue (or fail) jobs whose runner died; returns (requeued, failed) ids."""
         with self.sessions() as session:
-            requeued, failed = crud.recover_stale_jobs(
+            requeued, failed = job_queue.recover_stale_jobs(
                 session,
                 now=self.clock(),
                 lease_s=self.settings.job_lease_s,
@@ -139,7 +140,7 @@ class JobRunner:
         self.recover()
         with self.sessions() as session:
             enqueue_due(session, now=self.clock())
-            job = crud.claim_job(
+            job = job_queue.claim_job(
                 session,
                 now=self.clock(),
                 runner=self.identity,
@@ -206,7 +207,7 @@ class JobRunner:
 
     def _heartbeat(self, job_id: int) -> None:
         with self.sessions() as session:
-            if not crud.heartbeat_job(
+            if not job_queue.heartbeat_job(
                 session, job_id=job_id, runner=self.identity, now=self.clock()
             ):
                 raise LeaseLost()
@@ -238,11 +239,11 @@ class JobRunner:
     def _prepare(self, job: TrainingJob, workdir: Path) -> tuple[Path, Path, ModelLine]:
         """Export samples and write spec.json; returns (spec path, output dir, line)."""
         with self.sessions() as session:
-            line = crud.get_model_line(session, name=job.model_line)
-            rows = crud.samples_of_line(session, line=line.name)
+            line = registry.get_model_line(session, name=job.model_line)
+            rows = sample_store.samples_of_line(session, line=line.name)
             champion: dict[str, Any] | None = None
             if line.champion_version is not None:
-                cv = crud.get_version(session, line=line.name, version=line.champion_version)
+                cv = registry.get_version(session, line=line.name, version=line.champion_version)
                 if cv.sha256 and self.store.exists(cv.sha256):
                     champion = {
                         "version": cv.version,
@@ -373,8 +374,8 @@ class JobRunner:
         dataset: dict[str, Any] = _as_dict(report.get("dataset"))
         gate_reason = str(report.get("reason", ""))[:2000]
         with self.sessions() as session:
-            current = crud.lock_model_line(session, name=line.name)
-            number = crud.next_version_number(session, line=line.name)
+            current = registry.lock_model_line(session, name=line.name)
+            number = registry.next_version_number(session, line=line.name)
             # Claim the result first: if another runner re-queued the job, write nothing.
             owned = session.execute(
                 update(TrainingJob)

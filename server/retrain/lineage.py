@@ -18,8 +18,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from server.core.errors import InvalidRequestError, NotFoundError, TrainingError
-from server.db import crud
-from server.db.engine import DatasetSample, DatasetVersion, ModelVersion, Sample
+from server.db import fleet, registry
+from server.db.datasets import DatasetSample, DatasetVersion
+from server.db.registry import ModelVersion
+from server.db.sample_store import Sample
 
 _VERSION_RE = re.compile(r"^[0-9a-f]{64}$")
 _IN_CHUNK = 2000  # ids per IN (...) list: well under every backend's parameter limit
@@ -195,7 +197,7 @@ def model_lineage(
     Raises:
         NotFoundError: unknown line or version.
     """
-    mv = crud.get_version(session, line=line, version=version)
+    mv = registry.get_version(session, line=line, version=version)
     out: dict[str, Any] = {"model": _version_public(mv), "dataset": None}
     ds = session.get(DatasetVersion, mv.dataset_version) if mv.dataset_version else None
     if ds is not None:
@@ -278,7 +280,7 @@ def device_lineage(session: Session, *, device_id: str) -> dict[str, Any]:
     Raises:
         NotFoundError: unknown device.
     """
-    device = crud.get_device(session, device_id=device_id)
+    device = fleet.get_device(session, device_id=device_id)
     total = session.scalar(
         select(func.count()).select_from(Sample).where(Sample.device_id == device_id)
     )

@@ -15,8 +15,8 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from server.db import crud
-from server.db.engine import ModelLine
+from server.db import job_queue, registry
+from server.db.registry import ModelLine
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,8 @@ def enqueue_due(session: Session, *, now: datetime) -> list[int]:
     session.rollback()  # end the read; each line below is its own transaction
     queued: list[int] = []
     for name in due_lines(clocks, now):
-        crud.lock_model_line(session, name=name)
-        job = crud.add_job(session, line=name, trigger="schedule", now=now)
+        registry.lock_model_line(session, name=name)
+        job = job_queue.add_job(session, line=name, trigger="schedule", now=now)
         session.commit()
         if job is not None:
             queued.append(job.id)

@@ -25,9 +25,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.core.background import Worker
 from server.core.config import Settings
-from server.db import audit, crud
-from server.db.engine import Rollout, utcnow
-from server.db.rollouts import RolloutWave
+from server.db import audit, registry
+from server.db.base import utcnow
+from server.db.rollouts import Rollout, RolloutWave
 from server.fleet.mqtt_bridge import TargetPublisher
 from server.release.signing import Signer, sign_release
 from server.release.targeting import targeting_from_request, targeting_of
@@ -328,7 +328,7 @@ class RolloutEngine(RolloutTransitions):
         """Re-announce every device's target (at startup: covers a crash between commit and
         publish). Returns the number of messages queued."""
         with self.sessions() as session:
-            lines = [ml.name for ml in crud.list_model_lines(session)]
+            lines = [ml.name for ml in registry.list_model_lines(session)]
         count = 0
         for line in lines:
             with self.sessions() as session:

@@ -24,8 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from server.core.config import Settings
 from server.core.errors import ConflictError, NotFoundError
 from server.db import audit
-from server.db.engine import Rollout
-from server.db.rollouts import RolloutWave
+from server.db.rollouts import Rollout, RolloutWave
 from server.fleet.mqtt_bridge import TargetPublisher
 from server.release.signing import Signer
 from server.rollout.targets import targets_for_line

@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from server.db.engine import Device, Rollout, RolloutDevice
-from server.db.rollouts import DeviceHealth, RolloutEvent
+from server.db.fleet import Device
+from server.db.rollouts import DeviceHealth, Rollout, RolloutDevice, RolloutEvent
 from server.release.targeting import device_matches, targeting_of
 from server.rollout.decide import FAILURE_STATES, IN_PROGRESS_STATES, RETRYABLE_STATES
 from server.rollout.plan import Plan

@@ -16,10 +16,11 @@ from sqlalchemy.orm import Session
 
 from server.core.config import Settings
 from server.core.errors import ConflictError, InvalidRequestError
-from server.db import crud
-from server.db.engine import DeviceMetric, ModelLine, Rollout, RolloutDevice
+from server.db import registry
+from server.db.fleet import DeviceMetric
 from server.db.quality import ClassMetric, ShadowMetric
-from server.db.rollouts import RolloutWave
+from server.db.registry import ModelLine
+from server.db.rollouts import Rollout, RolloutDevice, RolloutWave
 from server.rollout.decide import DeviceRow, Retries, WaveSnapshot
 from server.rollout.gates import ClassCounts, GateBounds, MetricSummary, ShadowSummary
 from server.rollout.plan import Abort, Plan, PlanError, Wave, parse_plan_setting, shorthand
@@ -131,8 +132,8 @@ def create_rollout(
         ConflictError: the line has an active rollout or no champion, or the version is
             rejected, retired or already the champion.
     """
-    model_line = crud.lock_model_line(session, name=line)
-    version = crud.get_version(session, line=line, version=to_version)
+    model_line = registry.lock_model_line(session, name=line)
+    version = registry.get_version(session, line=line, version=to_version)
     if version.status in ("rejected", "retired"):
         raise ConflictError(f"version {to_version} of {line!r} is {version.status}")
     if model_line.champion_version is None:

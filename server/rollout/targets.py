@@ -25,8 +25,10 @@ from sqlalchemy.orm import Session
 from contract import TargetMessage
 from contract.manifest import Targeting
 from server.core.errors import NotFoundError
-from server.db import crud
-from server.db.engine import Device, ModelLine, Release, Rollout, RolloutDevice
+from server.db import fleet, registry
+from server.db.fleet import Device
+from server.db.registry import ModelLine, Release
+from server.db.rollouts import Rollout, RolloutDevice
 from server.release.targeting import device_matches, narrows_devices, signed_targeting
 from server.rollout.decide import ACTIVE_ROLLOUT_STATES
 
@@ -71,7 +73,7 @@ def targets_for_line(
     roots: Roots = (),
 ) -> list[tuple[str, TargetMessage]]:
     """The target of every device of ``line`` (or of ``device_ids`` among them)."""
-    model_line = crud.get_model_line(session, name=line)
+    model_line = registry.get_model_line(session, name=line)
     stmt = select(Device.device_id, Device.hardware, Device.groups).where(Device.model_line == line)
     if device_ids is not None:
         stmt = stmt.where(Device.device_id.in_(device_ids))
@@ -84,7 +86,7 @@ def targets_for_line(
     rollout_msg: TargetMessage | None = None
     if rollout is not None and rollout.release is not None:
         rollout_msg = message_for_release(
-            crud.get_release(session, line=line, release=rollout.release),
+            registry.get_release(session, line=line, release=rollout.release),
             public_url=public_url,
             rollout_id=rollout.id,
             roots=roots,
@@ -146,7 +148,7 @@ def _fallbacks(
     every device, the usual case, which reads nothing more."""
     if line.current_release is None:
         return {}
-    current = crud.get_release(session, line=line.name, release=line.current_release)
+    current = registry.get_release(session, line=line.name, release=line.current_release)
     targeting, _ = signed_targeting(current.envelope)
     if not narrows_devices(targeting):
         return {}
@@ -180,7 +182,7 @@ def _current_message(
 ) -> TargetMessage | None:
     if line.current_release is None:
         return None
-    release = crud.get_release(session, line=line.name, release=line.current_release)
+    release = registry.get_release(session, line=line.name, release=line.current_release)
     return message_for_release(release, public_url=public_url, rollout_id=None, roots=roots)
 
 
@@ -192,7 +194,7 @@ def resolve_target(
     Raises:
         NotFoundError: unknown device, or its line has no signed release yet.
     """
-    device = crud.get_device(session, device_id=device_id)
+    device = fleet.get_device(session, device_id=device_id)
     found = targets_for_line(
         session, line=device.model_line, public_url=public_url, device_ids=[device_id], roots=roots
     )

@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import update
 
 from server.db import audit
-from server.db.engine import ModelLine, ModelVersion, Rollout
-from server.db.rollouts import RolloutWave
+from server.db.registry import ModelLine, ModelVersion
+from server.db.rollouts import Rollout, RolloutWave
 from server.release.signing import sign_release
 from server.release.targeting import targeting_of
 from server.rollout.decide import Decision, state_for_wave

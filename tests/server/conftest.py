@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from contract import encode_input
 from server.core.config import Settings
-from server.db.engine import ModelLine, ModelVersion
+from server.db.registry import ModelLine, ModelVersion
 from server.main import create_app
 from server.release.signing import sign_release
 from server.services import DIGITS_INPUT_SPEC, DIGITS_LABELS, Services

@@ -17,7 +17,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from server.core.config import Settings
-from server.db.engine import ModelLine, ModelVersion
+from server.db.registry import ModelLine, ModelVersion
 from server.main import create_app
 from server.release.signing import load_signer, sign_release
 from server.services import Services

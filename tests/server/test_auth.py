@@ -16,8 +16,9 @@ from sqlalchemy import func, select
 
 from server.core.config import Settings
 from server.core.errors import ConfigError
-from server.db.engine import DeviceEvent, Sample
+from server.db.fleet import DeviceEvent
 from server.db.identity import DeviceCredential, EnrollmentToken, OperatorToken
+from server.db.sample_store import Sample
 from server.main import create_app
 from tests.authkit import FleetAuth, bootstrap_token
 from tests.conftest import TEST_ADMIN_TOKEN, auth_headers

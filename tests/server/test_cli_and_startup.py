@@ -128,7 +128,8 @@ def test_development_generates_a_key_production_refuses(tmp_path: Path) -> None:
 def test_cli_lineage_and_registry(live_server) -> None:
     import httpx
 
-    from server.db.engine import ModelVersion, utcnow
+    from server.db.base import utcnow
+    from server.db.registry import ModelVersion
     from server.retrain.lineage import store_dataset
     from tests.server.conftest import sample
 

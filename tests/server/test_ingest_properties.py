@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from contract import DeviceState, Topics
-from server.db.engine import DeviceEvent, DeviceMetric
+from server.db.fleet import DeviceEvent, DeviceMetric
 from server.db.reports import RefusedReport
 from server.fleet.mqtt_bridge import MqttBridge
 from server.main import create_app

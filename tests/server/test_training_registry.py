@@ -182,7 +182,8 @@ def test_config_endpoints_and_the_config_file(real: TestClient, tmp_path: Path) 
 def test_the_schedule_trigger_needs_new_samples(real: TestClient) -> None:
     from datetime import timedelta
 
-    from server.db.engine import TrainingJob, utcnow
+    from server.db.base import utcnow
+    from server.db.registry import TrainingJob
     from server.retrain.scheduler import enqueue_due
 
     client = real

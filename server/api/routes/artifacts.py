@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.deps import ServicesDep
 from server.core.errors import NotFoundError
-from server.db import crud
+from server.db import registry
 from server.release.artifacts import check_sha256
 from server.services import Services
 
@@ -75,7 +75,7 @@ def _cache(request: Request) -> ArtifactCache:
 def _load(services: Services, sha256: str) -> tuple[Path, bytes | None]:
     """Registry check and file read (thread pool). Raises NotFoundError."""
     with services.sessions() as session:
-        known = crud.artifact_known(session, sha256=sha256)
+        known = registry.artifact_known(session, sha256=sha256)
     if not known or not services.store.exists(sha256):
         raise NotFoundError(f"no artifact {sha256}")
     path = services.store.path(sha256)

@@ -27,8 +27,8 @@ from server.api.schemas import (
 )
 from server.core.config import Settings
 from server.core.errors import ForbiddenError, NotFoundError
-from server.db.engine import DeviceEvent, Rollout, RolloutDevice
-from server.db.rollouts import RolloutEvent, RolloutWave
+from server.db.fleet import DeviceEvent
+from server.db.rollouts import Rollout, RolloutDevice, RolloutEvent, RolloutWave
 from server.identity.auth import Operator
 from server.identity.enrollment import audit
 from server.rollout.decide import wave_counts
