@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Boolean, Table, and_, bindparam, case, func, insert, or_, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
@@ -36,7 +36,6 @@ from server.db.base import utcnow
 from server.db.fleet import Device, DeviceEvent, DeviceMetric
 from server.db.quality import ClassMetric, ShadowMetric
 from server.db.reports import RefusedReport, prune_refused
-from server.db.rollouts import Rollout, RolloutDevice
 from server.fleet.ingest_parse import (
     MAX_REFUSAL_CHARS,
     Accepted,
@@ -46,7 +45,7 @@ from server.fleet.ingest_parse import (
     printable,
 )
 from server.fleet.mqtt_bridge import IngestItem
-from server.rollout.decide import SHADOW_STATE, SUCCESS_STATES, TERMINAL_STATES
+from server.rollout.members import apply_reports
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +274,7 @@ class IngestWriter:
                 session.execute(insert(RefusedReport), refused)
                 prune_refused(session, (r["device_id"] for r in refused))
             self._update_devices(session, seen, last_status)
-            self._update_rollout_devices(session, statuses, lines)
+            apply_reports(session, statuses, lines)
             session.commit()
         written.metrics, written.status, written.refused = len(metrics), len(events), len(refused)
         return written
@@ -319,86 +318,6 @@ class IngestWriter:
                 ),
                 rows,
             )
-
-    @staticmethod
-    def _update_rollout_devices(
-        session: Session, items: list[tuple[StatusReport, datetime]], lines: dict[str, str]
-    ) -> None:
-        """Move rollout_devices rows for status reports that are about a rollout's release."""
-        statuses = [
-            (r, t) for r, t in items if r.rollout_id is not None or r.target_release is not None
-        ]
-        if not statuses:
-            return
-        rollouts = session.execute(
-            select(Rollout.id, Rollout.model_line, Rollout.release, Rollout.to_version).where(
-                or_(
-                    Rollout.id.in_({r.rollout_id for r, _ in statuses if r.rollout_id}),
-                    Rollout.release.in_(
-                        {r.target_release for r, _ in statuses if r.target_release}
-                    ),
-                )
-            )
-        ).all()
-        by_id = {ro.id: ro for ro in rollouts}
-        by_release = {(ro.model_line, ro.release): ro for ro in rollouts}
-        latest: dict[tuple[int, str], tuple[StatusReport, datetime]] = {}
-        for report, received_at in statuses:
-            ro = by_id.get(report.rollout_id) if report.rollout_id is not None else None
-            if ro is None:
-                # The device's registered line: the report's may have been dropped.
-                ro = by_release.get((lines[report.device_id], report.target_release))
-            if ro is None or ro.release is None:
-                continue
-            if report.target_release is not None and report.target_release != ro.release:
-                continue  # about another release (e.g. the rollback), not this rollout's
-            if report.state.value in SUCCESS_STATES and report.model_version != ro.to_version:
-                continue
-            key = (ro.id, report.device_id)
-            if key not in latest or report.ts >= latest[key][0].ts:
-                latest[key] = (report, received_at)
-        if not latest:
-            return
-        rd = cast(Table, RolloutDevice.__table__)
-        stmt = (
-            update(rd)
-            .where(
-                rd.c.rollout_id == bindparam("r_id"),
-                rd.c.device_id == bindparam("d_id"),
-                # Plain comparisons: an IN list cannot be expanded inside an executemany.
-                or_(
-                    and_(*(rd.c.state != s for s in sorted(SUCCESS_STATES))),
-                    bindparam("terminal", type_=Boolean),
-                ),
-            )
-            .values(
-                state=bindparam("st"),
-                updated_at=bindparam("now"),
-                reason=bindparam("why"),
-                installed_at=case(
-                    (
-                        bindparam("ok", type_=Boolean),
-                        func.coalesce(rd.c.installed_at, bindparam("now")),
-                    ),
-                    else_=rd.c.installed_at,
-                ),
-            )
-        )
-        session.execute(
-            stmt,
-            [
-                {
-                    "r_id": rid,
-                    "d_id": did,
-                    "st": r.state.value,
-                    "now": t,
-                    "why": _clean(r.reason),
-                    "ok": r.state.value in SUCCESS_STATES or r.state.value == SHADOW_STATE,
-                    "terminal": r.state.value in TERMINAL_STATES,
-                }
-                for (rid, did), (r, t) in latest.items()
-            ],
-        )
 
     # ------------------------------------------------------------ thread
 

@@ -35,7 +35,7 @@ from server.db.rollouts import Rollout
 from server.db.sample_store import Sample
 from server.intake.screening import Screener
 from server.intake.upload_limits import charge_quota
-from server.rollout.decide import ACTIVE_ROLLOUT_STATES
+from server.rollout.states import ACTIVE_ROLLOUT_STATES
 
 MAX_SAMPLE_ID_CHARS = 64
 MAX_INT32 = 2**31 - 1

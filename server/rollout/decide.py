@@ -1,23 +1,11 @@
-"""Pure rollout logic: device states, and what to do with the current wave of a rollout.
+"""Pure rollout logic: what to do with the current wave of a rollout.
 
 Nothing here touches the database, the broker or the clock; the engine
 (``server.rollout.engine``) builds a ``WaveSnapshot``, calls ``decide`` and applies the
-``Decision`` with guarded updates. Plans and membership live in ``server.rollout.plan``, the
-quality gates in ``server.rollout.gates``.
-
-Device states in a rollout (``rollout_devices.state``)::
-
-    queued ─(its wave starts)─▶ notified ─▶ downloading ─▶ verifying ─▶ installing ─▶ installed
-       │                            ▲                                                    │
-       │                            └── retry (backoff) ── failed / timed_out            ▼
-       └─▶ quarantined (held out)                         refused, rolled_back      probation
-                                                            (final failures)          │
-                                                                      committed ◀─────┘
-
-``installed`` and ``probation`` are still in progress: only ``committed`` (or
-``already_installed``) counts as success, since the agent may roll back during probation. In a
-shadow wave the devices settle in ``shadow`` (running the challenger beside the champion, which
-keeps serving); the wave is judged by the shadow gate instead of the served-traffic gates.
+``Decision`` with guarded updates. Device states live in ``server.rollout.states``, plans and
+membership in ``server.rollout.plan``, the quality gates in ``server.rollout.gates``. In a shadow
+wave the devices settle in ``shadow`` and the wave is judged by the shadow gate instead of the
+served-traffic gates.
 """
 
 from __future__ import annotations
@@ -35,27 +23,14 @@ from server.rollout.gates import (
     evaluate_shadow,
 )
 from server.rollout.plan import Wave
-
-SUCCESS_STATES = frozenset({"committed", "already_installed"})
-SHADOW_STATE = "shadow"  # runs the challenger beside the champion: settled in a shadow wave
-RETRYABLE_STATES = frozenset({"failed", "timed_out"})
-FAILURE_STATES = frozenset({"failed", "refused", "rolled_back", "timed_out"})
-TERMINAL_STATES = SUCCESS_STATES | FAILURE_STATES
-HELD_STATES = frozenset({"queued", "quarantined"})  # not (or no longer) sent the new release
-# Waiting for the device: the per-device timeout applies to these.
-IN_PROGRESS_STATES = frozenset(
-    {"notified", "downloading", "verifying", "installing", "installed", "probation"}
+from server.rollout.states import (
+    FAILURE_STATES,
+    IN_PROGRESS_STATES,
+    RETRYABLE_STATES,
+    SHADOW_STATE,
+    SUCCESS_STATES,
+    ServerState,
 )
-RUNNING_ROLLOUT_STATES = ("canary", "rolling", "full")
-ACTIVE_ROLLOUT_STATES = ("pending_approval", *RUNNING_ROLLOUT_STATES, "awaiting_gate", "paused")
-FINISHED_ROLLOUT_STATES = ("completed", "rolled_back", "aborted")
-
-
-def state_for_wave(wave: int, last: int) -> str:
-    """Rollout state while ``wave`` runs: canary (first), full (last), rolling (between)."""
-    if wave >= last:
-        return "full"
-    return "canary" if wave == 0 else "rolling"
 
 
 @dataclass(frozen=True)
@@ -126,7 +101,7 @@ def decide(snap: WaveSnapshot, bounds: GateBounds, retries: Retries) -> Decision
         state = row.state
         if state in IN_PROGRESS_STATES and snap.now - row.updated_at >= w.timeout_s:
             timed_out.append(d)
-            state = "timed_out"
+            state = ServerState.TIMED_OUT
         states[d] = state
     retry = sorted(
         d
@@ -136,14 +111,16 @@ def decide(snap: WaveSnapshot, bounds: GateBounds, retries: Retries) -> Decision
         and snap.devices[d].attempts < retries.max_retries
         and snap.now >= retries.due_at(snap.devices[d].updated_at, snap.devices[d].attempts)
     )
-    counted = {d: s for d, s in states.items() if s != "quarantined" or snap.devices[d].released}
+    counted = {
+        d: s for d, s in states.items() if s != ServerState.QUARANTINED or snap.devices[d].released
+    }
     total = len(counted)
     settled_ok = SUCCESS_STATES | {SHADOW_STATE} if w.kind == "shadow" else SUCCESS_STATES
     ok = sum(1 for s in counted.values() if s in settled_ok)
     final = sorted(
         d
         for d, s in counted.items()
-        if s == "quarantined"
+        if s == ServerState.QUARANTINED
         or (
             s in FAILURE_STATES
             and not (s in RETRYABLE_STATES and snap.devices[d].attempts < retries.max_retries)

@@ -31,13 +31,7 @@ from server.db.rollouts import Rollout, RolloutWave
 from server.fleet.mqtt_bridge import TargetPublisher
 from server.release.signing import Signer, sign_release
 from server.release.targeting import targeting_from_request, targeting_of
-from server.rollout.decide import (
-    RUNNING_ROLLOUT_STATES,
-    Action,
-    Decision,
-    decide,
-    state_for_wave,
-)
+from server.rollout.decide import Action, Decision, decide
 from server.rollout.members import (
     audience,
     count_failures,
@@ -56,6 +50,7 @@ from server.rollout.queries import (
     plan_of,
     retries_from,
 )
+from server.rollout.states import RUNNING_ROLLOUT_STATES, state_for_wave
 from server.rollout.targets import targets_for_line
 from server.rollout.transitions import RolloutTransitions
 

@@ -1,25 +1,39 @@
 """Who is in which wave, who gets released, retried, timed out or quarantined (DB side).
 
-Every change is a guarded UPDATE (``... WHERE state = <what we read>``) with ``RETURNING`` of the
-rows it changed, so the caller publishes targets only to the devices it really moved: two engines
-or a restarted one never double-release, and a device's history (``rollout_events``) holds each
-transition once.
+This module is the one writer of a member's state (``rollout_devices.state``): the engine's
+transitions (queued, notified, timed out, retried, quarantined) and what devices report
+(:func:`apply_reports`, called by the ingest writer in its batch), in the vocabulary of
+``server.rollout.states`` (``contract.DeviceState`` plus the server's own states).
+
+Every transition is a guarded UPDATE (``... WHERE state = <what we read>``) with ``RETURNING`` of
+the rows it changed, so the caller publishes targets only to the devices it really moved: two
+engines or a restarted one never double-release, and a device's history (``rollout_events``) holds
+each transition once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Boolean, Table, and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
+from contract import DeviceState, StatusReport
 from server.db.fleet import Device
 from server.db.rollouts import DeviceHealth, Rollout, RolloutDevice, RolloutEvent
 from server.release.targeting import device_matches, targeting_of
-from server.rollout.decide import FAILURE_STATES, IN_PROGRESS_STATES, RETRYABLE_STATES
 from server.rollout.plan import Plan
+from server.rollout.states import (
+    FAILURE_STATES,
+    IN_PROGRESS_STATES,
+    RETRYABLE_STATES,
+    SHADOW_STATE,
+    SUCCESS_STATES,
+    TERMINAL_STATES,
+    ServerState,
+)
 
 
 def log_events(
@@ -124,7 +138,7 @@ def sync_members(
         events: list[tuple[str | None, int | None, str, str | None]] = []
         for d in new:
             wave = plan.wave_of(rollout.id, d, new_devices[d])
-            state = "quarantined" if d in held else "queued"
+            state = ServerState.QUARANTINED if d in held else ServerState.QUEUED
             why = held.get(d) or f"in wave {wave + 1} ({plan.waves[wave].label})"
             rows.append(
                 {
@@ -146,31 +160,52 @@ def sync_members(
         update(rd)
         .where(
             rd.rollout_id == rollout.id,
-            rd.state == "quarantined",
+            rd.state == ServerState.QUARANTINED,
             rd.notified_at.is_(None),
             rd.device_id.not_in(list(held) or [""]),
         )
-        .values(state="queued", updated_at=now, reason="quarantine over")
+        .values(state=ServerState.QUEUED, updated_at=now, reason="quarantine over")
         .returning(rd.device_id, rd.stage)
     ).all()
     out_now = session.execute(
         update(rd)
-        .where(rd.rollout_id == rollout.id, rd.state == "queued", rd.device_id.in_(list(held)))
-        .values(state="quarantined", updated_at=now, reason="held out: quarantined")
+        .where(
+            rd.rollout_id == rollout.id,
+            rd.state == ServerState.QUEUED,
+            rd.device_id.in_(list(held)),
+        )
+        .values(state=ServerState.QUARANTINED, updated_at=now, reason="held out: quarantined")
         .returning(rd.device_id, rd.stage)
     ).all()
-    log_events(session, rollout.id, ((d, w, "queued", "quarantine over") for d, w in back), now=now)
-    log_events(session, rollout.id, ((d, w, "quarantined", held[d]) for d, w in out_now), now=now)
+    log_events(
+        session,
+        rollout.id,
+        ((d, w, ServerState.QUEUED, "quarantine over") for d, w in back),
+        now=now,
+    )
+    log_events(
+        session,
+        rollout.id,
+        ((d, w, ServerState.QUARANTINED, held[d]) for d, w in out_now),
+        now=now,
+    )
     if release_upto is None:
         return []
     released = session.execute(
         update(rd)
-        .where(rd.rollout_id == rollout.id, rd.state == "queued", rd.stage <= release_upto)
-        .values(state="notified", notified_at=now, updated_at=now, reason="release sent")
+        .where(
+            rd.rollout_id == rollout.id,
+            rd.state == ServerState.QUEUED,
+            rd.stage <= release_upto,
+        )
+        .values(state=DeviceState.NOTIFIED, notified_at=now, updated_at=now, reason="release sent")
         .returning(rd.device_id, rd.stage)
     ).all()
     log_events(
-        session, rollout.id, ((d, w, "notified", "release sent") for d, w in released), now=now
+        session,
+        rollout.id,
+        ((d, w, DeviceState.NOTIFIED, "release sent") for d, w in released),
+        now=now,
     )
     return sorted(d for d, _ in released)
 
@@ -192,12 +227,12 @@ def mark_timed_out(
         res = session.execute(
             update(rd)
             .where(rd.rollout_id == rollout_id, rd.device_id == d, rd.state == state)
-            .values(state="timed_out", updated_at=now, reason=why)
+            .values(state=ServerState.TIMED_OUT, updated_at=now, reason=why)
             .returning(rd.stage)
         ).all()
         if res:
             done.append(d)
-            log_events(session, rollout_id, [(d, res[0][0], "timed_out", why)], now=now)
+            log_events(session, rollout_id, [(d, res[0][0], ServerState.TIMED_OUT, why)], now=now)
     return done
 
 
@@ -217,13 +252,15 @@ def retry(
             rd.state.in_(RETRYABLE_STATES),
             rd.attempts < max_retries,
         )
-        .values(state="notified", attempts=rd.attempts + 1, updated_at=now, reason="retry")
+        .values(
+            state=DeviceState.NOTIFIED, attempts=rd.attempts + 1, updated_at=now, reason="retry"
+        )
         .returning(rd.device_id, rd.stage, rd.attempts)
     ).all()
     log_events(
         session,
         rollout_id,
-        ((d, w, "notified", f"retry {a} of {max_retries}") for d, w, a in rows),
+        ((d, w, DeviceState.NOTIFIED, f"retry {a} of {max_retries}") for d, w, a in rows),
         now=now,
     )
     return sorted(d for d, _, _ in rows)
@@ -276,9 +313,14 @@ def count_failures(
             session.execute(
                 update(rd)
                 .where(rd.rollout_id == rollout_id, rd.device_id == r.device_id)
-                .values(state="quarantined", updated_at=now, reason=why)
+                .values(state=ServerState.QUARANTINED, updated_at=now, reason=why)
             )
-            log_events(session, rollout_id, [(r.device_id, r.stage, "quarantined", why)], now=now)
+            log_events(
+                session,
+                rollout_id,
+                [(r.device_id, r.stage, ServerState.QUARANTINED, why)],
+                now=now,
+            )
             quarantined.append(r.device_id)
         session.flush()
     return quarantined
@@ -305,3 +347,94 @@ def released_devices(session: Session, rollout_id: int) -> list[str]:
             )
         ).all()
     )
+
+
+def apply_reports(
+    session: Session, items: Iterable[tuple[StatusReport, datetime]], lines: Mapping[str, str]
+) -> None:
+    """Move members to the state their devices reported (the ingest writer's batch; flushes).
+
+    Only reports about a rollout's release count (by ``rollout_id``, or by ``target_release`` on
+    the device's registered line); the latest report per member wins. A member already counted
+    a success moves only on a final report (success or failure), never back to in progress.
+
+    Args:
+        items: (status report, received at) pairs, any order.
+        lines: device id -> its registered model line, for every device in ``items``.
+    """
+    statuses = [
+        (r, t) for r, t in items if r.rollout_id is not None or r.target_release is not None
+    ]
+    if not statuses:
+        return
+    rollouts = session.execute(
+        select(Rollout.id, Rollout.model_line, Rollout.release, Rollout.to_version).where(
+            or_(
+                Rollout.id.in_({r.rollout_id for r, _ in statuses if r.rollout_id}),
+                Rollout.release.in_({r.target_release for r, _ in statuses if r.target_release}),
+            )
+        )
+    ).all()
+    by_id = {ro.id: ro for ro in rollouts}
+    by_release = {(ro.model_line, ro.release): ro for ro in rollouts}
+    latest: dict[tuple[int, str], tuple[StatusReport, datetime]] = {}
+    for report, received_at in statuses:
+        ro = by_id.get(report.rollout_id) if report.rollout_id is not None else None
+        if ro is None:
+            # The device's registered line: the report's may have been dropped.
+            ro = by_release.get((lines[report.device_id], report.target_release))
+        if ro is None or ro.release is None:
+            continue
+        if report.target_release is not None and report.target_release != ro.release:
+            continue  # about another release (e.g. the rollback), not this rollout's
+        if report.state in SUCCESS_STATES and report.model_version != ro.to_version:
+            continue
+        key = (ro.id, report.device_id)
+        if key not in latest or report.ts >= latest[key][0].ts:
+            latest[key] = (report, received_at)
+    if not latest:
+        return
+    rd = cast(Table, RolloutDevice.__table__)
+    stmt = (
+        update(rd)
+        .where(
+            rd.c.rollout_id == bindparam("r_id"),
+            rd.c.device_id == bindparam("d_id"),
+            # Plain comparisons: an IN list cannot be expanded inside an executemany.
+            or_(
+                and_(*(rd.c.state != s for s in sorted(SUCCESS_STATES))),
+                bindparam("terminal", type_=Boolean),
+            ),
+        )
+        .values(
+            state=bindparam("st"),
+            updated_at=bindparam("now"),
+            reason=bindparam("why"),
+            installed_at=case(
+                (
+                    bindparam("ok", type_=Boolean),
+                    func.coalesce(rd.c.installed_at, bindparam("now")),
+                ),
+                else_=rd.c.installed_at,
+            ),
+        )
+    )
+    session.execute(
+        stmt,
+        [
+            {
+                "r_id": rid,
+                "d_id": did,
+                "st": r.state,
+                "now": t,
+                "why": _clean(r.reason),
+                "ok": r.state in SUCCESS_STATES or r.state == SHADOW_STATE,
+                "terminal": r.state in TERMINAL_STATES,
+            }
+            for (rid, did), (r, t) in latest.items()
+        ],
+    )
+
+
+def _clean(text: str | None) -> str | None:
+    return text.replace("\x00", "") if text is not None else None

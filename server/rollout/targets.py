@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from contract import TargetMessage
+from contract import DeviceState, TargetMessage
 from contract.manifest import Targeting
 from server.core.errors import NotFoundError
 from server.db import fleet, registry
@@ -30,10 +30,10 @@ from server.db.fleet import Device
 from server.db.registry import ModelLine, Release
 from server.db.rollouts import Rollout, RolloutDevice
 from server.release.targeting import device_matches, narrows_devices, signed_targeting
-from server.rollout.decide import ACTIVE_ROLLOUT_STATES
+from server.rollout.states import ACTIVE_ROLLOUT_STATES, ServerState
 
 # Rollout devices that get the line's current release instead of the rollout's.
-NOT_SENT_STATES = ("queued", "quarantined", "rolled_back")
+NOT_SENT_STATES = (ServerState.QUEUED, ServerState.QUARANTINED, DeviceState.ROLLED_BACK)
 
 
 def artifact_url(public_url: str, sha256: str) -> str:

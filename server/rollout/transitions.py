@@ -19,10 +19,11 @@ from server.db.registry import ModelLine, ModelVersion
 from server.db.rollouts import Rollout, RolloutWave
 from server.release.signing import sign_release
 from server.release.targeting import targeting_of
-from server.rollout.decide import Decision, state_for_wave
+from server.rollout.decide import Decision
 from server.rollout.guard import RolloutGuards
 from server.rollout.members import log_events, released_devices, sync_members
 from server.rollout.plan import Plan
+from server.rollout.states import state_for_wave
 from server.rollout.targets import devices_not_sent
 
 # The engine's logger: its records keep the name operators filter on.

@@ -11,7 +11,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from server.rollout.decide import (
+from server.rollout.states import (
     FAILURE_STATES,
     FINISHED_ROLLOUT_STATES,
     HELD_STATES,
