@@ -3,9 +3,9 @@
 Training never runs in the API process. The runner claims the oldest due queued job with one
 guarded ``UPDATE ... RETURNING`` (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), taking an attempt and
 a lease in its name (``host:pid:nonce``). For attempt ``k`` of job ``N`` it writes
-``data_dir/jobs/N/``: ``samples.npz`` (X float32 [n, F], y int64 [n], sample_ids, device_ids) and
-``spec.json``, then runs ``[training_python, "-m", "training", "--spec", spec.json]`` with output
-in ``attempt-k/``, heartbeating the lease while it runs.
+``data_dir/jobs/N/``: ``samples.npz`` (the format is :mod:`training.samples`'s, on both sides)
+and ``spec.json``, then runs ``[training_python, "-m", "training", "--spec", spec.json]`` with
+output in ``attempt-k/``, heartbeating the lease while it runs.
 
 Failure handling:
 
@@ -53,6 +53,7 @@ from server.release.signing import Signer, sign_release
 from server.retrain.lineage import store_dataset
 from server.retrain.scheduler import enqueue_due
 from server.rollout.queries import create_rollout
+from training.samples import Samples, write_samples
 
 log = logging.getLogger(__name__)
 
@@ -254,14 +255,16 @@ class JobRunner:
         features = InputSpec.from_dict(line.input_spec).features
         samples_path: Path | None = None
         if rows:
-            samples_path = workdir / "samples.npz"
-            X = np.frombuffer(b"".join(r.input for r in rows), dtype="<f4").reshape(-1, features)
-            np.savez(
-                samples_path,
-                X=X.astype(np.float32),
-                y=np.array([r.true_label for r in rows], dtype=np.int64),
-                sample_ids=np.array([r.sample_id for r in rows], dtype=str),
-                device_ids=np.array([r.device_id for r in rows], dtype=str),
+            samples_path = write_samples(
+                workdir / "samples.npz",
+                Samples(
+                    X=np.frombuffer(b"".join(r.input for r in rows), dtype="<f4").reshape(
+                        -1, features
+                    ),
+                    y=np.array([r.true_label for r in rows], dtype=np.int64),
+                    sample_ids=np.array([r.sample_id for r in rows], dtype=str),
+                    device_ids=np.array([r.device_id for r in rows], dtype=str),
+                ),
             )
         with self.sessions() as session:
             session.execute(
