@@ -24,10 +24,17 @@ from server.identity.enrollment import revoked_device_ids
 from server.intake.screening import Screener, screen_config
 from server.intake.upload_limits import SampleRateLimiter
 from server.release.artifacts import ArtifactStore
-from server.release.signing import Signer, audit_published_roots, load_signer
+from server.release.signing import (
+    Signer,
+    audit_published_roots,
+    load_signer,
+    release_first_champion,
+)
 from server.retrain.jobs import JobRunner
 from server.retrain.line_config import bootstrap_line_config
+from server.retrain.registration import RegisteredVersion
 from server.rollout.engine import RolloutEngine
+from server.rollout.queries import auto_rollout
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +121,37 @@ class Services:
         self.engine.dispose()
 
 
+def next_stages(settings: Settings, signer: Signer) -> Callable[[Session, RegisteredVersion], None]:
+    """What follows a registered version, in the job runner's transaction.
+
+    The line's first champion is released to every device at once (release: sign, make it the
+    line's current release); a later candidate gets a rollout pending approval (rollout) when
+    ``auto_rollout`` is on. A rejected version goes nowhere.
+    """
+
+    def after(session: Session, version: RegisteredVersion) -> None:
+        if version.first_champion:
+            release_first_champion(
+                session,
+                signer=signer,
+                line_name=version.line,
+                model_version=version.version,
+                now=version.registered_at,
+                ttl_days=settings.manifest_ttl_days,
+            )
+        elif version.passed and settings.auto_rollout:
+            auto_rollout(
+                session,
+                line=version.line,
+                to_version=version.version,
+                canary_percent=settings.canary_percent,
+                created_by=f"auto (job {version.job_id})",
+                now=version.registered_at,
+            )
+
+    return after
+
+
 def bootstrap(services: Services) -> None:
     """Create the configured default model line (and its initial job) if it does not exist."""
     s = services.settings
@@ -190,7 +228,13 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
         clock=clock,
         read_sessions=read_sessions,
     )
-    jobs = JobRunner(settings=settings, sessions=sessions, store=store, signer=signer, clock=clock)
+    jobs = JobRunner(
+        settings=settings,
+        sessions=sessions,
+        store=store,
+        on_registered=next_stages(settings, signer),
+        clock=clock,
+    )
     services = Services(
         settings=settings,
         engine=engine,

@@ -287,6 +287,35 @@ def sign_release(
     return row
 
 
+def release_first_champion(
+    session: Session,
+    *,
+    signer: Signer,
+    line_name: str,
+    model_version: int,
+    now: datetime,
+    ttl_days: int,
+) -> Release:
+    """Sign the release of a line's first champion and make it the line's current release.
+
+    There is no model to roll out from, so it goes to every device of the line at once (the
+    caller holds the line's row lock). Flushes, does not commit.
+    """
+    release = sign_release(
+        session,
+        signer=signer,
+        line_name=line_name,
+        model_version=model_version,
+        now=now,
+        ttl_days=ttl_days,
+    )
+    line = session.get(ModelLine, line_name)
+    assert line is not None
+    line.champion_version = model_version
+    line.current_release = release.release
+    return release
+
+
 def audit_published_roots(session: Session, signer: Signer, *, now: datetime) -> int:
     """Record ``root.publish`` (and ``key.rotate`` when the release keys changed) once per root
     version the server serves; commits nothing. Returns the number of versions recorded."""

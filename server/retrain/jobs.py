@@ -19,7 +19,9 @@ Failure handling:
   nothing: every write is guarded by ``status = 'running' AND claimed_by = me``.
 
 The result (``model.onnx``, ``weights.npz``, ``dataset.json``, ``report.json``) becomes a model
-version with its gate report, its dataset version and the dataset's sample links (lineage).
+version with its gate report, its dataset version and the dataset's sample links (lineage), see
+``server.retrain.registration``; the next stages' steps (sign the first champion's release, start
+an automatic rollout) run in the ``on_registered`` hook the composition root gives the runner.
 """
 
 from __future__ import annotations
@@ -44,15 +46,18 @@ from sqlalchemy.orm import Session, sessionmaker
 from contract import InputSpec
 from server.core.background import Worker
 from server.core.config import Settings
-from server.core.errors import ConflictError, EdgeloopError, TrainingError
+from server.core.errors import EdgeloopError, TrainingError
 from server.db import job_queue, registry, sample_store
 from server.db.base import utcnow
-from server.db.registry import ModelLine, ModelVersion, TrainingJob
+from server.db.registry import ModelLine, TrainingJob
 from server.release.artifacts import ArtifactStore
-from server.release.signing import Signer, sign_release
-from server.retrain.lineage import store_dataset
+from server.retrain.registration import (
+    RegisteredVersion,
+    owned_by,
+    register_version,
+    store_outputs,
+)
 from server.retrain.scheduler import enqueue_due
-from server.rollout.queries import create_rollout
 from training.samples import Samples, write_samples
 
 log = logging.getLogger(__name__)
@@ -107,13 +112,14 @@ class JobRunner:
         settings: Settings,
         sessions: sessionmaker[Session],
         store: ArtifactStore,
-        signer: Signer,
+        on_registered: Callable[[Session, RegisteredVersion], None],
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.store = store
-        self.signer = signer
+        # What follows a registration (release, rollout), in its transaction: see services.
+        self.on_registered = on_registered
         self.clock = clock
         self.identity = runner_identity()
         self._stopping = threading.Event()
@@ -167,11 +173,7 @@ class JobRunner:
     # ------------------------------------------------------------ state changes (guarded)
 
     def _mine(self, job_id: int) -> Any:
-        return (
-            (TrainingJob.id == job_id)
-            & (TrainingJob.status == "running")
-            & (TrainingJob.claimed_by == self.identity)
-        )
+        return owned_by(job_id, self.identity)
 
     def _fail(self, job: TrainingJob, error: str, *, permanent: bool, backoff: bool = True) -> None:
         """Queue the job again with a backoff, or fail it (permanent, or out of attempts)."""
@@ -354,101 +356,26 @@ class JobRunner:
     def _register(
         self, job: TrainingJob, line: ModelLine, report: dict[str, Any], output_dir: Path
     ) -> None:
-        passed = report["passed"]
-        onnx_path = output_dir / "model.onnx"
-        weights_path = output_dir / "weights.npz"
-        sha: str | None = None
-        size: int | None = None
-        weights_sha: str | None = None
-        if onnx_path.is_file():
-            sha, size = self.store.put_file(onnx_path)
-        elif passed:
-            raise TrainingError("trainer reported a pass but wrote no model.onnx")
-        if weights_path.is_file():
-            weights_sha, _ = self.store.put_file(weights_path)
-        manifest: Any = None
-        if (output_dir / "dataset.json").is_file():
-            try:
-                manifest = json.loads((output_dir / "dataset.json").read_text())
-            except (OSError, ValueError) as exc:
-                raise TrainingError(f"trainer wrote an unreadable dataset.json: {exc}") from exc
+        """Register the version, then hand it to the next stages (``on_registered``), in one
+        transaction."""
+        outputs = store_outputs(self.store, output_dir, passed=report["passed"])
         now = self.clock()
-        metrics: dict[str, Any] = _as_dict(report.get("metrics"))
-        dataset: dict[str, Any] = _as_dict(report.get("dataset"))
-        gate_reason = str(report.get("reason", ""))[:2000]
         with self.sessions() as session:
-            current = registry.lock_model_line(session, name=line.name)
-            number = registry.next_version_number(session, line=line.name)
-            # Claim the result first: if another runner re-queued the job, write nothing.
-            owned = session.execute(
-                update(TrainingJob)
-                .where(self._mine(job.id))
-                .values(
-                    status="succeeded" if passed else "rejected",
-                    result_version=number,
-                    finished_at=now,
-                    error=None if passed else gate_reason,
-                    dataset_version=str(report.get("dataset_version") or "")[:64] or None,
-                )
-                .execution_options(synchronize_session=False)
+            version = register_version(
+                session,
+                job=job,
+                runner=self.identity,
+                line=line,
+                report=report,
+                outputs=outputs,
+                now=now,
             )
-            if not owned.rowcount:  # type: ignore[attr-defined]
+            if version is None:
                 session.rollback()
                 raise LeaseLost()
-            dataset_version = str(report.get("dataset_version") or "")[:128] or None
-            if manifest is not None:
-                dataset_version = store_dataset(
-                    session, manifest=manifest, line=line.name, job_id=job.id, now=now
-                )
-            initial = current.champion_version is None
-            status = ("champion" if initial else "candidate") if passed else "rejected"
-            session.add(
-                ModelVersion(
-                    line=line.name,
-                    version=number,
-                    status=status,
-                    sha256=sha,
-                    size=size,
-                    parent_version=current.champion_version,
-                    dataset_version=dataset_version,
-                    trainer=str(report.get("trainer") or line.trainer)[:32],
-                    hyperparams=report.get("hyperparams") or line.hyperparams,
-                    metrics=metrics,
-                    report=report,
-                    sample_count=int(dataset.get("sample_count") or 0),
-                    job_id=job.id,
-                    reason=None if passed else gate_reason,
-                    created_at=now,
-                    weights_sha256=weights_sha,
-                )
-            )
-            session.flush()
-            if passed and initial:
-                release = sign_release(
-                    session,
-                    signer=self.signer,
-                    line_name=line.name,
-                    model_version=number,
-                    now=now,
-                    ttl_days=self.settings.manifest_ttl_days,
-                )
-                current.champion_version = number
-                current.current_release = release.release
-            elif passed and self.settings.auto_rollout:
-                try:
-                    with session.begin_nested():
-                        create_rollout(
-                            session,
-                            line=line.name,
-                            to_version=number,
-                            canary_percent=self.settings.canary_percent,
-                            created_by=f"auto (job {job.id})",
-                            now=now,
-                        )
-                except ConflictError as exc:
-                    log.warning("no automatic rollout for %s v%s: %s", line.name, number, exc)
+            self.on_registered(session, version)
             session.commit()
-        log.info("training job %s: version %s %s", job.id, number, status)
+        log.info("training job %s: version %s %s", job.id, version.version, version.status)
 
     # ------------------------------------------------------------ thread
 
@@ -463,7 +390,3 @@ class JobRunner:
     def _step(self) -> float:
         ran = self.run_once()
         return 0.0 if ran is not None else self.settings.job_poll_s
-
-
-def _as_dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}

@@ -6,6 +6,7 @@ Pure decision logic lives in ``server.rollout.decide``; transitions in ``server.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -25,6 +26,8 @@ from server.rollout.decide import DeviceRow, Retries, WaveSnapshot
 from server.rollout.gates import ClassCounts, GateBounds, MetricSummary, ShadowSummary
 from server.rollout.plan import Abort, Plan, PlanError, Wave, parse_plan_setting, shorthand
 from server.rollout.targets import active_rollout
+
+log = logging.getLogger(__name__)
 
 _SUMS = (
     func.sum(DeviceMetric.inferences),
@@ -165,6 +168,35 @@ def create_rollout(
         model_line.new_samples = 0
     session.flush()
     return rollout
+
+
+def auto_rollout(
+    session: Session,
+    *,
+    line: str,
+    to_version: int,
+    canary_percent: int,
+    created_by: str,
+    now: datetime,
+) -> Rollout | None:
+    """Propose a rollout of a new candidate, pending approval, in a savepoint; flushes only.
+
+    Returns None (and logs why) when the line cannot take one now: an active rollout, no
+    champion, a version already rolled out.
+    """
+    try:
+        with session.begin_nested():
+            return create_rollout(
+                session,
+                line=line,
+                to_version=to_version,
+                canary_percent=canary_percent,
+                created_by=created_by,
+                now=now,
+            )
+    except ConflictError as exc:
+        log.warning("no automatic rollout for %s v%s: %s", line, to_version, exc)
+        return None
 
 
 def plan_of(rollout: Rollout, settings: Settings) -> Plan:
