@@ -19,8 +19,9 @@ from server.db import registry
 from server.db.base import utcnow
 from server.db.engine import create_all, make_engine, make_read_sessionmaker, make_sessionmaker
 from server.fleet.ingest import IngestWriter
-from server.fleet.mqtt_bridge import IngestItem, MqttBridge, RecordingPublisher, TargetPublisher
-from server.identity.enrollment import revoked_device_ids
+from server.fleet.mqtt_bridge import IngestItem, MqttBridge, RecordingPublisher
+from server.identity.broker_acl import sync_broker
+from server.identity.enrollment import ensure_enrollment_token, revoked_device_ids
 from server.intake.screening import Screener, screen_config
 from server.intake.upload_limits import SampleRateLimiter
 from server.release.artifacts import ArtifactStore
@@ -35,6 +36,7 @@ from server.retrain.line_config import bootstrap_line_config
 from server.retrain.registration import RegisteredVersion
 from server.rollout.engine import RolloutEngine
 from server.rollout.queries import auto_rollout
+from server.rollout.targets import TargetPublisher
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,6 @@ class Services:
         """Start the background threads the settings enable."""
         s = self.settings
         if s.enrollment_token:
-            from server.identity.enrollment import ensure_enrollment_token
-
             with self.sessions() as session:
                 ensure_enrollment_token(
                     session,
@@ -85,8 +85,6 @@ class Services:
                     session.rollback()
         if s.broker_config_dir is not None:
             # The broker's password file and ACL exist (and are current) before anyone logs in.
-            from server.identity.broker_acl import sync_broker
-
             sync_broker(self.read_sessions or self.sessions, s)
         # Jobs whose runner died (this server killed mid-training, or another one) go back to
         # the queue; a live runner elsewhere keeps its lease.

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -36,14 +36,10 @@ log = logging.getLogger(__name__)
 IngestItem = tuple[str, str, Any, datetime]  # (kind, topic device_id, payload, received_at)
 
 
-class TargetPublisher(Protocol):
-    """Where the API and the rollout engine hand targets; never blocks on the network."""
-
-    def publish(self, device_id: str, message: TargetMessage) -> None: ...
-
-
 class RecordingPublisher:
-    """Publisher used when MQTT is off: remembers what would have been sent (tests read it)."""
+    """Publisher used when MQTT is off: remembers what would have been sent (tests read it).
+
+    Like :class:`MqttBridge`, a ``server.rollout.targets.TargetPublisher``."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -14,7 +14,8 @@ Enrollment exchanges a bootstrap (enrollment) token for a per-device credential:
   re-enrolled under a new id: that is the audit trail we want.)
 
 The plaintext credential is returned once; the database keeps its sha256 (HTTP) and its Mosquitto
-``$7$`` hash (broker password file). Every change calls the audit hook (``server.db.audit``).
+``$7$`` hash (broker password file). Every change is recorded in the audit log
+(``server.db.audit``).
 Functions flush; the caller commits.
 """
 
@@ -24,7 +25,6 @@ import hmac
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -37,7 +37,7 @@ from server.core.errors import (
     InvalidRequestError,
     NotFoundError,
 )
-from server.db import fleet, registry
+from server.db import audit, fleet, registry
 from server.db.fleet import Device
 from server.db.identity import DeviceCredential, EnrollmentToken, OperatorToken
 from server.identity.auth import Operator, Role, hash_token, mosquitto_hash, new_secret
@@ -45,32 +45,6 @@ from server.identity.auth import Operator, Role, hash_token, mosquitto_hash, new
 log = logging.getLogger(__name__)
 
 MAX_ENROLLMENT_USES = 1_000_000  # devices one bootstrap token may enroll
-
-
-def audit(
-    session: Session,
-    *,
-    actor: str,
-    action: str,
-    subject: str,
-    details: dict[str, Any],
-    now: datetime,
-) -> None:
-    """Append to the audit log when stream C's module is present (it owns the format)."""
-    try:
-        from server.db import audit as audit_log
-    except ImportError:  # pragma: no cover - only before the audit module exists
-        return
-    audit_log.record(session, actor=actor, action=action, subject=subject, details=details, now=now)
-
-
-def audit_lock(session: Session) -> None:
-    """The audit log's append lock (see ``server.db.audit.lock``), when that module is present."""
-    try:
-        from server.db import audit as audit_log
-    except ImportError:  # pragma: no cover - only before the audit module exists
-        return
-    audit_log.lock(session)
 
 
 @dataclass(frozen=True)
@@ -94,7 +68,7 @@ def create_operator_token(
     )
     session.add(row)
     session.flush()
-    audit(
+    audit.record(
         session,
         actor=by.name,
         action="token.create",
@@ -112,7 +86,7 @@ def revoke_operator_token(session: Session, *, token_id: int, by: Operator, now:
         raise NotFoundError(f"unknown operator token {token_id}")
     if row.revoked_at is None:
         row.revoked_at = now
-        audit(
+        audit.record(
             session,
             actor=by.name,
             action="token.revoke",
@@ -158,7 +132,7 @@ def create_enrollment_token(
     )
     session.add(row)
     session.flush()
-    audit(
+    audit.record(
         session,
         actor=by.name,
         action="token.create",
@@ -340,9 +314,9 @@ def enroll_device(
     # Only now the locks every enrollment contends for, held to the caller's commit: the audit
     # log's append lock (taken first, see server.db.audit: lock order) and the token's row. A fleet
     # enrolling at once serialises on these two, so nothing else happens while they are held.
-    audit_lock(session)
+    audit.lock(session)
     _claim(session, row)
-    audit(
+    audit.record(
         session,
         actor=f"enrollment:{row.id}",
         action="device.enroll",
@@ -404,8 +378,8 @@ def _retry(
     cred.mqtt_hash = mosquitto_hash(credential)
     cred.issued_at = now
     session.flush()
-    audit_lock(session)
-    audit(
+    audit.lock(session)
+    audit.record(
         session,
         actor=f"enrollment:{row.id}",
         action="device.enroll_retry",
@@ -432,7 +406,7 @@ def revoke_device(session: Session, *, device_id: str, by: Operator, now: dateti
         session.add(cred)
     if cred.revoked_at is None:
         cred.revoked_at = now
-        audit(
+        audit.record(
             session,
             actor=by.name,
             action="device.revoke",

@@ -44,6 +44,7 @@ from server.db import audit
 from server.db.datasets import DatasetSample
 from server.db.registry import ModelLine, ModelVersion
 from server.db.sample_store import Sample, SampleQuarantine, quarantined_ids
+from training.data import digits_pools
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,6 @@ def label_verdicts(
 def _base_reference(base: str, features: int) -> tuple[np.ndarray, np.ndarray] | None:
     if base != "digits" or features != 64:
         return None
-    from training.data import digits_pools
-
     pools = digits_pools()
     return pools.train.X, pools.train.y
 

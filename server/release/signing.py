@@ -39,6 +39,8 @@ from contract.manifest import Targeting
 from contract.trust import Root
 from server.core.config import Settings
 from server.core.errors import ConfigError, ConflictError, NotFoundError
+from server.db import audit
+from server.db.audit import AuditRecord
 from server.db.registry import ModelLine, ModelVersion, Release
 from server.release.targeting import model_opset
 from server.release.trust import (
@@ -223,8 +225,6 @@ def sign_release(
         raise NotFoundError(f"model line {line_name!r} has no version {model_version}")
     if version.sha256 is None or version.size is None:
         raise ConflictError(f"version {model_version} of {line_name!r} has no artifact")
-    from server.db import audit  # late: audit imports the ORM, which must not import signing
-
     audit.lock(session)  # before the line's row lock: the audit lock always comes first
     number = session.scalar(
         update(ModelLine)
@@ -319,9 +319,6 @@ def release_first_champion(
 def audit_published_roots(session: Session, signer: Signer, *, now: datetime) -> int:
     """Record ``root.publish`` (and ``key.rotate`` when the release keys changed) once per root
     version the server serves; commits nothing. Returns the number of versions recorded."""
-    from server.db import audit  # late: audit imports the ORM, which must not import signing
-    from server.db.audit import AuditRecord
-
     if signer.chain is None:
         return 0
     audit.lock(session)  # check and append under the one append lock

@@ -28,7 +28,6 @@ from server.core.config import Settings
 from server.db import audit, registry
 from server.db.base import utcnow
 from server.db.rollouts import Rollout, RolloutWave
-from server.fleet.mqtt_bridge import TargetPublisher
 from server.release.signing import Signer, sign_release
 from server.release.targeting import targeting_from_request, targeting_of
 from server.rollout.decide import Action, Decision, decide
@@ -51,7 +50,7 @@ from server.rollout.queries import (
     retries_from,
 )
 from server.rollout.states import RUNNING_ROLLOUT_STATES, state_for_wave
-from server.rollout.targets import targets_for_line
+from server.rollout.targets import TargetPublisher, targets_for_line
 from server.rollout.transitions import RolloutTransitions
 
 log = logging.getLogger(__name__)

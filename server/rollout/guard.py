@@ -25,9 +25,8 @@ from server.core.config import Settings
 from server.core.errors import ConflictError, NotFoundError
 from server.db import audit
 from server.db.rollouts import Rollout, RolloutWave
-from server.fleet.mqtt_bridge import TargetPublisher
 from server.release.signing import Signer
-from server.rollout.targets import targets_for_line
+from server.rollout.targets import TargetPublisher, targets_for_line
 
 
 class RolloutGuards:

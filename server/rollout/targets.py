@@ -12,12 +12,13 @@ newest serve release of the line that admits it, the one it already runs; none: 
 
 Every target also carries ``roots``: the root metadata newer than version 1 (``Signer.roots``),
 so a device provisioned with root v1 learns rotations and revocations with its next target.
+Targets leave through a :class:`TargetPublisher` (the MQTT bridge of ``server.fleet`` is one).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -31,6 +32,13 @@ from server.db.registry import ModelLine, Release
 from server.db.rollouts import Rollout, RolloutDevice
 from server.release.targeting import device_matches, narrows_devices, signed_targeting
 from server.rollout.states import ACTIVE_ROLLOUT_STATES, ServerState
+
+
+class TargetPublisher(Protocol):
+    """Where the API and the rollout engine hand targets; never blocks on the network."""
+
+    def publish(self, device_id: str, message: TargetMessage) -> None: ...
+
 
 # Rollout devices that get the line's current release instead of the rollout's.
 NOT_SENT_STATES = (ServerState.QUEUED, ServerState.QUARANTINED, DeviceState.ROLLED_BACK)

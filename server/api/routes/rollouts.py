@@ -27,10 +27,10 @@ from server.api.schemas import (
 )
 from server.core.config import Settings
 from server.core.errors import ForbiddenError, NotFoundError
+from server.db import audit
 from server.db.fleet import DeviceEvent
 from server.db.rollouts import Rollout, RolloutDevice, RolloutEvent, RolloutWave
 from server.identity.auth import Operator
-from server.identity.enrollment import audit
 from server.rollout.decide import wave_counts
 from server.rollout.engine import RolloutEngine
 from server.rollout.queries import plan_of
@@ -243,7 +243,7 @@ def approve(
         )
     session.rollback()  # end the read transaction before the engine writes
     services.rollouts.approve(rollout_id, approver=name)
-    audit(
+    audit.record(
         session,
         actor=name,
         action="rollout.approve",
