@@ -1,6 +1,7 @@
-"""Offline root-of-trust commands: ``edgeloop keys init-root`` and ``edgeloop keys sign-root``.
+"""``edgeloop keys``: the online signing key (``init``) and the offline root of trust
+(``init-root``, ``sign-root``).
 
-These run on the offline machine that holds the root key(s); they never talk to a server.
+These run on the machine that holds the keys; they never talk to a server.
 
     edgeloop keys init-root --out ROOTDIR --release-key-pub signing.pub.pem [--count 3
         --threshold 2]
@@ -21,16 +22,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from contract import ContractError, key_id, load_public_key
 from contract.trust import verify_root_update
+from server.cli.base import console, err_console
 from server.core.errors import ConfigError
 from server.release.signing import write_key_pair
 from server.release.trust import load_chain, load_root_keys, new_root, next_root, write_root
 
-console = Console()
-err_console = Console(stderr=True)
+app = typer.Typer(help="Signing keys.", no_args_is_help=True)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -45,6 +45,18 @@ def _pub(path: Path):  # noqa: ANN202 - Ed25519PublicKey
         raise _fail(f"cannot read public key {path}: {exc}") from exc
 
 
+@app.command("init")
+def keys_init(directory: Path, force: Annotated[bool, typer.Option("--force")] = False) -> None:
+    """Generate an Ed25519 signing key (signing.pem) and its public key (signing.pub.pem)."""
+    private = directory / "signing.pem"
+    if private.exists() and not force:
+        err_console.print(f"[red]{private} exists; use --force to replace it[/red]")
+        raise typer.Exit(1)
+    pub = write_key_pair(private)
+    console.print(f"wrote {private} (keep secret) and {pub} (give to devices)")
+
+
+@app.command("init-root")
 def init_root(
     out: Annotated[Path, typer.Option("--out", help="Directory for root keys and 1.root.json.")],
     release_key_pub: Annotated[
@@ -82,6 +94,7 @@ def init_root(
     )
 
 
+@app.command("sign-root")
 def sign_root(
     trust_dir: Annotated[Path, typer.Option("--trust-dir", help="Directory of <n>.root.json.")],
     root_key: Annotated[
@@ -125,8 +138,3 @@ def sign_root(
         raise _fail(str(exc)) from exc
     release = ", ".join(k[:12] for k in root.roles["release"].keyids)
     console.print(f"wrote {written}: root v{root.version}, release keys {release}")
-
-
-def register(keys_app: typer.Typer) -> None:
-    keys_app.command("init-root")(init_root)
-    keys_app.command("sign-root")(sign_root)
