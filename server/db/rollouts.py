@@ -17,8 +17,9 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from server.core.errors import NotFoundError
 from server.db.base import Base, BigId, UTCDateTime, utcnow
 
 
@@ -105,3 +106,16 @@ class DeviceHealth(Base):
     quarantined_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     reason: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+def get_rollout(session: Session, *, rollout_id: int) -> Rollout:
+    """The rollout, read afresh (``populate_existing``: a session that saw it before sees its
+    current row).
+
+    Raises:
+        NotFoundError: unknown rollout.
+    """
+    rollout = session.get(Rollout, rollout_id, populate_existing=True)
+    if rollout is None:
+        raise NotFoundError(f"unknown rollout {rollout_id}")
+    return rollout

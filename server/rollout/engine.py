@@ -18,6 +18,7 @@ import logging
 import threading
 from collections.abc import Callable
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -55,6 +56,15 @@ from server.rollout.transitions import RolloutTransitions
 
 log = logging.getLogger(__name__)
 RELEASED_STATES = (*RUNNING_ROLLOUT_STATES, "awaiting_gate")
+
+
+class OperatorAction(StrEnum):
+    """What an operator may do to a running rollout besides approving (``RolloutEngine.act``)."""
+
+    PAUSE = "pause"
+    RESUME = "resume"
+    ABORT = "abort"
+    ROLLBACK = "rollback"
 
 
 class RolloutEngine(RolloutTransitions):
@@ -318,6 +328,18 @@ class RolloutEngine(RolloutTransitions):
         with self.sessions() as session:
             return self.get(session, rollout_id)
 
+    def act(
+        self, rollout_id: int, action: OperatorAction, *, by: str, reason: str | None
+    ) -> Rollout:
+        """An operator's pause, resume, abort or rollback (``reason`` is not kept on resume)."""
+        if action is OperatorAction.PAUSE:
+            return self.pause(rollout_id, by=by, reason=reason)
+        if action is OperatorAction.RESUME:
+            return self.resume(rollout_id, by=by)
+        if action is OperatorAction.ABORT:
+            return self.abort(rollout_id, by=by, reason=reason)
+        return self.rollback(rollout_id, by=by, reason=reason)
+
     def publish_all_targets(self) -> int:
         """Re-announce every device's target (at startup: covers a crash between commit and
         publish). Returns the number of messages queued."""
@@ -435,4 +457,4 @@ class RolloutEngine(RolloutTransitions):
         return self.settings.rollout_tick_s
 
 
-__all__ = ["RolloutEngine", "create_rollout"]
+__all__ = ["OperatorAction", "RolloutEngine", "create_rollout"]

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from server.core.config import Settings
 from server.core.errors import ConflictError, NotFoundError
 from server.db import audit
-from server.db.rollouts import Rollout, RolloutWave
+from server.db.rollouts import Rollout, RolloutWave, get_rollout
 from server.release.signing import Signer
 from server.rollout.targets import TargetPublisher, targets_for_line
 
@@ -112,10 +112,7 @@ class RolloutGuards:
 
     @staticmethod
     def get(session: Session, rollout_id: int) -> Rollout:
-        rollout = session.get(Rollout, rollout_id, populate_existing=True)
-        if rollout is None:
-            raise NotFoundError(f"unknown rollout {rollout_id}")
-        return rollout
+        return get_rollout(session, rollout_id=rollout_id)
 
     def _publish(self, line: str, device_ids: list[str] | None) -> None:
         if device_ids is not None and not device_ids:
