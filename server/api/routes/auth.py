@@ -21,10 +21,10 @@ from server.api.deps import (
     ViewerDep,
     read_sessions,
 )
-from server.api.schemas import DevicePublic
-from server.api.schemas_auth import (
+from server.api.schemas import (
     DeviceEnroll,
     DeviceEnrolled,
+    DevicePublic,
     EnrollmentTokenCreate,
     EnrollmentTokenIssued,
     OperatorMe,
