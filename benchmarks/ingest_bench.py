@@ -124,7 +124,7 @@ def raw_insert(db_url: str, records: list[dict]) -> float:
         engine = sqlalchemy.create_engine(db_url)
     else:
         engine = sqlalchemy.create_engine(db_url.replace("postgresql://", "postgresql+psycopg://"))
-    from server.db import Sample
+    from server.db.sample_store import Sample
 
     now = datetime.now(UTC).replace(tzinfo=None)
     rows = []

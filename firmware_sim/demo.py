@@ -136,7 +136,7 @@ class Demo:
         cmd = [
             sys.executable,
             "-m",
-            "server.cli",
+            "server.cli.main",
             "--server",
             self.server.url,
             "--token",

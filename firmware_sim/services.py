@@ -21,8 +21,8 @@ from pathlib import Path
 
 import httpx
 
-from server.broker_acl import wait_catches_sighup
 from server.core.config import DEV_ADMIN_TOKEN
+from server.identity.broker_acl import wait_catches_sighup
 
 
 def free_port() -> int:
@@ -99,7 +99,7 @@ class Mosquitto:
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.proc: subprocess.Popen[bytes] | None = None
-        # auth_dir: where server.broker_acl writes passwd + acl; then anonymous clients are
+        # auth_dir: where server.identity.broker_acl writes passwd + acl; then anonymous clients are
         # refused and every client is held to its ACL. pid_file lets the server SIGHUP us.
         self.auth_dir = Path(auth_dir).resolve() if auth_dir is not None else None
         self.pid_file = self.workdir / "mosquitto.pid"

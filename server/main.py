@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server.api.metrics import make_registry
 from server.api.routes import (
     artifacts,
     audit,
@@ -28,8 +29,7 @@ from server.api.routes import (
     ui,
 )
 from server.core.config import DEV_ADMIN_TOKEN, Settings
-from server.errors import ConfigError, EdgeloopError, RateLimitedError
-from server.observability import make_registry
+from server.core.errors import ConfigError, EdgeloopError, RateLimitedError
 from server.services import Services, build_services
 
 log = logging.getLogger(__name__)

@@ -14,26 +14,30 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from server import crud
-from server.artifacts import ArtifactStore
 from server.core.config import Settings
-from server.db import (
-    create_all,
-    make_engine,
-    make_read_sessionmaker,
-    make_sessionmaker,
-    utcnow,
+from server.core.errors import ConflictError
+from server.db import registry
+from server.db.base import utcnow
+from server.db.engine import create_all, make_engine, make_read_sessionmaker, make_sessionmaker
+from server.fleet.ingest import IngestWriter
+from server.fleet.mqtt_bridge import IngestItem, MqttBridge, RecordingPublisher
+from server.identity.broker_acl import sync_broker
+from server.identity.enrollment import ensure_enrollment_token, revoked_device_ids
+from server.intake.screening import Screener, screen_config
+from server.intake.upload_limits import SampleRateLimiter
+from server.release.artifacts import ArtifactStore
+from server.release.signing import (
+    Signer,
+    audit_published_roots,
+    load_signer,
+    release_first_champion,
 )
-from server.enrollment import revoked_device_ids
-from server.errors import ConflictError
-from server.ingest import IngestWriter
-from server.jobs import JobRunner
-from server.line_config import bootstrap_line_config
-from server.mqtt_bridge import IngestItem, MqttBridge, RecordingPublisher, TargetPublisher
-from server.rollout_engine import RolloutEngine
-from server.screening import Screener, screen_config
-from server.signing import Signer, audit_published_roots, load_signer
-from server.upload_limits import SampleRateLimiter
+from server.retrain.jobs import JobRunner
+from server.retrain.line_config import bootstrap_line_config
+from server.retrain.registration import RegisteredVersion
+from server.rollout.engine import RolloutEngine
+from server.rollout.queries import auto_rollout
+from server.rollout.targets import TargetPublisher
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ class Services:
     clock: Callable[[], datetime] = utcnow
     screener: Screener | None = None  # label screening of uploaded samples
     # Sessions for requests that only read (GET, HEAD, authentication); see
-    # server.db.make_read_sessionmaker. None: use ``sessions``.
+    # server.db.engine.make_read_sessionmaker. None: use ``sessions``.
     read_sessions: sessionmaker[Session] | None = None
     sample_limiter: SampleRateLimiter | None = None  # per-device upload rate (this process)
     # Revoked device ids (loaded at start, added to on revoke): the bridge drops their reports.
@@ -87,8 +91,6 @@ class Services:
         """Start the background threads the settings enable."""
         s = self.settings
         if s.enrollment_token:
-            from server.enrollment import ensure_enrollment_token
-
             with self.sessions() as session:
                 ensure_enrollment_token(
                     session,
@@ -103,8 +105,6 @@ class Services:
                     session.rollback()
         if s.broker_config_dir is not None:
             # The broker's password file and ACL exist (and are current) before anyone logs in.
-            from server.broker_acl import sync_broker
-
             sync_broker(self.read_sessions or self.sessions, s)
         # Jobs whose runner died (this server killed mid-training, or another one) go back to
         # the queue; a live runner elsewhere keeps its lease.
@@ -140,6 +140,37 @@ class Services:
         self.engine.dispose()
 
 
+def next_stages(settings: Settings, signer: Signer) -> Callable[[Session, RegisteredVersion], None]:
+    """What follows a registered version, in the job runner's transaction.
+
+    The line's first champion is released to every device at once (release: sign, make it the
+    line's current release); a later candidate gets a rollout pending approval (rollout) when
+    ``auto_rollout`` is on. A rejected version goes nowhere.
+    """
+
+    def after(session: Session, version: RegisteredVersion) -> None:
+        if version.first_champion:
+            release_first_champion(
+                session,
+                signer=signer,
+                line_name=version.line,
+                model_version=version.version,
+                now=version.registered_at,
+                ttl_days=settings.manifest_ttl_days,
+            )
+        elif version.passed and settings.auto_rollout:
+            auto_rollout(
+                session,
+                line=version.line,
+                to_version=version.version,
+                canary_percent=settings.canary_percent,
+                created_by=f"auto (job {version.job_id})",
+                now=version.registered_at,
+            )
+
+    return after
+
+
 def bootstrap(services: Services) -> None:
     """Create the configured default model line (and its initial job) if it does not exist."""
     s = services.settings
@@ -148,7 +179,7 @@ def bootstrap(services: Services) -> None:
     config = bootstrap_line_config(s)
     with services.sessions() as session:
         try:
-            crud.create_model_line(
+            registry.create_model_line(
                 session,
                 name=s.bootstrap_line,
                 trainer=config.trainer,
@@ -216,7 +247,13 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
         clock=clock,
         read_sessions=read_sessions,
     )
-    jobs = JobRunner(settings=settings, sessions=sessions, store=store, signer=signer, clock=clock)
+    jobs = JobRunner(
+        settings=settings,
+        sessions=sessions,
+        store=store,
+        on_registered=next_stages(settings, signer),
+        clock=clock,
+    )
     services = Services(
         settings=settings,
         engine=engine,

@@ -21,10 +21,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from contract import Topics
 from firmware_sim.services import Mosquitto
-from server.auth import check_mosquitto_hash
-from server.broker_acl import BrokerUser, render_acl, render_password_file
+from server.fleet.mqtt_bridge import MqttBridge
+from server.identity.auth import check_mosquitto_hash
+from server.identity.broker_acl import BrokerUser, render_acl, render_password_file
 from server.main import create_app
-from server.mqtt_bridge import MqttBridge
 from tests.authkit import FleetAuth, enroll
 from tests.conftest import TEST_ADMIN_TOKEN, poll, write_key_pair
 from tests.server.conftest import add_version, create_line, make_settings, services_of
@@ -288,7 +288,7 @@ def test_broker_rewrites_are_spaced_and_shared_by_waiting_enrollments(
 ) -> None:
     import threading
 
-    from server import broker_acl
+    from server.identity import broker_acl
 
     clock = FakeClock()
     gate = threading.Event()

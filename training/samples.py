@@ -1,9 +1,11 @@
-"""Uploaded field samples: the in-memory form and the ``samples.npz`` reader.
+"""Uploaded field samples: the in-memory form and the ``samples.npz`` hand-off, both sides.
 
 The server exports the samples a model line has gathered to one ``.npz`` file with four arrays of
 equal length: ``X`` float32 [n, F] in the input range, ``y`` int64 [n] (class index), and
-``sample_ids`` / ``device_ids`` (numpy string arrays). The reader checks the file's *structure*
-only; whether each row is acceptable is decided by :func:`training.dataset.build_dataset`.
+``sample_ids`` / ``device_ids`` (numpy string arrays). This module defines that file once: the
+server's job runner writes it with :func:`write_samples`, the trainer reads it with
+:func:`load_samples`. The reader checks the file's *structure* only; whether each row is
+acceptable is decided by :func:`training.dataset.build_dataset`.
 """
 
 from __future__ import annotations
@@ -50,6 +52,22 @@ class Samples:
         )
 
 
+def write_samples(path: str | Path, samples: Samples) -> Path:
+    """Write ``samples`` as the ``.npz`` file :func:`load_samples` reads; returns ``path``.
+
+    ``X`` is stored as float32, ``y`` as int64 and the ids as numpy strings, whatever the dtypes
+    ``samples`` holds.
+    """
+    np.savez(
+        path,
+        X=samples.X.astype(np.float32),
+        y=samples.y.astype(np.int64),
+        sample_ids=np.asarray(samples.sample_ids, dtype=str),
+        device_ids=np.asarray(samples.device_ids, dtype=str),
+    )
+    return Path(path)
+
+
 def load_samples(path: str | Path, n_features: int) -> Samples:
     """Read ``samples.npz`` written by the server.
 
@@ -93,4 +111,4 @@ def load_samples(path: str | Path, n_features: int) -> Samples:
     return Samples(X.astype(np.float32), y.astype(np.int64), ids, devices)
 
 
-__all__ = ["REQUIRED_ARRAYS", "Samples", "load_samples"]
+__all__ = ["REQUIRED_ARRAYS", "Samples", "load_samples", "write_samples"]

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.auth import (
+from server.identity.auth import (
     DeviceIdentity,
     Operator,
     Role,
@@ -53,7 +53,7 @@ IdPath = Annotated[int, Path(ge=1, le=MAX_INT32)]
 VersionPath = Annotated[int, Path(ge=0, le=MAX_INT32)]
 
 
-# --- Identity: operators (roles) and devices; see server.auth. ---
+# --- Identity: operators (roles) and devices; see server.identity.auth. ---
 
 
 def _authorization(request: Request) -> str | None:

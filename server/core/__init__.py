@@ -1,0 +1,1 @@
+"""Infrastructure every stage uses: settings, the exception family, background workers."""

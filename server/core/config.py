@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     # Signing: in development a missing key is generated; production refuses to start.
     signing_key_path: Path | None = None  # default: data_dir/keys/signing.pem
     manifest_ttl_days: int = Field(default=30, ge=1)  # days a signed manifest stays valid
-    # Root of trust (see server.trust): directory of <n>.root.json; in development a root is
+    # Root of trust (see server.release.trust): directory of <n>.root.json; in development a root is
     # generated there when missing, production refuses to start without one.
     trust_dir: Path | None = None  # default: data_dir/trust (env EDGELOOP_TRUST_DIR)
     root_ttl_days: int = Field(default=365, ge=1)  # days a generated/signed root stays valid
@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     canary_min_soak_s: float = Field(default=10.0, ge=0)  # seconds the canary must run
     install_timeout_s: float = Field(default=120.0, gt=0)  # seconds without progress: timed out
     max_failed_ratio: float = Field(default=0.2, ge=0, le=1)  # failed / wave devices: pause
-    # Default plan of a rollout created without one (see server.rollout_plan): "10,50,100"
+    # Default plan of a rollout created without one (see server.rollout.plan): "10,50,100"
     # (cumulative percents) or a JSON list of wave objects; empty: canary_percent, then 100.
     rollout_plan: str = ""
     wave_success_pct: float = Field(default=90.0, ge=0, le=100)  # committed % to move on
@@ -112,8 +112,9 @@ class Settings(BaseSettings):
     quarantine_failures: int = Field(default=3, ge=1)  # failed attempts before quarantine
     quarantine_s: float = Field(default=3600.0, ge=0)  # seconds a quarantined device sits out
 
-    # Identity (server.auth). admin_token is the bootstrap admin operator's bearer token; empty
-    # in development means DEV_ADMIN_TOKEN (documented, never for production: startup refuses).
+    # Identity (server.identity.auth). admin_token is the bootstrap admin operator's bearer token;
+    # empty in development means DEV_ADMIN_TOKEN (documented, never for production: startup
+    # refuses).
     admin_token: str = ""
     four_eyes: bool = False  # whoever created a rollout cannot approve it
     enrollment_token_ttl_s: float = Field(default=86400.0, gt=0)  # seconds, default lifetime
@@ -144,7 +145,8 @@ class Settings(BaseSettings):
     max_samples_per_batch: int = Field(default=1000, ge=1)  # samples per upload request
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)  # bytes per request body
 
-    # Poisoning guard (server.upload_limits, server.screening). Rate: per server process.
+    # Poisoning guard (server.intake.upload_limits, server.intake.screening). Rate: per server
+    # process.
     sample_rate_per_device_per_min: float = Field(default=1200.0, ge=0)  # samples/min; 0: off
     sample_burst_per_device: int = Field(default=2000, ge=1)  # samples a device may send at once
     sample_quota_per_device_per_day: int = Field(default=50_000, ge=0)  # samples/UTC day; 0: off

@@ -24,7 +24,7 @@ from contract.messages import (
     TargetMessage,
 )
 from device_agent.agent import Agent
-from server.trust import new_root
+from server.release.trust import new_root
 from tests.device_agent.agent_testkit import (
     FEATURES,
     FakeServer,

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from device_agent import ConfigError, load_config
 from device_agent.store import ModelStore
 from device_agent.verify import ReleaseTrust
-from server.trust import new_root, next_root
+from server.release.trust import new_root, next_root
 
 NOW = datetime.now(UTC)
 

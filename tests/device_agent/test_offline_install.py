@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from device_agent.cli import main as agent_main
-from server.cli import app as server_cli
+from server.cli.main import app as server_cli
 from tests.conftest import TEST_ADMIN_TOKEN
 from tests.device_agent.agent_testkit import FEATURES, make_model, truth_label
 from tests.device_agent.test_agent_cli import start_agent, stop_agent

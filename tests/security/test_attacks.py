@@ -26,7 +26,7 @@ from contract.envelope import SignedEnvelope, key_id
 from contract.manifest import Manifest, Targeting
 from contract.messages import TargetMessage
 from contract.trust import Root
-from server.trust import new_root, next_root
+from server.release.trust import new_root, next_root
 from tests.device_agent.agent_testkit import (
     FEATURES,
     FakeServer,

@@ -29,7 +29,7 @@ from device_agent.errors import (
 )
 from device_agent.verify import DeviceFacts, ReleaseTrust, verify_target
 from server.core.config import Settings
-from server.signing import Signer, load_signer, write_key_pair
+from server.release.signing import Signer, load_signer, write_key_pair
 from tests.device_agent.agent_testkit import make_manifest, make_model
 
 VERIFIER = Path(__file__).with_name("standalone_verifier.py")

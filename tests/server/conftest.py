@@ -18,10 +18,10 @@ from fastapi.testclient import TestClient
 
 from contract import encode_input
 from server.core.config import Settings
-from server.db import ModelLine, ModelVersion
+from server.db.registry import ModelLine, ModelVersion
 from server.main import create_app
+from server.release.signing import sign_release
 from server.services import DIGITS_INPUT_SPEC, DIGITS_LABELS, Services
-from server.signing import sign_release
 from tests.authkit import FleetAuth, enroll
 from tests.conftest import TEST_ADMIN_TOKEN, write_key_pair
 from training.data import digits_pools

@@ -17,10 +17,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from server.core.config import Settings
-from server.db import ModelLine, ModelVersion
+from server.db.registry import ModelLine, ModelVersion
 from server.main import create_app
+from server.release.signing import load_signer, sign_release
 from server.services import Services
-from server.signing import load_signer, sign_release
 from tests.conftest import free_port, write_key_pair
 from tests.server.conftest import make_settings
 from tests.server.live_server import LiveServer

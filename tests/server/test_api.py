@@ -9,7 +9,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from contract import SignatureError, load_public_key, verify_manifest
-from server.db import Device, DeviceEvent, DeviceMetric, Sample
+from server.db.fleet import Device, DeviceEvent, DeviceMetric
+from server.db.sample_store import Sample
 from tests.server.conftest import add_version, create_line, register, sample, services_of
 
 

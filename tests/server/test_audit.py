@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from server import audit
-from server.cli import app as cli_app
+from server.cli.main import app as cli_app
+from server.db import audit
 from server.services import Services
 from tests.server.conftest import add_version, create_line, register, services_of
 

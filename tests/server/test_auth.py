@@ -15,9 +15,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from server.core.config import Settings
-from server.db import DeviceEvent, Sample
-from server.db_auth import DeviceCredential, EnrollmentToken, OperatorToken
-from server.errors import ConfigError
+from server.core.errors import ConfigError
+from server.db.fleet import DeviceEvent
+from server.db.identity import DeviceCredential, EnrollmentToken, OperatorToken
+from server.db.sample_store import Sample
 from server.main import create_app
 from tests.authkit import FleetAuth, bootstrap_token
 from tests.conftest import TEST_ADMIN_TOKEN, auth_headers
@@ -390,7 +391,7 @@ def test_viewer_cannot_mint_enrollment_tokens(fleet: TestClient) -> None:
 
 
 def test_identity_changes_are_in_the_audit_log(fleet: TestClient) -> None:
-    from server import audit
+    from server.db import audit
 
     approver = operator_token(fleet, "alice", "approver")
     rid = fleet.post("/api/v1/rollouts", json={"model_line": "digits", "model_version": 2}).json()[

@@ -1,10 +1,10 @@
-"""server.background.Worker: a failing step is reported and the loop keeps going."""
+"""server.core.background.Worker: a failing step is reported and the loop keeps going."""
 
 from __future__ import annotations
 
 import threading
 
-from server.background import Worker
+from server.core.background import Worker
 
 
 def test_worker_survives_failing_steps_and_stops():

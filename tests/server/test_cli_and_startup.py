@@ -11,9 +11,9 @@ import uvicorn
 from typer.testing import CliRunner
 
 from contract import load_private_key, load_public_key
-from server.cli import app as cli_app
+from server.cli.main import app as cli_app
 from server.core.config import Settings
-from server.errors import ConfigError
+from server.core.errors import ConfigError
 from server.main import create_app
 from server.services import Services
 from tests.authkit import FleetAuth, enroll
@@ -128,8 +128,9 @@ def test_development_generates_a_key_production_refuses(tmp_path: Path) -> None:
 def test_cli_lineage_and_registry(live_server) -> None:
     import httpx
 
-    from server.db import ModelVersion, utcnow
-    from server.lineage import store_dataset
+    from server.db.base import utcnow
+    from server.db.registry import ModelVersion
+    from server.retrain.lineage import store_dataset
     from tests.server.conftest import sample
 
     url, services = live_server

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from contract.bundle import BundleIndex
-from server.cli import app as cli_app
+from server.cli.main import app as cli_app
 from tests.conftest import TEST_ADMIN_TOKEN, auth_headers
 from tests.device_agent.agent_testkit import make_model
 from tests.server.export_kit import ReleaseServer, expired, release_server

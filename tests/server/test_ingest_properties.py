@@ -32,10 +32,10 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from contract import DeviceState, Topics
-from server.db import DeviceEvent, DeviceMetric
-from server.db_ingest import RefusedReport
+from server.db.fleet import DeviceEvent, DeviceMetric
+from server.db.reports import RefusedReport
+from server.fleet.mqtt_bridge import MqttBridge
 from server.main import create_app
-from server.mqtt_bridge import MqttBridge
 from server.services import Services
 from tests.conftest import write_key_pair
 from tests.server.conftest import (

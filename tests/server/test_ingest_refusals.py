@@ -22,10 +22,12 @@ from sqlalchemy import func, select
 
 from contract import Topics
 from contract.messages import MAX_MESSAGE_BYTES
-from server.db import Base, DeviceEvent, DeviceMetric, create_all, make_engine
-from server.db_ingest import MAX_REFUSED_PER_DEVICE, RefusedReport
+from server.db.base import Base
+from server.db.engine import create_all, make_engine
+from server.db.fleet import DeviceEvent, DeviceMetric
+from server.db.reports import MAX_REFUSED_PER_DEVICE, RefusedReport
+from server.fleet.mqtt_bridge import MqttBridge
 from server.main import create_app
-from server.mqtt_bridge import MqttBridge
 from server.services import Services
 from tests.conftest import write_key_pair
 from tests.server.conftest import authed_client, create_line, make_settings, register, services_of

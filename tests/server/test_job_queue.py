@@ -18,8 +18,9 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
 from firmware_sim.services import ServerProcess
-from server import crud
-from server.db import TrainingJob, utcnow
+from server.db import job_queue
+from server.db.base import utcnow
+from server.db.registry import TrainingJob
 from server.main import create_app
 from tests.authkit import FleetAuth, bootstrap_token, enroll
 from tests.conftest import TEST_ADMIN_TOKEN, auth_headers, write_key_pair
@@ -56,7 +57,7 @@ def test_a_job_whose_runner_stopped_heartbeating_is_retried(
         create_line(client, initial_training=True)
         services = services_of(client)
         with services.sessions() as s:
-            job = crud.claim_job(s, now=utcnow(), runner="other-host:123:abcd")
+            job = job_queue.claim_job(s, now=utcnow(), runner="other-host:123:abcd")
             assert job is not None and job.attempts == 1
         # Within its lease another runner's job is left alone...
         assert services.jobs.recover() == ([], [])
@@ -79,7 +80,7 @@ def test_a_dead_runner_on_this_host_is_detected_without_waiting_for_the_lease(
         services = services_of(client)
         ghost = f"{socket.gethostname()[:64]}:{_dead_pid()}:dead0000"
         with services.sessions() as s:
-            job = crud.claim_job(s, now=utcnow(), runner=ghost)
+            job = job_queue.claim_job(s, now=utcnow(), runner=ghost)
             assert job is not None
         assert services.jobs.recover() == ([job.id], [])
         got = client.get(f"/api/v1/training-jobs/{job.id}").json()
@@ -91,7 +92,7 @@ def test_out_of_attempts_a_lost_job_fails(tmp_path: Path, db_url: str, signing_k
         create_line(client, initial_training=True)
         services = services_of(client)
         with services.sessions() as s:
-            job = crud.claim_job(s, now=utcnow(), runner="h:1:x", max_attempts=1)
+            job = job_queue.claim_job(s, now=utcnow(), runner="h:1:x", max_attempts=1)
             assert job is not None
             s.execute(update(TrainingJob).values(heartbeat_at=utcnow() - timedelta(hours=1)))
             s.commit()

@@ -20,11 +20,11 @@ import pytest
 from sqlalchemy import select
 
 from contract import TargetMessage, Topics
-from server import crud
-from server.db import RolloutDevice
+from server.db import fleet
+from server.db.rollouts import RolloutDevice
 from server.main import create_app
+from server.rollout.targets import resolve_target
 from server.services import Services
-from server.targets import resolve_target
 from tests.server.conftest import (
     add_version,
     authed_client,
@@ -169,7 +169,7 @@ def test_devices_joining_during_and_after_a_rollout_get_the_current_target(
             # The race: the device's row commits after this tick took members in, before the
             # rollout completes (stored directly: its own announcement would hide the gap).
             with services.sessions() as s:
-                crud.register_device(
+                fleet.register_device(
                     s,
                     device_id="between-ticks",
                     model_line="digits",

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from contract import MetricsReport, StatusReport, TargetMessage, Topics
 from contract.messages import DeviceState
-from server.db import DeviceEvent, DeviceMetric
+from server.db.fleet import DeviceEvent, DeviceMetric
 from server.main import create_app
 from tests.conftest import write_key_pair
 from tests.server.conftest import (
@@ -201,7 +201,7 @@ def test_targets_are_published_retained_and_broker_outage_is_survived(
         sub.loop_start()
         try:
             with services.sessions() as s:
-                from server.db import RolloutDevice
+                from server.db.rollouts import RolloutDevice
 
                 canary = s.scalars(
                     select(RolloutDevice.device_id).where(

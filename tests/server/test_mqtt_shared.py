@@ -8,7 +8,7 @@ import time
 import paho.mqtt.client as mqtt
 
 from contract import DeviceState, StatusReport, Topics
-from server.mqtt_bridge import MqttBridge
+from server.fleet.mqtt_bridge import MqttBridge
 
 
 def drain(q: queue.Queue) -> list:

@@ -16,15 +16,16 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from server import crud
-from server.db import DatasetSample, ModelLine, ModelVersion
-from server.db_audit import SampleUploadCount
-from server.errors import RateLimitedError
+from server.core.errors import RateLimitedError
+from server.db import job_queue, sample_store
+from server.db.datasets import DatasetSample
+from server.db.registry import ModelLine, ModelVersion
+from server.db.sample_store import SampleUploadCount
+from server.intake.screening import ScreenConfig, label_verdicts
+from server.intake.upload_limits import SampleRateLimiter
 from server.main import create_app
-from server.screening import ScreenConfig, label_verdicts
+from server.release.signing import sign_release
 from server.services import Services
-from server.signing import sign_release
-from server.upload_limits import SampleRateLimiter
 from tests.conftest import write_key_pair
 from tests.server.conftest import (
     LINE,
@@ -165,7 +166,7 @@ def test_flipped_labels_are_quarantined_with_reason_and_left_out_of_the_dataset(
         assert resp.status_code == 201, resp.text
         assert services.jobs.run_once() == resp.json()["id"]
         with services.sessions() as session:
-            job = crud.get_job(session, job_id=resp.json()["id"])
+            job = job_queue.get_job(session, job_id=resp.json()["id"])
             assert job.dataset_version, job.error
             ids = set(
                 session.scalars(
@@ -206,12 +207,12 @@ def test_an_operator_can_release_a_quarantined_sample(line) -> None:
     resp = upload(client, digit_samples("cam-1", field.X[:1], wrong, prefix="q"))
     assert [q["sample_id"] for q in resp.json()["quarantined"]] == ["q-0"]
     with services.sessions() as session:
-        assert "q-0" not in {r.sample_id for r in crud.samples_of_line(session, line=LINE)}
+        assert "q-0" not in {r.sample_id for r in sample_store.samples_of_line(session, line=LINE)}
     resp = client.post("/api/v1/samples/q-0/release")
     assert resp.status_code == 200, resp.text
     assert client.post("/api/v1/samples/q-0/release").status_code == 404
     with services.sessions() as session:
-        assert "q-0" in {r.sample_id for r in crud.samples_of_line(session, line=LINE)}
+        assert "q-0" in {r.sample_id for r in sample_store.samples_of_line(session, line=LINE)}
     assert quarantine(client) == []
     released = client.get(
         "/api/v1/samples/quarantine", params={"model_line": LINE, "include_released": True}
@@ -256,7 +257,7 @@ def test_rate_limit_returns_429_with_retry_after_and_keeps_what_was_stored(
         assert upload(client, [sample("cam-2", sample_id="b0")]).status_code == 200
         services = services_of(client)
         with services.sessions() as session:
-            ids = {r.sample_id for r in crud.samples_of_line(session, line=LINE)}
+            ids = {r.sample_id for r in sample_store.samples_of_line(session, line=LINE)}
         assert ids == {f"a{i}" for i in range(10)} | {"b0"}
 
 
@@ -292,7 +293,7 @@ def test_daily_quota_holds_across_two_app_instances(tmp_path: Path, pg_url: str,
             assert again.status_code == 200 and again.json()["duplicates"] == 1
             with services_of(a).sessions() as session:
                 counts = session.scalars(select(SampleUploadCount.count)).all()
-                stored = len(crud.samples_of_line(session, line=LINE))
+                stored = len(sample_store.samples_of_line(session, line=LINE))
             assert counts == [30] and stored == 30
 
 
@@ -414,7 +415,7 @@ def test_the_agent_keeps_a_rate_limited_batch_and_waits_retry_after(
         stats = spool.stats()
         assert (stats.uploaded, stats.pending, stats.rejected) == (3, 2, 0)  # kept for later
         with app.state.services.sessions() as session:
-            stored = {r.sample_id for r in crud.samples_of_line(session, line=LINE)}
+            stored = {r.sample_id for r in sample_store.samples_of_line(session, line=LINE)}
         assert stored == {"r0", "r1", "r2"}
         admin.close()
 
@@ -422,7 +423,7 @@ def test_the_agent_keeps_a_rate_limited_batch_and_waits_retry_after(
 def test_cli_lists_the_quarantine_with_reasons(tmp_path: Path, signing_key) -> None:
     from typer.testing import CliRunner
 
-    from server.cli import app as cli_app
+    from server.cli.main import app as cli_app
     from tests.conftest import TEST_ADMIN_TOKEN
     from tests.server.live_server import LiveServer
 

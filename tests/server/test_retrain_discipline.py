@@ -14,7 +14,8 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from server.db import Sample, TrainingJob
+from server.db.registry import TrainingJob
+from server.db.sample_store import Sample
 from tests.conftest import run_python
 from tests.server.conftest import create_line, register, sample, services_of
 from tests.server.test_jobs import app_with_trainer, run_job

@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from server.rollout import Action, DeviceRow, Retries, WaveSnapshot, decide, state_for_wave
-from server.rollout_gates import GateBounds, MetricSummary, evaluate
-from server.rollout_plan import (
+from server.rollout.decide import Action, DeviceRow, Retries, WaveSnapshot, decide
+from server.rollout.gates import GateBounds, MetricSummary, evaluate
+from server.rollout.plan import (
     Abort,
     Plan,
     PlanError,
@@ -17,6 +17,7 @@ from server.rollout_plan import (
     parse_plan_setting,
     shorthand,
 )
+from server.rollout.states import state_for_wave
 
 BOUNDS = GateBounds(min_labelled=50, max_accuracy_drop=0.02, accuracy_z=0, max_error_rate=0.01)
 RETRIES = Retries(max_retries=2, backoff_s=10)

@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 
 from contract import MetricsReport, StatusReport
 from contract.messages import DeviceState
-from server.mqtt_bridge import RecordingPublisher
-from server.rollout_engine import RolloutEngine
+from server.fleet.mqtt_bridge import RecordingPublisher
+from server.rollout.engine import RolloutEngine
 from server.services import Services
 from tests.server.conftest import add_version, create_line, register, services_of
 

@@ -8,7 +8,7 @@ import pytest
 
 from contract import MessageError, MetricsReport
 from contract.messages import MAX_CLASS_ENTRIES, ClassCount, ShadowFigures
-from server.rollout_gates import (
+from server.rollout.gates import (
     GateBounds,
     MetricSummary,
     ShadowSummary,

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from contract import MetricsReport
 from contract.messages import ClassCount
-from server.db_quality import ClassMetric
+from server.db.quality import ClassMetric
 from server.services import Services
 from tests.server.conftest import add_version, create_line, register, services_of
 from tests.server.test_rollout_engine import (

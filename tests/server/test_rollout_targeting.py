@@ -17,8 +17,9 @@ from contract import verify_manifest
 from contract.manifest import Manifest, Targeting
 from device_agent.errors import RuntimeIncompatibleError, TargetingMismatchError
 from device_agent.verify import DeviceFacts, check_targeting
-from server.db import ModelVersion, RolloutDevice
-from server.mqtt_bridge import RecordingPublisher
+from server.db.registry import ModelVersion
+from server.db.rollouts import RolloutDevice
+from server.fleet.mqtt_bridge import RecordingPublisher
 from server.services import Services
 from tests.authkit import enroll
 from tests.server.conftest import LINE, add_version, create_line, services_of

@@ -10,9 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import insert
 
-from server.db_rollouts import RolloutWave
-from server.mqtt_bridge import RecordingPublisher
-from server.rollout_engine import RolloutEngine
+from server.db.rollouts import RolloutWave
+from server.fleet.mqtt_bridge import RecordingPublisher
+from server.rollout.engine import RolloutEngine
 from server.services import Services
 from tests.server.conftest import add_version, create_line, register, services_of
 from tests.server.test_rollout_engine import install, metrics, release_of, target, version_of
@@ -230,7 +230,8 @@ def test_other_bad_requests_are_4xx(client: TestClient) -> None:
 def test_cli_watch_once_prints_progress_per_wave(client: TestClient, monkeypatch) -> None:
     from typer.testing import CliRunner
 
-    import server.cli as cli
+    from server.cli import base as cli_base
+    from server.cli.main import app as cli_app
 
     services, rid = setup(client)
     client.post(f"/api/v1/rollouts/{rid}/approve", json={})
@@ -238,9 +239,9 @@ def test_cli_watch_once_prints_progress_per_wave(client: TestClient, monkeypatch
     def call(method: str, path: str, json: Any = None, params: Any = None) -> Any:
         return client.request(method, path, json=json, params=params).json()
 
-    monkeypatch.setattr(cli, "_call", call)
-    monkeypatch.setattr(cli.console, "width", 140)
-    out = CliRunner().invoke(cli.app, ["rollouts", "watch", str(rid), "--once"])
+    monkeypatch.setattr(cli_base, "call", call)
+    monkeypatch.setattr(cli_base.console, "width", 140)
+    out = CliRunner().invoke(cli_app, ["rollouts", "watch", str(rid), "--once"])
     assert out.exit_code == 0, out.output
     assert f"rollout #{rid}" in out.output and "canary" in out.output
     assert "running" in out.output and "0/1" in out.output and "pending" in out.output

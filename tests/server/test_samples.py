@@ -10,7 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from server.db import Sample, TrainingJob
+from server.db.registry import TrainingJob
+from server.db.sample_store import Sample
 from tests.server.conftest import create_line, register, sample, services_of
 
 
@@ -156,7 +157,7 @@ def test_same_content_under_another_id_is_refused_with_the_other_id(seeded: Test
 
 
 def test_rules_come_from_the_signed_release_manifest(seeded: TestClient) -> None:
-    from server.db import ModelLine
+    from server.db.registry import ModelLine
     from tests.server.conftest import add_version
 
     services = services_of(seeded)

@@ -182,8 +182,9 @@ def test_config_endpoints_and_the_config_file(real: TestClient, tmp_path: Path) 
 def test_the_schedule_trigger_needs_new_samples(real: TestClient) -> None:
     from datetime import timedelta
 
-    from server.db import TrainingJob, utcnow
-    from server.scheduler import enqueue_due
+    from server.db.base import utcnow
+    from server.db.registry import TrainingJob
+    from server.retrain.scheduler import enqueue_due
 
     client = real
     body = {

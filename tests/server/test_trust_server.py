@@ -14,11 +14,11 @@ from fastapi.testclient import TestClient
 from contract import SignedEnvelope, TargetMessage, key_id, load_private_key
 from contract.trust import load_pinned_root
 from device_agent.verify import DeviceFacts, ReleaseTrust, verify_target
-from server import audit
-from server.errors import ConfigError
+from server.core.errors import ConfigError
+from server.db import audit
 from server.main import create_app
-from server.signing import load_signer, write_key_pair
-from server.trust import load_chain, write_root
+from server.release.signing import load_signer, write_key_pair
+from server.release.trust import load_chain, write_root
 from tests.conftest import TEST_ADMIN_TOKEN
 from tests.server.conftest import (
     FleetAuth,
@@ -128,7 +128,7 @@ def test_production_refuses_without_a_root_or_with_an_uncertified_key(
 
 def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "server.cli.main", *args], capture_output=True, text=True, timeout=60
     )
     assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
     return proc

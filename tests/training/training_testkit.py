@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from training.data import LABELS
-from training.samples import Samples
+from training.samples import Samples, write_samples  # noqa: F401 - tests import it from here
 
 # The torch trainer's defaults take a few seconds; tests that only need *a* CNN use fewer epochs.
 FAST_CNN = {"epochs": 6}
@@ -23,17 +23,6 @@ def make_samples(X: np.ndarray, y: np.ndarray, prefix: str = "s", n_devices: int
         np.array([f"{prefix}{i:05d}" for i in range(n)]),
         np.array([f"dev-{i % n_devices}" for i in range(n)]),
     )
-
-
-def write_samples(path: Path, samples: Samples) -> Path:
-    np.savez(
-        path,
-        X=samples.X,
-        y=samples.y,
-        sample_ids=samples.sample_ids,
-        device_ids=samples.device_ids,
-    )
-    return path
 
 
 def spec_dict(output_dir: Path, /, **overrides: Any) -> dict[str, Any]:

@@ -22,10 +22,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from server import crud
 from server.api.deps import ServicesDep
-from server.artifacts import check_sha256
-from server.errors import NotFoundError
+from server.core.errors import NotFoundError
+from server.db import registry
+from server.release.artifacts import check_sha256
 from server.services import Services
 
 router = APIRouter(prefix="/api/v1/artifacts", tags=["artifacts"])
@@ -75,7 +75,7 @@ def _cache(request: Request) -> ArtifactCache:
 def _load(services: Services, sha256: str) -> tuple[Path, bytes | None]:
     """Registry check and file read (thread pool). Raises NotFoundError."""
     with services.sessions() as session:
-        known = crud.artifact_known(session, sha256=sha256)
+        known = registry.artifact_known(session, sha256=sha256)
     if not known or not services.store.exists(sha256):
         raise NotFoundError(f"no artifact {sha256}")
     path = services.store.path(sha256)

@@ -6,9 +6,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 
-from server import audit
 from server.api.deps import OperatorDep, ServicesDep, SessionDep, ViewerDep
-from server.screening import list_quarantine, release_sample
+from server.db import audit
+from server.intake.screening import list_quarantine, release_sample
 
 router = APIRouter(tags=["audit"])
 

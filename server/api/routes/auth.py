@@ -12,7 +12,6 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from server import enrollment
 from server.api.deps import (
     AdminDep,
     IdPath,
@@ -22,11 +21,10 @@ from server.api.deps import (
     ViewerDep,
     read_sessions,
 )
-from server.broker_acl import sync_broker
-from server.schemas import DevicePublic
-from server.schemas_auth import (
+from server.api.schemas import (
     DeviceEnroll,
     DeviceEnrolled,
+    DevicePublic,
     EnrollmentTokenCreate,
     EnrollmentTokenIssued,
     OperatorMe,
@@ -34,6 +32,8 @@ from server.schemas_auth import (
     OperatorTokenIssued,
     OperatorTokenPublic,
 )
+from server.identity import enrollment
+from server.identity.broker_acl import sync_broker
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["auth"])

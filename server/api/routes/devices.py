@@ -11,24 +11,24 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query
 
-from server import crud, db_ingest
 from server.api.deps import DeviceDep, ServicesDep, SessionDep, ViewerDep
-from server.auth import require_same_device
-from server.db import Device
-from server.db_auth import DeviceCredential
-from server.enrollment import check_allowed
-from server.errors import InvalidRequestError
-from server.ingest_parse import Accepted, classify
-from server.schemas import (
+from server.api.schemas import (
     DeviceEventPublic,
     DevicePublic,
     DeviceRegister,
     Name,
     RefusedReportPublic,
 )
-from server.targets import resolve_target
+from server.core.errors import InvalidRequestError
+from server.db import fleet, reports
+from server.db.fleet import Device
+from server.db.identity import DeviceCredential
+from server.fleet.ingest_parse import Accepted, classify
+from server.identity.auth import require_same_device
+from server.identity.enrollment import check_allowed
+from server.rollout.targets import resolve_target
 
-Limit = Annotated[int, Query(ge=1, le=db_ingest.MAX_LISTED)]
+Limit = Annotated[int, Query(ge=1, le=reports.MAX_LISTED)]
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
@@ -51,7 +51,7 @@ def register(
     )
     before = session.get(Device, device.device_id)
     facts = (before.model_line, before.hardware, list(before.groups or ())) if before else None
-    registered = crud.register_device(
+    registered = fleet.register_device(
         session,
         device_id=body.device_id,
         model_line=body.model_line,
@@ -69,12 +69,12 @@ def register(
 
 @router.get("", response_model=list[DevicePublic])
 def list_devices(_op: ViewerDep, session: SessionDep, model_line: Name | None = None) -> Any:
-    return crud.list_devices(session, model_line=model_line)
+    return fleet.list_devices(session, model_line=model_line)
 
 
 @router.get("/{device_id}", response_model=DevicePublic)
 def get_device(device_id: str, _op: ViewerDep, session: SessionDep) -> Any:
-    return crud.get_device(session, device_id=device_id)
+    return fleet.get_device(session, device_id=device_id)
 
 
 @router.get("/{device_id}/target")
@@ -95,16 +95,16 @@ def get_target(
 def device_events(device_id: str, _op: ViewerDep, session: SessionDep, limit: Limit = 50) -> Any:
     """The device's stored status reports, newest first; ``dropped`` names each field the server
     left out of one (out of range, wrong type)."""
-    crud.get_device(session, device_id=device_id)
-    return db_ingest.list_events(session, device_id=device_id, limit=limit)
+    fleet.get_device(session, device_id=device_id)
+    return reports.list_events(session, device_id=device_id, limit=limit)
 
 
 @router.get("/{device_id}/refused", response_model=list[RefusedReportPublic])
 def refused_reports(device_id: str, _op: ViewerDep, session: SessionDep, limit: Limit = 50) -> Any:
     """Reports from the device's topics the server could not use, newest first, with the reason
-    and an excerpt (the newest ``db_ingest.MAX_REFUSED_PER_DEVICE`` are kept)."""
-    crud.get_device(session, device_id=device_id)
-    return db_ingest.list_refused(session, device_id=device_id, limit=limit)
+    and an excerpt (the newest ``reports.MAX_REFUSED_PER_DEVICE`` are kept)."""
+    fleet.get_device(session, device_id=device_id)
+    return reports.list_refused(session, device_id=device_id, limit=limit)
 
 
 def _parse(kind: str, device_id: str, body: Any, now_ts: float) -> Accepted:
@@ -127,7 +127,7 @@ def post_status(
     """HTTP fallback for devices that cannot reach the broker; same path as MQTT."""
     require_same_device(device, device_id)
     report = _parse("status", device_id, body, services.clock().timestamp())
-    crud.get_device(session, device_id=device_id)
+    fleet.get_device(session, device_id=device_id)
     services.ingest.submit("status", report)
     return {"queued": True, "dropped": list(report.dropped)}
 
@@ -142,6 +142,6 @@ def post_metrics(
 ) -> dict[str, Any]:
     require_same_device(device, device_id)
     report = _parse("metrics", device_id, body, services.clock().timestamp())
-    crud.get_device(session, device_id=device_id)
+    fleet.get_device(session, device_id=device_id)
     services.ingest.submit("metrics", report)
     return {"queued": True, "dropped": list(report.dropped)}

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query
 
 from server.api.deps import SessionDep, require_viewer
-from server.lineage import DEFAULT_SAMPLE_LIMIT, dataset_lineage, device_lineage
+from server.retrain.lineage import DEFAULT_SAMPLE_LIMIT, dataset_lineage, device_lineage
 
 router = APIRouter(prefix="/api/v1", tags=["lineage"], dependencies=[Depends(require_viewer)])
 

@@ -6,7 +6,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 
-from server import crud
 from server.api.deps import (
     IdPath,
     OperatorDep,
@@ -15,10 +14,7 @@ from server.api.deps import (
     VersionPath,
     require_viewer,
 )
-from server.errors import InvalidRequestError, NotFoundError
-from server.line_config import resolve_line_config
-from server.lineage import DEFAULT_SAMPLE_LIMIT, model_lineage
-from server.schemas import (
+from server.api.schemas import (
     Alias,
     AliasPublic,
     ArtifactInfo,
@@ -30,6 +26,10 @@ from server.schemas import (
     Name,
     ReleasePublic,
 )
+from server.core.errors import InvalidRequestError, NotFoundError
+from server.db import registry
+from server.retrain.line_config import resolve_line_config
+from server.retrain.lineage import DEFAULT_SAMPLE_LIMIT, model_lineage
 
 # Reads need a viewer token (router-wide); changes need the operator role (per route).
 router = APIRouter(
@@ -41,7 +41,7 @@ SampleLimit = Annotated[int, Query(ge=0, le=10_000)]
 
 @router.get("", response_model=list[ModelLinePublic])
 def list_lines(session: SessionDep) -> Any:
-    return crud.list_model_lines(session)
+    return registry.list_model_lines(session)
 
 
 @router.post("", response_model=ModelLinePublic, status_code=201)
@@ -55,7 +55,7 @@ def create_line(
         config=body.config,
         config_path=body.config_path,
     )
-    line = crud.create_model_line(
+    line = registry.create_model_line(
         session,
         name=body.name,
         trainer=config.trainer,
@@ -77,7 +77,7 @@ def create_line(
 
 @router.get("/{name}", response_model=ModelLinePublic)
 def get_line(name: Name, session: SessionDep) -> Any:
-    return crud.get_model_line(session, name=name)
+    return registry.get_model_line(session, name=name)
 
 
 @router.put("/{name}/config", response_model=ModelLinePublic)
@@ -89,32 +89,32 @@ def put_config(
     services: ServicesDep,
 ) -> Any:
     """Replace the line's training config; the next training uses it."""
-    crud.get_model_line(session, name=name)
+    registry.get_model_line(session, name=name)
     if body.config is None and body.config_path is None:
         raise InvalidRequestError("give config or config_path")
     config = resolve_line_config(
         services.settings, config=body.config, config_path=body.config_path
     )
-    return crud.update_line_config(
+    return registry.update_line_config(
         session, line=name, config=config.to_dict(), retrain_threshold=config.retrain_threshold
     )
 
 
 @router.get("/{name}/versions", response_model=list[ModelVersionPublic])
 def list_versions(name: Name, session: SessionDep) -> Any:
-    return crud.list_versions(session, line=name)
+    return registry.list_versions(session, line=name)
 
 
 @router.get("/{name}/versions/{version}", response_model=ModelVersionDetail)
 def get_version(name: Name, version: VersionPath, session: SessionDep) -> Any:
-    return crud.get_version(session, line=name, version=version)
+    return registry.get_version(session, line=name, version=version)
 
 
 @router.get("/{name}/versions/{version}/report")
 def get_report(name: Name, version: VersionPath, session: SessionDep) -> dict[str, Any]:
     """The training job's report: gate verdict with every check, metrics of challenger and
     champion (golden and field), parity, dataset, reproducibility."""
-    report: dict[str, Any] = crud.get_version(session, line=name, version=version).report or {}
+    report: dict[str, Any] = registry.get_version(session, line=name, version=version).report or {}
     return report
 
 
@@ -122,7 +122,7 @@ def get_report(name: Name, version: VersionPath, session: SessionDep) -> dict[st
 def get_artifacts(
     name: Name, version: VersionPath, session: SessionDep, services: ServicesDep
 ) -> Any:
-    mv = crud.get_version(session, line=name, version=version)
+    mv = registry.get_version(session, line=name, version=version)
     base = services.settings.public_url.rstrip("/") + "/api/v1/artifacts/"
     return {
         "line": mv.line,
@@ -152,18 +152,18 @@ def get_lineage(
 def list_aliases(name: Name, session: SessionDep) -> dict[str, int | None]:
     """Alias -> version number (None when nothing carries it)."""
     out: dict[str, int | None] = {}
-    for alias in crud.ALIASES:
+    for alias in registry.ALIASES:
         try:
-            out[alias] = crud.resolve_alias(session, line=name, alias=alias).version
+            out[alias] = registry.resolve_alias(session, line=name, alias=alias).version
         except NotFoundError:
-            crud.get_model_line(session, name=name)  # an unknown line is still a 404
+            registry.get_model_line(session, name=name)  # an unknown line is still a 404
             out[alias] = None
     return out
 
 
 @router.get("/{name}/aliases/{alias}", response_model=AliasPublic)
 def get_alias(name: Name, alias: Alias, session: SessionDep) -> Any:
-    mv = crud.resolve_alias(session, line=name, alias=alias)
+    mv = registry.resolve_alias(session, line=name, alias=alias)
     out = ModelVersionDetail.model_validate(mv).model_dump()
     out["alias"] = alias
     return out
@@ -171,4 +171,4 @@ def get_alias(name: Name, alias: Alias, session: SessionDep) -> Any:
 
 @router.get("/{name}/releases/{release}", response_model=ReleasePublic)
 def get_release(name: Name, release: IdPath, session: SessionDep) -> Any:
-    return crud.get_release(session, line=name, release=release)
+    return registry.get_release(session, line=name, release=release)

@@ -8,10 +8,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server import crud
 from server.api.deps import ServicesDep, SessionDep, ViewerDep
-from server.observability import version_series
-from server.schemas import Name
+from server.api.metrics import version_series
+from server.api.schemas import Name
+from server.db import registry
 
 router = APIRouter(tags=["observability"])
 
@@ -34,5 +34,5 @@ def series(
     window_s: Annotated[int, Query(ge=1, le=30 * 86_400)] = 3600,
 ) -> list[dict[str, Any]]:
     """Live accuracy and latency per model version, bucketed by ``bucket_s`` seconds."""
-    crud.get_model_line(session, name=name)  # 404 for an unknown line
+    registry.get_model_line(session, name=name)  # 404 for an unknown line
     return version_series(session, line=name, bucket_s=bucket_s, since_ts=time.time() - window_s)

@@ -3,10 +3,10 @@ approve/pause/resume/abort/rollback."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
-from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from server.api.deps import (
@@ -17,16 +17,7 @@ from server.api.deps import (
     SessionDep,
     require_viewer,
 )
-from server.auth import Operator
-from server.core.config import Settings
-from server.db import DeviceEvent, Rollout, RolloutDevice
-from server.db_rollouts import RolloutEvent, RolloutWave
-from server.enrollment import audit
-from server.errors import ForbiddenError, NotFoundError
-from server.rollout import wave_counts
-from server.rollout_engine import RolloutEngine
-from server.rollout_queries import plan_of
-from server.schemas import (
+from server.api.schemas import (
     Name,
     RolloutAction,
     RolloutApprove,
@@ -34,6 +25,13 @@ from server.schemas import (
     RolloutDetail,
     RolloutPublic,
 )
+from server.core.config import Settings
+from server.core.errors import ForbiddenError
+from server.db import audit
+from server.db.rollouts import get_rollout as load_rollout
+from server.identity.auth import Operator
+from server.rollout import reads
+from server.rollout.engine import OperatorAction
 
 # Reads need a viewer token; create/pause/resume/abort/rollback the operator role; approve the
 # approver role (and, with Settings.four_eyes, someone other than the rollout's creator). Rollback
@@ -52,56 +50,9 @@ def acting_as(operator: Operator, claimed: str | None, field: str) -> str:
     return operator.name
 
 
-def _wave_state(rollout: Rollout, wave: int, row: RolloutWave | None) -> str:
-    if row is None:
-        if rollout.state == "awaiting_gate" and wave == rollout.stage + 1:
-            return "awaiting_approval"
-        return "pending"
-    if row.finished_at is not None:
-        return row.outcome or "done"
-    return "paused" if rollout.state == "paused" else "running"
-
-
 def _detail(session: Session, rollout_id: int, settings: Settings) -> dict[str, Any]:
-    rollout = RolloutEngine.get(session, rollout_id)
-    rows = session.execute(
-        select(RolloutDevice.stage, RolloutDevice.state, func.count())
-        .where(RolloutDevice.rollout_id == rollout_id)
-        .group_by(RolloutDevice.stage, RolloutDevice.state)
-    ).all()
-    per_wave = wave_counts([(w, s) for w, s, n in rows for _ in range(int(n))])
-    counts: dict[str, dict[str, int]] = {"canary": {}, "rest": {}}
-    for wave, states in per_wave.items():
-        key = "canary" if wave == 0 else "rest"
-        for state, n in states.items():
-            counts[key][state] = counts[key].get(state, 0) + n
-    plan = plan_of(rollout, settings)
-    started = {
-        w.wave: w
-        for w in session.scalars(
-            select(RolloutWave).where(RolloutWave.rollout_id == rollout_id)
-        ).all()
-    }
-    waves = []
-    for i, spec in enumerate(plan.waves):
-        row = started.get(i)
-        waves.append(
-            {
-                "index": i,
-                "label": spec.label,
-                "spec": spec.to_dict(),
-                "state": _wave_state(rollout, i, row),
-                "devices": per_wave.get(i, {}),
-                "started_at": row.started_at if row else None,
-                "started_by": row.started_by if row else None,
-                "finished_at": row.finished_at if row else None,
-                "reason": row.reason if row else None,
-            }
-        )
-    out = RolloutPublic.model_validate(rollout).model_dump()
-    out["devices"] = counts
-    out["waves"] = waves
-    return out
+    rollout, extra = reads.rollout_detail(session, rollout_id, settings)
+    return {**RolloutPublic.model_validate(rollout).model_dump(), **extra}
 
 
 @router.post("", response_model=RolloutDetail, status_code=201)
@@ -121,10 +72,7 @@ def create(
 
 @router.get("", response_model=list[RolloutPublic])
 def list_rollouts(session: SessionDep, model_line: Name | None = None) -> Any:
-    stmt = select(Rollout).order_by(Rollout.id.desc())
-    if model_line is not None:
-        stmt = stmt.where(Rollout.model_line == model_line)
-    return session.scalars(stmt).all()
+    return reads.list_rollouts(session, model_line=model_line)
 
 
 @router.get("/{rollout_id}", response_model=RolloutDetail)
@@ -140,90 +88,19 @@ def list_devices(
     state: Name | None = None,
 ) -> list[dict[str, Any]]:
     """Every device of the rollout: wave (1-based), state, reason, timestamps, attempts."""
-    RolloutEngine.get(session, rollout_id)
-    rd = RolloutDevice
-    stmt = select(rd).where(rd.rollout_id == rollout_id).order_by(rd.stage, rd.device_id)
-    if wave is not None:
-        stmt = stmt.where(rd.stage == wave - 1)
-    if state is not None:
-        stmt = stmt.where(rd.state == state)
-    return [_device_row(r) for r in session.scalars(stmt).all()]
-
-
-def _device_row(r: RolloutDevice) -> dict[str, Any]:
-    return {
-        "device_id": r.device_id,
-        "wave": r.stage + 1,
-        "state": r.state,
-        "reason": r.reason,
-        "updated_at": r.updated_at,
-        "notified_at": r.notified_at,
-        "installed_at": r.installed_at,
-        "attempts": r.attempts,
-        "failures": r.failures,
-    }
+    return reads.list_members(session, rollout_id, wave=wave, state=state)
 
 
 @router.get("/{rollout_id}/devices/{device_id}")
 def device_history(rollout_id: IdPath, device_id: str, session: SessionDep) -> dict[str, Any]:
     """One device in one rollout: its row and its history (server transitions + reports)."""
-    if not 1 <= len(device_id) <= 128:
-        raise NotFoundError(f"device {device_id[:128]!r} is not in rollout {rollout_id}")
-    rollout = RolloutEngine.get(session, rollout_id)
-    row = session.get(RolloutDevice, (rollout_id, device_id))
-    if row is None:
-        raise NotFoundError(f"device {device_id!r} is not in rollout {rollout_id}")
-    history: list[dict[str, Any]] = [
-        {"at": e.at, "source": "server", "state": e.state, "reason": e.reason, "by": e.by}
-        for e in session.scalars(
-            select(RolloutEvent).where(
-                RolloutEvent.rollout_id == rollout_id, RolloutEvent.device_id == device_id
-            )
-        ).all()
-    ]
-    releases = [r for r in (rollout.release,) if r is not None]
-    history += [
-        {
-            "at": e.received_at,
-            "source": "device",
-            "state": e.state,
-            "reason": e.reason,
-            "model_version": e.model_version,
-            "target_release": e.target_release,
-        }
-        for e in session.scalars(
-            select(DeviceEvent).where(
-                DeviceEvent.device_id == device_id,
-                or_(
-                    DeviceEvent.rollout_id == rollout_id,
-                    DeviceEvent.target_release.in_(releases or [-1]),
-                ),
-            )
-        ).all()
-    ]
-    history.sort(key=lambda h: h["at"])
-    return {**_device_row(row), "history": history}
+    return reads.member_history(session, rollout_id, device_id)
 
 
 @router.get("/{rollout_id}/events")
 def events(rollout_id: IdPath, session: SessionDep) -> list[dict[str, Any]]:
     """What the server did to the rollout and its devices, oldest first."""
-    RolloutEngine.get(session, rollout_id)
-    return [
-        {
-            "at": e.at,
-            "device_id": e.device_id,
-            "wave": None if e.wave is None else e.wave + 1,
-            "state": e.state,
-            "reason": e.reason,
-            "by": e.by,
-        }
-        for e in session.scalars(
-            select(RolloutEvent)
-            .where(RolloutEvent.rollout_id == rollout_id)
-            .order_by(RolloutEvent.id)
-        ).all()
-    ]
+    return reads.rollout_events(session, rollout_id)
 
 
 @router.post("/{rollout_id}/approve", response_model=RolloutDetail)
@@ -236,14 +113,14 @@ def approve(
 ) -> Any:
     """Start the first wave, or the next wave waiting at a manual gate (approver role)."""
     name = acting_as(operator, body.approver if body else None, "approver")
-    rollout = RolloutEngine.get(session, rollout_id)
+    rollout = load_rollout(session, rollout_id=rollout_id)
     if services.settings.four_eyes and rollout.created_by == name:
         raise ForbiddenError(
             f"four-eyes rule: {name} created rollout {rollout_id} and cannot approve it"
         )
     session.rollback()  # end the read transaction before the engine writes
     services.rollouts.approve(rollout_id, approver=name)
-    audit(
+    audit.record(
         session,
         actor=name,
         action="rollout.approve",
@@ -255,58 +132,35 @@ def approve(
     return _detail(session, rollout_id, services.settings)
 
 
-@router.post("/{rollout_id}/pause", response_model=RolloutDetail)
-def pause(
-    rollout_id: IdPath,
-    operator: OperatorDep,
-    session: SessionDep,
-    services: ServicesDep,
-    body: RolloutAction | None = None,
-) -> Any:
-    action = body or RolloutAction()
-    by = acting_as(operator, action.by, "by")
-    services.rollouts.pause(rollout_id, by=by, reason=action.reason)
-    return _detail(session, rollout_id, services.settings)
+def _operator_action(action: OperatorAction) -> Callable[..., Any]:
+    """The handler of ``POST /{rollout_id}/<action>``: the same for every operator action."""
+
+    def handler(
+        rollout_id: IdPath,
+        operator: OperatorDep,
+        session: SessionDep,
+        services: ServicesDep,
+        body: RolloutAction | None = None,
+    ) -> Any:
+        request = body or RolloutAction()
+        by = acting_as(operator, request.by, "by")
+        services.rollouts.act(rollout_id, action, by=by, reason=request.reason)
+        return _detail(session, rollout_id, services.settings)
+
+    return handler
 
 
-@router.post("/{rollout_id}/resume", response_model=RolloutDetail)
-def resume(
-    rollout_id: IdPath,
-    operator: OperatorDep,
-    session: SessionDep,
-    services: ServicesDep,
-    body: RolloutAction | None = None,
-) -> Any:
-    action = body or RolloutAction()
-    services.rollouts.resume(rollout_id, by=acting_as(operator, action.by, "by"))
-    return _detail(session, rollout_id, services.settings)
-
-
-@router.post("/{rollout_id}/abort", response_model=RolloutDetail)
-def abort(
-    rollout_id: IdPath,
-    operator: OperatorDep,
-    session: SessionDep,
-    services: ServicesDep,
-    body: RolloutAction | None = None,
-) -> Any:
-    action = body or RolloutAction()
-    by = acting_as(operator, action.by, "by")
-    services.rollouts.abort(rollout_id, by=by, reason=action.reason)
-    return _detail(session, rollout_id, services.settings)
-
-
-@router.post("/{rollout_id}/rollback", response_model=RolloutDetail)
-def rollback(
-    rollout_id: IdPath,
-    operator: OperatorDep,
-    session: SessionDep,
-    services: ServicesDep,
-    body: RolloutAction | None = None,
-) -> Any:
-    """Send every device back to the previous model with a new signed release (also after the
-    rollout completed: the champion goes back too)."""
-    action = body or RolloutAction()
-    by = acting_as(operator, action.by, "by")
-    services.rollouts.rollback(rollout_id, by=by, reason=action.reason)
-    return _detail(session, rollout_id, services.settings)
+# The operator's pause, resume, abort and rollback (one route each, one handler for all).
+_DESCRIPTIONS = {
+    OperatorAction.ROLLBACK: "Send every device back to the previous model with a new signed "
+    "release (also after the\nrollout completed: the champion goes back too).",
+}
+for _action in OperatorAction:
+    router.add_api_route(
+        f"/{{rollout_id}}/{_action.value}",
+        _operator_action(_action),
+        methods=["POST"],
+        response_model=RolloutDetail,
+        name=_action.value,
+        description=_DESCRIPTIONS.get(_action),
+    )

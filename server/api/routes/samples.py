@@ -10,11 +10,11 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from server.api.deps import DeviceDep, ServicesDep, SessionDep, ViewerDep
-from server.auth import require_same_device
-from server.errors import InvalidRequestError, PayloadTooLargeError
-from server.lineage import sample_lineage
-from server.samples import upload_samples
-from server.schemas import SamplesResult, SamplesUpload
+from server.api.schemas import SamplesResult, SamplesUpload
+from server.core.errors import InvalidRequestError, PayloadTooLargeError
+from server.identity.auth import require_same_device
+from server.intake.samples import upload_samples
+from server.retrain.lineage import sample_lineage
 
 router = APIRouter(prefix="/api/v1/samples", tags=["samples"])
 

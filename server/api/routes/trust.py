@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Path
 
 from server.api.deps import ServicesDep
-from server.errors import NotFoundError
+from server.core.errors import NotFoundError
 
 router = APIRouter(prefix="/api/v1/trust", tags=["trust"])
 MAX_ROOT_VERSION = 1_000_000_000  # bound on the path parameter (a 4xx, never a 500)

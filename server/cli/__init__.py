@@ -1,0 +1,1 @@
+"""The ``edgeloop`` operator CLI, one module per command group."""

@@ -1,0 +1,67 @@
+"""The ``edgeloop`` operator CLI: talks to the server over HTTP; one module per command group.
+
+edgeloop --server URL devices list
+edgeloop --token $EDGELOOP_TOKEN rollouts approve 3   # who approves: the token's operator
+edgeloop tokens create --name alice --role approver    # admin: a token, printed once
+edgeloop devices enroll-token --uses 50                # operator: a bootstrap token
+edgeloop devices revoke cam-7
+edgeloop broker write-config --out ./broker            # passwd + acl from the database
+edgeloop models show digits 3            # metrics and the gate report
+edgeloop models alias digits champion
+edgeloop lineage model digits 3          # model -> dataset -> samples -> devices
+edgeloop lineage sample SAMPLE_ID        # sample -> datasets -> models
+edgeloop keys init ./keys
+edgeloop releases export digits 7 ./bundle   # for `edgeloop-agent install ./bundle` offline
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from server.cli import audit, auth, base, devices, jobs, keys, lineage, models, releases, rollouts
+
+app = typer.Typer(help="Operate an edgeloop server.", no_args_is_help=True)
+
+
+@app.callback()
+def _main(
+    server: Annotated[
+        str,
+        typer.Option(
+            "--server", envvar="EDGELOOP_SERVER_URL", help="Base URL of the edgeloop server."
+        ),
+    ] = "http://127.0.0.1:8000",
+    token: Annotated[
+        str,
+        typer.Option("--token", envvar="EDGELOOP_TOKEN", help="Operator bearer token."),
+    ] = "",
+) -> None:
+    base.state.server = server.rstrip("/")
+    base.state.token = token
+
+
+for group, name in (
+    (devices.app, "devices"),
+    (models.app, "models"),
+    (rollouts.app, "rollouts"),
+    (jobs.app, "jobs"),
+    (keys.app, "keys"),
+    (lineage.app, "lineage"),
+    (releases.app, "releases"),
+    (auth.tokens_app, "tokens"),
+    (auth.broker_app, "broker"),
+):
+    app.add_typer(group, name=name)
+app.command("whoami")(auth.whoami)
+app.add_typer(audit.audit_app, name="audit")
+app.add_typer(audit.samples_app, name="samples")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Who may act: operator tokens, device enrollment and credentials, the broker's ACL."""

@@ -1,0 +1,419 @@
+"""Sample intake: per-sample validation, idempotent bulk insert, threshold-triggered retraining.
+
+``validate_sample`` is pure (a record and the facts it is checked against in, a row or a reason
+out); ``upload_samples`` runs one transaction per batch with a fixed number of queries (devices,
+lines, releases, stored ids, stored content hashes, one bulk insert, one counter update per line).
+
+The rules a sample is checked against come from the line's current *signed* release manifest:
+its ``input_spec`` (value count, dtype, value range) and ``labels``. Before the first release
+the line's registered spec is used. Rejections carry a reason the uploader can read; an id
+already stored is a duplicate (idempotent retry), while the same input under another id is
+rejected by content hash (sha256 of the float32 bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from contract import ContractError, InputSpec, Manifest, MessageError, decode_input
+from contract.envelope import SignedEnvelope
+from server.db import job_queue
+from server.db.fleet import Device
+from server.db.registry import ModelLine, Release
+from server.db.rollouts import Rollout
+from server.db.sample_store import Sample
+from server.intake.screening import Screener
+from server.intake.upload_limits import charge_quota
+from server.rollout.states import ACTIVE_ROLLOUT_STATES
+
+MAX_SAMPLE_ID_CHARS = 64
+MAX_INT32 = 2**31 - 1
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_INSERT_RETRIES = 3  # a concurrent upload of the same ids makes the insert conflict; retry
+
+
+class SampleRejected(Exception):
+    """Internal: one sample is not acceptable (the message is the reason reported back)."""
+
+
+_INTEGRAL_DTYPES = {"uint8", "int64"}
+
+
+@dataclass(frozen=True)
+class LineFacts:
+    """What samples of one line are checked against, and where it came from."""
+
+    name: str
+    spec: InputSpec
+    n_labels: int
+    source: str = "registered input_spec"  # or "signed release N"
+
+
+@dataclass
+class UploadResult:
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    quarantined: list[dict[str, Any]] = field(default_factory=list)  # stored, held by screening
+    jobs_triggered: list[int] = field(default_factory=list)
+
+
+def _get(rec: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    if name not in rec or rec[name] is None:
+        raise SampleRejected(f"missing field {name!r}")
+    value = rec[name]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise SampleRejected(f"field {name!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _number(rec: Mapping[str, Any], name: str) -> float:
+    value = float(_get(rec, name, (int, float)))
+    if not math.isfinite(value):
+        raise SampleRejected(f"field {name!r} must be a finite number")
+    return value
+
+
+def sample_id_of(rec: Any) -> str | None:
+    if isinstance(rec, Mapping) and isinstance(rec.get("sample_id"), str):
+        return str(rec["sample_id"])[:MAX_SAMPLE_ID_CHARS]
+    return None
+
+
+def validate_sample(
+    rec: Any,
+    *,
+    devices: Mapping[str, str],
+    lines: Mapping[str, LineFacts],
+    now: datetime,
+) -> dict[str, Any]:
+    """Check one sample record and return the row to insert.
+
+    Args:
+        rec: the JSON value the device sent.
+        devices: registered device_id -> its model line.
+        lines: known model lines.
+
+    Raises:
+        SampleRejected: with the reason reported to the device.
+    """
+    if not isinstance(rec, Mapping):
+        raise SampleRejected("sample must be a JSON object")
+    sample_id = _get(rec, "sample_id", str)
+    if not 1 <= len(sample_id) <= MAX_SAMPLE_ID_CHARS or _CONTROL.search(sample_id):
+        raise SampleRejected(f"sample_id must be 1-{MAX_SAMPLE_ID_CHARS} printable characters")
+    device_id = _get(rec, "device_id", str)
+    line_name = _get(rec, "model_line", str)
+    if device_id not in devices:
+        raise SampleRejected(f"unknown device {device_id[:128]!r}: register it first")
+    if line_name not in lines:
+        raise SampleRejected(f"unknown model line {line_name[:64]!r}")
+    if devices[device_id] != line_name:
+        raise SampleRejected(
+            f"device {device_id!r} is registered to model line {devices[device_id]!r}, "
+            f"not {line_name!r}"
+        )
+    facts = lines[line_name]
+    model_version = _get(rec, "model_version", int)
+    if not 0 <= model_version <= MAX_INT32:
+        raise SampleRejected("model_version out of range")
+    try:
+        x = decode_input(_get(rec, "input_b64", str), facts.spec.features)
+    except MessageError as exc:
+        raise SampleRejected(
+            f"{exc} (input_spec shape {list(facts.spec.shape)} from the line's {facts.source})"
+        ) from exc
+    raw = x.tobytes()  # little-endian float32, as decoded
+    if not np.all(np.isfinite(x)):
+        raise SampleRejected("input contains NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if x.size and (lo < facts.spec.min or hi > facts.spec.max):
+        raise SampleRejected(
+            f"input values must lie in [{facts.spec.min:g}, {facts.spec.max:g}] "
+            f"(got [{lo:g}, {hi:g}]; rule from the line's {facts.source})"
+        )
+    if facts.spec.dtype in _INTEGRAL_DTYPES and not np.array_equal(x, np.round(x)):
+        raise SampleRejected(
+            f"input values must be whole numbers for dtype {facts.spec.dtype} "
+            f"(rule from the line's {facts.source})"
+        )
+    labels = {}
+    for name in ("true_label", "predicted_label"):
+        labels[name] = _get(rec, name, int)
+        if not 0 <= labels[name] < facts.n_labels:
+            raise SampleRejected(
+                f"{name} {labels[name]} is not in range(0, {facts.n_labels}): the line has "
+                f"{facts.n_labels} labels"
+            )
+    confidence = _number(rec, "confidence")
+    if not 0.0 <= confidence <= 1.0:
+        raise SampleRejected(f"confidence {confidence:g} is not in [0, 1]")
+    captured_at = _number(rec, "captured_at")
+    return {
+        "sample_id": sample_id,
+        "device_id": device_id,
+        "model_line": line_name,
+        "model_version": model_version,
+        "input": raw,
+        "content_sha256": hashlib.sha256(raw).hexdigest(),
+        "true_label": labels["true_label"],
+        "predicted_label": labels["predicted_label"],
+        "confidence": confidence,
+        "captured_at": captured_at,
+        "received_at": now,
+    }
+
+
+def _facts(session: Session, records: list[Any]) -> tuple[dict[str, str], dict[str, LineFacts]]:
+    dev_ids = {
+        r["device_id"]
+        for r in records
+        if isinstance(r, Mapping)
+        and isinstance(r.get("device_id"), str)
+        and len(r["device_id"]) <= 128
+    }
+    line_names = {
+        r["model_line"]
+        for r in records
+        if isinstance(r, Mapping)
+        and isinstance(r.get("model_line"), str)
+        and len(r["model_line"]) <= 64
+    }
+    devices: dict[str, str] = {}
+    if dev_ids:
+        for did, line in session.execute(
+            select(Device.device_id, Device.model_line).where(Device.device_id.in_(dev_ids))
+        ):
+            devices[did] = line
+    lines: dict[str, LineFacts] = {}
+    if line_names:
+        released: dict[str, int] = {}
+        for ml in session.execute(
+            select(
+                ModelLine.name, ModelLine.input_spec, ModelLine.labels, ModelLine.current_release
+            ).where(ModelLine.name.in_(line_names))
+        ):
+            lines[ml.name] = LineFacts(ml.name, InputSpec.from_dict(ml.input_spec), len(ml.labels))
+            if ml.current_release is not None:
+                released[ml.name] = ml.current_release
+        if released:
+            for rel in session.execute(
+                select(Release.line, Release.release, Release.envelope).where(
+                    Release.line.in_(released) & Release.release.in_(set(released.values()))
+                )
+            ):
+                if released.get(rel.line) == rel.release:
+                    facts = facts_from_release(rel.line, rel.release, rel.envelope)
+                    if facts is not None:
+                        lines[rel.line] = facts
+    return devices, lines
+
+
+def facts_from_release(line: str, release: int, envelope: Any) -> LineFacts | None:
+    """The validation rules in a signed release's manifest (None if the envelope is unusable:
+    then the registered spec applies, and the bad row is the rollout engine's to report)."""
+    try:
+        manifest = Manifest.from_payload(SignedEnvelope.from_dict(envelope).payload)
+    except ContractError:
+        return None
+    return LineFacts(
+        line, manifest.input_spec, len(manifest.labels), f"signed release {release} manifest"
+    )
+
+
+def upload_samples(
+    session: Session,
+    *,
+    records: list[Any],
+    now: datetime,
+    screener: Screener | None = None,
+    daily_quota: int = 0,
+    default_cooldown_s: float = 0.0,
+) -> UploadResult:
+    """Validate and store one batch in one transaction; trigger retraining at the threshold.
+
+    Duplicate sample ids (already stored, or repeated within the batch) are counted, not stored
+    twice, so a device may retry an upload safely. New samples are charged to their device's
+    ``daily_quota`` (0: none) and screened by ``screener``: quarantined ones are stored but do not
+    count toward retraining, and neither do samples of a version older than the one the fleet
+    is moving to (:func:`evidence_floor`). ``default_cooldown_s``: seconds after a line's last
+    training before a threshold job may start, for lines whose config sets no ``cooldown_s``.
+    Commits.
+
+    Raises:
+        RateLimitedError: a device would pass its daily quota (nothing of the batch is stored).
+    """
+    for attempt in range(_INSERT_RETRIES):
+        try:
+            return _upload_once(
+                session,
+                records=records,
+                now=now,
+                screener=screener,
+                daily_quota=daily_quota,
+                default_cooldown_s=default_cooldown_s,
+            )
+        except IntegrityError:
+            session.rollback()
+            if attempt == _INSERT_RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _upload_once(
+    session: Session,
+    *,
+    records: list[Any],
+    now: datetime,
+    screener: Screener | None,
+    daily_quota: int,
+    default_cooldown_s: float,
+) -> UploadResult:
+    result = UploadResult()
+    devices, lines = _facts(session, records)
+    rows: list[dict[str, Any]] = []
+    for rec in records:
+        try:
+            rows.append(validate_sample(rec, devices=devices, lines=lines, now=now))
+        except SampleRejected as exc:
+            result.rejected.append({"sample_id": sample_id_of(rec), "reason": str(exc)})
+    ids = {r["sample_id"] for r in rows}
+    stored = (
+        set(session.scalars(select(Sample.sample_id).where(Sample.sample_id.in_(ids))).all())
+        if ids
+        else set()
+    )
+    # Content already stored for the line, by hash: (line, sha) -> (sample_id, true_label).
+    known: dict[tuple[str, str], tuple[str, int]] = {}
+    hashes = {(r["model_line"], r["content_sha256"]) for r in rows if r["sample_id"] not in stored}
+    for line_name in {h[0] for h in hashes}:
+        shas = [h[1] for h in hashes if h[0] == line_name]
+        for sid, sha, label in session.execute(
+            select(Sample.sample_id, Sample.content_sha256, Sample.true_label).where(
+                Sample.model_line == line_name, Sample.content_sha256.in_(shas)
+            )
+        ):
+            known.setdefault((line_name, str(sha)), (sid, label))
+    fresh: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["sample_id"] in stored or row["sample_id"] in fresh:
+            result.duplicates += 1
+            continue
+        key = (row["model_line"], row["content_sha256"])
+        if key in known:
+            other, label = known[key]
+            reason = (
+                f"duplicate content: same input as sample {other!r}"
+                if label == row["true_label"]
+                else f"conflicting label: same input as sample {other!r}, labelled {label}"
+            )
+            result.rejected.append(
+                {"sample_id": row["sample_id"], "reason": f"{reason} (sha256 {key[1][:12]})"}
+            )
+            continue
+        known[key] = (row["sample_id"], row["true_label"])
+        fresh[row["sample_id"]] = row
+    per_device: dict[str, int] = {}
+    for row in fresh.values():
+        per_device[row["device_id"]] = per_device.get(row["device_id"], 0) + 1
+    for device_id in sorted(per_device):
+        charge_quota(
+            session, device_id=device_id, n=per_device[device_id], quota=daily_quota, now=now
+        )
+    if fresh:
+        session.execute(insert(Sample), list(fresh.values()))
+    held: dict[str, str] = {}
+    if screener is not None and fresh:
+        held = screener.screen(session, rows=list(fresh.values()), now=now)
+        result.quarantined = [{"sample_id": s, "reason": r} for s, r in sorted(held.items())]
+    floors = evidence_floor(session, lines={row["model_line"] for row in fresh.values()})
+    per_line: dict[str, int] = {}
+    for row in fresh.values():
+        if row["sample_id"] in held:
+            continue  # held back from datasets: not a reason to retrain
+        if row["model_version"] < floors.get(row["model_line"], 0):
+            continue  # stored for datasets, but evidence against a model the fleet is leaving
+        per_line[row["model_line"]] = per_line.get(row["model_line"], 0) + 1
+    for line_name in sorted(per_line):  # fixed lock order: no deadlock between batches
+        job_id = _count_and_trigger(
+            session,
+            line=line_name,
+            added=per_line[line_name],
+            now=now,
+            default_cooldown_s=default_cooldown_s,
+        )
+        if job_id is not None:
+            result.jobs_triggered.append(job_id)
+    session.commit()
+    result.accepted = len(fresh)
+    return result
+
+
+def evidence_floor(session: Session, *, lines: set[str]) -> dict[str, int]:
+    """Per line, the oldest model version whose samples count toward the next training.
+
+    That is the version the fleet is moving to: the newest of the champion and any candidate
+    in approval or rollout. A device still on an older version keeps uploading what that
+    version gets wrong; those samples are stored and used in datasets, but they are evidence
+    against a model being replaced, not against the candidate, so they trigger nothing.
+    """
+    if not lines:
+        return {}
+    floors = {
+        name: champion or 0
+        for name, champion in session.execute(
+            select(ModelLine.name, ModelLine.champion_version).where(ModelLine.name.in_(lines))
+        )
+    }
+    for name, newest in session.execute(
+        select(Rollout.model_line, func.max(Rollout.to_version))
+        .where(Rollout.model_line.in_(lines), Rollout.state.in_(ACTIVE_ROLLOUT_STATES))
+        .group_by(Rollout.model_line)
+    ):
+        floors[name] = max(floors.get(name, 0), int(newest))
+    return floors
+
+
+def cooldown_of(training_config: Mapping[str, Any] | None, default_s: float) -> float:
+    """The line's retraining cooldown in seconds (its config's ``cooldown_s``, else the
+    server default)."""
+    value = (training_config or {}).get("cooldown_s")
+    return float(value) if isinstance(value, int | float) and value >= 0 else default_s
+
+
+def _count_and_trigger(
+    session: Session, *, line: str, added: int, now: datetime, default_cooldown_s: float = 0.0
+) -> int | None:
+    """Add to the line's counter under its row lock; enqueue one job when it crosses the
+    threshold and none is queued or running. Within the line's cooldown after its last
+    training finished, the job is queued to start when the cooldown ends."""
+    counted = session.execute(
+        update(ModelLine)
+        .where(ModelLine.name == line)
+        .values(new_samples=ModelLine.new_samples + added)
+        .returning(ModelLine.new_samples, ModelLine.retrain_threshold, ModelLine.training_config)
+        .execution_options(synchronize_session=False)
+    ).one()
+    if counted.new_samples < counted.retrain_threshold:
+        return None
+    not_before = None
+    cooldown_s = cooldown_of(counted.training_config, default_cooldown_s)
+    if cooldown_s > 0:
+        last = job_queue.last_job_finished_at(session, line=line)
+        if last is not None and (now - last).total_seconds() < cooldown_s:
+            not_before = last + timedelta(seconds=cooldown_s)
+    # None when a job is already queued or running (the partial unique index decides races):
+    # that job will pick these samples up, or the next threshold will.
+    job = job_queue.add_job(session, line=line, trigger="threshold", now=now, not_before=not_before)
+    return job.id if job is not None else None

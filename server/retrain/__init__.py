@@ -1,0 +1,1 @@
+"""Stage 2, retrain: the training job queue and runner, schedules, line config, lineage."""
