@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -128,12 +129,43 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
     return app
 
 
-def run() -> None:
-    """Entry point ``edgeloop-server``: settings from EDGELOOP_* and uvicorn."""
+SERVER_HELP = """\
+Run the edgeloop server: the API, the dashboard, the MQTT bridge, the rollout engine and the
+training job runner, in one process.
+
+Every setting comes from an EDGELOOP_* environment variable (the list below, with defaults);
+--host and --port override EDGELOOP_HOST and EDGELOOP_PORT. In development a missing signing
+key, root and database are created under EDGELOOP_DATA_DIR (./var) on start; in production
+(EDGELOOP_ENVIRONMENT=production) the server refuses development secrets. The operator's
+command line is `edgeloop` (`edgeloop --help`)."""
+
+
+def _settings_epilog() -> str:
+    lines = ["environment (default):"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "" if default is None or default == "" else f" ({default})"
+        lines.append(f"  EDGELOOP_{name.upper()}{shown}")
+    return "\n".join(lines)
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Entry point ``edgeloop-server``: settings from EDGELOOP_* and uvicorn. ``--help`` prints
+    help and exits before anything is read or written."""
+    parser = argparse.ArgumentParser(
+        prog="edgeloop-server",
+        description=SERVER_HELP,
+        epilog=_settings_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--host", help="address to listen on (EDGELOOP_HOST)")
+    parser.add_argument("--port", type=int, help="port to listen on (EDGELOOP_PORT)")
+    args = parser.parse_args(argv)
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = Settings()
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = Settings(**overrides)
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
 

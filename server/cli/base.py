@@ -7,6 +7,7 @@ test can put a client of its own in their place.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,9 +22,21 @@ err_console = Console(stderr=True)
 TIMEOUT_S = 30.0  # seconds per HTTP request
 
 
+# Where output is not a terminal (a pipe, a file, a script), tables keep their full width
+# instead of rich's 80 columns; --json prints listings as JSON instead of tables.
+PIPE_WIDTH = 1000  # columns
+
+AUTH_HINT = (
+    "pass an operator token: edgeloop --token TOKEN ... or EDGELOOP_TOKEN=TOKEN "
+    "(an admin makes one with `edgeloop tokens create --name NAME --role operator`; "
+    "in development the server's admin token is edgeloop-dev-admin-token)"
+)
+
+
 class _State:
     server: str = "http://127.0.0.1:8000"
     token: str = ""  # operator bearer token (--token / EDGELOOP_TOKEN)
+    json: bool = False  # --json: listings as JSON
 
 
 state = _State()
@@ -49,7 +62,15 @@ def call(method: str, path: str, json: Any = None, params: dict[str, Any] | None
             detail = resp.json().get("detail", resp.text)
         except ValueError:
             detail = resp.text
-        err_console.print(f"[red]error {resp.status_code}: {detail}[/red]")
+        err_console.print(f"[red]error {resp.status_code}: {detail}[/red]", markup=True)
+        if resp.status_code == 401:
+            err_console.print(AUTH_HINT, markup=False, highlight=False)
+        elif resp.status_code == 403:
+            err_console.print(
+                "the token is valid but its role may not do this (`edgeloop whoami` shows it)",
+                markup=False,
+                highlight=False,
+            )
         raise typer.Exit(1)
     return resp.json()
 
@@ -71,9 +92,13 @@ def stream(path: str) -> Iterator[httpx.Response]:
 
 
 def table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Rows as a table, or as a JSON list of objects with ``columns`` under ``--json``."""
+    if state.json:
+        print(json.dumps([{c: row.get(c) for c in columns} for row in rows], default=str))
+        return
     out = Table(title=title)
     for col in columns:
-        out.add_column(col)
+        out.add_column(col, overflow="fold")
     for row in rows:
         out.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    console.print(out)
+    console.print(out, width=None if console.is_terminal else PIPE_WIDTH)

@@ -37,9 +37,13 @@ def _main(
         str,
         typer.Option("--token", envvar="EDGELOOP_TOKEN", help="Operator bearer token."),
     ] = "",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print listings as JSON (for scripts), not tables.")
+    ] = False,
 ) -> None:
     base.state.server = server.rstrip("/")
     base.state.token = token
+    base.state.json = as_json
 
 
 for group, name in (

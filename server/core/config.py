@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The bootstrap admin token used in development when EDGELOOP_ADMIN_TOKEN is empty. Public by
@@ -23,10 +23,23 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="EDGELOOP_", extra="ignore")
 
+    @model_validator(mode="after")
+    def _default_public_url(self) -> Settings:
+        if not self.public_url:
+            host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+            if ":" in host:  # an IPv6 address
+                host = f"[{host}]"
+            self.public_url = f"http://{host}:{self.port}"
+        return self
+
     environment: Literal["development", "production"] = "development"
     database_url: str = "sqlite:///./var/edgeloop.db"
     data_dir: Path = Path("./var")
-    public_url: str = "http://127.0.0.1:8000"  # base of absolute artifact URLs sent to devices
+    # Base of the absolute artifact URLs sent to devices. Empty: http://<host>:<port> of this
+    # server (127.0.0.1 when it listens on every interface), so a server started on another
+    # port never sends devices to the default one. Set it when devices reach the server
+    # through another name (a load balancer, a CDN, a public address).
+    public_url: str = ""
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
 

@@ -72,3 +72,16 @@ def test_persisted_chain_is_reverified_and_a_bad_entry_cuts_it(tmp_path: Path) -
     store.trust_path.write_text("{not json")
     assert store.load_roots() == []
     assert store.trust_path.with_suffix(".corrupt").exists()
+
+
+def test_the_example_config_in_deploy_loads(tmp_path: Path) -> None:
+    """deploy/agent.example.json (the docs point a new device at it) is a valid config once its
+    root file exists: every key in it is a real setting."""
+    example = Path(__file__).resolve().parents[2] / "deploy" / "agent.example.json"
+    pinned, _, _ = _roots()
+    (tmp_path / "root-1.json").write_bytes(pinned)
+    (tmp_path / "agent.json").write_text(example.read_text())
+    cfg = load_config(tmp_path / "agent.json", env={})
+    assert cfg.device_id == "cam-0001" and cfg.model_line == "digits"
+    assert cfg.trusted_root == pinned and cfg.groups == ["site-east"]
+    assert cfg.monitor_interval_s == 60.0

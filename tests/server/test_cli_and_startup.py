@@ -173,3 +173,59 @@ def test_cli_lineage_and_registry(live_server) -> None:
     assert code == 0 and "champion" in out
     code, out = run_cli(url, "lineage", "sample", "nope")
     assert code == 1 and "unknown sample" in out
+
+
+def test_server_help_prints_help_and_writes_nothing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", "from server.main import run; run()", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: edgeloop-server")
+    assert "EDGELOOP_DATABASE_URL" in out.stdout and "EDGELOOP_PUBLIC_URL" in out.stdout
+    assert list(tmp_path.iterdir()) == []  # no ./var, no key, no database
+
+
+def test_a_server_on_another_port_sends_devices_to_that_port(
+    tmp_path: Path, db_url: str, signing_key
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from tests.server.conftest import create_line, register
+
+    priv, _ = write_key_pair(tmp_path / "keys", signing_key)
+    settings = make_settings(tmp_path, db_url, signing_key_path=priv, port=8731)
+    assert settings.public_url == "http://127.0.0.1:8731"
+    with TestClient(create_app(settings)) as client:
+        client.auth = FleetAuth(TEST_ADMIN_TOKEN)
+        create_line(client)
+        register(client, "cam-port")
+        add_version(
+            client.app.state.services, version=1, status="champion", champion_release=True
+        )
+        target = client.get("/api/v1/devices/cam-port/target")
+        assert target.status_code == 200, target.text
+        assert target.json()["artifact_url"].startswith("http://127.0.0.1:8731/api/v1/artifacts/")
+    assert Settings(host="0.0.0.0", port=9000).public_url == "http://127.0.0.1:9000"
+    assert Settings(public_url="https://models.example.com").public_url == (
+        "https://models.example.com"
+    )
+
+
+def test_cli_401_says_how_to_pass_a_token_and_json_lists_for_scripts(live_server) -> None:
+    import json
+
+    url, _ = live_server
+    code, out = run_cli(url, "devices", "list", token="")
+    assert code == 1
+    assert "error 401" in out and "--token" in out and "EDGELOOP_TOKEN" in out
+    code, out = run_cli(url, "--json", "jobs", "list")
+    assert code == 0
+    jobs = json.loads(out)
+    assert isinstance(jobs, list) and jobs and "initial" in json.dumps(jobs)
