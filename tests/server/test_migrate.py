@@ -14,6 +14,7 @@ SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -936,3 +937,52 @@ def test_the_commands_work_from_any_directory(tmp_path: Path) -> None:
     current = run("-m", "server.cli.main", "db", "current")
     assert current.returncode == 0 and current.stdout.startswith(f"{head()}: ")
     assert list(elsewhere.iterdir()) == []
+
+
+# ---------------------------------------------------------------- writing the next migration
+
+
+def _load_script(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_new_migration_writes_the_next_revision_from_the_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scripts/new_migration.py (docs/development.md): a model change becomes revision N+1,
+    which brings a database to the changed models; with no change it writes nothing."""
+    script = _load_script("new_migration")
+    next_number = f"{int(head()) + 1:04d}"
+    folder = tmp_path / "ours"
+    shutil.copytree(migrate.MIGRATIONS_DIR, folder)
+    monkeypatch.setattr(migrate, "MIGRATIONS_DIR", folder)
+    with pytest.raises(script.NothingToDo):
+        script.new_revision("nothing", f"sqlite:///{tmp_path}/a.db")
+    changed = sa.MetaData()
+    for table in Base.metadata.sorted_tables:
+        table.to_metadata(changed)
+    sa.Table(
+        "widgets",
+        changed,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("device_id", sa.ForeignKey("devices.device_id"), nullable=False),
+    )
+    changed.tables["devices"].append_column(sa.Column("note", sa.Text, nullable=True))
+    monkeypatch.setattr(migrate, "target_metadata", changed)
+
+    path = script.new_revision("add widgets", f"sqlite:///{tmp_path}/b.db")
+
+    assert path.name == f"{next_number}_add_widgets.py" and head() == next_number
+    assert "create_table" in path.read_text() and "add_column" in path.read_text()
+    fresh = f"sqlite:///{tmp_path}/c.db"
+    migrate.upgrade(fresh)
+    engine = make_engine(fresh)
+    try:
+        with engine.connect() as conn:
+            assert migrate.schema_differences(conn) == []
+    finally:
+        engine.dispose()
