@@ -4,15 +4,16 @@ inside its transaction (``edgeloop db upgrade``; ``scripts/new_migration.py`` fo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from alembic import context
+from alembic.autogenerate.api import AutogenContext
 
 from server.db.base import UTCDateTime
 from server.db.migrate import CONNECTION, target_metadata
 
 
-def render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
+def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | Literal[False]:
     """Autogenerate writes edgeloop's column types as the plain types they store, so a revision
     never imports the models it must outlive."""
     if type_ == "type" and isinstance(obj, UTCDateTime):

@@ -13,6 +13,7 @@ nullable columns added after their tables' first release, the audit log's trigge
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import context, op
@@ -608,9 +609,7 @@ def _existing() -> dict[str, set[str]]:
     }
 
 
-def _index(
-    have: dict[str, set[str]], table: str, name: str, columns: list[str], **kw: object
-) -> None:
+def _index(have: dict[str, set[str]], table: str, name: str, columns: list[str], **kw: Any) -> None:
     if name not in have.get(table, ()):
         op.create_index(name, table, columns, **kw)
 
