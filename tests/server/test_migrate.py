@@ -9,7 +9,8 @@ SQLite and PostgreSQL.
 - The models and the migrations agree: Alembic's autogenerate diff is empty on both backends.
 - The server refuses an empty, a pre-migration and a behind database, naming the command; a later
   revision (one that rebuilds a SQLite table with children) runs on a filled database.
-- Two upgrades started together create the schema once; the commands need no working directory.
+- Two upgrades started together create the schema once; the commands, run from edgeloop's wheel,
+  need no working directory; scripts/new_migration.py writes the next revision.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import threading
 import uuid
+import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -920,15 +922,42 @@ def test_two_upgrades_at_once_create_the_schema_once(db_url: str) -> None:
     assert all(r.revision == head() for r in results)
 
 
-def test_the_commands_work_from_any_directory(tmp_path: Path) -> None:
-    """Real processes in an empty working directory: the server refuses the empty database and
-    names the command, `edgeloop db upgrade` creates the schema, `db current` shows it."""
+def built_wheel(into: Path) -> Path:
+    """edgeloop's wheel, built from a copy of the packaged sources (the checkout stays clean),
+    unpacked into ``into``; returns ``into``."""
+    source = into.parent / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for package in ("contract", "server", "device_agent", "training", "firmware_sim"):
+        shutil.copytree(
+            REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+        + ["-w", str(into.parent / "dist"), str(source)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = (into.parent / "dist").glob("edgeloop-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(into)
+    return into
+
+
+def test_the_installed_commands_work_from_any_directory(tmp_path: Path) -> None:
+    """Real processes running edgeloop's wheel (its migrations are package data, no alembic.ini)
+    in an empty working directory: the server refuses the empty database and names the command,
+    `edgeloop db upgrade` creates the schema, `db current` shows it."""
+    installed = built_wheel(tmp_path / "installed")
+    assert (installed / "server/db/migrations/versions/0001_baseline.py").is_file()
     url = f"sqlite:///{tmp_path}/var/edgeloop.db"
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": str(installed),
         "EDGELOOP_DATABASE_URL": url,
         "EDGELOOP_DATA_DIR": str(tmp_path / "var"),
         "EDGELOOP_ENABLE_MQTT": "false",
@@ -944,6 +973,8 @@ def test_the_commands_work_from_any_directory(tmp_path: Path) -> None:
             timeout=120,
         )
 
+    where = run("-c", "import server.db.migrate as m; print(m.MIGRATIONS_DIR)")
+    assert where.stdout.strip() == str(installed / "server/db/migrations"), where.stderr
     server = run("-c", "from server.main import run; run()")
     assert server.returncode == 2
     assert "refuses to start" in server.stderr and "`edgeloop db upgrade`" in server.stderr
