@@ -48,6 +48,10 @@ UPGRADE_HINT = (
     f"stop every server on this database, back it up, run `{UPGRADE_COMMAND}` "
     "(EDGELOOP_DATABASE_URL or --database-url names it), then start the servers"
 )
+CREATE_HINT = (
+    f"create the tables with `{UPGRADE_COMMAND}` "
+    "(EDGELOOP_DATABASE_URL or --database-url names the database), then start the server"
+)
 
 target_metadata: MetaData = Base.metadata
 
@@ -107,7 +111,11 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 def head_revision() -> str:
     """The revision the models correspond to (one head: parallel branches must be merged)."""
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    return _head(ScriptDirectory.from_config(alembic_config()))
+
+
+def _head(script: ScriptDirectory) -> str:
+    head = script.get_current_head()
     if head is None:
         raise SchemaError(f"no migrations in {MIGRATIONS_DIR}")
     return head
@@ -129,9 +137,7 @@ def schema_state(conn: Connection) -> SchemaState:
             known = script.get_revision(current) is not None
         except CommandError:
             known = False
-    head = script.get_current_head()
-    assert head is not None, f"no migrations in {MIGRATIONS_DIR}"
-    return SchemaState(current=current, head=head, legacy=legacy, known=known)
+    return SchemaState(current=current, head=_head(script), legacy=legacy, known=known)
 
 
 def database_name(url: str) -> str:
@@ -156,7 +162,8 @@ def require_current(engine: Engine) -> None:
             f"database {where}: {state.describe()}: run the edgeloop that made it, "
             "or restore a backup taken before its upgrade"
         )
-    raise SchemaError(f"database {where}: {state.describe()}: {UPGRADE_HINT}")
+    hint = CREATE_HINT if state.empty else UPGRADE_HINT
+    raise SchemaError(f"database {where}: {state.describe()}: {hint}")
 
 
 def upgrade(url: str) -> UpgradeResult:
