@@ -68,7 +68,7 @@ def broker_write_config(
         require_current(engine)
     except SchemaError as exc:
         engine.dispose()
-        err_console.print(exc.message, markup=False, highlight=False)
+        err_console.print(exc.message, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from exc
     out = out.resolve()
     with make_sessionmaker(engine)() as session:

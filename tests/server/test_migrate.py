@@ -896,6 +896,24 @@ def test_db_current_prints_the_revision(db_url: str) -> None:
     )
 
 
+def test_broker_write_config_needs_the_current_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It reads the database before the server first starts: after `edgeloop db upgrade`."""
+    url = f"sqlite:///{tmp_path}/edgeloop.db"
+    monkeypatch.setenv("EDGELOOP_DATABASE_URL", url)
+    monkeypatch.setenv("EDGELOOP_MQTT_USERNAME", "edgeloop-server")
+    monkeypatch.setenv("EDGELOOP_MQTT_PASSWORD", "broker-secret")
+    out = tmp_path / "broker"
+    refused = cli("broker", "write-config", "--out", str(out))
+    assert refused.exit_code == 1 and "`edgeloop db upgrade`" in refused.output
+    assert not out.exists()
+    migrate.upgrade(url)
+    done = cli("broker", "write-config", "--out", str(out))
+    assert done.exit_code == 0, done.output
+    assert "edgeloop-server:" in (out / "passwd").read_text()
+
+
 # ---------------------------------------------------------------- concurrency, processes
 
 
