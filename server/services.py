@@ -18,7 +18,8 @@ from server.core.config import Settings
 from server.core.errors import ConflictError
 from server.db import registry
 from server.db.base import utcnow
-from server.db.engine import create_all, make_engine, make_read_sessionmaker, make_sessionmaker
+from server.db.engine import make_engine, make_read_sessionmaker, make_sessionmaker
+from server.db.migrate import require_current
 from server.fleet.ingest import IngestWriter
 from server.fleet.mqtt_bridge import IngestItem, MqttBridge, RecordingPublisher
 from server.identity.broker_acl import sync_broker
@@ -198,9 +199,18 @@ def bootstrap(services: Services) -> None:
 
 
 def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow) -> Services:
-    """Connect the database (creating tables), load the key, wire the components."""
+    """Connect the database, load the key, wire the components.
+
+    Raises:
+        SchemaError: the database's schema is not this edgeloop's (``edgeloop db upgrade``
+            makes it so; the server never migrates, so two servers cannot migrate at once).
+    """
     engine = make_engine(settings.database_url)
-    create_all(engine)
+    try:
+        require_current(engine)
+    except BaseException:
+        engine.dispose()
+        raise
     sessions = make_sessionmaker(engine)
     signer = load_signer(settings)
     store = ArtifactStore(settings.artifacts_dir)
