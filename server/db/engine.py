@@ -28,6 +28,7 @@ from server.db import (  # noqa: F401 - every table module registers its tables 
     datasets,
     fleet,
     identity,
+    monitoring,
     quality,
     registry,
     reports,
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 ADDED_COLUMNS: tuple[tuple[str, str], ...] = (
     ("device_events", "dropped"),
     ("device_credentials", "enroll_secret_hash"),
+    ("training_jobs", "alert_id"),
+    ("model_versions", "alert_id"),
 )
 
 
