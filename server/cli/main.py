@@ -12,6 +12,8 @@ edgeloop lineage model digits 3          # model -> dataset -> samples -> device
 edgeloop lineage sample SAMPLE_ID        # sample -> datasets -> models
 edgeloop keys init ./keys
 edgeloop releases export digits 7 ./bundle   # for `edgeloop-agent install ./bundle` offline
+edgeloop alerts list --line digits --state raised
+edgeloop alerts show 4                   # the figures that raised it, its training, webhook
 """
 
 from __future__ import annotations
@@ -20,7 +22,19 @@ from typing import Annotated
 
 import typer
 
-from server.cli import audit, auth, base, devices, jobs, keys, lineage, models, releases, rollouts
+from server.cli import (
+    alerts,
+    audit,
+    auth,
+    base,
+    devices,
+    jobs,
+    keys,
+    lineage,
+    models,
+    releases,
+    rollouts,
+)
 
 app = typer.Typer(help="Operate an edgeloop server.", no_args_is_help=True)
 
@@ -54,6 +68,7 @@ for group, name in (
     (keys.app, "keys"),
     (lineage.app, "lineage"),
     (releases.app, "releases"),
+    (alerts.app, "alerts"),
     (auth.tokens_app, "tokens"),
     (auth.broker_app, "broker"),
 ):
