@@ -235,9 +235,9 @@ class MonitorEvaluator:
         keep_after = now - timedelta(seconds=self.settings.monitor_retention_s)
         with self.sessions() as session:
             cursors = dict(
-                session.execute(
-                    select(MonitorCursor.model_line, MonitorCursor.next_window_start)
-                ).tuples()
+                session.execute(select(MonitorCursor.model_line, MonitorCursor.next_window_start))
+                .tuples()
+                .all()
             )
             for line in lines:
                 cursor = cursors.get(line)

@@ -127,11 +127,13 @@ class WebhookSender:
         attempts, event, payload = claimed
         status, error = self._post(delivery_id, event, payload)
         done = error is None
-        values: dict[str, object] = {"last_status": status, "last_error": error}
+        # A success keeps the last failure's error: the row tells what the retries were for.
+        values: dict[str, object] = {"last_status": status}
         if done:
             values.update(status=DELIVERY_DELIVERED, delivered_at=self.clock())
             self.sent += 1
         else:
+            values["last_error"] = error
             self.failures += 1
             if attempts >= self.settings.webhook_max_attempts:
                 values["status"] = DELIVERY_FAILED
