@@ -9,7 +9,14 @@ import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 from contract import ContractError, InputSpec
 from server.identity.auth import Role
@@ -300,7 +307,7 @@ class AlertPublic(BaseModel):
     rule: str
     model_line: str
     model_version: int
-    group: str = Field(validation_alias="group_name")
+    group: str = Field(validation_alias=AliasChoices("group_name", "group"))
     state: str
     first_window: datetime
     last_window: datetime
@@ -337,7 +344,7 @@ class MonitorWindowPublic(BaseModel):
 
     model_line: str
     model_version: int
-    group: str = Field(validation_alias="group_name")
+    group: str = Field(validation_alias=AliasChoices("group_name", "group"))
     window_start: datetime
     window_end: datetime
     devices: int
