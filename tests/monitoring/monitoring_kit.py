@@ -185,6 +185,7 @@ class WebhookReceiver:
     one repeats) and records what it got."""
 
     script: list[int]
+    port: int = 0  # 0: any free port
     received: list[Received] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -207,7 +208,7 @@ class WebhookReceiver:
                 pass
 
         self._lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property

@@ -26,11 +26,14 @@ from contract.monitoring import METADATA_KEY, MonitoringReference
 from server.db.monitoring import Alert, MonitorSummaryRow, WebhookDelivery
 from server.db.registry import ModelVersion, TrainingJob
 from server.main import create_app
-from server.services import build_services
+from server.retrain.scheduler import AlertRetrain, retrain_for_alert
+from server.services import DIGITS_INPUT_SPEC, DIGITS_LABELS, build_services
 from tests.authkit import enroll
+from tests.conftest import write_key_pair
 from tests.monitoring.conftest import View
 from tests.monitoring.monitoring_kit import (
     LINE,
+    T0,
     FakeClock,
     WebhookReceiver,
     closed,
@@ -38,7 +41,14 @@ from tests.monitoring.monitoring_kit import (
     monitor_settings,
     summary,
 )
-from tests.server.conftest import authed_client, create_line, services_of, wait_for
+from tests.server.conftest import (
+    add_version,
+    authed_client,
+    create_line,
+    make_settings,
+    services_of,
+    wait_for,
+)
 from tests.server.test_mqtt_bridge import bridge_settings
 from training.data import digits_pools, drift
 from training.export import onnx_predict_proba, read_metadata
@@ -220,3 +230,93 @@ def test_a_drift_alert_trains_a_version_that_points_to_it_and_the_webhook_gets_i
                     ("initial", None),
                     ("alert", trigger["id"]),
                 ]
+
+
+def settings_of(tmp_path: Path, db_url: str, signing_key: Any) -> Any:
+    priv, _ = write_key_pair(tmp_path / "keys", signing_key)
+    return make_settings(tmp_path, db_url, signing_key_path=priv)
+
+
+def test_alert_training_keeps_the_retraining_discipline(
+    tmp_path: Path, db_url: str, signing_key: Any
+) -> None:
+    """Only the rules the line's config names train; a cooldown delays the job; one job at a
+    time; an alert on a version a rollout is replacing trains nothing. The config's rule names
+    are checked when a line is created or reconfigured."""
+    with authed_client(create_app(settings_of(tmp_path, db_url, signing_key))) as client:
+        services = services_of(client)
+        refused = client.post(
+            "/api/v1/model-lines",
+            json={
+                "name": "other",
+                "input_spec": DIGITS_INPUT_SPEC,
+                "labels": DIGITS_LABELS,
+                "initial_training": False,
+                "config": {"trainer": "sklearn-mlp", "retrain_on_alerts": ["drift", "vibes"]},
+            },
+        )
+        assert refused.status_code == 422 and "unknown alert rule(s) ['vibes']" in refused.text
+        create_line(
+            client,
+            trainer=None,
+            config={"trainer": "sklearn-mlp", "retrain_on_alerts": ["drift"], "cooldown_s": 600},
+        )
+        line = client.get(f"/api/v1/model-lines/{LINE}").json()
+        assert line["training_config"]["retrain_on_alerts"] == ["drift"]
+        bad = client.put(
+            f"/api/v1/model-lines/{LINE}/config",
+            json={"config": {"trainer": "sklearn-mlp", "retrain_on_alerts": "drift"}},
+        )
+        assert bad.status_code == 422 and "retrain_on_alerts must be a list" in bad.text
+        add_version(services, version=1, status="champion", champion_release=True)
+        finished = T0 - timedelta(seconds=100)
+        with services.sessions() as session:
+            session.add(
+                TrainingJob(
+                    model_line=LINE,
+                    status="succeeded",
+                    trigger="initial",
+                    created_at=finished,
+                    finished_at=finished,
+                )
+            )
+            session.commit()
+
+        def alert(rule: str, version: int, alert_id: int) -> AlertRetrain:
+            with services.sessions() as session:
+                out = retrain_for_alert(
+                    session,
+                    line=LINE,
+                    rule=rule,
+                    alert_id=alert_id,
+                    model_version=version,
+                    now=T0,
+                )
+                session.commit()
+                return out
+
+        assert alert("latency", 1, 10) == AlertRetrain(None, None)  # not a training rule
+        queued = alert("drift", 1, 11)
+        assert queued.job_id is not None and queued.note is None
+        with services.sessions() as session:
+            job = session.get(TrainingJob, queued.job_id)
+            assert job is not None
+            assert (job.trigger, job.alert_id, job.status) == ("alert", 11, "queued")
+            assert job.not_before == finished + timedelta(seconds=600)  # the cooldown
+        again = alert("drift", 1, 12)
+        assert again.job_id is None and "already queued" in (again.note or "")
+
+        # The job ends; v2 is in rollout: an alert on v1 is about a model being replaced.
+        with services.sessions() as session:
+            job = session.get(TrainingJob, queued.job_id)
+            assert job is not None
+            job.status, job.finished_at = "succeeded", T0
+            session.commit()
+        add_version(services, version=2, status="candidate")
+        services.rollouts.create(
+            model_line=LINE, model_version=2, canary_percent=None, created_by="test"
+        )
+        replaced = alert("drift", 1, 13)
+        assert replaced.job_id is None and "being replaced by v2" in (replaced.note or "")
+        on_candidate = alert("drift", 2, 14)
+        assert on_candidate.job_id is not None
