@@ -164,7 +164,7 @@ class Settings(BaseSettings):
     )
     # Hysteresis per rule, overriding server.monitoring.rules.DEFAULT_POLICIES, e.g.
     # {"drift": {"raise_after": 2, "clear_after": 3, "min_samples": 100}} (JSON in the env).
-    alert_policies: dict[str, dict[str, int]] = Field(default_factory=dict)
+    alert_policies: dict[str, dict[str, int]] = Field(default={})
     alert_max_accuracy_drop: float = Field(default=0.05, ge=0, le=1)  # below reference - this
     alert_max_latency_p95_ms: float = Field(default=50.0, gt=0)  # milliseconds
     alert_max_error_rate: float = Field(default=0.01, ge=0, le=1)  # errors / inferences
