@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import numpy as np
@@ -47,7 +47,7 @@ def live(
     services = build_services(settings, clock=clock)
     with LiveServer(create_app(settings, services=services)) as srv:
         client = httpx.Client(base_url=srv.url, auth=FleetAuth(TEST_ADMIN_TOKEN), timeout=30)
-        create_line(client)
+        create_line(cast(Any, client))
         register_model(services, trained.onnx, version=1)
         enroll(client, "cam-1", LINE, groups=["hall-1"])
         enroll(client, "cam-2", LINE, groups=["hall-2"])

@@ -99,7 +99,8 @@ def test_a_receiver_that_keeps_failing_gets_every_attempt_then_the_delivery_fail
                 assert services.webhook.run_once() == 1
                 row = delivery(services, did)
                 assert (row.attempts, row.last_status) == (attempt, 503)
-                assert row.last_error.startswith("HTTP 503: ") and "receiver down" in row.last_error
+                assert str(row.last_error).startswith("HTTP 503: ")
+                assert "receiver down" in str(row.last_error)
                 assert services.webhook.run_once() == 0  # not due again yet
                 waits.append((row.next_attempt_at - clock()).total_seconds())
                 clock.set(row.next_attempt_at)
@@ -130,7 +131,7 @@ def test_a_pending_delivery_survives_a_restart_and_an_unreachable_receiver(
         assert first.webhook.run_once() == 1
         row = delivery(first, did)
         assert (row.status, row.attempts, row.last_status) == ("pending", 1, None)
-        assert row.last_error.startswith("ConnectError")
+        assert str(row.last_error).startswith("ConnectError")
         assert row.next_attempt_at == clock() + timedelta(seconds=5)
     finally:
         first.engine.dispose()
