@@ -304,6 +304,7 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
         settings=settings,
         sessions=sessions,
         references=references,
+        read_sessions=read_sessions,
         clock=clock,
         on_raised=retrain_on_alert(settings),
         wake_webhook=webhook.wake,

@@ -19,10 +19,8 @@ ALERT_COLUMNS = [
     "model_version",
     "group",
     "state",
-    "first_window",
     "last_window",
     "value",
-    "samples",
     "retrain_job_id",
 ]
 

@@ -4,11 +4,13 @@ Windows are ``monitor_window_s`` long and aligned on the epoch (window ``k`` is
 ``[k*W, (k+1)*W)`` of the server's receive clock); window ``k`` is evaluated once
 ``(k+1)*W + monitor_close_delay_s`` has passed, so the reports the ingest writer still had in a
 batch are in. A line's cursor (``monitor_cursors``) names its first window not yet evaluated.
-Each window is one transaction: the cursor row is locked, the window gathered and scored
-(``server.monitoring.windows``), its figures and the alert transitions recorded
-(``server.monitoring.alerts``) and the cursor moved on. Several server processes on one
-PostgreSQL therefore evaluate each window exactly once: the second waits on the lock and finds
-the cursor moved.
+A window is gathered and scored (``server.monitoring.windows``) in a read-only transaction, so
+no write lock is held while thresholds calibrate (on SQLite the ingest writer keeps writing);
+then one short write transaction locks the cursor row, checks it still names this window,
+records the figures and the alert transitions (``server.monitoring.alerts``) and moves the
+cursor on. Several server processes on one PostgreSQL therefore record each window exactly
+once: the second finds the cursor moved and drops its work. A window whose evaluation raises
+(anything but a database outage) is logged, counted and skipped, so it cannot stall its line.
 
 Windows without any report are skipped in one step (the cursor jumps to the next window that has
 one). A line's cursor starts at the window of its oldest stored summary, or at the current window:
@@ -62,6 +64,7 @@ class MonitorEvaluator:
         settings: Settings,
         sessions: sessionmaker[Session],
         references: ReferenceBook,
+        read_sessions: sessionmaker[Session] | None = None,  # reads that take no write lock
         clock: Callable[[], datetime] = utcnow,
         on_raised: RetrainHook | None = None,
         wake_webhook: Callable[[], None] | None = None,
@@ -70,6 +73,7 @@ class MonitorEvaluator:
         self.settings = settings
         self.config = AlertConfig.from_settings(settings)  # ConfigError: refuses to start
         self.sessions = sessions
+        self.read_sessions = read_sessions or sessions
         self.references = references
         self.clock = clock
         self.on_raised = on_raised
@@ -99,7 +103,7 @@ class MonitorEvaluator:
         """Evaluate every closed window of every line (at most ``monitor_max_windows_per_tick``
         per line); prune old summaries. Returns the number of windows evaluated."""
         now = self.clock()
-        with self.sessions() as session:
+        with self.read_sessions() as session:
             lines = list(session.scalars(select(ModelLine.name).order_by(ModelLine.name)))
         done = 0
         for line in lines:
@@ -112,75 +116,112 @@ class MonitorEvaluator:
         first_open = self._first_open(now)
         done = 0
         for _ in range(self.settings.monitor_max_windows_per_tick):
-            with self.sessions() as session:
-                cursor = self._cursor(session, line, first_open)
-                if cursor is None:
-                    return done
-                start = _ts(cursor.next_window_start)
-                if start >= first_open:
-                    session.rollback()
-                    return done
-                data_at = self._next_data(session, line, cursor.next_window_start)
-                if data_at is None or self._start_of(_ts(data_at)) >= first_open:
-                    cursor.next_window_start = _at(first_open)  # every closed window is empty
-                    session.commit()
-                    return done
-                start = max(start, self._start_of(_ts(data_at)))
-                try:
-                    outcome = self._evaluate(session, line, start, now)
-                except (OperationalError, InterfaceError):
-                    raise  # the database, not the window: the next tick tries it again
-                except Exception as exc:  # noqa: BLE001 - one bad window must not stop the line
-                    session.rollback()
-                    self._skip(line, start, exc)
-                    continue
-                cursor.next_window_start = _at(start + self.window_s)
-                session.commit()
-            done += 1
-            self._after(line, start, outcome)
+            planned = self._plan(line, first_open)
+            if planned is None:
+                return done
+            at, start = planned
+            outcome = self._evaluate(line, at, start, now)
+            if outcome is not None:
+                done += 1
+                self._after(line, start, outcome)
         return done
 
-    def _skip(self, line: str, start: float, exc: Exception) -> None:
-        """Move the line's cursor past a window whose evaluation failed (logged, counted)."""
-        self.windows_failed += 1
-        self._record_error(exc)
-        log.exception("%s window %s could not be evaluated; skipped", line, _at(start))
+    def _plan(self, line: str, first_open: float) -> tuple[datetime, float] | None:
+        """The line's cursor and the start of its next closed window that has reports, or None
+        when every closed window is done. Creates the cursor when missing (at the window of the
+        oldest stored summary, or the current one) and moves it over empty windows."""
+        data_at: datetime | None = None
+        with self.read_sessions() as session:
+            at = session.scalar(
+                select(MonitorCursor.next_window_start).where(MonitorCursor.model_line == line)
+            )
+            if at is None:
+                oldest = session.scalar(
+                    select(func.min(MonitorSummaryRow.received_at)).where(
+                        MonitorSummaryRow.model_line == line
+                    )
+                )
+                begin = first_open if oldest is None else self._start_of(_ts(oldest))
+                at = _at(min(first_open, begin))
+                created = self._move(line, None, at)
+                if not created:
+                    return None  # another server process created it: the next tick goes on
+            if _ts(at) >= first_open:
+                return None
+            data_at = self._next_data(session, line, at)
+        if data_at is None or self._start_of(_ts(data_at)) >= first_open:
+            self._move(line, at, _at(first_open))  # every closed window is empty
+            return None
+        return at, max(_ts(at), self._start_of(_ts(data_at)))
+
+    def _move(self, line: str, expected: datetime | None, to: datetime) -> bool:
+        """Set the line's cursor to ``to`` if it still is ``expected`` (None: create it).
+        False when another server process got there first."""
         with self.sessions() as session:
-            session.execute(
+            if expected is None:
+                try:
+                    with session.begin_nested():
+                        session.add(MonitorCursor(model_line=line, next_window_start=to))
+                except IntegrityError:
+                    session.rollback()
+                    return False
+                session.commit()
+                return True
+            moved = session.execute(
                 update(MonitorCursor)
                 .where(
-                    MonitorCursor.model_line == line,
-                    MonitorCursor.next_window_start <= _at(start),
+                    MonitorCursor.model_line == line, MonitorCursor.next_window_start == expected
                 )
-                .values(next_window_start=_at(start + self.window_s))
+                .values(next_window_start=to)
+                .execution_options(synchronize_session=False)
             )
             session.commit()
+            return bool(moved.rowcount)  # type: ignore[attr-defined]
 
-    def _cursor(self, session: Session, line: str, first_open: float) -> MonitorCursor | None:
-        """The line's cursor, locked for this transaction; created at the window of its oldest
-        summary (or the current window) when missing. None: another process just created it."""
-        stmt = (
-            select(MonitorCursor)
-            .where(MonitorCursor.model_line == line)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        )
-        cursor = session.scalar(stmt)
-        if cursor is not None:
-            return cursor
-        oldest = session.scalar(
-            select(func.min(MonitorSummaryRow.received_at)).where(
-                MonitorSummaryRow.model_line == line
-            )
-        )
-        start = first_open if oldest is None else min(first_open, self._start_of(_ts(oldest)))
+    def _evaluate(
+        self, line: str, at: datetime, start: float, now: datetime
+    ) -> WindowOutcome | None:
+        """Gather and score the window in a read-only transaction (no lock held while the
+        thresholds calibrate), then record it and move the cursor in a short write transaction
+        under the cursor's row lock. None: another process evaluated it, or it failed (skipped,
+        logged); a database outage raises (the next tick tries again)."""
+        begin, end = _at(start), _at(start + self.window_s)
         try:
-            with session.begin_nested():
-                session.add(MonitorCursor(model_line=line, next_window_start=_at(start)))
-        except IntegrityError:  # another server process created it first
-            session.rollback()
+            with self.read_sessions() as session:
+                windows = gather(
+                    session, line=line, start=begin, end=end, references=self.references
+                )
+            with self.sessions() as session:
+                cursor = session.scalar(
+                    select(MonitorCursor)
+                    .where(MonitorCursor.model_line == line)
+                    .with_for_update()
+                    .execution_options(populate_existing=True)
+                )
+                if cursor is None or cursor.next_window_start != at:
+                    return None  # another server process evaluated it meanwhile
+                outcome = record_window(
+                    session,
+                    line=line,
+                    start=begin,
+                    end=end,
+                    windows=windows,
+                    config=self.config,
+                    now=now,
+                    public_url=self.settings.public_url,
+                    on_raised=self.on_raised,
+                )
+                cursor.next_window_start = end
+                session.commit()
+                return outcome
+        except (OperationalError, InterfaceError):
+            raise  # the database, not the window
+        except Exception as exc:  # noqa: BLE001 - one bad window must not stop the line
+            self.windows_failed += 1
+            self._record_error(exc)
+            log.exception("%s window %s could not be evaluated; skipped", line, begin)
+            self._move(line, at, end)
             return None
-        return session.scalar(stmt)
 
     @staticmethod
     def _next_data(session: Session, line: str, since: datetime) -> datetime | None:
@@ -199,21 +240,6 @@ class MonitorEvaluator:
         ]
         present = [t for t in found if t is not None]
         return min(present) if present else None
-
-    def _evaluate(self, session: Session, line: str, start: float, now: datetime) -> WindowOutcome:
-        begin, end = _at(start), _at(start + self.window_s)
-        windows = gather(session, line=line, start=begin, end=end, references=self.references)
-        return record_window(
-            session,
-            line=line,
-            start=begin,
-            end=end,
-            windows=windows,
-            config=self.config,
-            now=now,
-            public_url=self.settings.public_url,
-            on_raised=self.on_raised,
-        )
 
     def _after(self, line: str, start: float, outcome: WindowOutcome) -> None:
         if outcome.raised or outcome.cleared:
