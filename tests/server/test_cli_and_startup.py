@@ -206,7 +206,9 @@ def test_a_server_on_another_port_sends_devices_to_that_port(
         client.auth = FleetAuth(TEST_ADMIN_TOKEN)
         create_line(client)
         register(client, "cam-port")
-        add_version(client.app.state.services, version=1, status="champion", champion_release=True)
+        add_version(
+            client.app.state.services, version=1, status="champion", champion_release=True
+        )
         target = client.get("/api/v1/devices/cam-port/target")
         assert target.status_code == 200, target.text
         assert target.json()["artifact_url"].startswith("http://127.0.0.1:8731/api/v1/artifacts/")
