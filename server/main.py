@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.metrics import make_registry
 from server.api.routes import (
+    alerts,
     artifacts,
     audit,
     auth,
@@ -22,6 +23,7 @@ from server.api.routes import (
     health,
     lineage,
     models,
+    monitoring,
     observability,
     rollouts,
     samples,
@@ -117,6 +119,8 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
         artifacts,
         training,
         rollouts,
+        alerts,
+        monitoring,
         observability,
         ui,
         lineage,

@@ -13,6 +13,8 @@ edgeloop lineage sample SAMPLE_ID        # sample -> datasets -> models
 edgeloop keys init ./keys
 edgeloop releases export digits 7 ./bundle   # for `edgeloop-agent install ./bundle` offline
 edgeloop db upgrade                      # the database to this edgeloop's schema (servers stopped)
+edgeloop alerts list --line digits --state raised
+edgeloop alerts show 4                   # the figures that raised it, its training, webhook
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Annotated
 import typer
 
 from server.cli import (
+    alerts,
     audit,
     auth,
     base,
@@ -67,6 +70,7 @@ for group, name in (
     (keys.app, "keys"),
     (lineage.app, "lineage"),
     (releases.app, "releases"),
+    (alerts.app, "alerts"),
     (auth.tokens_app, "tokens"),
     (auth.broker_app, "broker"),
 ):

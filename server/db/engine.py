@@ -30,6 +30,7 @@ from server.db import (  # noqa: F401 - every table module registers its tables 
     datasets,
     fleet,
     identity,
+    monitoring,
     quality,
     registry,
     reports,
