@@ -245,7 +245,8 @@ class ModelRuntime:
             raise ModelLoadError(
                 f"output shape {out.shape} does not match {len(manifest.labels)} labels"
             )
-        _self_test(session, manifest)
+        meta = session.get_modelmeta().custom_metadata_map  # read once: a call holds the GIL
+        _self_test(session, manifest, meta.get(SELFTEST_KEY))
         return Loaded(
             session=session,
             manifest=manifest,
@@ -253,7 +254,7 @@ class ModelRuntime:
             output_index=output_index,
             model_version=manifest.model_version,
             sha256=manifest.artifact.sha256,
-            monitoring=load_reference(_custom_metadata(session, MONITORING_KEY), manifest),
+            monitoring=load_reference(meta.get(MONITORING_KEY), manifest),
         )
 
     def _build(self, path: Path) -> Any:
@@ -366,14 +367,8 @@ def classify(loaded: Loaded, x: np.ndarray) -> RawPrediction:
     )
 
 
-def _custom_metadata(session: Any, key: str) -> str | None:
-    value = session.get_modelmeta().custom_metadata_map.get(key)
-    return None if value is None else str(value)
-
-
-def _self_test(session: Any, manifest: Manifest) -> None:
-    """Run the bundle's self-test vectors, if its metadata carries any."""
-    raw = _custom_metadata(session, SELFTEST_KEY)
+def _self_test(session: Any, manifest: Manifest, raw: str | None) -> None:
+    """Run the bundle's self-test vectors ``raw`` (its metadata's JSON), if it carries any."""
     if raw is None:
         return
     try:
