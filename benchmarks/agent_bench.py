@@ -5,11 +5,12 @@
 A device leaves its updater a core and infers on the others, so ``--threads`` (default: every
 core but one, at least one) inference threads call the agent's real serving path
 (``ModelRuntime.predict``, what ``Agent.predict`` calls) without pause, while ``--rounds``
-interleaved rounds each hold a steady phase (no swap) and a swap phase (``swaps / rounds`` hot
-swaps as the updater does them: build and warm the new session off the serving path, swap the
-reference, release the retired session once no in-flight call holds it). A steady phase lasts as
-long as a swap phase, so both see the same neighbours on a shared machine; within each round the
-two phases are compared over the same number of inferences (the larger one subsampled at random).
+rounds each perform ``swaps / rounds`` hot swaps as the updater does them (build and warm the new
+session off the serving path, swap the reference, release the retired session once no in-flight
+call holds it, then ``--gap-ms``), each swap followed by a steady slice (no swap) as long as it.
+The swap and steady phases of a round thus interleave every few milliseconds, and a neighbour's
+burst on a shared machine lands on both alike; within each round the two phases are compared
+over the same number of inferences (the larger one subsampled at random).
 
 Judged on the median over rounds (a noisy neighbour hits a round, not the median; every round
 is printed): swap-phase p99 within 1.5x of steady p99; swap-phase p99.9 within 1 ms of steady
@@ -319,13 +320,10 @@ def swap_bench(
     for w in workers:
         w.start()
     time.sleep(0.5)
-    # Warm-up swaps, unmeasured: the first one's memory is the baseline for growth, and their
-    # pace sets the first steady phase's length.
+    # Warm-up swaps, unmeasured: the first one's memory is the baseline for growth.
     warm = 20
-    t0 = time.perf_counter()
     for i in range(1, warm + 1):
         one_swap(i)
-    per_swap_s = (time.perf_counter() - t0) / warm + gap_s
     windows.clear()
     free_wall.clear()
     gc.collect()
@@ -341,19 +339,21 @@ def swap_bench(
 
     gc.callbacks.append(on_gc)
     swap_s = 0.0
-    steady_s = per_swap_s * swaps / rounds
     for r in range(rounds):
-        phase[0] = 2 * r
-        time.sleep(steady_s)
-        phase[0] = 2 * r + 1
-        t_start = time.perf_counter()
+        # Within a round, each swap slice (the swap and the gap after it) is followed by a
+        # steady slice as long: a neighbour's burst lands on both phases alike.
         for i in range(r * swaps // rounds, (r + 1) * swaps // rounds):
+            phase[0] = 2 * r + 1
+            t_start = time.perf_counter()
             one_swap(warm + 1 + i)
-            rss_peak = max(rss_peak, rss_bytes())
             if gap_s:
                 time.sleep(gap_s)
-        steady_s = time.perf_counter() - t_start  # the next steady phase lasts as long
-        swap_s += steady_s
+            slice_s = time.perf_counter() - t_start
+            swap_s += slice_s
+            phase[0] = 2 * r
+            t_steady = time.perf_counter()
+            rss_peak = max(rss_peak, rss_bytes())
+            time.sleep(max(0.0, slice_s - (time.perf_counter() - t_steady)))
     phase[0] = -1
     gc.callbacks.remove(on_gc)
     gc.collect()
