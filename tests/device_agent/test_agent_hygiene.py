@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from contract.ed25519 import BACKEND_ENV
+from device_agent.runtime import TELEMETRY_ENV
 from tests.conftest import run_python
 
 FORBIDDEN = (
@@ -51,8 +52,9 @@ def test_import_pulls_in_no_server_or_training_modules() -> None:
 # A real agent, started the way benchmarks/agent_footprint.py starts one: it re-verifies its
 # installed signed model at start, then serves.
 AGENT = r"""
-import json, sys
+import json, os, sys
 from pathlib import Path
+os.environ["HOME"] = sys.argv[3]  # before anything imports onnxruntime
 import numpy as np
 from device_agent import Agent, AgentConfig
 from contract import ed25519
@@ -76,7 +78,8 @@ loaded = sorted(m for m in sys.modules if m.split(".")[0] == "cryptography")
 ort_py = sorted(m for m in sys.modules if m.split(".")[0] == "onnxruntime")
 print(json.dumps({"ready": ready, "model_version": p and p.model_version, "verified": verified,
                   "cryptography": loaded, "backend": ed25519.backend_name(),
-                  "onnxruntime": ort_py[:1]}))
+                  "onnxruntime": ort_py[:1],
+                  "home": sorted(str(p) for p in Path(sys.argv[3]).rglob("*"))}))
 """
 
 
@@ -84,7 +87,9 @@ def test_agent_verifies_and_serves_without_cryptography(tmp_path: Path) -> None:
     from benchmarks.agent_bench import write_installed_state
 
     state, pub = write_installed_state(tmp_path)
-    out = run_python(AGENT, str(state), str(pub), unset=(BACKEND_ENV,))
+    home = tmp_path / "home"
+    home.mkdir()
+    out = run_python(AGENT, str(state), str(pub), str(home), unset=(BACKEND_ENV, TELEMETRY_ENV))
     result = json.loads(out.stdout.strip().splitlines()[-1])
     verified = result.pop("verified")
     assert result == {
@@ -93,6 +98,7 @@ def test_agent_verifies_and_serves_without_cryptography(tmp_path: Path) -> None:
         "cryptography": [],
         "backend": "openssl",
         "onnxruntime": ["onnxruntime"],  # the package serves
+        "home": [],  # ONNX Runtime's telemetry wrote nothing (device_agent.runtime)
     }, out.stderr[-2000:]
     # The backend's self-check (valid, then one bit flipped), then the installed manifest.
     assert verified[:2] == [True, False] and True in verified[2:], verified
