@@ -14,6 +14,11 @@ answer. Figures are the median of ``--runs`` starts, in two page-cache states:
   16 already-cached neighbour pages on every page fault, so RSS grows with whatever other
   processes (on a developer machine: the test suite, the server, the other benchmarks) read of
   the same files: shown beside, not judged.
+- private: cold again, with the agent importing its own copies of the wheels it maps (numpy,
+  onnxruntime, copied under the work directory, first on ``PYTHONPATH``). Eviction cannot drop
+  pages another process maps, so on a machine where other processes use the same wheels (the
+  test suite, a simulator) the cold figure reads high; this one is what the agent's own use of
+  those wheels costs. Shown beside, not judged.
 
 This process imports neither numpy nor onnxruntime (the state is written by a child), so none
 of the agent's libraries is held mapped here.
@@ -103,8 +108,12 @@ def evict(paths: list[str]) -> None:
             os.close(fd)
 
 
-def run_child(script: str, *args: str) -> Any:
-    """Run ``script`` in a fresh interpreter in the repository; its last stdout line is JSON."""
+def run_child(script: str, *args: str, pythonpath: Path | None = None) -> Any:
+    """Run ``script`` in a fresh interpreter in the repository; its last stdout line is JSON.
+    ``pythonpath`` goes first on the child's import path."""
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
     out = subprocess.run(
         [sys.executable, "-c", script, *args],
         capture_output=True,
@@ -112,6 +121,7 @@ def run_child(script: str, *args: str) -> Any:
         timeout=120,
         check=True,
         cwd=REPO,
+        env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -125,7 +135,13 @@ def measure(workdir: Path, runs: int) -> dict:
     for _ in range(runs):
         evict(mapped)
         cold.append(run_child(FOOTPRINT, state, pub))
+    wheels = private_wheels(workdir / "wheels", ("numpy", "numpy.libs", "onnxruntime"))
+    private = []
+    for _ in range(runs):
+        evict([str(p) for p in wheels.rglob("*.so*")])
+        private.append(run_child(FOOTPRINT, state, pub, pythonpath=wheels))
     return {
+        "private_rss": statistics.median(r["rss"] for r in private),
         "cold_rss": statistics.median(r["rss"] for r in cold),
         "cold_serving_s": statistics.median(r["serving_s"] for r in cold),
         "warm_rss": statistics.median(r["rss"] for r in warm),
@@ -133,6 +149,21 @@ def measure(workdir: Path, runs: int) -> dict:
         "mapped_files": len(mapped),
         "modules": first["modules"],
     }
+
+
+def private_wheels(dest: Path, names: tuple[str, ...]) -> Path:
+    """Copy the installed packages ``names`` (folders in site-packages) under ``dest``."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("onnxruntime")  # locates it without importing it
+    if spec is None or spec.origin is None:
+        raise RuntimeError("onnxruntime is not installed")
+    site = Path(spec.origin).parent.parent
+    for name in names:
+        if (site / name).is_dir():
+            shutil.copytree(site / name, dest / name)
+    return dest
 
 
 def footprint_rows(workdir: Path, runs: int = 3) -> list[Row]:
@@ -149,6 +180,13 @@ def footprint_rows(workdir: Path, runs: int = 3) -> list[Row]:
         Row(
             "  same, page cache warm from other processes",
             f"{warm:,.0f} bytes = {warm / 1e6:.1f} MB (fault-around maps cached neighbours)",
+            "",
+            None,
+        ),
+        Row(
+            "  same, cold, own copies of numpy and onnxruntime",
+            f"{m['private_rss']:,.0f} bytes = {m['private_rss'] / 1e6:.1f} MB (no other "
+            "process maps them: what the agent's own use costs)",
             "",
             None,
         ),

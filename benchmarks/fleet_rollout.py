@@ -29,7 +29,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -88,8 +88,12 @@ async def one_rollout(
         # Reboot every device, also poll -> poll at a new interval: a device sleeping out its
         # old interval would otherwise poll within the old period of the switch, and the
         # fleet's phases would bunch instead of spreading uniformly over the new interval.
+        if not quiet:
+            print(f"  {len(swarm.devices)} devices: rebooting into {mode}", flush=True)
         await asyncio.gather(*(d.switch_mode(device_mode) for d in swarm.devices))
         await swarm.wait_online(swarm.devices, timeout=300)
+    if not quiet:
+        print(f"  {len(swarm.devices)} devices {mode}: training the candidate", flush=True)
     version = await loop.run_in_executor(None, stack.train)
     rid = await loop.run_in_executor(None, stack.rollout, version)
     server = psutil.Process(stack.server.proc.pid)
@@ -194,8 +198,15 @@ async def one_rollout(
 
 
 async def run_size(
-    n: int, modes: Sequence[str], *, pg: str, root: Path, quiet: bool
+    n: int,
+    modes: Sequence[str],
+    *,
+    pg: str,
+    root: Path,
+    quiet: bool,
+    on_run: Callable[[dict[str, Any]], None] = lambda r: None,
 ) -> list[dict[str, Any]]:
+    """Every mode's rollout on one fleet of ``n``; ``on_run`` gets each run as soon as it ends."""
     loop = asyncio.get_running_loop()
     stack = Stack(root / f"n{n}", pg_url=pg, devices=n)
     await loop.run_in_executor(None, stack.start)
@@ -238,6 +249,7 @@ async def run_size(
             )
             r.update({"enroll_s": round(enroll_s, 1), "connect_s": round(connect_s, 1)})
             runs.append(r)
+            on_run(r)
     finally:
         if swarm is not None:
             await swarm.close()
@@ -371,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--devices", help="fleet size(s), comma-separated (default: 100,1000,10000)")
     p.add_argument("--modes", default=",".join(MODES), help="comma list of push,poll-60s,poll-300s")
     p.add_argument("--pg", default=None, help="PostgreSQL URL (default: var/test-pg-url)")
-    p.add_argument("--json", type=Path, help="write every figure here (after each fleet size)")
+    p.add_argument("--json", type=Path, help="write every figure here (after each mode)")
     p.add_argument(
         "--append",
         action="store_true",
@@ -399,15 +411,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     if a.append and a.json and a.json.exists():
         runs = list(json.loads(a.json.read_text()).get("runs", []))
-    result: dict[str, Any] = {}
-    for n in sizes:
-        new = asyncio.run(run_size(n, modes, pg=pg, root=root, quiet=a.quiet))
-        done = {(r["devices"], r["mode"]) for r in new}
-        runs = [r for r in runs if (r["devices"], r["mode"]) not in done] + new
+    result: dict[str, Any] = {"machine": machine(), "runs": runs, "ratios": ratios(runs)}
+
+    def keep(run: dict[str, Any]) -> None:
+        """Merge one finished run and write the JSON at once: a later mode or size that fails
+        or is stopped keeps every figure measured before it."""
+        nonlocal runs, result
+        key = (run["devices"], run["mode"])
+        runs = [r for r in runs if (r["devices"], r["mode"]) != key] + [run]
         runs.sort(key=lambda r: (r["devices"], MODES.index(r["mode"]) if r["mode"] in MODES else 9))
         result = {"machine": machine(), "runs": runs, "ratios": ratios(runs)}
-        if a.json:  # after every size: a later size that fails keeps the earlier figures
+        if a.json:
             a.json.write_text(json.dumps(result, indent=1))
+
+    for n in sizes:
+        asyncio.run(run_size(n, modes, pg=pg, root=root, quiet=a.quiet, on_run=keep))
     report = write_report(result, a.out)
     for r in runs:
         print(

@@ -227,10 +227,14 @@ class _OpenSSLBackend:
 
     name = "openssl"
 
-    def __init__(self) -> None:
-        import ssl  # noqa: F401  - maps libcrypto, so it is found below instead of loaded twice
+    def __init__(self, path: str | None = None) -> None:
+        """Bind to the libcrypto this process has loaded, or to the one at ``path`` (tests run
+        the RFC 8032 vectors against every libcrypto found: tests/contract/test_ed25519_abi.py).
+        """
+        if path is None:
+            import ssl  # noqa: F401  - maps libcrypto, so it is found below, not loaded twice
 
-        path = _loaded_libcrypto()
+            path = _loaded_libcrypto()
         if path is None:
             from ctypes.util import find_library
 

@@ -1,6 +1,7 @@
 """edgeloop device agent: serve a signed ONNX model, capture hard samples, update safely.
 
-Edge dependencies only: the standard library, numpy, onnxruntime, paho-mqtt and ``contract``.
+Edge dependencies only: the standard library, numpy, onnxruntime, paho-mqtt, urllib3 and
+``contract``.
 Signatures are verified through the libcrypto the ``ssl`` module loads (``contract.ed25519``);
 ``cryptography`` is never imported unless that backend is unusable.
 """

@@ -84,7 +84,7 @@ class Agent:
         self._clock = clock or time.time
         self._stop = threading.Event()
         self._own_http = http is None
-        self._http = http or HttpClient(timeout_s=config.http_timeout_s)
+        self._http = http or HttpClient.from_config(config)
         # The per-device credential (HTTP bearer + MQTT password); None until enrolled.
         self._credential = load_credential(config)
         if self._credential:
@@ -98,8 +98,6 @@ class Agent:
             graph_optimization=config.graph_optimization,
             min_free_memory_bytes=config.min_free_memory_bytes,
             load_headroom_factor=config.load_headroom_factor,
-            binding=config.ort_binding,
-            build_nice=config.build_nice,
         )
         self._live = LiveTracker()
         self._live_path = config.state_dir / "live.json"

@@ -7,6 +7,13 @@ overridden by an environment variable ``EDGELOOP_AGENT_<FIELD>`` (upper case); f
 ``trusted_key_files`` the variable holds paths separated by ``os.pathsep``, for ``groups`` names
 separated by commas.
 
+Types are checked like the server's pydantic settings, without pydantic (which would cost a
+device ~10 MB of resident memory): every field is checked against its annotation when an
+``AgentConfig`` is built, and ``load_config`` reports every unknown key, missing key and
+mistyped value of a file at once, each with the field, the value and the type expected, e.g.
+``mqtt_port: "oops" is a string, expected an integer``. JSON integers are accepted where a float
+is expected, strings where a path is; nothing else is converted (``"no"`` is not a boolean).
+
 Trust: with ``trusted_root`` set (the normal case) the device pins only the offline root and
 learns newer roots from the server, so online keys rotate without touching it. ``trusted_keys``
 is the legacy mode (pinned release keys, no rotation or revocation); it is used only when no root
@@ -16,11 +23,15 @@ is pinned.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import types
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from contract import RootError, SignatureError
 from contract.ed25519 import VerifyKey
@@ -29,11 +40,15 @@ from contract.trust import load_pinned_root
 from device_agent.errors import ConfigError
 from device_agent.probation import ProbationPolicy
 
+log = logging.getLogger(__name__)
 AGENT_VERSION = "0.1.0"
 ENV_PREFIX = "EDGELOOP_AGENT_"
 MiB = 1024 * 1024
-GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
-ORT_BINDINGS = ("auto", "capi", "python")  # see device_agent.runtime.resolve_binding
+# Keys earlier versions read, now ignored with a warning (a device's config outlives upgrades).
+REMOVED_KEYS = {
+    "ort_binding": "the agent serves through the onnxruntime package only",
+    "build_nice": "sessions are built on the updater's thread",
+}
 
 
 @dataclass
@@ -43,6 +58,8 @@ class AgentConfig:
     device_id: str
     model_line: str
     server_url: str = "http://127.0.0.1:8000"
+    # "production" refuses what development tolerates: an HTTP redirect to a plain-http URL.
+    environment: Literal["development", "production"] = "development"
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
     mqtt_keepalive_s: int = 30  # seconds between MQTT pings
@@ -70,14 +87,7 @@ class AgentConfig:
     # ONNX Runtime graph optimisation: "disable", "basic", "extended" or "all". "basic" builds
     # a session in half the time of "all" (less GIL held while a swap loads) with the same
     # latency on MLPs; "all" adds layout rewrites that can speed up large convolutional models.
-    graph_optimization: str = "basic"
-    # How ONNX Runtime is called: "capi" (its C library through ctypes; sessions are built and
-    # freed without holding the GIL, so a swap does not stall inferences), "python" (the
-    # onnxruntime package) or "auto" (capi when the C library loads). EDGELOOP_ORT_BINDING wins.
-    ort_binding: str = "auto"
-    # capi: sessions are built and freed on one thread at this nice value (Linux, per thread),
-    # so a swap takes only the CPU that serving leaves; 0 builds on the updater's thread.
-    build_nice: int = 19
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "basic"
     # Capture of samples worth retraining on.
     confidence_floor: float = 0.6  # probability: capture if the top-class confidence is below
     capture_wrong: bool = True  # capture when ground truth disagrees with the prediction
@@ -92,7 +102,10 @@ class AgentConfig:
     monitor_interval_s: float = 60.0
     latency_samples_max: int = 10_000  # latencies kept per window and model version
     # Network.
+    # Proxies come from the environment, as for curl: HTTPS_PROXY / HTTP_PROXY / NO_PROXY.
     http_timeout_s: float = 10.0  # seconds, connect/read timeout of every HTTP request
+    ca_bundle: Path | None = None  # PEM file of the CAs trusted for HTTPS (None: the system's)
+    max_redirects: int = 5  # redirects one GET follows (artifact mirrors, CDNs, signed URLs)
     download_chunk_bytes: int = 64 * 1024  # bytes read per chunk while streaming an artifact
     max_artifact_bytes: int = 256 * MiB  # bytes, hard cap enforced while streaming
     download_retries: int = 4  # extra attempts after a failed download
@@ -124,7 +137,9 @@ class AgentConfig:
     outbox_max_records: int = 10_000  # status/metrics reports held while the broker is away
 
     def __post_init__(self) -> None:
-        self.state_dir = Path(self.state_dir)
+        problems = conform_fields(self)
+        if problems:
+            raise ConfigError("invalid agent config: " + "; ".join(problems))
         if not valid_device_id(self.device_id):
             raise ConfigError(f"device_id {self.device_id!r} is not a valid topic level")
         if not self.model_line:
@@ -142,14 +157,8 @@ class AgentConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
-        if self.graph_optimization not in GRAPH_OPTIMIZATION_LEVELS:
-            raise ConfigError(
-                f"graph_optimization must be one of {', '.join(GRAPH_OPTIMIZATION_LEVELS)}"
-            )
-        if not 0 <= self.build_nice <= 19:
-            raise ConfigError("build_nice must be within 0..19")
-        if self.ort_binding not in ORT_BINDINGS:
-            raise ConfigError(f"ort_binding must be one of {', '.join(ORT_BINDINGS)}")
+        if self.max_redirects < 0:
+            raise ConfigError("max_redirects must be >= 0")
         if not (self.monitor_interval_s >= 0 and self.monitor_interval_s < float("inf")):
             raise ConfigError("monitor_interval_s must be >= 0 seconds (0: monitoring off)")
         if self.probation_max_s < 0 or self.probation_min_labelled < 1:
@@ -167,6 +176,120 @@ class AgentConfig:
             max_latency_ratio=self.probation_max_latency_ratio,
             latency_slack_ms=self.probation_latency_slack_ms,
         )
+
+
+# ---- type checking ---------------------------------------------------------------------------
+class _Mistyped(Exception):
+    """A value that does not fit a type (internal to ``conform``)."""
+
+
+@cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(AgentConfig)
+
+
+def conform(hint: Any, value: Any) -> Any:
+    """``value`` if it has the type ``hint`` names, converted where JSON cannot say it (an int
+    where a float is expected, a string where a path is); else raises ``_Mistyped``.
+
+    Handles the annotations ``AgentConfig`` uses: bool, int, float, str, bytes, Path, Literal,
+    ``X | None`` and ``list[X]``. A bool is never an int here, although Python says it is.
+    """
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if isinstance(value, str) and value in typing.get_args(hint):
+            return value
+    elif origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        for arm in typing.get_args(hint):
+            if arm is not type(None):
+                try:
+                    return conform(arm, value)
+                except _Mistyped:
+                    pass
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(hint)
+            return [conform(item, v) for v in value]
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif hint is Path:
+        if isinstance(value, str | os.PathLike):
+            return Path(value)
+    elif isinstance(hint, type) and isinstance(value, hint):
+        return value
+    raise _Mistyped
+
+
+def describe_type(hint: Any) -> str:
+    """How a config error names the type ``hint`` (in JSON terms)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(v) for v in typing.get_args(hint))
+    if origin in (types.UnionType, typing.Union):
+        arms = [describe_type(a) for a in typing.get_args(hint) if a is not type(None)]
+        return " or ".join([*arms, "null"])
+    if origin is list:
+        return f"a list of {describe_type(typing.get_args(hint)[0]).removeprefix('a ')}s"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, "a path" if hint is Path else f"a {getattr(hint, '__name__', hint)}")
+
+
+def _describe_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    kind = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value))
+    try:
+        shown = json.dumps(value)
+    except (TypeError, ValueError):
+        shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{shown} is {kind or type(value).__name__}"
+
+
+def type_problems(values: Mapping[str, Any]) -> list[str]:
+    """One line per value of ``values`` (field name -> value) that its field's type refuses."""
+    hints = _field_types()
+    problems = []
+    for name, value in values.items():
+        try:
+            conform(hints[name], value)
+        except _Mistyped:
+            problems.append(
+                f"{name}: {_describe_value(value)}, expected {describe_type(hints[name])}"
+            )
+    return problems
+
+
+def conform_fields(config: AgentConfig) -> list[str]:
+    """Convert every field of ``config`` to its declared type in place; return the problems."""
+    hints = _field_types()
+    problems = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        try:
+            setattr(config, f.name, conform(hints[f.name], value))
+        except _Mistyped:
+            problems.append(
+                f"{f.name}: {_describe_value(value)}, expected {describe_type(hints[f.name])}"
+            )
+    return problems
 
 
 def _coerce(name: str, kind: str, raw: str) -> Any:
@@ -221,56 +344,95 @@ def _read_root(name: str, base: Path) -> bytes:
 
 
 def config_from_mapping(
-    data: Mapping[str, Any], *, base: Path, env: Mapping[str, str] | None = None
+    data: Mapping[str, Any],
+    *,
+    base: Path,
+    env: Mapping[str, str] | None = None,
+    source: str = "",
 ) -> AgentConfig:
     """Build a config from parsed JSON plus environment overrides (``env`` defaults to os.environ).
 
     Raises:
-        ConfigError: unknown key, bad value or unreadable key file.
+        ConfigError: unknown or missing keys and mistyped values (all of them, in one
+            message naming ``source``), a bad value, or an unreadable key file.
     """
     env = os.environ if env is None else env
     known = {f.name: f for f in fields(AgentConfig)}
     values: dict[str, Any] = {}
     key_files: list[Any] = []
     root_file: str | None = None
+    problems: list[str] = []
     for key, value in data.items():
         if key == "trusted_key_files":
-            if not isinstance(value, list):
-                raise ConfigError("trusted_key_files must be a list of paths")
-            key_files = list(value)
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                key_files = list(value)
+            else:
+                problems.append(
+                    f"trusted_key_files: {_describe_value(value)}, expected a list of paths"
+                )
         elif key == "trusted_keys":
-            raise ConfigError("give trusted keys as trusted_key_files (PEM paths)")
+            problems.append("trusted_keys: give trusted keys as trusted_key_files (PEM paths)")
         elif key == "trusted_root_file":
-            if not isinstance(value, str):
-                raise ConfigError("trusted_root_file must be a path")
-            root_file = value
+            if isinstance(value, str):
+                root_file = value
+            else:
+                problems.append(f"trusted_root_file: {_describe_value(value)}, expected a path")
         elif key == "trusted_root":
-            raise ConfigError("give the pinned root as trusted_root_file (a path)")
+            problems.append("trusted_root: give the pinned root as trusted_root_file (a path)")
+        elif key in REMOVED_KEYS:
+            log.warning("config key %r is no longer read (%s); ignored", key, REMOVED_KEYS[key])
         elif key in known:
             values[key] = value
         else:
-            raise ConfigError(f"unknown config key {key!r}")
+            problems.append(_unknown(key, known))
     for name, f in known.items():
         raw = env.get(f"{ENV_PREFIX}{name.upper()}")
         if raw is not None and name not in ("trusted_keys", "trusted_root"):
             values[name] = _coerce(name, str(f.type), raw)
     raw_keys = env.get(f"{ENV_PREFIX}TRUSTED_KEY_FILES")
+    keys_base = root_base = base
     if raw_keys is not None:
-        key_files, base = [p for p in raw_keys.split(os.pathsep) if p], Path.cwd()
-    values["trusted_keys"] = _read_keys(key_files, base)
+        key_files, keys_base = [p for p in raw_keys.split(os.pathsep) if p], Path.cwd()
     raw_root = env.get(f"{ENV_PREFIX}TRUSTED_ROOT_FILE")
-    root_base = base
     if raw_root is not None:
         root_file, root_base = raw_root, Path.cwd()
+    problems += type_problems(values)
+    problems += [
+        f"{f.name}: missing, expected {describe_type(_field_types()[f.name])}"
+        for f in known.values()
+        if f.name not in values and f.default is MISSING and f.default_factory is MISSING
+    ]
+    if problems:
+        where = f" {source}" if source else ""
+        raise ConfigError(f"invalid agent config{where}: " + "; ".join(problems))
+    values["trusted_keys"] = _read_keys(key_files, keys_base)
     if root_file:
         values["trusted_root"] = _read_root(root_file, root_base)
-    if "state_dir" in values:
-        sd = Path(values["state_dir"])
-        values["state_dir"] = sd if sd.is_absolute() else base / sd
+    for name in ("state_dir", "ca_bundle"):  # relative paths are relative to the config file
+        if values.get(name) is not None:
+            p = Path(values[name])
+            values[name] = p if p.is_absolute() else base / p
+    if values.get("ca_bundle") is not None:
+        _check_ca_bundle(values["ca_bundle"])
+    return AgentConfig(**values)
+
+
+def _check_ca_bundle(path: Path) -> None:
+    """Load ``path`` as a CA bundle once, so a bad one stops the agent at start."""
+    import ssl
+
     try:
-        return AgentConfig(**values)
-    except TypeError as exc:
-        raise ConfigError(f"invalid config: {exc}") from exc
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"ca_bundle {path}: not a readable PEM CA bundle: {exc}") from exc
+
+
+def _unknown(key: str, known: Mapping[str, Any]) -> str:
+    import difflib  # only on this error path
+
+    close = difflib.get_close_matches(key, [*known, "trusted_key_files", "trusted_root_file"], 1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{key}: unknown key{hint}"
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> AgentConfig:
@@ -286,4 +448,4 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         raise ConfigError(f"cannot read config {p}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError("config must be a JSON object")
-    return config_from_mapping(data, base=p.resolve().parent, env=env)
+    return config_from_mapping(data, base=p.resolve().parent, env=env, source=str(p))

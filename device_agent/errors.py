@@ -2,7 +2,7 @@
 
 Two roots matter to callers: *bad content* is never retried and is reported as REFUSED; *bad
 transport* is transient, retried with backoff, and reported as FAILED once retries run out.
-Foreign errors (contract, http.client, onnxruntime) are translated at the boundary with
+Foreign errors (contract, urllib3, onnxruntime) are translated at the boundary with
 ``raise ... from exc`` so callers only ever see this family::
 
     AgentError
@@ -23,6 +23,7 @@ Foreign errors (contract, http.client, onnxruntime) are translated at the bounda
     │   └── VersionRefusedError      (this device rolled the version back before)
     ├── TransportError               (network, HTTP status, timeouts: retryable, FAILED)
     │   ├── ConnectError             (connection not opened: no byte of the request was sent)
+    │   ├── RedirectError            (redirect refused: plain http in production, or too many)
     │   └── SlowRetrievalError       (download slower than the configured minimum rate)
     ├── ModelLoadError               (verified artifact does not load or has the wrong shape)
     │   └── InsufficientMemoryError  (not enough free memory to load it next to the old one)
@@ -108,6 +109,12 @@ class ConnectError(TransportError):
     """The connection could not be opened, so no byte of the request left this device."""
 
 
+class RedirectError(TransportError):
+    """A redirect was not followed: to a plain-http URL in production, to a scheme other than
+    http(s), or past ``max_redirects``. The same URL redirects the same way, so a download does
+    not retry it at once; the update is retried later (an operator may fix the mirror)."""
+
+
 class SlowRetrievalError(TransportError):
     """The artifact arrived slower than ``min_download_bps`` (slow-retrieval attack defence)."""
 
@@ -154,6 +161,7 @@ __all__ = [
     "ModelLineMismatchError",
     "ModelLoadError",
     "NoModelError",
+    "RedirectError",
     "RevokedKeyError",
     "RollbackRefusedError",
     "RootExpiredError",

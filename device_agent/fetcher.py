@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from device_agent.config import AgentConfig
-from device_agent.errors import LengthError, SlowRetrievalError, TransportError
+from device_agent.errors import LengthError, RedirectError, SlowRetrievalError, TransportError
 from device_agent.faults import crash_point
 from device_agent.http import HttpClient, StreamResponse, parse_length
 
@@ -70,7 +70,7 @@ class HttpFetcher(Fetcher):
     ) -> None:
         self._cfg = config
         self._own_client = client is None
-        self._client = client or HttpClient(timeout_s=config.http_timeout_s)
+        self._client = client or HttpClient.from_config(config)
         self._stop = stop or threading.Event()
 
     def close(self) -> None:
@@ -96,8 +96,8 @@ class HttpFetcher(Fetcher):
                 self._fetch_once(url, dest, expected_size, progress)
                 return
             except TransportError as exc:
-                if attempt + 1 >= attempts:
-                    raise
+                if attempt + 1 >= attempts or isinstance(exc, RedirectError):
+                    raise  # a refused redirect: the same URL redirects the same way
                 delay = backoff_delay(attempt, self._cfg.backoff_base_s, self._cfg.backoff_cap_s)
                 log.warning(
                     "download failed, retrying",

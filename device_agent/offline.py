@@ -231,8 +231,6 @@ def install_bundle(
         graph_optimization=config.graph_optimization,
         min_free_memory_bytes=config.min_free_memory_bytes,
         load_headroom_factor=config.load_headroom_factor,
-        binding=config.ort_binding,
-        build_nice=0,  # a one-shot command: build on this thread
     )
     updater = Updater(
         config,

@@ -14,13 +14,10 @@ self-test vectors when the ONNX file carries them: metadata property ``edgeloop.
 ``{"inputs": [[...], ...], "labels": [...]}``. It also reads the monitoring reference (metadata
 ``edgeloop.monitoring``, see ``device_agent.monitor``). The metadata is inside the signed bytes.
 
-Two ONNX Runtime bindings (``resolve_binding``). ``capi`` (default when the library loads) calls
-the C library through ``device_agent.ortc``: a session is parsed, optimised, set up and freed
-with the GIL released, on one ``NativeWorker`` thread at nice 19 (``build_nice``), so a swap
-takes only the CPU the serving threads leave and never holds the GIL they need. ``python`` is the
-onnxruntime package, whose extension holds the GIL while it parses a model (~0.3 ms for digits)
-and destroys a session (~0.1-0.2 ms); a low-priority builder is no use there, because the
-preempted builder would hold the GIL every inference waits for (measured: worse).
+Sessions are onnxruntime ``InferenceSession`` objects, built on the caller's thread (the
+updater's, never a serving thread). ONNX Runtime releases the GIL for most of a build, so
+inferences on other threads keep running; what a swap still costs them is measured by
+``benchmarks/agent_bench.py`` on a device that leaves the updater one core.
 
 The cyclic garbage collector is a worse stall: a full collection holds the GIL for tens of
 milliseconds once numpy and ONNX Runtime are loaded. ``freeze_heap`` (called once the agent
@@ -35,7 +32,6 @@ import gc
 import json
 import logging
 import os
-import queue
 import sys
 import threading
 import time
@@ -49,7 +45,6 @@ import numpy as np
 from contract.manifest import OUTPUT_NAME, Manifest
 from contract.monitoring import METADATA_KEY as MONITORING_KEY
 from contract.monitoring import MonitoringReference
-from device_agent import ortc
 from device_agent.errors import (
     InferenceError,
     InsufficientMemoryError,
@@ -97,8 +92,8 @@ def tune_interpreter(switch_interval_s: float) -> None:
 
     A thread waiting for the GIL waits up to one switch interval (5 ms by default) before the
     holder is asked to let go at its next bytecode; 0.5 ms bounds an inference's wait behind the
-    updater's Python (and, with the ``python`` binding, behind ONNX Runtime's GIL-holding parse
-    and destroy, 0.1-0.4 ms each for a small model) to that plus the longest single call.
+    updater's Python (and behind the parts of a session build or destroy that hold it) to that
+    plus the longest single call.
     """
     if 0 < switch_interval_s < sys.getswitchinterval():
         sys.setswitchinterval(switch_interval_s)
@@ -129,119 +124,38 @@ def trim_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
-_GRAPH_OPT = ortc.GRAPH_OPT  # level name -> GraphOptimizationLevel value (same in both bindings)
-BINDINGS = ("auto", "capi", "python")
-BINDING_ENV = "EDGELOOP_ORT_BINDING"  # overrides the configured binding (auto, capi, python)
-_binding_lock = threading.Lock()
-_resolved: dict[str, str] = {}
+# Level name -> the GraphOptimizationLevel member it selects.
+_GRAPH_OPT = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
 
-def resolve_binding(requested: str = "auto") -> str:
-    """The ONNX Runtime binding to use: ``capi`` (``device_agent.ortc``: sessions built and freed
-    without the GIL) or ``python`` (the onnxruntime package). ``$EDGELOOP_ORT_BINDING`` wins over
-    ``requested``; ``auto`` takes ``capi`` when the C library loads, else ``python``.
-
-    Raises:
-        ValueError: an unknown binding name.
-        ortc.OrtUnavailable: ``capi`` was demanded and the C library cannot be loaded.
-    """
-    name = (os.environ.get(BINDING_ENV, "").strip().lower() or requested).lower()
-    if name not in BINDINGS:
-        raise ValueError(f"ONNX Runtime binding {name!r}: must be one of {', '.join(BINDINGS)}")
-    with _binding_lock:
-        if name not in _resolved:
-            if name == "python":
-                _resolved[name] = "python"
-            else:
-                try:
-                    ortc.load()
-                    _resolved[name] = "capi"
-                except ortc.OrtUnavailable as exc:
-                    if name == "capi":
-                        raise
-                    log.warning("%s; using the onnxruntime Python package", exc)
-                    _resolved[name] = "python"
-        return _resolved[name]
-
-
-class NativeWorker:
-    """One daemon thread, at a lowered CPU priority, that runs native ONNX Runtime calls.
-
-    With the C API binding a session build (parse, optimise, kernel set-up) and a session free
-    run without the GIL, so the only thing they still take from serving threads is CPU. Run on
-    this thread at nice ``nice`` (Linux: per thread), they get the CPU the serving threads
-    leave: on a device whose cores inference fills, a swap waits instead of inferences. The
-    thread holds the GIL only for the few bytecodes around each call (the earlier attempt at a
-    low-priority builder ran ONNX Runtime's GIL-holding parser at low priority, and every
-    inference then waited for the preempted builder).
-    """
-
-    def __init__(self, nice: int) -> None:
-        self.nice = nice
-        self.applied: int | None = None  # the nice value the thread got (None: not started)
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], list[Any], threading.Event]]
-        self._jobs = queue.SimpleQueue()
-        self._start = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def __call__(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the worker thread; return its result or raise its exception."""
-        if threading.current_thread() is self._thread:
-            return fn()  # e.g. a session finalised by a collection on this very thread
-        if self._thread is None:
-            with self._start:
-                if self._thread is None:
-                    t = threading.Thread(target=self._serve, name="ort-native", daemon=True)
-                    t.start()
-                    self._thread = t
-        box: list[Any] = []
-        done = threading.Event()
-        self._jobs.put((fn, box, done))
-        done.wait()
-        ok, value = box[0]
-        if ok:
-            return value
-        raise value
-
-    def _serve(self) -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
-        except (OSError, AttributeError) as exc:  # not Linux, or refused: run at our priority
-            log.warning("cannot lower the ONNX Runtime build thread to nice %d: %s", self.nice, exc)
-        try:
-            self.applied = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        except (OSError, AttributeError):
-            self.applied = None
-        while True:
-            fn, box, done = self._jobs.get()
-            try:
-                box.append((True, fn()))
-            except BaseException as exc:  # handed to the caller, raised there
-                box.append((False, exc))
-            done.set()
-
-
-_workers: dict[int, NativeWorker] = {}
-
-
-def native_worker(nice: int) -> NativeWorker | None:
-    """The process's worker thread for ``nice`` (shared by every runtime); None for nice 0."""
-    if nice <= 0:
-        return None
-    with _binding_lock:
-        worker = _workers.get(nice)
-        if worker is None:
-            worker = _workers[nice] = NativeWorker(nice)
-        return worker
-
-
-def runtime_version(binding: str = "auto") -> str:
+def runtime_version() -> str:
     """The ONNX Runtime version serving models in this process (what devices report)."""
-    if resolve_binding(binding) == "capi":
-        return ortc.version()
-    import onnxruntime as ort
+    return str(onnxruntime_module().__version__)
 
-    return str(ort.__version__)
+
+TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
+
+
+def onnxruntime_module() -> Any:
+    """The onnxruntime module, imported with ONNX Runtime's telemetry off unless the process
+    environment already says otherwise.
+
+    The onnxruntime 1.32 wheels carry Microsoft's 1DS telemetry: importing them writes a device
+    id and a growing SQLite database under ``~/.cache/Microsoft/DeveloperTools/.onnxruntime``
+    (5 MB in an afternoon of tests here) and keeps a thread for it. An edge agent wants neither
+    the flash writes nor the traffic. ``ORT_DISABLE_TELEMETRY=1``, read when onnxruntime is
+    imported, turns it off (1.6 MB less resident, one thread fewer); an operator's own setting
+    of the variable wins.
+    """
+    os.environ.setdefault(TELEMETRY_ENV, "1")
+    import onnxruntime
+
+    return onnxruntime
 
 
 _NP_DTYPES = {"float32": np.float32, "float64": np.float64, "uint8": np.uint8, "int64": np.int64}
@@ -251,7 +165,7 @@ _NP_DTYPES = {"float32": np.float32, "float64": np.float64, "uint8": np.uint8, "
 class Loaded:
     """A ready-to-serve session and the verified manifest it came from."""
 
-    session: Any  # ortc.Session, or onnxruntime.InferenceSession with the python binding
+    session: Any  # onnxruntime.InferenceSession (imported lazily: not at agent import)
     manifest: Manifest
     input_name: str
     output_index: int
@@ -286,13 +200,9 @@ class ModelRuntime:
         min_free_memory_bytes: int = 0,  # bytes that must stay free after a load
         load_headroom_factor: float = 4.0,  # x artifact size a load may need
         memory_probe: Callable[[], int | None] = available_memory_bytes,
-        binding: str = "auto",  # see resolve_binding
-        build_nice: int = 19,  # capi: build and free sessions on a thread at this nice (0: here)
     ) -> None:
         if graph_optimization not in _GRAPH_OPT:
             raise ValueError(f"unknown graph_optimization {graph_optimization!r}")
-        self.binding = resolve_binding(binding)
-        self._native = native_worker(build_nice) if self.binding == "capi" else None
         self._threads = intra_op_num_threads
         self._graph_opt = graph_optimization
         self._min_free = min_free_memory_bytes
@@ -309,11 +219,6 @@ class ModelRuntime:
     @property
     def current(self) -> Loaded | None:
         return self._loaded
-
-    @property
-    def build_thread_nice(self) -> int | None:
-        """The nice value sessions are built at on the worker thread (None: on the caller's)."""
-        return self._native.applied if self._native else None
 
     def check_headroom(self, artifact_bytes: int) -> None:
         """Raise InsufficientMemoryError if loading ``artifact_bytes`` could starve serving."""
@@ -359,7 +264,8 @@ class ModelRuntime:
             raise ModelLoadError(
                 f"output shape {out.shape} does not match {len(manifest.labels)} labels"
             )
-        _self_test(session, manifest)
+        meta = session.get_modelmeta().custom_metadata_map  # read once: a call holds the GIL
+        _self_test(session, manifest, meta.get(SELFTEST_KEY))
         return Loaded(
             session=session,
             manifest=manifest,
@@ -367,25 +273,18 @@ class ModelRuntime:
             output_index=output_index,
             model_version=manifest.model_version,
             sha256=manifest.artifact.sha256,
-            monitoring=load_reference(_custom_metadata(session, MONITORING_KEY), manifest),
+            monitoring=load_reference(meta.get(MONITORING_KEY), manifest),
         )
 
     def _build(self, path: Path) -> Any:
-        if self.binding == "capi":
-            # Parse, optimise and kernel set-up all run with the GIL released.
-            return ortc.Session(
-                path,
-                intra_op_num_threads=self._threads,
-                graph_optimization=self._graph_opt,
-                native=self._native,
-            )
-        import onnxruntime as ort
-
+        ort = onnxruntime_module()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self._threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel(_GRAPH_OPT[self._graph_opt])
+        opts.graph_optimization_level = getattr(
+            ort.GraphOptimizationLevel, _GRAPH_OPT[self._graph_opt]
+        )
         return ort.InferenceSession(
             str(path), sess_options=opts, providers=["CPUExecutionProvider"]
         )
@@ -486,15 +385,8 @@ def classify(loaded: Loaded, x: np.ndarray) -> RawPrediction:
     )
 
 
-def _custom_metadata(session: Any, key: str) -> str | None:
-    if isinstance(session, ortc.Session):
-        return session.custom_metadata(key)
-    return session.get_modelmeta().custom_metadata_map.get(key)
-
-
-def _self_test(session: Any, manifest: Manifest) -> None:
-    """Run the bundle's self-test vectors, if its metadata carries any."""
-    raw = _custom_metadata(session, SELFTEST_KEY)
+def _self_test(session: Any, manifest: Manifest, raw: str | None) -> None:
+    """Run the bundle's self-test vectors ``raw`` (its metadata's JSON), if it carries any."""
     if raw is None:
         return
     try:

@@ -95,7 +95,7 @@ class Updater:
             groups=tuple(config.groups),
             hardware_class=config.hardware,
             max_opset=config.max_opset,
-            runtime_version=runtime_version(runtime.binding),
+            runtime_version=runtime_version(),
         )
         self.state: PersistedState = store.load_state()
         self._manifest_cache: tuple[str, Manifest] | None = None

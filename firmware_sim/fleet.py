@@ -142,9 +142,6 @@ class Fleet:
             upload_interval_s=c.upload_interval_s,
             confidence_floor=c.confidence_floor,
             bootstrap_token=c.bootstrap_token,
-            # Simulated devices share one process: a shared low-priority build thread would
-            # queue every device's swap behind the others (a real device has its own CPU).
-            build_nice=0,
         )
 
     def start(self) -> None:

@@ -2,7 +2,8 @@
 
 ``Mosquitto`` runs the broker binary on a free port in its own directory (so a test can stop and
 restart it); ``ServerProcess`` runs the edgeloop server in a subprocess configured by environment
-variables, exactly as an operator would.
+variables, exactly as an operator would: first ``edgeloop db upgrade``'s function on its database,
+then ``edgeloop-server``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from server.core.config import DEV_ADMIN_TOKEN
+from server.db import migrate
 from server.identity.broker_acl import wait_catches_sighup
 
 
@@ -236,6 +238,10 @@ class ServerProcess:
     def start(self, timeout: float = 60.0) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env}
+        # The server refuses a database that is not at the current schema; an operator runs
+        # `edgeloop db upgrade` first, and so does this (its function, without a second
+        # interpreter's start-up per server).
+        migrate.upgrade(env["EDGELOOP_DATABASE_URL"])
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             [self.python, "-c", "from server.main import run; run()"],

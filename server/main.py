@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.metrics import make_registry
 from server.api.routes import (
+    alerts,
     artifacts,
     audit,
     auth,
@@ -22,6 +23,7 @@ from server.api.routes import (
     health,
     lineage,
     models,
+    monitoring,
     observability,
     rollouts,
     samples,
@@ -117,6 +119,8 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
         artifacts,
         training,
         rollouts,
+        alerts,
+        monitoring,
         observability,
         ui,
         lineage,
@@ -166,7 +170,12 @@ def run(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = Settings(**overrides)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:
+        # Fatal and the operator's to fix (a setting, a key, the schema): the message, no trace.
+        log.error("edgeloop-server refuses to start: %s", exc.message)
+        raise SystemExit(2) from exc
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
 
 

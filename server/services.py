@@ -18,13 +18,18 @@ from server.core.config import Settings
 from server.core.errors import ConflictError
 from server.db import registry
 from server.db.base import utcnow
-from server.db.engine import create_all, make_engine, make_read_sessionmaker, make_sessionmaker
+from server.db.engine import make_engine, make_read_sessionmaker, make_sessionmaker
+from server.db.migrate import require_current
 from server.fleet.ingest import IngestWriter
 from server.fleet.mqtt_bridge import IngestItem, MqttBridge, RecordingPublisher
 from server.identity.broker_acl import sync_broker
 from server.identity.enrollment import ensure_enrollment_token, revoked_device_ids
 from server.intake.screening import Screener, screen_config
 from server.intake.upload_limits import SampleRateLimiter
+from server.monitoring.alerts import RaisedAlert, RetrainHook
+from server.monitoring.evaluator import MonitorEvaluator
+from server.monitoring.references import ReferenceBook
+from server.monitoring.webhook import WebhookSender
 from server.release.artifacts import ArtifactStore
 from server.release.signing import (
     Signer,
@@ -35,6 +40,7 @@ from server.release.signing import (
 from server.retrain.jobs import JobRunner
 from server.retrain.line_config import bootstrap_line_config
 from server.retrain.registration import RegisteredVersion
+from server.retrain.scheduler import retrain_for_alert
 from server.rollout.engine import RolloutEngine
 from server.rollout.queries import auto_rollout
 from server.rollout.targets import TargetPublisher
@@ -58,6 +64,9 @@ class Services:
     bridge: MqttBridge | None
     rollouts: RolloutEngine
     jobs: JobRunner
+    references: ReferenceBook  # monitoring references of the versions, read once
+    monitor: MonitorEvaluator  # closes monitoring windows, raises and clears alerts
+    webhook: WebhookSender  # delivers alerts to Settings.alert_webhook_url
     clock: Callable[[], datetime] = utcnow
     screener: Screener | None = None  # label screening of uploaded samples
     # Sessions for requests that only read (GET, HEAD, authentication); see
@@ -123,8 +132,18 @@ class Services:
         if s.enable_job_runner:
             self.jobs.start()
             self._started.append("jobs")
+        if s.enable_monitor_evaluator:
+            self.monitor.start()
+            self._started.append("monitor")
+        if s.enable_webhook_sender:
+            self.webhook.start()
+            self._started.append("webhook")
 
     def stop(self) -> None:
+        if "monitor" in self._started:
+            self.monitor.stop()
+        if "webhook" in self._started:
+            self.webhook.stop()
         if "jobs" in self._started:
             self.jobs.stop()
         if "rollouts" in self._started:
@@ -171,6 +190,25 @@ def next_stages(settings: Settings, signer: Signer) -> Callable[[Session, Regist
     return after
 
 
+def retrain_on_alert(settings: Settings) -> RetrainHook:
+    """What a raised alert does to training (monitoring -> retrain), in the evaluator's
+    transaction: a job with trigger ``alert`` when the line's config lists the alert's rule."""
+
+    def hook(session: Session, alert: RaisedAlert) -> tuple[int | None, str | None]:
+        outcome = retrain_for_alert(
+            session,
+            line=alert.model_line,
+            rule=alert.rule,
+            alert_id=alert.id,
+            model_version=alert.model_version,
+            now=alert.raised_at,
+            default_cooldown_s=settings.retrain_cooldown_s,
+        )
+        return outcome.job_id, outcome.note
+
+    return hook
+
+
 def bootstrap(services: Services) -> None:
     """Create the configured default model line (and its initial job) if it does not exist."""
     s = services.settings
@@ -198,12 +236,27 @@ def bootstrap(services: Services) -> None:
 
 
 def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow) -> Services:
-    """Connect the database (creating tables), load the key, wire the components."""
+    """Connect the database, load the key, wire the components.
+
+    Raises:
+        SchemaError: the database's schema is not this edgeloop's (``edgeloop db upgrade``
+            makes it so; the server never migrates, so two servers cannot migrate at once).
+    """
     engine = make_engine(settings.database_url)
-    create_all(engine)
+    try:
+        require_current(engine)
+    except BaseException:
+        engine.dispose()
+        raise
     sessions = make_sessionmaker(engine)
     signer = load_signer(settings)
     store = ArtifactStore(settings.artifacts_dir)
+    references = ReferenceBook(
+        store,
+        alpha=settings.drift_alpha,
+        draws=settings.drift_null_draws,
+        dispersion=settings.drift_dispersion,
+    )
     ingest_queue: queue.Queue[IngestItem] = queue.Queue(maxsize=settings.ingest_queue_max)
     ingest = IngestWriter(
         sessions=sessions,
@@ -211,6 +264,7 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
         batch_max=settings.ingest_batch_max,
         batch_wait_s=settings.ingest_batch_wait_s,
         clock=clock,
+        check_summary=references.check,
     )
     bridge: MqttBridge | None = None
     publisher: TargetPublisher
@@ -234,6 +288,7 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
             username=settings.mqtt_username,
             password=settings.mqtt_password,
             is_revoked=revoked_devices.__contains__,
+            clock=clock,
         )
         publisher = bridge
     else:
@@ -254,6 +309,17 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
         on_registered=next_stages(settings, signer),
         clock=clock,
     )
+    webhook = WebhookSender(settings=settings, sessions=sessions, clock=clock)
+    monitor = MonitorEvaluator(
+        settings=settings,
+        sessions=sessions,
+        references=references,
+        read_sessions=read_sessions,
+        clock=clock,
+        on_raised=retrain_on_alert(settings),
+        wake_webhook=webhook.wake,
+        wake_jobs=jobs.wake,
+    )
     services = Services(
         settings=settings,
         engine=engine,
@@ -267,6 +333,9 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
         bridge=bridge,
         rollouts=rollouts,
         jobs=jobs,
+        references=references,
+        monitor=monitor,
+        webhook=webhook,
         clock=clock,
         screener=Screener(screen_config(settings), store),
         sample_limiter=SampleRateLimiter(

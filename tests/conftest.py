@@ -7,9 +7,12 @@ each test gets its own schema-free database created from it and dropped afterwar
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -19,6 +22,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy.engine import make_url
 
 from firmware_sim.services import (  # noqa: F401 (free_port, wait_port re-exported)
     Mosquitto,
@@ -26,6 +30,7 @@ from firmware_sim.services import (  # noqa: F401 (free_port, wait_port re-expor
     free_port,
     wait_port,
 )
+from server.db import migrate
 
 # The bootstrap admin operator token every test server uses (Settings.admin_token /
 # EDGELOOP_ADMIN_TOKEN); send it with auth_headers(TEST_ADMIN_TOKEN).
@@ -78,6 +83,40 @@ def db_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/edgeloop.db"
     return request.getfixturevalue("pg_url")
+
+
+_SQLITE_TEMPLATE: list[Path] = []  # one SQLite file per test session, made by migrate.upgrade
+
+
+def upgraded(url: str) -> str:
+    """Bring the database at ``url`` to the current schema through the operator's path
+    (``server.db.migrate.upgrade``, what ``edgeloop db upgrade`` runs); returns ``url``.
+
+    A SQLite file that does not exist yet is a copy of one upgraded once per test session (the
+    same bytes the upgrade writes, without paying for it per test); in-memory URLs are left
+    alone (each connection would see its own empty database).
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        migrate.upgrade(url)
+        return url
+    if parsed.database in (None, "", ":memory:"):
+        return url
+    target = Path(parsed.database)
+    if target.exists():
+        migrate.upgrade(url)
+        return url
+    if not _SQLITE_TEMPLATE:
+        folder = Path(tempfile.mkdtemp(prefix="edgeloop-schema-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        template = folder / "template.db"
+        migrate.upgrade(f"sqlite:///{template}")
+        # WAL mode: the last connection's close checkpoints; a copy of the file alone is whole.
+        assert not template.with_name("template.db-wal").exists()
+        _SQLITE_TEMPLATE.append(template)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_SQLITE_TEMPLATE[0], target)
+    return url
 
 
 @pytest.fixture

@@ -188,6 +188,25 @@ def test_a_device_writes_only_its_own_topics_and_reads_only_its_own_target(
     assert a.messages.get(timeout=30) == (TOPICS.target("cam-a"), b"target-a2")
 
 
+def test_a_device_publishes_monitor_summaries_on_its_own_topic_only(
+    world: dict[str, Any],
+) -> None:
+    """The monitor topic (issue 14) is in each device's rights like status and metrics: a
+    summary forged for another device never reaches the server, the device's own does."""
+    assert "topic write edgeloop/v1/devices/d1/monitor\n" in render_acl(
+        [BrokerUser("d1", "h")], server_user="srv"
+    )
+    server, rc = connect(world, SERVER_USER, SERVER_PASSWORD)
+    assert not rc.is_failure
+    assert not server.subscribe(TOPICS.all_monitor).is_failure
+    a, rc = connect(world, "cam-a", world["creds"]["cam-a"])
+    assert not rc.is_failure
+    a.publish(TOPICS.monitor("cam-b"), b"forged summary")
+    a.publish(TOPICS.monitor("cam-a"), b"own summary")
+    assert server.messages.get(timeout=30) == (TOPICS.monitor("cam-a"), b"own summary")
+    assert server.messages.empty()
+
+
 def test_a_revoked_device_cannot_log_in_and_its_queued_reports_are_dropped(
     world: dict[str, Any],
 ) -> None:

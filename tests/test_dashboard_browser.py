@@ -146,6 +146,9 @@ def test_operator_watches_and_approves_a_rollout_in_the_dashboard(
         page = browser_page
         page.goto(f"{server.url}/")
         assert "sign in" in page.locator("#health").inner_text(timeout=30_000)
+        # Without a token the page says how to get one instead of showing empty panels.
+        hint = page.locator("#lines .signin").inner_text(timeout=30_000)
+        assert "tokens create" in hint and "edgeloop-dev-admin-token" in hint
 
         def sign_in(name: str, role: str) -> None:
             page.fill("#token", tokens[name])
@@ -204,6 +207,10 @@ def test_operator_watches_and_approves_a_rollout_in_the_dashboard(
                 f"server log:\n{server.log_tail(80)}"
             )
         assert "3/3 on target" in card.inner_text() or "2/2 on target" in card.inner_text()
+        # The latency chart has a time axis (first, middle and last bucket).
+        page.wait_for_function(
+            "document.querySelectorAll('#chart-latency text.time').length === 3", timeout=60_000
+        )
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shot = ARTIFACTS / "dashboard-rollout.png"
         page.screenshot(path=str(shot), full_page=True)

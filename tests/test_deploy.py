@@ -1,4 +1,5 @@
-"""The deployment files: docker-compose.yml is valid and wires broker, database, server, devices."""
+"""The deployment files: docker-compose.yml is valid and wires broker, database, the schema
+upgrade, server, devices."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def test_compose_file_is_valid():
     assert done.returncode == 0, done.stderr
 
 
-def test_compose_wires_broker_database_server_and_devices():
+def test_compose_wires_broker_database_upgrade_server_and_devices():
     done = subprocess.run(
         [compose(), "-f", str(ROOT / "docker-compose.yml"), "config", "--services"],
         capture_output=True,
@@ -36,7 +37,7 @@ def test_compose_wires_broker_database_server_and_devices():
         timeout=60,
         check=True,
     )
-    assert set(done.stdout.split()) == {"mosquitto", "postgres", "server", "devices"}
+    assert set(done.stdout.split()) == {"mosquitto", "postgres", "migrate", "server", "devices"}
     full = subprocess.run(
         [compose(), "-f", str(ROOT / "docker-compose.yml"), "config"],
         capture_output=True,
@@ -47,6 +48,9 @@ def test_compose_wires_broker_database_server_and_devices():
     assert "eclipse-mosquitto" in full
     assert "EDGELOOP_DATABASE_URL: postgresql+psycopg://" in full
     assert "EDGELOOP_MQTT_HOST: mosquitto" in full
+    # The server starts only after `edgeloop db upgrade` ran to completion on the same database.
+    assert "entrypoint:\n    - edgeloop\n    - db\n    - upgrade\n" in full
+    assert "migrate:\n        condition: service_completed_successfully\n" in full
 
 
 def test_agent_image_installs_only_the_agent_extra():

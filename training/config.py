@@ -10,6 +10,7 @@ One document (JSON, or TOML read with :mod:`tomllib`) says how a line is trained
     retrain_threshold = 1000       # optional: accepted samples that trigger a training
     schedule_s = 86400             # optional: also train this often, if new samples arrived
     cooldown_s = 600               # optional: seconds after a training before a threshold job
+    retrain_on_alerts = ["drift"]  # optional: alert rules whose raised alert trains the line
 
     [hyperparams]                  # overrides of the trainer's defaults
     max_iter = 300
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -44,6 +46,8 @@ MAX_CONFIG_BYTES = 256 * 1024  # bytes; a config is a few hundred bytes
 MAX_SEED = 2**32 - 1  # numpy / scikit-learn accept seeds in [0, 2**32)
 DEFAULT_FIELD_FRACTION = 0.2
 IMAGEFOLDER_PREFIX = "imagefolder:"
+MAX_ALERT_RULES = 16  # rule names in retrain_on_alerts
+_RULE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,9 @@ class LineConfig:
     schedule_s: float | None = None  # None: no scheduled training
     # Seconds after the line's last training ends before a threshold job may start.
     cooldown_s: float | None = None  # None: the server's default (retrain_cooldown_s)
+    # Alert rules (the server's ``server.monitoring.rules.Rule`` names, which the server checks)
+    # whose raised alert on the line queues a training, a trigger beside the sample threshold.
+    retrain_on_alerts: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, data: Any) -> LineConfig:
@@ -160,6 +167,17 @@ class LineConfig:
             or cooldown < 0
         ):
             raise SpecError(f"cooldown_s must be a number of seconds >= 0, got {cooldown!r}")
+        alerts = data.get("retrain_on_alerts") or []
+        if (
+            not isinstance(alerts, list | tuple)
+            or len(alerts) > MAX_ALERT_RULES
+            or not all(isinstance(a, str) and _RULE_NAME.fullmatch(a) for a in alerts)
+            or len(set(alerts)) != len(alerts)
+        ):
+            raise SpecError(
+                f"retrain_on_alerts must be a list of at most {MAX_ALERT_RULES} distinct alert "
+                f"rule names, got {str(alerts)[:200]}"
+            )
         return cls(
             trainer=trainer,
             hyperparams=dict(hyperparams),
@@ -171,11 +189,13 @@ class LineConfig:
             retrain_threshold=threshold,
             schedule_s=float(schedule) if schedule is not None else None,
             cooldown_s=float(cooldown) if cooldown is not None else None,
+            retrain_on_alerts=tuple(alerts),
         )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["gate"] = self.gate.to_dict()
+        out["retrain_on_alerts"] = list(self.retrain_on_alerts)
         return out
 
 

@@ -11,6 +11,7 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import asdict
+from datetime import timedelta
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -18,6 +19,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from server.db import monitoring
 from server.db.fleet import Device, DeviceMetric
 from server.db.registry import TrainingJob
 from server.db.rollouts import Rollout
@@ -36,6 +38,7 @@ class FleetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         with self.services.sessions() as session:
             yield from _fleet(session)
+            yield from _monitoring(session, self.services)
         yield from _process(self.services)
 
 
@@ -88,12 +91,70 @@ def _fleet(session: Session) -> Iterator[Metric]:
     yield jobs
 
 
+# How many windows back a (line, version, group)'s latest figures stay exported: a version
+# that stopped reporting drops out of the gauges instead of showing stale figures forever.
+EXPORTED_WINDOWS = 3
+
+
+def _monitoring(session: Session, services: Services) -> Iterator[Metric]:
+    """Active alerts, the latest window's figures per (line, version, group), deliveries."""
+    key = ["model_line", "model_version", "group"]
+    active = GaugeMetricFamily(
+        "edgeloop_alerts_active",
+        "1 for each raised alert, by model line, version, device group and rule",
+        labels=[*key, "rule"],
+    )
+    for a in monitoring.active_alerts(session):
+        active.add_metric([a.model_line, str(a.model_version), a.group_name, a.rule], 1.0)
+    yield active
+    gauges = {
+        "drift_ratio": GaugeMetricFamily(
+            "edgeloop_monitor_drift_ratio",
+            "Latest window: highest PSI over its calibrated threshold (> 1: drift)",
+            labels=key,
+        ),
+        "estimated_accuracy": GaugeMetricFamily(
+            "edgeloop_monitor_estimated_accuracy",
+            "Latest window: label-free accuracy estimate from confidence (CBPE)",
+            labels=key,
+        ),
+        "live_accuracy": GaugeMetricFamily(
+            "edgeloop_monitor_live_accuracy",
+            "Latest window: accuracy on labelled traffic",
+            labels=key,
+        ),
+        "samples": GaugeMetricFamily(
+            "edgeloop_monitor_window_samples",
+            "Latest window: inferences covered by the monitor summaries",
+            labels=key,
+        ),
+    }
+    window_s = services.settings.monitor_window_s
+    since = services.clock() - timedelta(seconds=window_s * EXPORTED_WINDOWS)
+    for w in monitoring.latest_windows(session, since=since):
+        labels = [w.model_line, str(w.model_version), w.group_name]
+        for name, gauge in gauges.items():
+            value = getattr(w, name)
+            if value is not None:
+                gauge.add_metric(labels, float(value))
+    yield from gauges.values()
+    deliveries = GaugeMetricFamily(
+        "edgeloop_alert_webhook_deliveries",
+        "Alert webhook deliveries by status (pending, delivered, failed)",
+        labels=["status"],
+    )
+    for status, n in sorted(monitoring.delivery_counts(session).items()):
+        deliveries.add_metric([status], n)
+    yield deliveries
+
+
 def _process(services: Services) -> Iterator[Metric]:
     stats = asdict(services.ingest.stats)
     for name in (
         "received",
         "status_written",
         "metrics_written",
+        "monitor_written",
         "invalid",
         "refused_stored",
         "fields_dropped",
@@ -113,6 +174,14 @@ def _process(services: Services) -> Iterator[Metric]:
     )
     queued.add_metric([INSTANCE], services.ingest_queue.qsize())
     yield queued
+    for name, value, what in (
+        ("monitor_windows_evaluated", services.monitor.windows_evaluated, "windows evaluated"),
+        ("monitor_windows_failed", services.monitor.windows_failed, "windows that failed"),
+        ("alert_webhook_failed_posts", services.webhook.failures, "webhook POSTs that failed"),
+    ):
+        c = CounterMetricFamily(f"edgeloop_{name}", f"Monitoring: {what}", labels=["instance"])
+        c.add_metric([INSTANCE], value)
+        yield c
     up = GaugeMetricFamily(
         "edgeloop_mqtt_connected",
         "1 when this server is connected to the broker",

@@ -9,7 +9,14 @@ import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 from contract import ContractError, InputSpec
 from server.identity.auth import Role
@@ -220,6 +227,7 @@ class ModelVersionPublic(BaseModel):
     reason: str | None
     created_at: datetime
     weights_sha256: str | None
+    alert_id: int | None  # the alert whose training made it
 
 
 class ModelVersionDetail(ModelVersionPublic):
@@ -281,6 +289,84 @@ class TrainingJobPublic(BaseModel):
     heartbeat_at: datetime | None
     not_before: datetime | None
     dataset_version: str | None
+    alert_id: int | None  # trigger "alert": the alert that queued it
+
+
+# ---------------------------------------------------------------- monitoring
+
+
+Group = Annotated[str, StringConstraints(pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")]
+AlertRuleName = Literal["drift", "estimated_accuracy", "live_accuracy", "latency", "error_rate"]
+AlertStateName = Literal["raised", "cleared"]
+
+
+class AlertPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    rule: str
+    model_line: str
+    model_version: int
+    group: str = Field(validation_alias=AliasChoices("group_name", "group"))
+    state: str
+    first_window: datetime
+    last_window: datetime
+    cleared_window: datetime | None
+    raised_at: datetime
+    cleared_at: datetime | None
+    value: float | None
+    samples: int
+    retrain_job_id: int | None
+    retrain_note: str | None
+
+
+class WebhookDeliveryPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    event: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    last_status: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+class AlertDetail(AlertPublic):
+    figures: dict[str, Any]
+    deliveries: list[WebhookDeliveryPublic]
+
+
+class MonitorWindowPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    model_line: str
+    model_version: int
+    group: str = Field(validation_alias=AliasChoices("group_name", "group"))
+    window_start: datetime
+    window_end: datetime
+    devices: int
+    summaries: int
+    samples: int
+    drift_breach: bool | None
+    drift_ratio: float | None
+    drifted: list[str] | None
+    estimated_accuracy: float | None
+    estimated_low: float | None
+    estimated_high: float | None
+    reference_accuracy: float | None
+    labelled: int
+    live_accuracy: float | None
+    live_low: float | None
+    live_high: float | None
+    inferences: int
+    errors: int
+    latency_p95_ms: float | None
+    breaches: list[str]
+    note: str | None
+    drift: dict[str, Any] | None
 
 
 # ---------------------------------------------------------------- rollouts

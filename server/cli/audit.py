@@ -16,16 +16,9 @@ import typer
 from sqlalchemy import inspect
 
 from server.cli import base
-from server.cli.base import console, err_console
+from server.cli.base import DEFAULT_DB_URL, DbUrl, console, err_console
 from server.db import audit
 from server.db.engine import make_engine, make_sessionmaker
-
-DEFAULT_DB_URL = "sqlite:///./var/edgeloop.db"  # the server's default (Settings.database_url)
-
-DbUrl = Annotated[
-    str,
-    typer.Option("--database-url", envvar="EDGELOOP_DATABASE_URL", help="The server's database."),
-]
 
 
 def _open(url: str) -> Any:

@@ -2,8 +2,8 @@
 files (``broker``). Bootstrap tokens and revocation are ``edgeloop devices`` commands.
 
 ``tokens`` and ``whoami`` go through the server's API with the caller's ``--token``;
-``broker write-config`` reads the database directly (it runs next to the server, like a
-migration) so the broker can be configured before the server first starts.
+``broker write-config`` reads the database directly (it runs next to the server, after
+``edgeloop db upgrade``) so the broker can be configured before the server first starts.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from typing import Annotated
 import typer
 
 from server.cli import base
-from server.cli.base import console
+from server.cli.base import console, err_console
 from server.core.config import Settings
-from server.db.engine import create_all, make_engine, make_sessionmaker
+from server.core.errors import SchemaError
+from server.db.engine import make_engine, make_sessionmaker
+from server.db.migrate import require_current
 from server.identity.auth import Role
 from server.identity.broker_acl import mosquitto_conf, write_broker_config
 
@@ -62,7 +64,12 @@ def broker_write_config(
     """Write passwd, acl and a mosquitto.conf using them, from EDGELOOP_* settings."""
     settings = Settings()
     engine = make_engine(settings.database_url)
-    create_all(engine)
+    try:
+        require_current(engine)
+    except SchemaError as exc:
+        engine.dispose()
+        err_console.print(exc.message, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from exc
     out = out.resolve()
     with make_sessionmaker(engine)() as session:
         passwd, acl = write_broker_config(

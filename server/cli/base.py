@@ -10,12 +10,21 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from server.core.config import Settings
+
+# Commands that read the server's database directly (audit, db) name it like the server does.
+DEFAULT_DB_URL: str = Settings.model_fields["database_url"].default
+DbUrl = Annotated[
+    str,
+    typer.Option("--database-url", envvar="EDGELOOP_DATABASE_URL", help="The server's database."),
+]
 
 console = Console()
 err_console = Console(stderr=True)

@@ -12,6 +12,9 @@ edgeloop lineage model digits 3          # model -> dataset -> samples -> device
 edgeloop lineage sample SAMPLE_ID        # sample -> datasets -> models
 edgeloop keys init ./keys
 edgeloop releases export digits 7 ./bundle   # for `edgeloop-agent install ./bundle` offline
+edgeloop db upgrade                      # the database to this edgeloop's schema (servers stopped)
+edgeloop alerts list --line digits --state raised
+edgeloop alerts show 4                   # the figures that raised it, its training, webhook
 """
 
 from __future__ import annotations
@@ -20,7 +23,20 @@ from typing import Annotated
 
 import typer
 
-from server.cli import audit, auth, base, devices, jobs, keys, lineage, models, releases, rollouts
+from server.cli import (
+    alerts,
+    audit,
+    auth,
+    base,
+    db,
+    devices,
+    jobs,
+    keys,
+    lineage,
+    models,
+    releases,
+    rollouts,
+)
 
 app = typer.Typer(help="Operate an edgeloop server.", no_args_is_help=True)
 
@@ -54,6 +70,7 @@ for group, name in (
     (keys.app, "keys"),
     (lineage.app, "lineage"),
     (releases.app, "releases"),
+    (alerts.app, "alerts"),
     (auth.tokens_app, "tokens"),
     (auth.broker_app, "broker"),
 ):
@@ -61,6 +78,7 @@ for group, name in (
 app.command("whoami")(auth.whoami)
 app.add_typer(audit.audit_app, name="audit")
 app.add_typer(audit.samples_app, name="samples")
+app.add_typer(db.db_app, name="db")
 
 
 def main() -> None:

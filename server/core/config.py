@@ -145,11 +145,46 @@ class Settings(BaseSettings):
     mqtt_username: str = ""  # the server's own broker login; empty: anonymous
     mqtt_password: str = ""
 
+    # Monitoring (server.monitoring): device summaries are merged per model version, device
+    # group and window of the server's receive clock, scored against the model's reference and
+    # judged by the alert rules (drift, estimated_accuracy, live_accuracy, latency, error_rate).
+    monitor_window_s: float = Field(default=300.0, ge=1, le=86_400)  # seconds per window
+    # Seconds after a window ends before it is evaluated (reports still in the ingest batch).
+    monitor_close_delay_s: float = Field(default=10.0, ge=0, le=3600)
+    monitor_tick_s: float = Field(default=5.0, gt=0)  # seconds between evaluator looks
+    monitor_max_windows_per_tick: int = Field(default=50, ge=1)  # windows per line per tick
+    monitor_retention_s: float = Field(default=7 * 86_400.0, gt=0)  # seconds summaries are kept
+    drift_alpha: float = Field(default=0.01, gt=0, lt=1)  # per-window false-alarm rate
+    drift_null_draws: int = Field(default=40_000, ge=100, le=1_000_000)  # resamples/threshold
+    # >= 1: a window of n samples is held to the threshold of n / dispersion (repeated scenes).
+    drift_dispersion: float = Field(default=1.0, ge=1)
+    # Rules that are evaluated (a JSON list in EDGELOOP_ALERT_RULES); all by default.
+    alert_rules: list[str] = Field(
+        default=["drift", "estimated_accuracy", "live_accuracy", "latency", "error_rate"]
+    )
+    # Hysteresis per rule, overriding server.monitoring.rules.DEFAULT_POLICIES, e.g.
+    # {"drift": {"raise_after": 2, "clear_after": 3, "min_samples": 100}} (JSON in the env).
+    alert_policies: dict[str, dict[str, int]] = Field(default={})
+    alert_max_accuracy_drop: float = Field(default=0.05, ge=0, le=1)  # below reference - this
+    alert_max_latency_p95_ms: float = Field(default=50.0, gt=0)  # milliseconds
+    alert_max_error_rate: float = Field(default=0.01, ge=0, le=1)  # errors / inferences
+    # Alerts are POSTed (JSON) to this URL when raised and cleared; empty: no webhook.
+    alert_webhook_url: str = ""
+    # When set, each POST carries X-Edgeloop-Signature: sha256=HMAC-SHA256(secret, body).
+    alert_webhook_secret: str = ""
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=300)  # seconds per POST
+    webhook_max_attempts: int = Field(default=10, ge=1, le=100)  # POSTs before giving up
+    webhook_backoff_s: float = Field(default=2.0, ge=0)  # seconds, doubled per failed attempt
+    webhook_backoff_max_s: float = Field(default=900.0, ge=0)  # seconds, the backoff's cap
+    webhook_tick_s: float = Field(default=1.0, gt=0)  # seconds between looks for deliveries
+
     # Background services (tests turn them off and drive the cores directly).
     enable_mqtt: bool = True
     enable_rollout_engine: bool = True
     enable_job_runner: bool = True
     enable_ingest_writer: bool = True
+    enable_monitor_evaluator: bool = True
+    enable_webhook_sender: bool = True
 
     # Limits.
     ingest_queue_max: int = Field(default=100_000, ge=1)  # messages waiting to be written

@@ -4,6 +4,7 @@ Exception tree::
 
     EdgeloopError                 (root; carries the HTTP status it maps to)
     ├── ConfigError               (settings or key material unusable; fatal at startup)
+    │   └── SchemaError           (the database's schema is not this edgeloop's: db upgrade)
     ├── NotFoundError             (404: the named thing does not exist)
     ├── AuthenticationError       (401: no credential, or an unknown one)
     ├── ForbiddenError            (403: known caller, not allowed: role, other device, revoked)
@@ -35,6 +36,11 @@ class EdgeloopError(Exception):
 
 class ConfigError(EdgeloopError):
     """Settings or key material are unusable; the server refuses to start."""
+
+
+class SchemaError(ConfigError):
+    """The database's schema is not the one this edgeloop needs (empty, made before migrations,
+    behind, or newer); the server refuses to start, ``edgeloop db upgrade`` fixes all but newer."""
 
 
 class NotFoundError(EdgeloopError):

@@ -9,6 +9,8 @@ hash (64 zeros for the first). :func:`verify_chain` is pure: it recomputes every
 edited record shows as a hash mismatch and a deleted one as a gap in ``seq`` or a broken link.
 A truncated tail leaves a valid shorter chain; it is caught only against a head hash kept
 elsewhere (``expect_head``: write down the head from ``edgeloop audit verify`` periodically).
+The database itself refuses UPDATE and DELETE on ``audit_log``: triggers made by the baseline
+migration (``server/db/migrations/versions/0001_baseline.py``).
 
 Appends serialise: on PostgreSQL a transaction-scoped advisory lock, held to the caller's
 commit; SQLite transactions here start with ``BEGIN IMMEDIATE`` and so already hold the single
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DDL, JSON, BigInteger, String, event, func, select, text
+from sqlalchemy import JSON, BigInteger, String, func, select, text
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from server.db.base import Base, UTCDateTime
@@ -43,32 +45,6 @@ class AuditRecord(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))  # sha256 hex of the previous record
     hash: Mapped[str] = mapped_column(String(64))  # sha256 hex of this record
-
-
-_PG_APPEND_ONLY = DDL(
-    """
-    CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger AS $$
-    BEGIN
-        RAISE EXCEPTION USING MESSAGE = 'audit_log is append-only: ' || TG_OP || ' refused';
-    END
-    $$ LANGUAGE plpgsql;
-    CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log
-        FOR EACH ROW EXECUTE FUNCTION audit_log_append_only();
-    """
-).execute_if(dialect="postgresql")
-
-_SQLITE_NO_UPDATE = DDL(
-    "CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log "
-    "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: UPDATE refused'); END"
-).execute_if(dialect="sqlite")
-
-_SQLITE_NO_DELETE = DDL(
-    "CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log "
-    "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: DELETE refused'); END"
-).execute_if(dialect="sqlite")
-
-for _ddl in (_PG_APPEND_ONLY, _SQLITE_NO_UPDATE, _SQLITE_NO_DELETE):
-    event.listen(AuditRecord.__table__, "after_create", _ddl)
 
 
 GENESIS_HASH = "0" * 64

@@ -1,10 +1,11 @@
-"""The engine factory, sessions and schema creation (SQLite with WAL, or PostgreSQL via psycopg 3).
+"""The engine factory and sessions (SQLite with WAL, or PostgreSQL via psycopg 3).
 
 SQLite transactions start with ``BEGIN IMMEDIATE`` so a read-then-write transaction cannot fail
 with SQLITE_BUSY when it upgrades its lock; with ``busy_timeout`` writers queue instead.
 PostgreSQL runs at READ COMMITTED; state transitions are guarded UPDATEs (``WHERE state = ...``)
 and counters are atomic ``UPDATE ... RETURNING``. The tables live in one module per area
-(``server.db.registry``, ``fleet``, ``sample_store``, ...), all on ``server.db.base.Base``.
+(``server.db.registry``, ``fleet``, ``sample_store``, ...), all on ``server.db.base.Base``; the
+schema is made and changed only by the migrations (``server.db.migrate``, ``edgeloop db upgrade``).
 """
 
 from __future__ import annotations
@@ -17,34 +18,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.core.errors import ConfigError
 from server.db import (  # noqa: F401 - every table module registers its tables on Base.metadata
+    # (server.db.migrate compares the migrations with Base.metadata)
     audit,
     datasets,
     fleet,
     identity,
+    monitoring,
     quality,
     registry,
     reports,
     rollouts,
     sample_store,
 )
-from server.db.base import Base
 
 log = logging.getLogger(__name__)
-
-# Nullable columns added to tables after their first release: ``create_all`` adds them to an
-# existing database (it creates missing tables, never missing columns).
-ADDED_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("device_events", "dropped"),
-    ("device_credentials", "enroll_secret_hash"),
-)
-
 
 # Execution option marking a read-only session's connections (make_read_sessionmaker).
 READ_ONLY_OPTION = "edgeloop_read_only"
@@ -238,27 +232,3 @@ def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(
         engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False
     )
-
-
-def create_all(engine: Engine) -> None:
-    Base.metadata.create_all(engine)
-    _add_columns(engine, ADDED_COLUMNS)
-
-
-def _add_columns(engine: Engine, columns: tuple[tuple[str, str], ...]) -> None:
-    """``ALTER TABLE ... ADD COLUMN`` for each nullable (table, column) the database lacks.
-
-    Two servers starting together may both try: PostgreSQL says ``IF NOT EXISTS``; on SQLite
-    the write lock (BEGIN IMMEDIATE) orders them and the second sees the column.
-    """
-    for table_name, column_name in columns:
-        column = Base.metadata.tables[table_name].c[column_name]
-        assert column.nullable, f"{table_name}.{column_name}: only nullable columns are added"
-        with engine.begin() as conn:
-            present = {c["name"] for c in inspect(conn).get_columns(table_name)}
-            if column_name in present:
-                continue
-            ddl = column.type.compile(dialect=engine.dialect)
-            guard = "IF NOT EXISTS " if engine.dialect.name == "postgresql" else ""
-            sql = f"ALTER TABLE {table_name} ADD COLUMN {guard}{column_name} {ddl}"
-            conn.exec_driver_sql(sql)

@@ -32,7 +32,11 @@ class Device(Base):
 
 class DeviceMetric(Base):
     __tablename__ = "device_metrics"
-    __table_args__ = (Index("ix_metrics_line_version", "model_line", "model_version"),)
+    __table_args__ = (
+        Index("ix_metrics_line_version", "model_line", "model_version"),
+        # The monitoring evaluator reads a line's reports by window of received_at.
+        Index("ix_metrics_line_received", "model_line", "received_at"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(String(128), index=True)

@@ -41,9 +41,11 @@ def add_job(
     trigger: str,
     now: datetime,
     not_before: datetime | None = None,
+    alert_id: int | None = None,
 ) -> TrainingJob | None:
     """Queue a job for ``line`` unless one is queued or running; flushes, does not commit.
-    ``not_before``: no runner claims it earlier (a cooldown).
+    ``not_before``: no runner claims it earlier (a cooldown). ``alert_id``: the alert that
+    triggered it (trigger ``alert``), recorded on the job and on the version it makes.
 
     The partial unique index ``uq_jobs_one_active_per_line`` is the real guard: an insert that
     races another process's fails inside a savepoint and returns None. The line's counter of
@@ -52,7 +54,12 @@ def add_job(
     if active_job(session, line=line) is not None:
         return None
     job = TrainingJob(
-        model_line=line, status="queued", trigger=trigger, created_at=now, not_before=not_before
+        model_line=line,
+        status="queued",
+        trigger=trigger,
+        created_at=now,
+        not_before=not_before,
+        alert_id=alert_id,
     )
     try:
         with session.begin_nested():

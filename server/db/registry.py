@@ -74,6 +74,8 @@ class ModelVersion(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     weights_sha256: Mapped[str | None] = mapped_column(String(64))  # framework weights (npz)
+    # The alert whose training made this version (lineage; server.db.monitoring.Alert), if any.
+    alert_id: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Release(Base):
@@ -110,7 +112,7 @@ class TrainingJob(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     model_line: Mapped[str] = mapped_column(ForeignKey("model_lines.name"))
     status: Mapped[str] = mapped_column(String(16))  # queued/running/succeeded/failed/rejected
-    trigger: Mapped[str] = mapped_column(String(16))  # threshold/manual/initial/schedule
+    trigger: Mapped[str] = mapped_column(String(16))  # threshold/manual/initial/schedule/alert
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -125,6 +127,7 @@ class TrainingJob(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)  # retry backoff
     dataset_version: Mapped[str | None] = mapped_column(String(64))
+    alert_id: Mapped[int | None] = mapped_column(BigInteger)  # trigger "alert": which alert
 
 
 # ---------------------------------------------------------------- model lines

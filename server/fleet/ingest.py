@@ -1,4 +1,10 @@
-"""The ingest writer: drains device status/metrics from a queue and writes them in batches.
+"""The ingest writer: drains device reports from a queue and writes them in batches.
+
+Reports are status, metrics and monitor summaries (``contract.monitoring.MonitorSummary``, one
+row each in ``monitor_summaries``). A summary is also held to its model's reference by the
+``check_summary`` the composition root gives (``server.monitoring.references``): a summary for a
+version the line does not have, or whose signals or bins the reference does not have, is
+refused with that reason, like any other report the server cannot use.
 
 Sources are the MQTT bridge (raw payload bytes) and the HTTP fallback endpoints (already read
 reports). Each message is read by ``server.fleet.ingest_parse.classify``, which never raises: a
@@ -30,10 +36,12 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from contract import MetricsReport, StatusReport
+from contract.monitoring import MonitorSummary
 from server.core.background import Worker
 from server.core.errors import UnavailableError
 from server.db.base import utcnow
 from server.db.fleet import Device, DeviceEvent, DeviceMetric
+from server.db.monitoring import MonitorSummaryRow
 from server.db.quality import ClassMetric, ShadowMetric
 from server.db.reports import RefusedReport, prune_refused
 from server.fleet.ingest_parse import (
@@ -49,7 +57,9 @@ from server.rollout.members import apply_reports
 
 log = logging.getLogger(__name__)
 
-Report = StatusReport | MetricsReport
+Report = StatusReport | MetricsReport | MonitorSummary
+# Why a summary does not fit its model (None: it fits); runs in the writer's transaction.
+SummaryCheck = Callable[[Session, MonitorSummary], str | None]
 Entry = tuple[Accepted | Refusal, datetime]  # a classified message and when it was received
 
 
@@ -58,6 +68,7 @@ class IngestStats:
     received: int = 0
     status_written: int = 0
     metrics_written: int = 0
+    monitor_written: int = 0  # monitor summaries stored
     invalid: int = 0  # reports refused (stored in refused_reports when the device is known)
     refused_stored: int = 0
     fields_dropped: int = 0  # reports stored with at least one field dropped
@@ -74,6 +85,7 @@ class _Written:
 
     status: int = 0
     metrics: int = 0
+    monitor: int = 0
     refused: int = 0
     invalid: int = 0  # refused inside the transaction (another model line)
     dropped: int = 0
@@ -91,8 +103,10 @@ class IngestWriter:
         batch_max: int = 500,
         batch_wait_s: float = 0.2,
         clock: Callable[[], datetime] = utcnow,
+        check_summary: SummaryCheck | None = None,  # None: summaries are not held to a model
     ) -> None:
         self.sessions = sessions
+        self.check_summary = check_summary
         self.queue = ingest_queue
         self.batch_max = batch_max
         self.batch_wait_s = batch_wait_s
@@ -179,6 +193,7 @@ class IngestWriter:
             return
         self.stats.status_written += written.status
         self.stats.metrics_written += written.metrics
+        self.stats.monitor_written += written.monitor
         self.stats.refused_stored += written.refused
         self.stats.invalid += written.invalid
         self.stats.fields_dropped += written.dropped
@@ -225,6 +240,7 @@ class IngestWriter:
             metrics: list[dict[str, Any]] = []
             classes: list[dict[str, Any]] = []
             shadows: list[dict[str, Any]] = []
+            summaries: list[dict[str, Any]] = []
             events: list[dict[str, Any]] = []
             refused: list[dict[str, Any]] = []
             statuses: list[tuple[StatusReport, datetime]] = []
@@ -232,8 +248,9 @@ class IngestWriter:
             last_status: dict[str, tuple[StatusReport, datetime]] = {}
             for entry, received_at in entries:
                 line = lines.get(entry.device_id)
-                if line is None:
+                if line is None:  # nowhere to file a refusal: counted (unknown_device), logged
                     written.unknown += 1
+                    log.info("refused %s report: unknown device %r", entry.kind, entry.device_id)
                     continue
                 if isinstance(entry, Refusal):
                     refused.append(_refused_row(entry, received_at))
@@ -249,9 +266,22 @@ class IngestWriter:
                     )
                     written.invalid += 1
                     continue
+                if isinstance(report, MonitorSummary) and self.check_summary is not None:
+                    why_not = self.check_summary(session, report)
+                    if why_not is not None:
+                        refused.append(
+                            _refused_row(
+                                Refusal(entry.kind, entry.device_id, why_not, excerpt(entry), None),
+                                received_at,
+                            )
+                        )
+                        written.invalid += 1
+                        continue
                 written.dropped += bool(entry.dropped)
                 seen[report.device_id] = max(received_at, seen.get(report.device_id, received_at))
-                if isinstance(report, MetricsReport):
+                if isinstance(report, MonitorSummary):
+                    summaries.append(_summary_row(report, received_at))
+                elif isinstance(report, MetricsReport):
                     metrics.append(_metric_row(report, received_at))
                     classes.extend(_class_rows(report, received_at))
                     if report.shadow is not None:
@@ -268,6 +298,8 @@ class IngestWriter:
                 session.execute(insert(ClassMetric), classes)
             if shadows:
                 session.execute(insert(ShadowMetric), shadows)
+            if summaries:
+                session.execute(insert(MonitorSummaryRow), summaries)
             if events:
                 session.execute(insert(DeviceEvent), events)
             if refused:
@@ -277,6 +309,7 @@ class IngestWriter:
             apply_reports(session, statuses, lines)
             session.commit()
         written.metrics, written.status, written.refused = len(metrics), len(events), len(refused)
+        written.monitor = len(summaries)
         return written
 
     @staticmethod
@@ -412,6 +445,20 @@ def _shadow_row(r: MetricsReport, received_at: datetime) -> dict[str, Any]:
         "champion_correct": s.champion_correct,
         "challenger_correct": s.challenger_correct,
         "errors": s.errors,
+        "received_at": received_at,
+    }
+
+
+def _summary_row(r: MonitorSummary, received_at: datetime) -> dict[str, Any]:
+    return {
+        "device_id": r.device_id,
+        "model_line": r.model_line,
+        "model_version": r.model_version,
+        "release": r.release,
+        "period_start": r.start,
+        "period_end": r.end,
+        "samples": r.samples,
+        "counts": {name: list(c) for name, c in r.counts},
         "received_at": received_at,
     }
 

@@ -13,6 +13,10 @@ bounded, printable excerpt of the payload for the operator.
 
 Metrics reports are figures summed by the rollout gates, so they stay all-or-nothing (one bad count
 refuses the report); only their optional ``rollout_id`` is dropped when out of range.
+
+Monitor summaries (``contract.monitoring.MonitorSummary``) are all-or-nothing too: parsed by the
+contract (its own size, depth, signal and bin bounds), then held to what the database stores.
+Whether their bins fit the model's reference is the ingest writer's check (it needs the model).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 
 from contract import DeviceState, MessageError, MetricsReport, StatusReport
 from contract.messages import MAX_MESSAGE_BYTES, MAX_REASON_CHARS, MAX_ROLLOUT_ID
+from contract.monitoring import MonitorSummary
 from contract.topics import valid_device_id
 
 MAX_INT32 = 2**31 - 1  # versions and releases: INTEGER columns on PostgreSQL
@@ -37,7 +42,7 @@ MAX_EXCERPT_CHARS = 512  # characters of a refused payload kept for the operator
 MAX_REFUSAL_CHARS = 500  # characters of a refusal's reason
 MAX_INT_DIGITS = 64  # digits of a JSON integer converted to an int; longer ones are HUGE
 
-KINDS = ("status", "metrics")
+KINDS = ("status", "metrics", "monitor")
 # Control characters (C0 and C1) an operator's terminal or the database should not get; tab and
 # newline stay. Lone surrogates (JSON "\ud800") cannot be encoded as UTF-8 by any DB driver.
 _UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -62,8 +67,8 @@ class Oversize:
 class Accepted:
     """A report to store; ``dropped`` names each field left out and why."""
 
-    kind: str  # "status" or "metrics"
-    report: StatusReport | MetricsReport
+    kind: str  # "status", "metrics" or "monitor"
+    report: StatusReport | MetricsReport | MonitorSummary
     dropped: tuple[str, ...] = ()
 
     @property
@@ -115,7 +120,7 @@ def classify(
     """Read one queued report. Never raises.
 
     Args:
-        kind: the topic's kind, "status" or "metrics".
+        kind: the topic's kind, "status", "metrics" or "monitor".
         topic_device: the device id in the topic (or the HTTP path): the only trusted one.
         payload: raw bytes/str, a parsed JSON value, an ``Oversize``, a report, or ``Accepted``.
         received_ts: the server's receive time (unix seconds), used when ``ts`` is dropped.
@@ -126,6 +131,8 @@ def classify(
     try:
         if isinstance(payload, Accepted):
             accepted = payload
+        elif kind == "monitor":
+            accepted = _monitor(payload)
         else:
             if isinstance(payload, StatusReport | MetricsReport):
                 payload = payload.to_dict()  # re-checked like any other source
@@ -350,6 +357,29 @@ def _metrics(data: Mapping[str, Any]) -> Accepted:
         raise _Unusable(f"unparseable metrics message: {exc}") from exc
     _check_metrics(report)
     return Accepted("metrics", report, tuple(dropped))
+
+
+def _monitor(payload: Any) -> Accepted:
+    """A monitor summary, parsed by the contract (bytes with its own size and depth limits)."""
+    if isinstance(payload, Oversize):
+        _as_object(payload)  # raises: over the message limit
+    if isinstance(payload, MonitorSummary):
+        payload = payload.to_dict()  # re-checked like any other source
+    if isinstance(payload, memoryview):
+        payload = bytes(payload)
+    try:
+        summary = MonitorSummary.from_dict(payload)
+    except MessageError as exc:
+        raise _Unusable(str(exc)) from exc
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise _Unusable(f"unparseable monitor summary: {exc}") from exc
+    if not 0 <= summary.model_version <= MAX_INT32:
+        raise _Unusable("model_version is out of range")
+    if summary.release is not None and not 0 <= summary.release <= MAX_INT32:
+        raise _Unusable("release is out of range")
+    if not (math.isfinite(summary.start) and math.isfinite(summary.end)) or summary.end > MAX_TS:
+        raise _Unusable("start and end must be unix seconds before 2242")
+    return Accepted("monitor", summary)
 
 
 def _check_metrics(report: MetricsReport) -> None:

@@ -1,5 +1,7 @@
 """A thin paho-mqtt adapter: inbound device messages go to a bounded queue, targets go out.
 
+Inbound: status (QoS 1), metrics (QoS 0) and monitor summaries (QoS 1) of every device.
+
 Nothing here interprets a message. The paho network thread only puts ``(kind, device_id,
 payload, received_at)`` into the ingest queue (``server.fleet.ingest`` parses and writes them), so a
 burst from 10,000 devices never blocks the socket on the database. A payload over the message
@@ -75,7 +77,7 @@ class BridgeStats:
 
 
 class MqttBridge:
-    """One MQTT v5 connection: subscribes to device status/metrics, publishes targets."""
+    """One MQTT v5 connection: subscribes to device reports, publishes targets."""
 
     def __init__(
         self,
@@ -93,9 +95,11 @@ class MqttBridge:
         username: str = "",  # the server's broker login (Settings.mqtt_username); "": anonymous
         password: str = "",
         is_revoked: Callable[[str], bool] | None = None,  # drop reports of revoked devices
+        clock: Callable[[], datetime] = utcnow,  # stamps received_at (windows are on it)
     ) -> None:
         self.host, self.port, self.keepalive_s = host, port, keepalive_s
         self.is_revoked = is_revoked
+        self.clock = clock
         # Called on paho's network thread when a reconnect finds no session of ours on the
         # broker; it must return at once (the server hands the work to a thread).
         self.on_session_lost: Callable[[], None] | None = None
@@ -136,7 +140,11 @@ class MqttBridge:
             return
         prefix = self.subscription_prefix
         client.subscribe(
-            [(prefix + self.topics.all_status, 1), (prefix + self.topics.all_metrics, 0)]
+            [
+                (prefix + self.topics.all_status, 1),
+                (prefix + self.topics.all_metrics, 0),
+                (prefix + self.topics.all_monitor, 1),
+            ]
         )
         present = bool(getattr(_f, "session_present", False))
         reconnect = self.stats.connects > 0  # the first connect follows the startup announcement
@@ -170,7 +178,7 @@ class MqttBridge:
         raises: a failure is counted in ``stats.errors`` and logged."""
         try:
             parsed = self.topics.parse(topic)
-            if parsed is None or parsed[1] not in ("status", "metrics"):
+            if parsed is None or parsed[1] not in ("status", "metrics", "monitor"):
                 self.stats.bad_topic += 1
                 return
             device_id, kind = parsed
@@ -186,9 +194,11 @@ class MqttBridge:
             else:
                 body = bytes(payload)
             try:
-                self.ingest_queue.put_nowait((kind, device_id, body, utcnow()))
+                self.ingest_queue.put_nowait((kind, device_id, body, self.clock()))
             except queue.Full:
-                self.stats.dropped += 1  # metrics are QoS 0 and status is re-sent by the device
+                # Metrics are QoS 0 and status is re-sent by the device; a monitor summary is
+                # a hole of one period in one device's record (counted here).
+                self.stats.dropped += 1
         except Exception:  # noqa: BLE001 - see the docstring: the network thread must go on
             self.stats.errors += 1
             log.exception("MQTT message on %.200r could not be queued", topic)

@@ -13,7 +13,7 @@ one rewrite and one SIGHUP per round instead of one each (which made enrolling N
 O(N^2) file lines and N broker reloads).
 
 Rights: a device reads only its own target topic and its groups' topics, and writes only its own
-status and metrics topics. The server's user reads and writes every edgeloop topic. Revoked
+status, metrics and monitor topics. The server's user reads and writes every edgeloop topic. Revoked
 devices are absent from both files.
 """
 
@@ -84,6 +84,7 @@ def render_acl(
         out.append(f"topic read {topics.target(d.device_id)}\n")
         out.append(f"topic write {topics.status(d.device_id)}\n")
         out.append(f"topic write {topics.metrics(d.device_id)}\n")
+        out.append(f"topic write {topics.monitor(d.device_id)}\n")
         out += [f"topic read {prefix}/groups/{g}/#\n" for g in d.groups]
         out.append("\n")
     return "".join(out)

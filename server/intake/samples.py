@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -31,11 +31,10 @@ from contract.envelope import SignedEnvelope
 from server.db import job_queue
 from server.db.fleet import Device
 from server.db.registry import ModelLine, Release
-from server.db.rollouts import Rollout
 from server.db.sample_store import Sample
 from server.intake.screening import Screener
 from server.intake.upload_limits import charge_quota
-from server.rollout.states import ACTIVE_ROLLOUT_STATES
+from server.retrain.scheduler import cooldown_of, evidence_floor
 
 MAX_SAMPLE_ID_CHARS = 64
 MAX_INT32 = 2**31 - 1
@@ -358,38 +357,6 @@ def _upload_once(
     session.commit()
     result.accepted = len(fresh)
     return result
-
-
-def evidence_floor(session: Session, *, lines: set[str]) -> dict[str, int]:
-    """Per line, the oldest model version whose samples count toward the next training.
-
-    That is the version the fleet is moving to: the newest of the champion and any candidate
-    in approval or rollout. A device still on an older version keeps uploading what that
-    version gets wrong; those samples are stored and used in datasets, but they are evidence
-    against a model being replaced, not against the candidate, so they trigger nothing.
-    """
-    if not lines:
-        return {}
-    floors = {
-        name: champion or 0
-        for name, champion in session.execute(
-            select(ModelLine.name, ModelLine.champion_version).where(ModelLine.name.in_(lines))
-        )
-    }
-    for name, newest in session.execute(
-        select(Rollout.model_line, func.max(Rollout.to_version))
-        .where(Rollout.model_line.in_(lines), Rollout.state.in_(ACTIVE_ROLLOUT_STATES))
-        .group_by(Rollout.model_line)
-    ):
-        floors[name] = max(floors.get(name, 0), int(newest))
-    return floors
-
-
-def cooldown_of(training_config: Mapping[str, Any] | None, default_s: float) -> float:
-    """The line's retraining cooldown in seconds (its config's ``cooldown_s``, else the
-    server default)."""
-    value = (training_config or {}).get("cooldown_s")
-    return float(value) if isinstance(value, int | float) and value >= 0 else default_s
 
 
 def _count_and_trigger(

@@ -13,6 +13,7 @@ from typing import Any
 
 from server.core.config import Settings
 from server.core.errors import ConfigError, InvalidRequestError
+from server.monitoring.rules import Rule
 from training.config import LineConfig, load_config
 from training.errors import SpecError
 
@@ -33,6 +34,19 @@ def config_file(settings: Settings, name: str) -> Path:
             f"config_path must name a file inside the line-config directory {str(root)!r}"
         )
     return path
+
+
+def check_alert_rules(config: LineConfig) -> LineConfig:
+    """``config`` if every rule in its ``retrain_on_alerts`` is an alert rule of this server.
+
+    Raises:
+        SpecError: naming the unknown rule and the known ones.
+    """
+    known = [r.value for r in Rule]
+    unknown = [name for name in config.retrain_on_alerts if name not in known]
+    if unknown:
+        raise SpecError(f"retrain_on_alerts: unknown alert rule(s) {unknown}; known: {known}")
+    return config
 
 
 def resolve_line_config(
@@ -57,9 +71,9 @@ def resolve_line_config(
         )
     try:
         if config_path is not None:
-            return load_config(config_file(settings, config_path))
+            return check_alert_rules(load_config(config_file(settings, config_path)))
         if config is not None:
-            return LineConfig.from_dict(config)
+            return check_alert_rules(LineConfig.from_dict(config))
         return LineConfig.from_dict(
             {
                 "trainer": trainer or "sklearn-mlp",
@@ -79,7 +93,7 @@ def bootstrap_line_config(settings: Settings) -> LineConfig:
     """
     try:
         if settings.bootstrap_config is not None:
-            return load_config(settings.bootstrap_config)
+            return check_alert_rules(load_config(settings.bootstrap_config))
         return LineConfig.from_dict(
             {"trainer": settings.bootstrap_trainer, "gate": _gate_defaults(settings)}
         )
@@ -87,4 +101,4 @@ def bootstrap_line_config(settings: Settings) -> LineConfig:
         raise ConfigError(f"bootstrap training config: {exc}") from exc
 
 
-__all__ = ["bootstrap_line_config", "config_file", "resolve_line_config"]
+__all__ = ["bootstrap_line_config", "check_alert_rules", "config_file", "resolve_line_config"]

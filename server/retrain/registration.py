@@ -154,6 +154,7 @@ def register_version(
             reason=None if passed else gate_reason,
             created_at=now,
             weights_sha256=outputs.weights_sha256,
+            alert_id=job.alert_id,  # lineage: the alert that queued the training, if any
         )
     )
     session.flush()

@@ -164,7 +164,7 @@ def create_rollout(
     session.add(rollout)
     if to_version > model_line.champion_version:
         # The fleet now moves to ``to_version``: samples of older versions stop being evidence
-        # for the next training (server.intake.samples.evidence_floor), so the count restarts.
+        # for the next training (server.retrain.scheduler.evidence_floor), so the count restarts.
         model_line.new_samples = 0
     session.flush()
     return rollout

@@ -63,7 +63,7 @@ function renderLines(lines, devicesByLine, health) {
       <div class="muted">model line</div><div class="big">${esc(l.name)}</div>
       <div>champion <b>v${esc(l.champion_version ?? "–")}</b> · release ${esc(l.current_release ?? "–")} · ${esc(l.trainer)}</div>
       <div>${devs.length} devices, ${recent} seen in the last 2 min</div>
-      <div class="muted">on: ${Object.entries(byVersion).map(([v, n]) => `v${esc(v)} × ${n}`).join(", ") || "–"}</div>
+      <div class="muted">on: ${Object.entries(byVersion).map(([v, n]) => `${v === "none" ? "no model" : "v" + esc(v)} × ${n}`).join(", ") || "–"}</div>
       <div class="muted">new samples ${l.new_samples} / ${l.retrain_threshold}</div>
     </div>`;
   }).join("") + `</div>`;
@@ -145,7 +145,13 @@ function chart(svg, series, key, yMax) {
   Object.entries(byVersion).forEach(([ver, ps], i) => {
     const c = COLORS[i % COLORS.length];
     out += `<polyline fill="none" stroke="${c}" stroke-width="2" points="${ps.map((p) => `${x(p.t)},${y(p[key])}`).join(" ")}"/>`;
-    out += `<text x="${L + 8 + i * 60}" y="${H - 6}" style="fill:${c}">v${esc(ver)}</text>`;
+    out += `<text x="${L + 8 + i * 60}" y="${T + 12}" style="fill:${c}">v${esc(ver)}</text>`;
+  });
+  // Time axis: the device clock of the first, middle and last bucket (local time).
+  [t0, (t0 + t1) / 2, t1].forEach((t, i) => {
+    const label = new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+    const anchor = ["start", "middle", "end"][i];
+    out += `<text class="time" x="${x(t)}" y="${H - 6}" text-anchor="${anchor}">${label}</text>`;
   });
   svg.innerHTML = out;
 }
@@ -171,6 +177,10 @@ async function refresh() {
   if (!me) {
     $("#health").textContent = token() ? "token refused" : "sign in with a token";
     $("#health").className = "pill bad";
+    $("#lines").innerHTML = `<div class="card signin"><h2>Sign in</h2>
+      <p>Paste an operator token in the <b>token</b> box above. An admin makes one with
+      <code>edgeloop tokens create --name NAME --role viewer</code> (viewer, operator, approver or
+      admin); in development the server's admin token is <code>edgeloop-dev-admin-token</code>.</p></div>`;
     return;
   }
   try {

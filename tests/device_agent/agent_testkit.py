@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -214,11 +215,14 @@ class FakeServer:
     # GET path -> the whole raw response (status line, headers, body) written as it is, then
     # the connection is closed: a hostile server's headers and bytes. Logged in ``log``.
     raw_responses: dict[str, bytes] = field(default_factory=dict)
+    tls: ssl.SSLContext | None = None  # serve https with this server context (netkit.tls_files)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> FakeServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self.httpd.daemon_threads = True
+        if self.tls is not None:
+            self.httpd.socket = self.tls.wrap_socket(self.httpd.socket, server_side=True)
         self.httpd.handle_error = lambda request, client_address: None  # type: ignore[method-assign]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -231,7 +235,7 @@ class FakeServer:
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host!s}:{port}"
 
     def issue(self, device_id: str) -> str:
         """A credential for ``device_id`` (as if it had enrolled)."""
@@ -365,11 +369,13 @@ def _make_handler(srv: FakeServer) -> type[BaseHTTPRequestHandler]:
             self._json(201, {"device_id": body["device_id"], "credential": credential})
 
         def _artifact(self) -> None:
-            name = self.path.removeprefix("/artifacts/")
+            path, _, query = self.path.partition("?")  # a query: a pre-signed URL's signature
+            name = path.removeprefix("/artifacts/")
             data = srv.artifacts.get(name)
             rng = self.headers.get("Range")
             entry: dict[str, Any] = {
-                "path": self.path,
+                "path": path,
+                "query": query,
                 "range": rng,
                 "status": None,
                 "sent": 0,

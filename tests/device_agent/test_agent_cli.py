@@ -136,3 +136,21 @@ def test_check_exit_codes(tmp_path, signing_key, installed_state) -> None:
     )
     assert bad.returncode == 1
     assert json.loads(bad.stdout)["ok"] is False
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_a_mistyped_config_stops_the_agent_naming_field_value_and_type(
+    tmp_path, signing_key, command: str
+) -> None:
+    path = write_config(tmp_path, signing_key, tmp_path / "state")
+    cfg = json.loads(path.read_text()) | {"mqtt_port": "oops", "spool_fsync": "no", "mqtt_prot": 1}
+    path.write_text(json.dumps(cfg))
+    out = subprocess.run(
+        [*AGENT, command, "--config", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2 and out.stdout == ""  # `run` never started listening
+    msg = json.loads(out.stderr.strip().splitlines()[-1])["msg"]
+    assert 'mqtt_port: "oops" is a string, expected an integer' in msg
+    assert 'spool_fsync: "no" is a string, expected true or false' in msg
+    assert "mqtt_prot: unknown key (did you mean 'mqtt_port'?)" in msg
+    assert not (tmp_path / "state").exists()  # refused before anything was written

@@ -16,6 +16,7 @@ from tests.device_agent.agent_testkit import (
     make_target,
     sha256,
 )
+from tests.device_agent.netkit import redirect
 
 DATA = make_model(11) * 40  # ~100 KiB: several chunks at the test chunk size
 REF = make_manifest(DATA, release=1, model_version=1).artifact
@@ -185,3 +186,75 @@ def test_backoff_delay_stays_capped_after_thousands_of_attempts() -> None:
         delay = backoff_delay(attempt, 1.0, 60.0, rng)
         assert 0 < delay <= 60.0
     assert backoff_delay(10**6, 1.0, 60.0, rng) >= 30.0  # half of the cap is fixed
+
+
+def test_redirected_download_is_refused_when_the_bytes_do_not_match_the_signed_hash(
+    rig: Rig, fake_server: FakeServer
+) -> None:
+    m1, m2 = make_model(1), make_model(2)
+    t1 = make_target(
+        make_manifest(m1, release=1, model_version=1), rig.key, fake_server.add("m1.onnx", m1)
+    )
+    assert rig.updater.handle_target(t1).value == "committed"
+    cdn = FakeServer(mode="wrong_bytes").start()  # the signed size, other bytes
+    try:
+        fake_server.raw_responses["/artifacts/m2.onnx"] = redirect(cdn.add("m2.onnx", m2))
+        t2 = make_target(
+            make_manifest(m2, release=2, model_version=2),
+            rig.key,
+            f"{fake_server.url}/artifacts/m2.onnx",
+        )
+        assert rig.updater.handle_target(t2).value == "refused"
+        # Followed: the body came from the CDN (twice: a bad hash earns one fresh download).
+        assert [e["status"] for e in cdn.requests_for("m2.onnx")] == [200, 200]
+    finally:
+        cdn.stop()
+    assert rig.reports[-1].reason.startswith("HashMismatchError")
+    assert rig.serving_version() == 1
+    assert not rig.store.has_model(sha256(m2))
+
+
+def test_redirected_download_with_the_signed_bytes_installs(
+    rig: Rig, fake_server: FakeServer
+) -> None:
+    m1 = make_model(1)
+    cdn = FakeServer().start()
+    try:
+        fake_server.raw_responses["/artifacts/m1.onnx"] = redirect(cdn.add("m1.onnx", m1), 307)
+        t1 = make_target(
+            make_manifest(m1, release=1, model_version=1),
+            rig.key,
+            f"{fake_server.url}/artifacts/m1.onnx",
+        )
+        assert rig.updater.handle_target(t1).value == "committed"
+    finally:
+        cdn.stop()
+    assert rig.serving_version() == 1
+
+
+def test_production_device_refuses_a_redirect_to_plain_http_and_keeps_serving(
+    tmp_path, signing_key, fake_server: FakeServer
+) -> None:
+    rig = Rig(tmp_path / "state", signing_key, environment="production", download_retries=3)
+    cdn = FakeServer().start()
+    try:
+        m1, m2 = make_model(1), make_model(2)
+        t1 = make_target(
+            make_manifest(m1, release=1, model_version=1), rig.key, fake_server.add("m1.onnx", m1)
+        )
+        assert rig.updater.handle_target(t1).value == "committed"
+        fake_server.raw_responses["/artifacts/m2.onnx"] = redirect(cdn.add("m2.onnx", m2))
+        t2 = make_target(
+            make_manifest(m2, release=2, model_version=2),
+            rig.key,
+            f"{fake_server.url}/artifacts/m2.onnx",
+        )
+        assert rig.updater.handle_target(t2).value == "failed"  # transient: retried later
+        assert rig.reports[-1].reason.startswith("RedirectError")
+        assert cdn.requests_for("m2.onnx") == []
+        # The same URL redirects the same way: no immediate retries of the download.
+        assert len(fake_server.requests_for("m2.onnx")) == 1
+        assert rig.serving_version() == 1
+    finally:
+        cdn.stop()
+        rig.close()

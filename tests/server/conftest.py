@@ -23,7 +23,7 @@ from server.main import create_app
 from server.release.signing import sign_release
 from server.services import DIGITS_INPUT_SPEC, DIGITS_LABELS, Services
 from tests.authkit import FleetAuth, enroll
-from tests.conftest import TEST_ADMIN_TOKEN, write_key_pair
+from tests.conftest import TEST_ADMIN_TOKEN, upgraded, write_key_pair
 from training.data import digits_pools
 
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
@@ -31,14 +31,17 @@ LINE = "digits"
 
 
 def make_settings(tmp_path: Path, db_url: str, **overrides: Any) -> Settings:
-    """Settings for a test app: no background threads unless a test asks for them."""
+    """Settings for a test app: no background threads unless a test asks for them, on a database
+    upgraded to the current schema as an operator does (``edgeloop db upgrade``)."""
     values: dict[str, Any] = dict(
-        database_url=db_url,
+        database_url=upgraded(db_url),
         data_dir=tmp_path / "var",
         enable_mqtt=False,
         enable_rollout_engine=False,
         enable_job_runner=False,
         enable_ingest_writer=False,
+        enable_monitor_evaluator=False,
+        enable_webhook_sender=False,
         canary_min_soak_s=0,
         min_labelled=50,
         admin_token=TEST_ADMIN_TOKEN,

@@ -17,7 +17,7 @@ from server.core.errors import ConfigError
 from server.main import create_app
 from server.services import Services
 from tests.authkit import FleetAuth, enroll
-from tests.conftest import TEST_ADMIN_TOKEN, free_port, write_key_pair
+from tests.conftest import TEST_ADMIN_TOKEN, free_port, upgraded, write_key_pair
 from tests.server.conftest import add_version, make_settings, wait_for
 
 
@@ -109,7 +109,9 @@ def test_keys_init_writes_a_usable_pair(tmp_path: Path) -> None:
 
 def test_development_generates_a_key_production_refuses(tmp_path: Path) -> None:
     dev = Settings(
-        data_dir=tmp_path / "dev", database_url=f"sqlite:///{tmp_path}/dev.db", enable_mqtt=False
+        data_dir=tmp_path / "dev",
+        database_url=upgraded(f"sqlite:///{tmp_path}/dev.db"),
+        enable_mqtt=False,
     )
     create_app(dev).state.services.stop()
     assert (tmp_path / "dev" / "keys" / "signing.pem").exists()
@@ -118,7 +120,7 @@ def test_development_generates_a_key_production_refuses(tmp_path: Path) -> None:
         environment="production",
         admin_token="a-real-admin-token",
         data_dir=tmp_path / "prod",
-        database_url=f"sqlite:///{tmp_path}/prod.db",
+        database_url=upgraded(f"sqlite:///{tmp_path}/prod.db"),
         enable_mqtt=False,
     )
     with pytest.raises(ConfigError, match="production refuses"):
@@ -206,9 +208,7 @@ def test_a_server_on_another_port_sends_devices_to_that_port(
         client.auth = FleetAuth(TEST_ADMIN_TOKEN)
         create_line(client)
         register(client, "cam-port")
-        add_version(
-            client.app.state.services, version=1, status="champion", champion_release=True
-        )
+        add_version(client.app.state.services, version=1, status="champion", champion_release=True)
         target = client.get("/api/v1/devices/cam-port/target")
         assert target.status_code == 200, target.text
         assert target.json()["artifact_url"].startswith("http://127.0.0.1:8731/api/v1/artifacts/")

@@ -22,8 +22,6 @@ from sqlalchemy import func, select
 
 from contract import Topics
 from contract.messages import MAX_MESSAGE_BYTES
-from server.db.base import Base
-from server.db.engine import create_all, make_engine
 from server.db.fleet import DeviceEvent, DeviceMetric
 from server.db.reports import MAX_REFUSED_PER_DEVICE, RefusedReport
 from server.fleet.mqtt_bridge import MqttBridge
@@ -212,28 +210,6 @@ def test_the_bridge_callback_survives_what_paho_hands_it(app_client: TestClient)
     ok.payload = status("fine")
     bridge._on_message(bridge._client, None, ok)  # is_revoked raises: counted, not raised
     assert bridge.stats.errors == 1 and services.ingest_queue.qsize() == 0
-
-
-def test_an_existing_database_gains_the_dropped_column(backend_url: str) -> None:
-    engine = make_engine(backend_url)
-    try:
-        create_all(engine)
-        with engine.begin() as conn:
-            conn.exec_driver_sql("ALTER TABLE device_events DROP COLUMN dropped")
-            conn.exec_driver_sql(
-                "INSERT INTO device_events (device_id, ts, state, received_at) "
-                "VALUES ('cam-1', 1.0, 'idle', CURRENT_TIMESTAMP)"
-            )
-        create_all(engine)  # the server starting on the older database
-        create_all(engine)  # and again: nothing left to add
-        columns = {c["name"] for c in sa.inspect(engine).get_columns("device_events")}
-        assert "dropped" in columns
-        with engine.begin() as conn:
-            conn.execute(sa.update(Base.metadata.tables["device_events"]).values(dropped=["x"]))
-        with engine.connect() as conn:
-            assert conn.execute(select(DeviceEvent.dropped)).scalars().all() == [["x"]]
-    finally:
-        engine.dispose()
 
 
 def test_a_database_outage_is_not_blamed_on_a_report(tmp_path: Path, signing_key: Any) -> None:

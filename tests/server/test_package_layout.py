@@ -210,3 +210,49 @@ def test_the_checks_see_a_cycle_and_a_late_import() -> None:
         ("server.services", True),
     ]
     assert resolve("server.db.base.utcnow", server_modules()) == "server.db.base"
+
+
+# The monitoring statistics are pure (issue 14): numbers and histograms in, verdicts out. They
+# import only these (besides one another); the stateful shell beside them in server/monitoring
+# (references, windows, alerts, evaluator, webhook) feeds them.
+PURE_MONITORING = {
+    "server.monitoring",
+    "server.monitoring._errors",
+    "server.monitoring.drift",
+    "server.monitoring.estimate",
+    "server.monitoring.rules",
+}
+PURE_ALLOWED = {
+    "__future__",
+    "collections",
+    "dataclasses",
+    "enum",
+    "functools",
+    "math",
+    "typing",
+    "zlib",
+    "numpy",
+    "scipy",
+    "contract",
+}
+
+
+def test_the_monitoring_statistics_import_nothing_stateful() -> None:
+    modules = server_modules()
+    found = []
+    for name in sorted(PURE_MONITORING):
+        for imp in imports_of(modules[name]):
+            target = resolve(imp.imported, modules)
+            ok = (
+                target in PURE_MONITORING
+                if imp.imported.startswith("server")
+                else imp.imported.split(".")[0] in PURE_ALLOWED
+            )
+            if not ok:
+                found.append(f"{imp.path.relative_to(REPO)}:{imp.line}: imports {imp.imported}")
+    assert not found, "pure monitoring modules importing I/O or the server:\n" + "\n".join(found)
+    # The check sees a violation: the evaluator (stateful) would fail it.
+    assert any(
+        imp.imported.startswith("sqlalchemy")
+        for imp in imports_of(modules["server.monitoring.evaluator"])
+    )

@@ -240,7 +240,9 @@ def test_cli_watch_once_prints_progress_per_wave(client: TestClient, monkeypatch
         return client.request(method, path, json=json, params=params).json()
 
     monkeypatch.setattr(cli_base, "call", call)
-    monkeypatch.setattr(cli_base.console, "width", 140)
+    # The attribute the width property sets: undoing it restores "not set" (patching the
+    # property itself would pin the width it computed, 80, for every later CLI test).
+    monkeypatch.setattr(cli_base.console, "_width", 140)
     out = CliRunner().invoke(cli_app, ["rollouts", "watch", str(rid), "--once"])
     assert out.exit_code == 0, out.output
     assert f"rollout #{rid}" in out.output and "canary" in out.output

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
+from server.db.monitoring import Alert, MonitorWindow, WebhookDelivery  # noqa: E402
 from server.main import create_app  # noqa: E402
 from tests.authkit import bootstrap_token  # noqa: E402
 from tests.conftest import TEST_ADMIN_TOKEN, auth_headers  # noqa: E402
@@ -78,6 +80,7 @@ def live(tmp_path_factory) -> Iterator[dict[str, Any]]:
         resp = http.post("/api/v1/rollouts", json={"model_line": "digits", "model_version": 2})
         assert resp.status_code == 201, resp.text
         ids["rollout_id"] = resp.json()["id"]
+        ids["alert_id"] = _seed_alert(services)
         jobs = http.get("/api/v1/training-jobs").json()
         ids["job_id"] = jobs[0]["id"] if jobs else 1
         version = http.get("/api/v1/model-lines/digits/versions/1").json()
@@ -94,6 +97,45 @@ def live(tmp_path_factory) -> Iterator[dict[str, Any]]:
     )
     yield {"url": srv.url, "admin": admin, "device": auth_headers(credential), "ids": ids}
     srv.stop()
+
+
+def _seed_alert(services: Any) -> int:
+    """A raised drift alert with a webhook delivery and a window, as the evaluator stores them."""
+    t = datetime(2030, 1, 1, tzinfo=UTC)
+    with services.sessions() as session:
+        alert = Alert(
+            rule="drift",
+            model_line="digits",
+            model_version=1,
+            group_name="*",
+            state="raised",
+            first_window=t,
+            last_window=t,
+            raised_at=t,
+            value=2.5,
+            samples=200,
+            figures={"samples": 200},
+        )
+        session.add(alert)
+        session.flush()
+        session.add(
+            WebhookDelivery(alert_id=alert.id, event="alert.raised", payload={}, next_attempt_at=t)
+        )
+        session.add(
+            MonitorWindow(
+                model_line="digits",
+                model_version=1,
+                group_name="*",
+                window_start=t,
+                window_end=t,
+                devices=1,
+                summaries=1,
+                samples=200,
+                breaches=["drift"],
+            )
+        )
+        session.commit()
+        return alert.id
 
 
 @pytest.fixture(scope="module")

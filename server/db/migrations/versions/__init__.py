@@ -1,0 +1,1 @@
+"""edgeloop's schema revisions, oldest first: ``NNNN_slug.py`` (Alembic skips this file)."""
