@@ -89,6 +89,9 @@ def samples_quarantine(
     rows = base.call(
         "GET", "/api/v1/samples/quarantine", params={"model_line": line, "limit": limit}
     )
+    if base.state.json:  # --json: the listing as JSON, like every other listing
+        print(json.dumps(rows, default=str))
+        return
     # One sample a line (sample_id device check created_at released_by reason): greppable.
     for r in rows:
         console.print(

@@ -28,7 +28,8 @@ def releases_export(
     directory: Path,
 ) -> None:
     """Write release N of LINE, its artifact and the root chain into DIRECTORY, for an offline
-    install (`edgeloop-agent install DIRECTORY`). Layout: docs/bundle-format.md, section 8."""
+    install (`edgeloop-agent install --config agent.json DIRECTORY`). Layout:
+    docs/bundle-format.md, section 8."""
     rel = base.call("GET", f"/api/v1/model-lines/{line}/releases/{release}")
     roots = base.call("GET", "/api/v1/trust/roots")["roots"]
     now = datetime.now(UTC)

@@ -429,3 +429,19 @@ def test_rollout_state_conflicts(seeded: TestClient) -> None:
     assert aborted.json()["state"] == "rolled_back"
     assert "aborted by admin" in aborted.json()["reason"]
     assert seeded.post(f"/api/v1/rollouts/{rid}/abort").status_code == 409
+
+
+def test_rollout_detail_after_a_write_holds_no_transaction(seeded: TestClient) -> None:
+    """The write handlers' closing read ends its transaction: on SQLite an open one holds the
+    write lock until the session's teardown, which can wait behind every request thread."""
+    from server.api.routes.rollouts import _detail
+    from server.core.errors import NotFoundError
+
+    rid = seeded.post("/api/v1/rollouts", json=ROLL).json()["id"]
+    services = services_of(seeded)
+    with services.sessions() as session:
+        assert _detail(session, rid, services.settings)["id"] == rid
+        assert not session.in_transaction()
+        with pytest.raises(NotFoundError):
+            _detail(session, 999, services.settings)
+        assert not session.in_transaction()

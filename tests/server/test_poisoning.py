@@ -7,6 +7,7 @@ dataset version.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -453,6 +454,16 @@ def test_cli_lists_the_quarantine_with_reasons(tmp_path: Path, signing_key) -> N
                 LINE,
             ],
         )
+        as_json = CliRunner().invoke(
+            cli_app,
+            ["--server", srv.url, "--token", TEST_ADMIN_TOKEN, "--json"]
+            + ["samples", "quarantine", "--line", LINE],
+        )
     assert result.exit_code == 0, result.output
     assert result.output.split()[:3] == ["c-0", "cam-1", "label"]
     assert "contradicts the champion" in result.output
+    assert as_json.exit_code == 0, as_json.output
+    listed = json.loads(as_json.output)
+    assert [(q["sample_id"], q["device_id"], q["check"]) for q in listed] == [
+        ("c-0", "cam-1", "label")
+    ]

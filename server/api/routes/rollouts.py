@@ -51,8 +51,19 @@ def acting_as(operator: Operator, claimed: str | None, field: str) -> str:
 
 
 def _detail(session: Session, rollout_id: int, settings: Settings) -> dict[str, Any]:
-    rollout, extra = reads.rollout_detail(session, rollout_id, settings)
-    return {**RolloutPublic.model_validate(rollout).model_dump(), **extra}
+    """The rollout's public form, read in a transaction that ends here.
+
+    The write handlers read this after their commit, which on SQLite begins a new transaction
+    with the write lock (BEGIN IMMEDIATE). Left open, the lock lasted until the session's
+    teardown, which runs in a worker thread after the handler returns; with every worker thread
+    taken by sample uploads queued for that lock, the teardown waited for their 30 s writer
+    timeout (seen with 50 agents of firmware_sim.procfleet: held 23.8 s after an approval).
+    """
+    try:
+        rollout, extra = reads.rollout_detail(session, rollout_id, settings)
+        return {**RolloutPublic.model_validate(rollout).model_dump(), **extra}
+    finally:
+        session.rollback()
 
 
 @router.post("", response_model=RolloutDetail, status_code=201)
