@@ -136,7 +136,10 @@ def describe_connect_failure(exc: BaseException | None) -> str:
     if exc is None:
         return "connection failed"
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS: the broker's certificate was refused: {exc.verify_message or exc}"
+        return (
+            "TLS: the broker's certificate was refused (certificate verify failed: "
+            f"{exc.verify_message or exc})"
+        )
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake failed: {_reason(exc)}"
     return f"{type(exc).__name__}: {exc}"
