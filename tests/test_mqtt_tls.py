@@ -1,6 +1,6 @@
 """MQTT over TLS between the agent, the server's bridge and a real Mosquitto TLS listener.
 
-The CA, the broker's certificate and the client certificates are made here (``tests.tlskit``).
+The CA, the broker's certificate and the client certificates are made here (``firmware_sim.pki``).
 A refused connection is waited for until the link reports why; nothing asserts on a clock.
 """
 
@@ -25,6 +25,7 @@ from device_agent.config import AgentConfig, config_from_mapping
 from device_agent.errors import ConfigError as AgentConfigError
 from device_agent.inbox import TargetInbox
 from device_agent.mqtt import MqttLink
+from firmware_sim.pki import Pki
 from firmware_sim.services import Mosquitto
 from server.core.config import Settings
 from server.core.errors import ConfigError
@@ -33,7 +34,6 @@ from server.fleet.mqtt_bridge import IngestItem, MqttBridge
 from server.main import create_app
 from tests.conftest import TEST_ADMIN_TOKEN, poll, write_key_pair
 from tests.server.conftest import make_settings, services_of
-from tests.tlskit import Pki
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Throwaway X.509 material for MQTT-over-TLS tests, made with ``cryptography``.
+"""Throwaway X.509 material for MQTT over TLS (tests, the swarm's ``--tls``), made with
+``cryptography``.
 
 ``Pki.create(dir, name)`` makes a CA; ``issue`` signs a server certificate (for the names and
 addresses given) or a client certificate with it. Everything is written as PEM under the
