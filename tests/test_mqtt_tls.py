@@ -36,11 +36,6 @@ from tests.conftest import TEST_ADMIN_TOKEN, poll, write_key_pair
 from tests.server.conftest import make_settings, services_of
 
 
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    return Pki.create(tmp_path / "pki", "fleet")
-
-
 @contextmanager
 def started_broker(tmp_path: Path, pki: Pki, **tls: Any) -> Iterator[Mosquitto]:
     broker = Mosquitto(tmp_path / "mosquitto", tls=pki.broker_tls(**tls)).start()
@@ -48,13 +43,6 @@ def started_broker(tmp_path: Path, pki: Pki, **tls: Any) -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.stop()
-
-
-@pytest.fixture
-def tls_broker(tmp_path: Path, pki: Pki) -> Iterator[Mosquitto]:
-    """Mosquitto with only a TLS listener that requires a client certificate of ``pki``."""
-    with started_broker(tmp_path, pki, require_certificate=True) as broker:
-        yield broker
 
 
 def device_link(
