@@ -143,3 +143,13 @@ def describe_connect_failure(exc: BaseException | None) -> str:
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake failed: {_reason(exc)}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def describe_early_disconnect(reason: object, *, tls: bool) -> str:
+    """A sentence for a connection the broker closed before answering our CONNECT."""
+    hint = (
+        " (over TLS: the broker may require a client certificate, or refuse the one sent)"
+        if tls
+        else ""
+    )
+    return f"the broker closed the connection before accepting it: {reason}{hint}"

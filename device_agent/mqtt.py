@@ -36,7 +36,7 @@ from paho.mqtt.properties import Properties
 
 from contract.messages import MAX_TARGET_BYTES, MetricsReport, StatusReport
 from contract.monitoring import MonitorSummary
-from contract.mqtt_tls import MqttTlsError, describe_connect_failure
+from contract.mqtt_tls import MqttTlsError, describe_connect_failure, describe_early_disconnect
 from contract.topics import Topics
 from device_agent.config import AgentConfig
 from device_agent.errors import ConfigError, TransportError
@@ -71,6 +71,7 @@ class MqttLink:
         self.refused: str | None = None  # the broker's reason when it refused our login
         # Why the last connection attempt failed before MQTT (TLS, socket); None once connected.
         self.last_error: str | None = None
+        self._answered = False  # the broker answered this connection's CONNECT (CONNACK)
         self._started = False
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -148,6 +149,7 @@ class MqttLink:
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
+        self._answered = True
         if reason_code.is_failure:
             # Bad credentials or a revoked device: paho retries with its capped backoff.
             log.warning("MQTT connect refused: %s", reason_code)
@@ -174,8 +176,21 @@ class MqttLink:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
         self.connected.clear()
-        if reason_code != 0:
+        if not self._answered and reason_code != 0:
+            # Closed before any CONNACK: a TLS broker that wants a client certificate does
+            # this, after a handshake that looked fine from here.
+            reason = describe_early_disconnect(reason_code, tls=self._cfg.mqtt_tls)
+            if reason != self.last_error:
+                log.warning(
+                    "MQTT connect to %s:%s failed: %s",
+                    self._cfg.mqtt_host,
+                    self._cfg.mqtt_port,
+                    reason,
+                )
+            self.last_error = reason
+        elif reason_code != 0:
             log.warning("MQTT disconnected: %s", reason_code)
+        self._answered = False
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:

@@ -140,6 +140,20 @@ def test_a_device_trusting_another_ca_is_refused_and_says_why(
         wrong.stop()
 
 
+def test_a_device_without_the_client_certificate_the_broker_requires_says_why(
+    tmp_path: Path, pki: Pki, tls_broker: Mosquitto
+) -> None:
+    link, _ = device_link(tmp_path, tls_broker, mqtt_ca_file=pki.ca_file)  # no certificate
+    link.start()
+    try:
+        error = poll("the refusal's reason", lambda: link.last_error, timeout=60)
+        assert "closed the connection before accepting it" in error
+        assert "client certificate" in error
+        assert not link.connected.is_set() and link.loop_alive
+    finally:
+        link.stop()
+
+
 def test_a_certificate_for_another_host_name_is_refused(tmp_path: Path, pki: Pki) -> None:
     """The broker's certificate names broker.invalid only; we connect to 127.0.0.1."""
     with started_broker(tmp_path, pki, dns=("broker.invalid",), ips=()) as broker:
