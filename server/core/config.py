@@ -145,6 +145,21 @@ class Settings(BaseSettings):
     mqtt_username: str = ""  # the server's own broker login; empty: anonymous
     mqtt_password: str = ""
 
+    # MQTT over TLS and brokers that are a cluster (issue 15; docs/operating-the-server.md).
+    # The bridge's TLS (contract.mqtt_tls): production refuses plain MQTT unless
+    # mqtt_allow_plaintext, and refuses mqtt_tls_insecure (no host name check).
+    mqtt_tls: bool = False
+    mqtt_ca_file: Path | None = None  # PEM CAs trusted for the broker (None: the system's)
+    mqtt_client_cert: Path | None = None  # PEM client certificate, when the broker wants one
+    mqtt_client_key: Path | None = None  # its PEM key (None: inside mqtt_client_cert)
+    mqtt_tls_insecure: bool = False  # skip the broker host name check (development only)
+    mqtt_allow_plaintext: bool = False  # production: allow plain MQTT anyway
+    # Shared secret of the HTTP auth/ACL endpoint clustered brokers call (/api/v1/broker/...,
+    # server.api.routes.broker): sent as "Authorization: Bearer <secret>" or as the password
+    # of HTTP basic auth. Empty: the endpoint answers anyone in development and no one in
+    # production.
+    broker_auth_secret: str = Field(default="", repr=False)
+
     # Monitoring (server.monitoring): device summaries are merged per model version, device
     # group and window of the server's receive clock, scored against the model's reference and
     # judged by the alert rules (drift, estimated_accuracy, live_accuracy, latency, error_rate).
