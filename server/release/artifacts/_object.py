@@ -10,9 +10,9 @@ event-loop thread), and it names the guarantees this store needs: a put is atomi
 multipart upload whose input raises is aborted, so a reader never sees part of an object.
 
 Writes: the bytes are named by their sha256 before they are sent (a local file is hashed first;
-a stream comes with its expected hash) and are hashed again while sent; the last chunk is held
-back until the hash checks (``verified_chunks``), so an upload of wrong or truncated bytes never
-completes. Reads fetch one bounded range per request (``CHUNK_BYTES``), so a slow reader (a
+a stream comes with its expected hash) and are hashed again while sent; the input raises instead
+of ending when the hash does not check (``verified_chunks``), and obstore then aborts the
+multipart upload (or never sends the single PUT), so wrong or truncated bytes never appear. Reads fetch one bounded range per request (``CHUNK_BYTES``), so a slow reader (a
 device on a poor link behind the server's download route) never holds one request open for
 longer than a chunk takes, and every read of an immutable object is consistent.
 """
@@ -136,10 +136,25 @@ class ObjectArtifactStore(ArtifactStore):
             ) from exc
 
     def _write(self, sha: str, chunks: Iterable[bytes], size: int | None) -> None:
-        # A verified iterator raises before its last chunk when the bytes are wrong: obstore
-        # then aborts the multipart upload (or never sends the single PUT), so nothing appears.
-        multipart = size is None or size > PART_BYTES
-        self._call(sha, obstore.put, iter(chunks), use_multipart=multipart, chunk_size=PART_BYTES)
+        # A verified iterator raises instead of ending when the bytes are wrong: obstore then
+        # aborts the multipart upload (or never sends the single PUT), so nothing appears.
+        source = _Source(chunks)
+        try:
+            obstore.put(
+                self._store,
+                sha,
+                source,
+                use_multipart=size is None or size > PART_BYTES,
+                chunk_size=PART_BYTES,
+            )
+        except BaseException as exc:
+            if source.error is not None:  # the bytes' fault, not the store's: as it was raised
+                raise source.error from None
+            if isinstance(exc, ObstoreError | OSError):
+                raise ArtifactStoreUnavailableError(
+                    f"artifact store {self.url} failed storing {sha}: {_short(exc)}"
+                ) from exc
+            raise
 
     def exists(self, sha: str) -> bool:
         check_sha256(sha)
@@ -189,6 +204,26 @@ class ObjectArtifactStore(ArtifactStore):
         check_sha256(sha)
         self._call(sha, obstore.delete)  # S3 answers a delete of a missing key with success
         (self.cache_dir / sha).unlink(missing_ok=True)
+
+
+class _Source:
+    """Iterates ``chunks``, keeping the exception it raised (to tell it from the store's)."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self._chunks)
+        except StopIteration:
+            raise
+        except BaseException as exc:
+            self.error = exc
+            raise
 
 
 def _short(exc: BaseException) -> str:

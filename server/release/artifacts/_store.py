@@ -103,7 +103,7 @@ class ArtifactStore(abc.ABC):
     def _write(self, sha: str, chunks: Iterable[bytes], size: int | None) -> None:
         """Store ``chunks`` under ``sha`` so that the object appears whole or not at all.
 
-        ``chunks`` is verified: it raises before its last chunk when the bytes are not ``sha``'s,
+        ``chunks`` is verified: it raises instead of ending when the bytes are not ``sha``'s,
         and the backend must then store nothing. ``size``: bytes to come, when known.
         """
 
@@ -188,23 +188,19 @@ def check_expected(expected_sha256: str | None) -> None:
 def verified_chunks(
     chunks: Iterable[bytes], expected_sha256: str, what: str, size: int | None = None
 ) -> Iterator[bytes]:
-    """Pass ``chunks`` through, holding the last one back until the whole has been hashed.
+    """Pass ``chunks`` through, hashing them; at their end, raise ArtifactError instead of
+    finishing when they do not hash to ``expected_sha256`` (or are not ``size`` bytes long).
 
-    The consumer (an upload) therefore never receives the final bytes of a stream that does not
-    hash to ``expected_sha256`` (or is not ``size`` bytes long, when given): an ArtifactError is
-    raised instead, and the upload is abandoned before it could complete.
+    A backend completes a write only once its input is exhausted (``os.replace`` after the last
+    chunk, a multipart upload's completion, a single PUT of the whole body), so bytes that fail
+    this check are never stored.
     """
     digest = hashlib.sha256()
     total = 0
-    held: bytes | None = None
     for chunk in chunks:
-        if not chunk:
-            continue
         digest.update(chunk)
         total += len(chunk)
-        if held is not None:
-            yield held
-        held = bytes(chunk)
+        yield chunk
     if total == 0:
         raise ArtifactError(f"{what} is empty")
     sha = digest.hexdigest()
@@ -212,13 +208,12 @@ def verified_chunks(
         raise ArtifactError(f"{what} hashes to {sha}, expected {expected_sha256}")
     if size is not None and total != size:
         raise ArtifactError(f"{what} is {total} bytes, expected {size}")
-    assert held is not None
-    yield held
 
 
 def write_atomic(chunks: Iterable[bytes], dest: Path) -> int:
     """Write ``chunks`` to ``dest`` atomically (temp file beside it, fsync, ``os.replace``);
-    return the size. If ``chunks`` raises, ``dest`` is untouched and the temp file removed.
+    return the size. If ``chunks`` raises, that exception propagates, ``dest`` is untouched and
+    the temp file removed.
 
     Raises:
         ArtifactError: dest cannot be written.
@@ -232,15 +227,22 @@ def write_atomic(chunks: Iterable[bytes], dest: Path) -> int:
     size = 0
     try:
         with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                out.write(chunk)
+            for chunk in chunks:  # the source's own errors pass through untranslated
+                try:
+                    out.write(chunk)
+                except OSError as exc:
+                    raise ArtifactError(f"cannot write {dest}: {exc}") from exc
                 size += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
+            try:
+                out.flush()
+                os.fsync(out.fileno())
+            except OSError as exc:
+                raise ArtifactError(f"cannot write {dest}: {exc}") from exc
+        try:
+            os.replace(tmp, dest)
+        except OSError as exc:
+            raise ArtifactError(f"cannot write {dest}: {exc}") from exc
         return size
-    except OSError as exc:
-        raise ArtifactError(f"cannot write {dest}: {exc}") from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
