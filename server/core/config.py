@@ -49,8 +49,8 @@ class Settings(BaseSettings):
     # store that several server processes and training workers share (the `s3` extra).
     artifact_store_url: str = ""
     # S3 connection; each empty one falls back to the standard AWS environment (AWS_ENDPOINT_URL,
-    # AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ALLOW_HTTP)
-    # and instance credentials. An http:// endpoint named here is allowed (a local MinIO).
+    # AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) and instance
+    # credentials. An http:// endpoint, named here or there, is allowed (a local MinIO).
     artifact_s3_endpoint_url: str = ""
     artifact_s3_region: str = ""
     artifact_s3_access_key_id: str = ""

@@ -12,13 +12,16 @@ multipart upload whose input raises is aborted, so a reader never sees part of a
 Writes: the bytes are named by their sha256 before they are sent (a local file is hashed first;
 a stream comes with its expected hash) and are hashed again while sent; the input raises instead
 of ending when the hash does not check (``verified_chunks``), and obstore then aborts the
-multipart upload (or never sends the single PUT), so wrong or truncated bytes never appear. Reads fetch one bounded range per request (``CHUNK_BYTES``), so a slow reader (a
-device on a poor link behind the server's download route) never holds one request open for
-longer than a chunk takes, and every read of an immutable object is consistent.
+multipart upload (or never sends the single PUT), so wrong or truncated bytes never appear.
+
+Reads fetch one bounded range per request (``CHUNK_BYTES``), so a slow reader (a device on a poor
+link behind the server's download route) never holds one request open for longer than a chunk
+takes, and every read of an immutable object is consistent.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -67,9 +70,10 @@ def s3_store(
 ) -> S3Store:
     """An obstore S3Store for ``s3://bucket[/prefix]``.
 
-    Each empty argument falls back to the standard AWS environment (``AWS_ENDPOINT_URL``,
-    ``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-    ``AWS_SESSION_TOKEN``, instance and web-identity credentials), as obstore reads it.
+    Each empty argument falls back to the standard AWS environment, as obstore reads it
+    (``AWS_ENDPOINT_URL``, ``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, instance and web-identity credentials).
+    An http:// endpoint, from the argument or the environment, is allowed (a local MinIO).
 
     Raises:
         ConfigError: the URL is not ``s3://bucket[/prefix]``, or the endpoint is not http(s).
@@ -83,11 +87,12 @@ def s3_store(
         "connect_timeout": timedelta(seconds=CONNECT_TIMEOUT_S),
         "timeout": timedelta(seconds=REQUEST_TIMEOUT_S),
     }
-    if endpoint_url:
-        scheme = urlsplit(endpoint_url).scheme
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or ""
+    if endpoint:
+        scheme = urlsplit(endpoint).scheme
         if scheme not in ("http", "https"):
-            raise ConfigError(f"artifact store endpoint {endpoint_url!r} must be http(s)://...")
-        config["endpoint"] = endpoint_url.rstrip("/")
+            raise ConfigError(f"artifact store endpoint {endpoint!r} must be http(s)://...")
+        config["endpoint"] = endpoint.rstrip("/")
         client["allow_http"] = scheme == "http"  # named by the operator: a local MinIO, say
     if region:
         config["region"] = region
