@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The bootstrap admin token used in development when EDGELOOP_ADMIN_TOKEN is empty. Public by
@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     artifact_s3_endpoint_url: str = ""
     artifact_s3_region: str = ""
     artifact_s3_access_key_id: str = ""
-    artifact_s3_secret_access_key: SecretStr = SecretStr("")
+    artifact_s3_secret_access_key: str = ""
     # Base of the artifact URLs given to devices: BASE/<sha256> (a CDN, or the bucket's public
     # HTTP endpoint, serving the store's objects with Range). Empty: this server's own route,
     # public_url/api/v1/artifacts. Devices check the signed sha256 and size, not the host.

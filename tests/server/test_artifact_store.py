@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
 from server.core.config import Settings
 from server.core.errors import (
@@ -217,7 +216,7 @@ def test_unreachable_object_store_is_a_transient_error(tmp_path: Path) -> None:
         artifact_s3_endpoint_url=f"http://127.0.0.1:{free_port()}",  # nothing listens
         artifact_s3_region="us-east-1",
         artifact_s3_access_key_id="k",
-        artifact_s3_secret_access_key=SecretStr("s"),
+        artifact_s3_secret_access_key="s",
     )
     store = open_artifact_store(settings)
     with pytest.raises(ArtifactStoreUnavailableError, match="artifact store s3://nowhere/models"):

@@ -49,7 +49,7 @@ def open_artifact_store(settings: Settings) -> ArtifactStore:
             endpoint_url=settings.artifact_s3_endpoint_url,
             region=settings.artifact_s3_region,
             access_key_id=settings.artifact_s3_access_key_id,
-            secret_access_key=settings.artifact_s3_secret_access_key.get_secret_value(),
+            secret_access_key=settings.artifact_s3_secret_access_key,
         )
         return ObjectArtifactStore(
             store, url=url.rstrip("/"), cache_dir=settings.data_dir / "artifact-cache"
