@@ -11,6 +11,7 @@ trust directory. The device side is the agent's own HttpFetcher and verify_artif
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -37,6 +38,7 @@ from tests.server.conftest import (
     add_version,
     authed_client,
     create_line,
+    fake_python,
     make_settings,
     register,
     services_of,
@@ -238,3 +240,36 @@ def test_route_streams_large_artifacts_with_range(
             gone = http.get(url)
             assert gone.status_code == 404
             assert gone.json()["detail"] == f"no artifact {sha}"  # the store's URL stays inside
+
+
+def test_training_on_an_s3_store_registers_into_the_bucket_and_warm_starts_from_it(
+    s3: S3Server, shared: dict[str, Any], tmp_path: Path
+) -> None:
+    bucket = s3.new_bucket()
+    settings = make_settings(
+        tmp_path,
+        shared["db_url"],
+        data_dir=tmp_path / "a",
+        signing_key_path=shared["signing_key_path"],
+        trust_dir=shared["trust_dir"],
+        training_python=fake_python(tmp_path, "pass"),
+        **s3.store_settings(bucket),
+    )
+    with authed_client(create_app(settings)) as a:
+        create_line(a, initial_training=True)
+        jobs = services_of(a).jobs
+        first = jobs.run_once()
+        assert a.get(f"/api/v1/training-jobs/{first}").json()["status"] == "succeeded"
+        v1 = a.get(f"/api/v1/model-lines/{LINE}/versions/1").json()
+        key = f"models/{v1['sha256']}"
+        model = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert hashlib.sha256(model).hexdigest() == v1["sha256"]
+        assert not (tmp_path / "a" / "artifacts").exists()  # nothing on this process's disk
+
+        assert a.post("/api/v1/training-jobs", json={"model_line": LINE}).status_code == 201
+        second = jobs.run_once()
+        assert a.get(f"/api/v1/training-jobs/{second}").json()["status"] == "succeeded"
+    spec = json.loads((settings.jobs_dir / str(second) / "spec.json").read_text())
+    champion = Path(spec["champion"]["onnx_path"])  # the trainer's warm start: a verified copy
+    assert champion == (tmp_path / "a" / "artifact-cache" / v1["sha256"]).resolve()
+    assert champion.read_bytes() == model
