@@ -119,7 +119,7 @@ def test_refuses_empty_unreadable_and_malformed_input(store: ArtifactStore, tmp_
         store.put_stream([], expected_sha256=sha(b""))
     with pytest.raises(ArtifactError, match="cannot read"):
         store.put_file(tmp_path / "absent.onnx")
-    for bad in ("", "xyz", "A" * 64, "0" * 63, "../" + "0" * 61):
+    for bad in ("", "xyz", "A" * 64, "0" * 63, "0" * 64 + "\n", "../" + "0" * 61):
         with pytest.raises(InvalidRequestError, match="64 lowercase hex"):
             store.exists(bad)
         with pytest.raises(InvalidRequestError, match="64 lowercase hex"):

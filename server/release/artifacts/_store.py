@@ -18,13 +18,13 @@ from typing import BinaryIO
 
 from server.core.errors import ArtifactError, InvalidRequestError
 
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")  # whole string: fullmatch
 CHUNK_BYTES = 8 * 1024 * 1024  # bytes read, hashed, sent or fetched per step
 
 
 def check_sha256(sha: str) -> str:
     """Return ``sha`` if it is 64 lowercase hex characters. Raises InvalidRequestError."""
-    if not isinstance(sha, str) or not SHA256_RE.match(sha):
+    if not isinstance(sha, str) or not SHA256_RE.fullmatch(sha):
         raise InvalidRequestError("artifact id must be a sha256: 64 lowercase hex characters")
     return sha
 
