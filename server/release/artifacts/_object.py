@@ -53,7 +53,7 @@ except ImportError as exc:  # the `s3` extra is not installed
 PART_BYTES = 8 * 1024 * 1024  # bytes per part of a multipart upload (S3's minimum is 5 MiB)
 CONNECT_TIMEOUT_S = 10  # seconds to open a connection to the object store
 REQUEST_TIMEOUT_S = 120  # seconds for one request: a part of an upload or a chunk of a read
-MAX_RETRIES = 3  # retries of a failed request (obstore retries idempotent requests itself)
+MAX_RETRIES = 3  # retries of a failed request, with backoff (obstore's own retry)
 RETRY_TIMEOUT_S = 60  # seconds after which a request is no longer retried
 _MESSAGE_CHARS = 300  # characters of a backend error kept in ours (they carry a debug dump)
 
