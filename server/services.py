@@ -31,7 +31,7 @@ from server.monitoring.alerts import RaisedAlert, RetrainHook
 from server.monitoring.evaluator import MonitorEvaluator
 from server.monitoring.references import ReferenceBook
 from server.monitoring.webhook import WebhookSender
-from server.release.artifacts import ArtifactStore
+from server.release.artifacts import ArtifactStore, open_artifact_store
 from server.release.signing import (
     Signer,
     audit_published_roots,
@@ -253,7 +253,7 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
         raise
     sessions = make_sessionmaker(engine)
     signer = load_signer(settings)
-    store = ArtifactStore(settings.artifacts_dir)
+    store = open_artifact_store(settings)
     references = ReferenceBook(
         store,
         alpha=settings.drift_alpha,

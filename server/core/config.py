@@ -6,11 +6,12 @@ test) and handed to ``create_app``.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The bootstrap admin token used in development when EDGELOOP_ADMIN_TOKEN is empty. Public by
@@ -42,6 +43,34 @@ class Settings(BaseSettings):
     public_url: str = ""
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+
+    # Artifact store (server.release.artifacts). Empty: the directory data_dir/artifacts, one
+    # process's disk. file:///absolute/dir, or s3://bucket[/prefix]: an S3-compatible object
+    # store that several server processes and training workers share (the `s3` extra).
+    artifact_store_url: str = ""
+    # S3 connection; each empty one falls back to the standard AWS environment (AWS_ENDPOINT_URL,
+    # AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) and instance
+    # credentials. An http:// endpoint, named here or there, is allowed (a local MinIO).
+    artifact_s3_endpoint_url: str = ""
+    artifact_s3_region: str = ""
+    artifact_s3_access_key_id: str = ""
+    artifact_s3_secret_access_key: str = ""
+    # Base of the artifact URLs given to devices: BASE/<sha256> (a CDN, or the bucket's public
+    # HTTP endpoint, serving the store's objects with Range). Empty: this server's own route,
+    # public_url/api/v1/artifacts. Devices check the signed sha256 and size, not the host.
+    artifact_base_url: str = ""
+
+    @field_validator("artifact_base_url")
+    @classmethod
+    def _http_base(cls, value: str) -> str:
+        if value and not re.fullmatch(r"https?://[^\s?#]+", value):
+            raise ValueError("must be an http(s):// URL without query or fragment")
+        return value.rstrip("/")
+
+    @property
+    def artifact_url_base(self) -> str:
+        """What devices prepend to ``/<sha256>`` to download an artifact."""
+        return self.artifact_base_url or f"{self.public_url.rstrip('/')}/api/v1/artifacts"
 
     # MQTT: mqtt_enabled says the deployment uses a broker; enable_mqtt lets a test build an
     # app without the bridge thread.

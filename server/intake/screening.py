@@ -155,7 +155,7 @@ class Screener:
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = 1
                 sess = ort.InferenceSession(
-                    str(self.store.path(sha256)), opts, providers=["CPUExecutionProvider"]
+                    self.store.read_bytes(sha256), opts, providers=["CPUExecutionProvider"]
                 )
                 self._sessions = {sha256: sess}  # keep only the current champion
             return sess

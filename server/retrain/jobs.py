@@ -250,10 +250,11 @@ class JobRunner:
                 if cv.sha256 and self.store.exists(cv.sha256):
                     champion = {
                         "version": cv.version,
-                        "onnx_path": str(self.store.path(cv.sha256).resolve()),
+                        "onnx_path": str(self.store.local_path(cv.sha256).resolve()),
                     }
                     if cv.weights_sha256 and self.store.exists(cv.weights_sha256):
-                        champion["weights_path"] = str(self.store.path(cv.weights_sha256).resolve())
+                        weights = self.store.local_path(cv.weights_sha256)
+                        champion["weights_path"] = str(weights.resolve())
         features = InputSpec.from_dict(line.input_spec).features
         samples_path: Path | None = None
         if rows:
