@@ -91,7 +91,14 @@ async def one_rollout(
         if not quiet:
             print(f"  {len(swarm.devices)} devices: rebooting into {mode}", flush=True)
         await asyncio.gather(*(d.switch_mode(device_mode) for d in swarm.devices))
-        await swarm.wait_online(swarm.devices, timeout=300)
+        online = await swarm.wait_online(swarm.devices, timeout=300)
+        if not quiet:
+            stuck = swarm.ctx.counters.stuck_stops
+            print(
+                f"  {online} of {len(swarm.devices)} devices online as {mode}"
+                + (f"; {stuck} device tasks did not stop (stacks in the log)" if stuck else ""),
+                flush=True,
+            )
     if not quiet:
         print(f"  {len(swarm.devices)} devices {mode}: training the candidate", flush=True)
     version = await loop.run_in_executor(None, stack.train)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import math
@@ -64,6 +65,8 @@ log = logging.getLogger("edgeloop.swarm")
 S = DeviceState
 
 MISC_INTERVAL_S = 5.0  # seconds between paho housekeeping calls per client (keepalive pings)
+STOP_TIMEOUT_S = 30.0  # seconds a cancelled device task may take to end (stop / switch_mode)
+STUCK_STACKS_LOGGED = 5  # stacks of stuck tasks logged per swarm
 SESSION_EXPIRY_S = 0  # no broker session, as the agent (device_agent/mqtt.py says why)
 ACTIVE = frozenset({S.NOTIFIED, S.DOWNLOADING, S.VERIFYING, S.INSTALLING, S.PROBATION})
 SETTLED = frozenset({S.COMMITTED, S.ALREADY_INSTALLED, S.REFUSED, S.ROLLED_BACK})
@@ -172,6 +175,7 @@ class Counters:
     verify_calls: int = 0
     hash_s: float = 0.0
     session_builds: int = 0
+    stuck_stops: int = 0  # device tasks still running STOP_TIMEOUT_S after being cancelled
 
 
 class SharedModels:
@@ -364,6 +368,12 @@ class SwarmDevice:
         if self.flash.outbox:
             self._outbox_ready.set()
 
+    def _power_back(self) -> None:
+        """Power returns after a cut, unless something booted the device meanwhile (a mode
+        switch): a second boot would run two connection loops under one client id."""
+        if not self.booted:
+            self.boot()
+
     def power_cut(self) -> None:
         """Lose power now: tasks, connection and serving session go; the flash stays."""
         self.ctx.counters.power_cuts += 1
@@ -390,12 +400,32 @@ class SwarmDevice:
         self.boot()
 
     async def stop(self) -> None:
+        """Cancel the device's tasks and wait for them to end, at most ``STOP_TIMEOUT_S``.
+
+        A task that has not ended by then is counted (``stuck_stops``) and its stack is logged
+        once per swarm, so a mode switch of the whole fleet cannot hang on one device without
+        saying where; the task is left cancelled.
+        """
         tasks, self._tasks = self._tasks, []
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if not tasks:
+            return
+        _done, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S)
+        for t in pending:
+            self.ctx.counters.stuck_stops += 1
+            if self.ctx.counters.stuck_stops <= STUCK_STACKS_LOGGED:
+                buf = io.StringIO()
+                t.print_stack(limit=12, file=buf)
+                log.warning(
+                    "%s: a task did not end %.0f s after it was cancelled: %s",
+                    self.device_id,
+                    STOP_TIMEOUT_S,
+                    buf.getvalue(),
+                )
+        for t in _done:
+            if not t.cancelled():
+                t.exception()  # consumed: a task that failed while stopping is not news here
 
     # ------------------------------------------------------------------ MQTT session
 
@@ -560,7 +590,7 @@ class SwarmDevice:
             # Cut from outside this task (power_cut cancels it), then boot again later.
             loop = asyncio.get_running_loop()
             loop.call_soon(self.power_cut)
-            loop.call_later(self.reboot_s * (0.5 + self.rng.random()), self.boot)
+            loop.call_later(self.reboot_s * (0.5 + self.rng.random()), self._power_back)
 
     async def _run_job(self) -> None:
         while True:
