@@ -166,7 +166,7 @@ function utc(iso) { return iso ? new Date(iso).toISOString().slice(0, 19).replac
 function groupName(g) { return g === "*" ? "all devices" : g; }
 
 // A time chart of several series and horizontal lines. opts: {series: [{name, color, pts: [{t, v,
-// breach}], band: [{t, lo, hi}]}], hlines: [{y, label, cls}], yMin, yMax, log}.
+// breach}], band: [{t, lo, hi}]}], hlines: [{y, label, cls, below}], yMin, yMax, log, legend}.
 function timeChart(svg, opts) {
   const W = 640, H = 220, L = 44, R = 10, T = 10, B = 24;
   const all = opts.series.flatMap((s) => s.pts);
@@ -201,7 +201,7 @@ function timeChart(svg, opts) {
     out += s.pts.map((p) => `<circle class="pt${p.breach ? " breach" : ""}" data-series="${esc(s.name)}" ` +
       `data-t="${p.t}" data-v="${p.v}" data-breach="${!!p.breach}" cx="${x(p.t)}" cy="${y(p.v)}" r="2.5" fill="${s.color}">` +
       `<title>${esc(s.name)} ${fmt(p.v)} at ${utc(new Date(p.t * 1000).toISOString())}</title></circle>`).join("");
-    out += `<text x="${L + 8 + i * 120}" y="${T + 12}" style="fill:${s.color}">${esc(s.name)}</text>`;
+    if (opts.legend !== false) out += `<text x="${L + 8 + i * 120}" y="${T + 12}" style="fill:${s.color}">${esc(s.name)}</text>`;
   });
   [t0, (t0 + t1) / 2, t1].forEach((t, i) => {
     const label = new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
@@ -241,7 +241,7 @@ function renderMonitoring(ser) {
         band: est.filter((p) => typeof p.estimated_low === "number").map((p) => ({ t: p.t, lo: p.estimated_low, hi: p.estimated_high })) },
       { name: "live (labelled)", color: COLORS[1], pts: live.map((p) => ({ t: p.t, v: p.live_accuracy, breach: p.breaches.includes("live_accuracy") })) },
     ],
-    hlines, yMin: 0, yMax: 1,
+    hlines, yMin: 0, yMax: 1, legend: false, // the panel's title names the colours
   });
   if (!last) { $("#monitor-latest").textContent = "No monitoring windows yet."; return; }
   const item = (k, text) => `<span data-k="${k}">${text}</span>`;
