@@ -726,6 +726,11 @@ def main(argv: list[str] | None = None) -> int:
         "--monitor-period", type=float, default=0.5, help="seconds per device monitoring summary"
     )
     a = p.parse_args(argv)
+    # The server refuses windows under 1 s (EDGELOOP_MONITOR_WINDOW_S); say so before starting it.
+    if not 1.0 <= a.monitor_window <= 86_400.0:
+        p.error(f"--monitor-window must be within 1..86400 seconds, got {a.monitor_window:g}")
+    if not 0.0 < a.monitor_period <= 3600.0:
+        p.error(f"--monitor-period must be within (0, 3600] seconds, got {a.monitor_period:g}")
     demo = Demo(
         Options(
             a.devices,
