@@ -109,7 +109,7 @@ class Options:
     keep: bool
     timeout_s: float
     monitor_window_s: float = 1.0  # seconds per server monitoring window
-    monitor_period_s: float = 0.5  # seconds per agent summary
+    monitor_period_s: float = 1.0  # seconds per agent summary (as often as the metrics reports)
 
 
 @dataclass
@@ -723,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         "--monitor-window", type=float, default=1.0, help="seconds per server monitoring window"
     )
     p.add_argument(
-        "--monitor-period", type=float, default=0.5, help="seconds per device monitoring summary"
+        "--monitor-period", type=float, default=1.0, help="seconds per device monitoring summary"
     )
     a = p.parse_args(argv)
     # The server refuses windows under 1 s (EDGELOOP_MONITOR_WINDOW_S); say so before starting it.
