@@ -1,15 +1,23 @@
 """The closed loop, end to end, on real parts: ``python -m firmware_sim.demo``.
 
 Starts its own Mosquitto and edgeloop server, boots a fleet of simulated devices (each a real
-agent with its own MQTT session), and walks the loop: healthy fleet -> drift -> misclassified
-samples flow in -> threshold -> retraining -> gate -> signing -> operator approval (through the
-``edgeloop`` CLI) -> canary -> full rollout. Prints a summary and exits non-zero when the loop did
-not close or did not help.
+agent with its own MQTT session), and walks the loop: healthy fleet -> drift -> label-free drift
+alert and misclassified samples flowing in -> threshold -> retraining -> gate -> signing ->
+operator approval (through the ``edgeloop`` CLI) -> canary -> full rollout. Prints a summary and
+exits non-zero when the loop did not close or did not help.
+
+Monitoring runs on a demo time scale: the agents send a histogram summary every
+``--monitor-period`` seconds and the server judges windows of ``--monitor-window`` seconds
+(production defaults: 60 s and 300 s), so a drift alert can come within seconds. The summary says
+when the first drift alert was raised and when the retraining threshold was reached, both
+counted from the moment the drift began, and says so plainly when the alert came later or not at
+all.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -23,11 +31,13 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from device_agent import AgentConfig
 from firmware_sim.fleet import Fleet, FleetConfig, Inputs, Tally
 from firmware_sim.services import Mosquitto, ServerProcess
 
@@ -41,6 +51,19 @@ class LoopDidNotClose(RuntimeError):
 HTTP_TIMEOUT_S = 30.0  # seconds one API call may take before it is retried
 HTTP_TRIES = 4  # attempts of one read-only API call (a loaded machine can be slow, not down)
 MAX_TRAININGS = 3  # challengers the gate may reject in a row before the demo gives up
+# Monitoring on the demo's time scale. A drift verdict needs a window's samples (here the fleet's
+# traffic of one window: 24 devices x 4/s x 1 s = 96), two breaching windows raise the alert
+# (the production rule: about 1e-4 false alerts per clean window), and a window is judged
+# MONITOR_CLOSE_DELAY_S after it ends (the summaries still in the ingest writer's batch).
+MONITOR_CLOSE_DELAY_S = 0.5  # seconds
+MONITOR_TICK_S = 0.25  # seconds between the evaluator's looks
+MONITOR_MIN_SAMPLES = 30  # samples a window needs to count toward an alert (drift, estimate)
+# The simulator resamples a 497-image field pool: a window of ~100 carries the pool's own
+# sampling error too, ~1 + 100 / 497 more variance than independent images (benchmarks/monitoring)
+DRIFT_DISPERSION = 1.25
+DRIFT_NULL_DRAWS = 20_000  # resamples per calibrated threshold (the default 40,000 costs twice)
+LABEL_FREE_RULES = ("drift", "estimated_accuracy")  # alerts that need no label
+ALERT_WAIT_S = 60.0  # seconds phase 3 waits for a label-free alert (or the threshold)
 
 
 def num(value: Any) -> str:
@@ -59,13 +82,18 @@ def phase(n: int, title: str) -> None:
     say(f"\n{BOLD}[{n}] {title}{RESET}")
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
+def wait_for(
+    what: str, check: Callable[[], Any], timeout: float, every: float = 0.5, *, fail: bool = True
+) -> Any:
+    """``check()``'s first truthy value; at the timeout LoopDidNotClose (``fail=False``: None)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
         time.sleep(every)
+    if not fail:
+        return None
     raise LoopDidNotClose(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
@@ -80,6 +108,68 @@ class Options:
     workdir: Path | None
     keep: bool
     timeout_s: float
+    monitor_window_s: float = 1.0  # seconds per server monitoring window
+    monitor_period_s: float = 1.0  # seconds per agent summary (as often as the metrics reports)
+
+
+@dataclass
+class Timeline:
+    """When things happened after the drift began (seconds; None: not seen)."""
+
+    drift_at: float  # unix seconds (this machine's clock, which the server shares)
+    alert: dict[str, Any] | None = None  # the first label-free alert raised after drift_at
+    alert_s: float | None = None
+    threshold_s: float | None = None
+
+    def lines(self, threshold: int) -> list[tuple[str, str]]:
+        """The summary's rows: when the alert was raised, when the threshold was reached."""
+        a = self.alert
+        alert = (
+            f"t+{self.alert_s:.1f} s (rule {a['rule']}, group {a['group']}, v{a['model_version']})"
+            if a is not None and self.alert_s is not None
+            else "not raised"
+        )
+        reached = f"t+{self.threshold_s:.1f} s" if self.threshold_s is not None else "not reached"
+        return [
+            ("drift alert raised (no labels needed)", alert),
+            (f"retraining threshold ({threshold} samples) reached", reached),
+        ]
+
+    def verdict(self) -> tuple[bool, str]:
+        """(the alert came first, a sentence that says what happened)."""
+        if self.alert_s is None:
+            return False, "No drift alert was raised after the drift began."
+        if self.threshold_s is None:
+            return True, "The drift alert was raised; the retraining threshold was never reached."
+        gap = self.threshold_s - self.alert_s
+        if gap > 0:
+            return True, (
+                f"The drift alert came {gap:.1f} s before the threshold of wrong or unsure "
+                "samples was reached."
+            )
+        return False, (
+            f"The drift alert came {-gap:.1f} s AFTER the threshold of wrong or unsure samples "
+            "was reached: on this run the labels were faster."
+        )
+
+
+class DemoFleet(Fleet):
+    """The simulated fleet, with the agents' monitoring period on the demo's time scale."""
+
+    def __init__(self, config: FleetConfig, inputs: Inputs, monitor_period_s: float) -> None:
+        super().__init__(config, inputs)
+        self.monitor_period_s = monitor_period_s
+
+    def agent_config(self, index: int) -> AgentConfig:
+        return dataclasses.replace(
+            super().agent_config(index), monitor_interval_s=self.monitor_period_s
+        )
+
+
+def unix(iso: str) -> float:
+    """Unix seconds of an API timestamp (ISO 8601; UTC when it names no zone)."""
+    t = datetime.fromisoformat(iso)
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
 
 
 class Demo:
@@ -99,6 +189,8 @@ class Demo:
         self.rollout_id: int | None = None  # the rollout being watched, for a failure report
         self.failed = False  # a failed run keeps its work directory
         self.operator_token = self.admin_token  # what the CLI uses; an approver's, once made
+        self.v_old: int | None = None  # the version that serves when the drift begins
+        self.timeline: Timeline | None = None
 
     # Server API helpers ----------------------------------------------------------------------
 
@@ -189,6 +281,17 @@ class Demo:
                 "EDGELOOP_BROKER_PID_FILE": str(self.broker.pid_file),
                 "EDGELOOP_MQTT_USERNAME": "edgeloop-server",
                 "EDGELOOP_MQTT_PASSWORD": secrets.token_urlsafe(24),
+                # Monitoring on the demo's time scale (see MONITOR_* above). Latency and error
+                # rate are left out: on a shared laptop p95 latency is the neighbours' noise.
+                "EDGELOOP_MONITOR_WINDOW_S": str(o.monitor_window_s),
+                "EDGELOOP_MONITOR_CLOSE_DELAY_S": str(MONITOR_CLOSE_DELAY_S),
+                "EDGELOOP_MONITOR_TICK_S": str(MONITOR_TICK_S),
+                "EDGELOOP_DRIFT_DISPERSION": str(DRIFT_DISPERSION),
+                "EDGELOOP_DRIFT_NULL_DRAWS": str(DRIFT_NULL_DRAWS),
+                "EDGELOOP_ALERT_RULES": json.dumps([*LABEL_FREE_RULES, "live_accuracy"]),
+                "EDGELOOP_ALERT_POLICIES": json.dumps(
+                    {rule: {"min_samples": MONITOR_MIN_SAMPLES} for rule in LABEL_FREE_RULES}
+                ),
             },
         ).start()
         say(f"  server on {self.server.url} (data in {self.server.data_dir})")
@@ -203,6 +306,7 @@ class Demo:
             timeout=300,
         )
         say(f"  model line 'digits': v{v1['champion_version']}, release {v1['current_release']}")
+        self.v_old = v1["champion_version"]
         # The operator who will approve the rollout gets their token now, as a person would
         # before they are needed (the bootstrap admin cannot be everyone's login).
         made = self.cli("tokens", "create", "--name", "demo-approver", "--role", "approver")
@@ -214,7 +318,7 @@ class Demo:
         phase(
             1, f"Fleet: {o.devices} simulated devices, each a real agent with its own MQTT session"
         )
-        self.fleet = Fleet(
+        self.fleet = DemoFleet(
             FleetConfig(
                 server_url=self.server.url,
                 mqtt_host="127.0.0.1",
@@ -227,31 +331,58 @@ class Demo:
                 bootstrap_token=self.server.enrollment_token(max_uses=o.devices),
             ),
             inputs,
+            o.monitor_period_s,
         )
         self.fleet.start()
         if not self.fleet.wait_ready(120):
             raise LoopDidNotClose("devices did not install the initial model")
         say(f"  all {o.devices} devices verified and serve v{v1['champion_version']}")
 
-        phase(2, "Healthy fleet: clean inputs")
-        healthy = self.fleet.run_rounds(o.measure_rounds, drifted=False)
+        phase(2, f"Healthy fleet: clean inputs, {o.rate_hz:g} inferences per device per second")
+        fleet = self.fleet
+        fleet.start_traffic(o.rate_hz)
+        healthy = self._measure(o.devices * o.measure_rounds)
         say(f"  fleet accuracy {healthy.accuracy:.3f} over {healthy.predictions} predictions")
+        say(
+            f"  monitoring (summaries every {o.monitor_period_s:g} s, windows of "
+            f"{o.monitor_window_s:g} s): {self._quiet()}"
+        )
 
         phase(3, "Drift: the cameras are knocked askew and lose focus (rotation, blur, contrast)")
-        drifted_old = self.fleet.run_rounds(o.measure_rounds, drifted=True)
-        say(f"  fleet accuracy under drift, old model: {RED}{drifted_old.accuracy:.3f}{RESET}")
+        fleet.take_tally()
+        fleet.drifted = True
+        timeline = Timeline(drift_at=time.time())
+        self.timeline = timeline
+        say("  the fleet's inputs drift now (t+0); the server sees only histograms, no labels")
+        alert_wait_s = min(o.timeout_s, ALERT_WAIT_S)
+        wait_for(
+            "a label-free alert or the retraining threshold",
+            lambda: self._look(timeline) or self._threshold_job(timeline),
+            timeout=alert_wait_s,
+            every=0.25,
+            fail=False,
+        )
+        if timeline.alert is None and timeline.threshold_s is not None:
+            came = f"t+{timeline.threshold_s:.1f} s"
+            say(f"  no drift alert yet: the retraining threshold came first ({came})")
+        elif timeline.alert is None:
+            say(f"  no drift alert in the first {alert_wait_s:.0f} s after the drift began")
 
         phase(4, f"Misclassified samples flow to the server (retraining threshold {o.threshold})")
-        self.fleet.drifted = True
-        self.fleet.start_traffic(o.rate_hz)
         job = wait_for(
             "the retraining threshold to be hit",
-            self._threshold_job,
+            lambda: self._threshold_job(timeline),
             timeout=o.timeout_s,
             every=0.25,
         )
         t_threshold = time.monotonic()
-        say(f"  threshold reached: training job #{job['id']} queued ({job.get('trigger')})")
+        drifted_old = fleet.take_tally()
+        say(f"  fleet accuracy under drift, old model: {RED}{drifted_old.accuracy:.3f}{RESET}")
+        say(
+            f"  threshold reached t+{timeline.threshold_s:.1f} s: training job #{job['id']} "
+            f"queued ({job.get('trigger')})"
+        )
+        self._look(timeline)  # an alert raised since
 
         phase(5, "Retraining, golden-set gate, ONNX export and parity, signing")
         job = self._train_until_a_challenger_passes(job)
@@ -315,8 +446,10 @@ class Demo:
         phase(8, "After the update: drifted inputs, new model")
         after = self.fleet.run_rounds(o.measure_rounds, drifted=True)
         say(f"  fleet accuracy under drift, new model: {GREEN}{after.accuracy:.3f}{RESET}")
+        self._look(timeline)  # an alert that came after the threshold
 
         return self._summary(
+            timeline,
             healthy,
             drifted_old,
             after,
@@ -367,9 +500,77 @@ class Demo:
             say(f"  threshold reached again: training job #{job['id']} queued")
         raise LoopDidNotClose(f"{MAX_TRAININGS} challengers in a row failed the gate")
 
-    def _threshold_job(self) -> dict[str, Any] | None:
+    def _threshold_job(self, timeline: Timeline) -> dict[str, Any] | None:
         jobs = self.get("/training-jobs?model_line=digits")
-        return next((j for j in jobs if j.get("trigger") == "threshold"), None)
+        job = next((j for j in jobs if j.get("trigger") == "threshold"), None)
+        if job is not None and timeline.threshold_s is None:
+            timeline.threshold_s = unix(job["created_at"]) - timeline.drift_at
+        return job
+
+    def _measure(self, predictions: int) -> Tally:
+        """The background traffic's tally from now until it holds ``predictions``."""
+        assert self.fleet is not None
+        fleet, total = self.fleet, Tally()
+        fleet.take_tally()
+
+        def enough() -> bool:
+            t = fleet.take_tally()
+            total.predictions += t.predictions
+            total.correct += t.correct
+            total.failed += t.failed
+            return total.predictions >= predictions
+
+        wait_for(f"{predictions} predictions", enough, timeout=self.o.timeout_s, every=0.25)
+        return total
+
+    def _quiet(self) -> str:
+        """What monitoring made of the clean traffic so far: windows judged, the highest drift
+        ratio (1 is the calibrated threshold) and any alert raised."""
+        windows = self.get("/model-lines/digits/monitoring/windows?group=*&limit=500")
+        ratios = [w["drift_ratio"] for w in windows if w.get("drift_ratio") is not None]
+        alerts = self.get("/alerts?model_line=digits")
+        said = (
+            f"{len(windows)} windows judged, highest drift ratio "
+            f"{max(ratios):.2f} (alert threshold 1)"
+            if ratios
+            else f"{len(windows)} windows judged, none scored yet"
+        )
+        if not alerts:
+            return said + ", no alert"
+        return (
+            said
+            + ", alerts on clean traffic: "
+            + ", ".join(f"#{a['id']} {a['rule']} (group {a['group']})" for a in alerts)
+        )
+
+    def _look(self, timeline: Timeline) -> bool:
+        """Find the first label-free alert on the old version raised after the drift began
+        (drift first on a tie) and say what it showed; True once found."""
+        if timeline.alert is not None:
+            return True
+        alerts = [
+            a
+            for a in self.get("/alerts?model_line=digits")
+            if a["rule"] in LABEL_FREE_RULES
+            and a["model_version"] == self.v_old
+            and unix(a["raised_at"]) >= timeline.drift_at
+        ]
+        if not alerts:
+            return False
+        first = min(alerts, key=lambda a: (unix(a["raised_at"]), a["rule"] != "drift", a["id"]))
+        timeline.alert = first
+        timeline.alert_s = unix(first["raised_at"]) - timeline.drift_at
+        f = self.get(f"/alerts/{first['id']}").get("figures") or {}
+        drift = f.get("drift") or {}
+        drifted = drift.get("drifted") or []
+        say(
+            f"  t+{timeline.alert_s:.1f} s: {first['rule']} alert #{first['id']} raised for "
+            f"v{first['model_version']}, group {first['group']} ({f.get('samples')} samples "
+            f"in the window; {len(drifted)} of {len(drift.get('scores') or [])} signals over "
+            f"their thresholds; estimated accuracy {num(f.get('estimated_accuracy'))}, "
+            f"reference {num(f.get('reference_accuracy'))})"
+        )
+        return True
 
     def _print_gate(self, version: dict[str, Any]) -> None:
         report = version.get("report") or {}
@@ -421,6 +622,7 @@ class Demo:
 
     def _summary(
         self,
+        timeline: Timeline,
         healthy: Tally,
         drifted_old: Tally,
         after: Tally,
@@ -440,9 +642,12 @@ class Demo:
             ("threshold -> full fleet updated", f"{loop_s:.1f} s"),
             ("demo wall time", f"{total_s:.1f} s"),
             ("failed inferences", f"{healthy.failed + drifted_old.failed + after.failed}"),
+            *timeline.lines(self.o.threshold),
         ]
         for label, value in rows:
             say(f"  {label:<48} {value}")
+        first, sentence = timeline.verdict()
+        say(f"{GREEN if first else RED}{sentence}{RESET}")
         if closed:
             say(f"{GREEN}{BOLD}The loop closed: the fleet recovered from drift by itself.{RESET}")
             return 0
@@ -514,7 +719,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, databases)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds any one phase may take")
+    p.add_argument(
+        "--monitor-window", type=float, default=1.0, help="seconds per server monitoring window"
+    )
+    p.add_argument(
+        "--monitor-period", type=float, default=1.0, help="seconds per device monitoring summary"
+    )
     a = p.parse_args(argv)
+    # The server refuses windows under 1 s (EDGELOOP_MONITOR_WINDOW_S); say so before starting it.
+    if not 1.0 <= a.monitor_window <= 86_400.0:
+        p.error(f"--monitor-window must be within 1..86400 seconds, got {a.monitor_window:g}")
+    if not 0.0 < a.monitor_period <= 3600.0:
+        p.error(f"--monitor-period must be within (0, 3600] seconds, got {a.monitor_period:g}")
     demo = Demo(
         Options(
             a.devices,
@@ -526,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
             a.workdir,
             a.keep,
             a.timeout,
+            a.monitor_window,
+            a.monitor_period,
         )
     )
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the broker, the server and the

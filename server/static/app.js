@@ -156,6 +156,129 @@ function chart(svg, series, key, yMax) {
   svg.innerHTML = out;
 }
 
+// ---------------------------------------------------------------- monitoring
+// The series comes from GET /model-lines/{line}/monitoring/series: one (version, group)'s
+// windows, oldest first. A drift score is the window's highest statistic / its calibrated
+// threshold, so one line at 1 is every signal's threshold; the accuracy floor is the reference
+// accuracy minus the server's alert_max_accuracy_drop.
+let monitorKey = null; // "version|group" picked in the selector; null: the server's default
+function utc(iso) { return iso ? new Date(iso).toISOString().slice(0, 19).replace("T", " ") + " UTC" : "–"; }
+function groupName(g) { return g === "*" ? "all devices" : g; }
+
+// A time chart of several series and horizontal lines. opts: {series: [{name, color, pts: [{t, v,
+// breach}], band: [{t, lo, hi}]}], hlines: [{y, label, cls, below}], yMin, yMax, log, legend}.
+function timeChart(svg, opts) {
+  const W = 640, H = 220, L = 44, R = 10, T = 10, B = 24;
+  const all = opts.series.flatMap((s) => s.pts);
+  if (!all.length) { svg.innerHTML = `<text x="${W / 2 - 60}" y="${H / 2}">no windows yet</text>`; return; }
+  const t0 = Math.min(...all.map((p) => p.t)), t1 = Math.max(...all.map((p) => p.t), t0 + 1);
+  const f = opts.log ? (v) => Math.log10(Math.max(v, opts.yMin)) : (v) => v;
+  const lo = f(opts.yMin), hi = f(opts.yMax);
+  const x = (t) => L + ((t - t0) / (t1 - t0)) * (W - L - R);
+  const y = (v) => H - B - ((Math.min(Math.max(f(v), lo), hi) - lo) / (hi - lo)) * (H - T - B);
+  let out = `<line x1="${L}" y1="${H - B}" x2="${W - R}" y2="${H - B}" stroke="#2a3642"/>`;
+  const ticks = opts.log
+    ? Array.from({ length: Math.round(hi - lo) + 1 }, (_, i) => 10 ** (lo + i))
+    : [0, 1, 2, 3, 4].map((i) => opts.yMin + ((opts.yMax - opts.yMin) * i) / 4);
+  ticks.forEach((v) => {
+    out += `<text x="4" y="${y(v) + 4}">${v < 1 ? v.toFixed(opts.log ? 1 : 2) : v.toFixed(0)}</text>` +
+      `<line x1="${L}" x2="${W - R}" y1="${y(v)}" y2="${y(v)}" stroke="#1f2933"/>`;
+  });
+  opts.series.forEach((s) => {
+    if (s.band && s.band.length) {
+      const upper = s.band.map((p) => `${x(p.t)},${y(p.hi)}`), lower = s.band.slice().reverse().map((p) => `${x(p.t)},${y(p.lo)}`);
+      out += `<polygon class="band" fill="${s.color}" fill-opacity="0.15" points="${upper.concat(lower).join(" ")}"/>`;
+    }
+  });
+  (opts.hlines || []).forEach((h) => {
+    out += `<line class="${h.cls}" data-y="${h.y}" x1="${L}" x2="${W - R}" y1="${y(h.y)}" y2="${y(h.y)}"/>` +
+      `<text class="${h.cls}-label" x="${W - R - 4}" y="${y(h.y) + (h.below ? 12 : -4)}" text-anchor="end">${esc(h.label)}</text>`;
+  });
+  opts.series.forEach((s, i) => {
+    if (!s.pts.length) return;
+    out += `<polyline class="series" data-series="${esc(s.name)}" fill="none" stroke="${s.color}" stroke-width="2" ` +
+      `points="${s.pts.map((p) => `${x(p.t)},${y(p.v)}`).join(" ")}"/>`;
+    out += s.pts.map((p) => `<circle class="pt${p.breach ? " breach" : ""}" data-series="${esc(s.name)}" ` +
+      `data-t="${p.t}" data-v="${p.v}" data-breach="${!!p.breach}" cx="${x(p.t)}" cy="${y(p.v)}" r="2.5" fill="${s.color}">` +
+      `<title>${esc(s.name)} ${fmt(p.v)} at ${utc(new Date(p.t * 1000).toISOString())}</title></circle>`).join("");
+    if (opts.legend !== false) out += `<text x="${L + 8 + i * 120}" y="${T + 12}" style="fill:${s.color}">${esc(s.name)}</text>`;
+  });
+  [t0, (t0 + t1) / 2, t1].forEach((t, i) => {
+    const label = new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+    out += `<text class="time" x="${x(t)}" y="${H - 6}" text-anchor="${["start", "middle", "end"][i]}">${label}</text>`;
+  });
+  svg.innerHTML = out;
+}
+
+function renderMonitoring(ser) {
+  const sel = $("#monitor-key");
+  const options = ser.keys.map((k) => [`${k.version}|${k.group}`, `v${k.version} · ${groupName(k.group)}`]);
+  const sig = JSON.stringify(options);
+  if (sel.dataset.sig !== sig) {
+    sel.innerHTML = options.map(([v, label]) => `<option value="${esc(v)}">${esc(label)}</option>`).join("");
+    sel.dataset.sig = sig;
+  }
+  if (ser.version !== null) sel.value = `${ser.version}|${ser.group}`;
+  const pts = ser.points.map((p) => ({ ...p, t: Date.parse(p.window_start) / 1000 }));
+  const scores = pts.filter((p) => typeof p.drift_score === "number");
+  const top = Math.max(10, ...scores.map((p) => p.drift_score));
+  timeChart($("#chart-drift"), {
+    series: [{ name: "drift score", color: COLORS[0], pts: scores.map((p) => ({ t: p.t, v: p.drift_score, breach: p.drift_breach })) }],
+    hlines: [{ y: ser.drift_threshold, label: `threshold ${ser.drift_threshold}`, cls: "threshold" }],
+    yMin: 0.1, yMax: 10 ** Math.ceil(Math.log10(top)), log: true,
+  });
+  const est = pts.filter((p) => typeof p.estimated_accuracy === "number");
+  const live = pts.filter((p) => typeof p.live_accuracy === "number");
+  const last = pts[pts.length - 1];
+  const floor = [...pts].reverse().find((p) => typeof p.accuracy_floor === "number");
+  const hlines = floor ? [
+    { y: floor.reference_accuracy, label: `reference ${fmt(floor.reference_accuracy)}`, cls: "reference" },
+    { y: floor.accuracy_floor, label: `alert floor ${fmt(floor.accuracy_floor)}`, cls: "threshold", below: true },
+  ] : [];
+  timeChart($("#chart-monitor-accuracy"), {
+    series: [
+      { name: "estimated", color: COLORS[0], pts: est.map((p) => ({ t: p.t, v: p.estimated_accuracy, breach: p.breaches.includes("estimated_accuracy") })),
+        band: est.filter((p) => typeof p.estimated_low === "number").map((p) => ({ t: p.t, lo: p.estimated_low, hi: p.estimated_high })) },
+      { name: "live (labelled)", color: COLORS[1], pts: live.map((p) => ({ t: p.t, v: p.live_accuracy, breach: p.breaches.includes("live_accuracy") })) },
+    ],
+    hlines, yMin: 0, yMax: 1, legend: false, // the panel's title names the colours
+  });
+  if (!last) { $("#monitor-latest").textContent = "No monitoring windows yet."; return; }
+  const item = (k, text) => `<span data-k="${k}">${text}</span>`;
+  $("#monitor-latest").innerHTML = [
+    item("window", `latest window ${esc(utc(last.window_start))} · ${last.samples} samples from ${last.devices} devices`),
+    item("drift", `drift score ${fmt(last.drift_score, 2)} (threshold ${ser.drift_threshold}${last.drift_breach ? ", breach: " + esc(last.drifted.join(", ")) : ""})`),
+    item("estimated", `estimated accuracy ${fmt(last.estimated_accuracy)}`),
+    item("live", `live accuracy ${fmt(last.live_accuracy)} (${last.labelled} labels)`),
+    item("floor", `alert floor ${fmt(last.accuracy_floor)}`),
+  ].join("");
+}
+
+function renderAlerts(alerts) {
+  $("#alerts tbody").innerHTML = alerts.length ? alerts.map((a) => `<tr data-alert-id="${a.id}" data-state="${esc(a.state)}">
+    <td>#${a.id}</td><td><span class="state ${esc(a.state)}">${esc(a.state)}</span></td><td>${esc(a.rule)}</td>
+    <td>v${a.model_version}</td><td>${esc(groupName(a.group))}</td><td>${fmt(a.value)}</td>
+    <td>${esc(utc(a.raised_at))}</td><td>${esc(utc(a.cleared_at))}</td>
+    <td class="reason">${a.retrain_job_id !== null ? "job #" + a.retrain_job_id : esc(a.retrain_note ?? "–")}</td></tr>`).join("")
+    : `<tr><td colspan="9" class="muted">No alerts.</td></tr>`;
+}
+
+async function refreshMonitoring(line) {
+  const q = new URLSearchParams({ limit: "200" });
+  if (monitorKey) { const [v, g] = monitorKey.split("|"); q.set("version", v); q.set("group", g); }
+  const base = `${API}/model-lines/${encodeURIComponent(line)}`;
+  try {
+    const [ser, alerts] = await Promise.all([
+      getJSON(`${base}/monitoring/series?${q}`), getJSON(`${API}/alerts?model_line=${encodeURIComponent(line)}&limit=50`),
+    ]);
+    renderMonitoring(ser);
+    renderAlerts(alerts);
+  } catch (e) {
+    if (e.status === 404 && monitorKey) { monitorKey = null; return; } // that version is gone
+    $("#monitor-latest").textContent = `monitoring unavailable: ${e.message}`;
+  }
+}
+
 let checkedToken = null; // the token `me` belongs to
 async function whoami() {
   const t = token();
@@ -202,6 +325,7 @@ async function refresh() {
       renderVersions(versions);
       chart($("#chart-accuracy"), series, "accuracy", 1);
       chart($("#chart-latency"), series, "latency_ms_p95_max");
+      await refreshMonitoring(line);
     }
   } catch (e) {
     $("#health").textContent = "server unreachable"; $("#health").className = "pill bad";
@@ -214,5 +338,6 @@ $("#token").addEventListener("change", async () => {
   await whoami();
   refresh();
 });
+$("#monitor-key").addEventListener("change", () => { monitorKey = $("#monitor-key").value || null; refresh(); });
 whoami().then(refresh);
 setInterval(refresh, REFRESH_MS);

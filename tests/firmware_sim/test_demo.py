@@ -50,6 +50,28 @@ def test_demo_closes_the_loop_on_a_small_fleet(tmp_path):
     assert new > old + 0.2, "the retrained model must recover much of the loss"
     assert re.search(r"failed inferences\s+0$", out, re.M)
     assert "The loop closed" in out
+    # The label-free path: the first drift alert on v1 and the retraining threshold, each timed
+    # from the drift's start, and one sentence saying which came first (either may, on a loaded
+    # machine; the demo must say which, not assume it).
+    alert = re.search(
+        r"drift alert raised \(no labels needed\)\s+t\+([0-9.]+) s "
+        r"\(rule (drift|estimated_accuracy), group \*, v1\)$",
+        out,
+        re.M,
+    )
+    assert alert, out[-3000:]
+    threshold = re.search(
+        r"retraining threshold \(150 samples\) reached\s+t\+([0-9.]+) s$", out, re.M
+    )
+    assert threshold, out[-3000:]
+    gap = float(threshold.group(1)) - float(alert.group(1))
+    said = re.search(r"The drift alert came ([0-9.]+) s (before|AFTER) the threshold", out)
+    assert said, out[-3000:]
+    # The printed times are rounded to 0.1 s, so the gap read from them is within 0.15 s.
+    assert float(said.group(1)) == pytest.approx(abs(gap), abs=0.16)
+    if abs(gap) > 0.15:
+        assert said.group(2) == ("before" if gap > 0 else "AFTER")
+    assert re.search(r"t\+[0-9.]+ s: (drift|estimated_accuracy) alert #\d+ raised for v1", out)
 
 
 def test_a_demo_that_cannot_close_says_where_and_keeps_its_evidence(tmp_path):

@@ -1,0 +1,204 @@
+"""The dashboard's monitoring panels in headless Chromium, against a real server whose windows
+went through the real ingest writer and evaluator (``dashboard_kit``: hall-1 drifts twice, hall-2
+stays clean).
+
+Signed in as a viewer, the page shows each (version, group)'s drift score against its threshold
+line and estimated and live accuracy against the alert floor, with the same values as the API,
+and lists every alert with its state. A screenshot is saved to the test's tmp dir and to
+``$EDGELOOP_TEST_ARTIFACTS`` (default ``var/test-artifacts``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.monitoring.conftest import Trained, View
+from tests.monitoring.dashboard_kit import DRIFTED, LABELLED, WINDOWS, monitored_line
+from tests.monitoring.monitoring_kit import LINE
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("EDGELOOP_TEST_ARTIFACTS", "var/test-artifacts"))
+SERIES = f"/api/v1/model-lines/{LINE}/monitoring/series"
+
+
+@pytest.fixture
+def browser_page() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed: run scripts/setup.sh")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        yield page
+        browser.close()
+
+
+def utc(iso: str | None) -> str:
+    """An API time as the dashboard writes it."""
+    if iso is None:
+        return "–"
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def test_the_dashboard_draws_drift_and_accuracy_against_thresholds_and_lists_alerts(
+    tmp_path: Path,
+    signing_key: Any,
+    trained: Trained,
+    views: dict[float, View],
+    browser_page: Any,
+) -> None:
+    db = f"sqlite:///{tmp_path}/edgeloop.db"
+    with monitored_line(tmp_path, db, signing_key, trained, views) as (client, _, url):
+        viewer = client.post(
+            "/api/v1/operators/tokens", json={"name": "vic", "role": "viewer"}
+        ).json()["token"]
+        page = browser_page
+        page.goto(f"{url}/")
+        page.fill("#token", viewer)
+        page.dispatch_event("#token", "change")
+        page.wait_for_function(
+            "document.querySelector('#whoami').textContent === 'vic (viewer)'", timeout=30_000
+        )
+
+        # The selector offers every (version, group) with windows; the whole fleet comes first.
+        page.wait_for_function(
+            "document.querySelectorAll('#monitor-key option').length === 3", timeout=30_000
+        )
+        options = page.locator("#monitor-key option")
+        assert options.all_inner_texts() == ["v1 · all devices", "v1 · hall-1", "v1 · hall-2"]
+        assert page.locator("#monitor-key").input_value() == "1|*"
+
+        # hall-1: one point per window, the drifted windows above the threshold line.
+        page.select_option("#monitor-key", "1|hall-1")
+        series = client.get(SERIES, params={"version": 1, "group": "hall-1"}).json()
+        points = series["points"]
+        assert len(points) == WINDOWS
+        page.wait_for_function(
+            "document.querySelectorAll('#chart-drift circle.breach').length === "
+            f"{len(DRIFTED)} && document.querySelector('#monitor-latest').textContent"
+            ".includes('breach')",
+            timeout=30_000,
+        )
+        drift = page.locator("#chart-drift circle.pt")
+        assert drift.count() == WINDOWS
+        shown = [
+            (float(drift.nth(i).get_attribute("data-v")), drift.nth(i).get_attribute("data-breach"))
+            for i in range(WINDOWS)
+        ]
+        assert shown == [
+            (pytest.approx(p["drift_score"]), "true" if k in DRIFTED else "false")
+            for k, p in enumerate(points)
+        ]
+        threshold = page.locator("#chart-drift line.threshold")
+        assert threshold.count() == 1 and threshold.get_attribute("data-y") == "1"
+        assert page.locator("#chart-drift text.threshold-label").text_content() == "threshold 1"
+        # The line sits where the axis puts 1: between the drifted points and the clean ones.
+        line_y = float(threshold.get_attribute("y1"))
+        ys = [float(drift.nth(i).get_attribute("cy")) for i in range(WINDOWS)]
+        assert all((y < line_y) is (k in DRIFTED) for k, y in enumerate(ys))  # SVG y grows down
+
+        # Accuracy: estimated and live per window, the reference and the alert floor drawn.
+        last = points[-1]
+        for name, key in (
+            ("estimated", "estimated_accuracy"),
+            ("live (labelled)", "live_accuracy"),
+        ):
+            dots = page.locator(f"#chart-monitor-accuracy circle.pt[data-series='{name}']")
+            assert [float(v) for v in dots.evaluate_all("ds => ds.map(d => d.dataset.v)")] == [
+                pytest.approx(p[key]) for p in points
+            ]
+        floor = page.locator("#chart-monitor-accuracy line.threshold")
+        assert float(floor.get_attribute("data-y")) == pytest.approx(last["accuracy_floor"])
+        assert page.locator("#chart-monitor-accuracy text.threshold-label").text_content() == (
+            f"alert floor {last['accuracy_floor']:.3f}"
+        )
+        reference = page.locator("#chart-monitor-accuracy line.reference")
+        assert float(reference.get_attribute("data-y")) == pytest.approx(last["reference_accuracy"])
+        latest = page.locator("#monitor-latest")
+        assert (
+            latest.locator("[data-k='drift']")
+            .inner_text()
+            .startswith(f"drift score {last['drift_score']:.2f} (threshold 1, breach: ")
+        )
+        assert latest.locator("[data-k='estimated']").inner_text() == (
+            f"estimated accuracy {last['estimated_accuracy']:.3f}"
+        )
+        assert latest.locator("[data-k='live']").inner_text() == (
+            f"live accuracy {last['live_accuracy']:.3f} ({LABELLED} labels)"
+        )
+
+        # hall-2 stayed clean: no point above the line.
+        page.select_option("#monitor-key", "1|hall-2")
+        page.wait_for_function(
+            "document.querySelector('#monitor-latest').textContent.includes('from 1 devices') &&"
+            "!document.querySelector('#monitor-latest').textContent.includes('breach')",
+            timeout=30_000,
+        )
+        assert page.locator("#chart-drift circle.pt").count() == WINDOWS
+        assert page.locator("#chart-drift circle.breach").count() == 0
+
+        # Alerts: every one the API lists, newest first, with its state and times.
+        alerts = client.get("/api/v1/alerts", params={"model_line": LINE}).json()
+        assert {(a["rule"], a["group"], a["state"]) for a in alerts} >= {
+            ("drift", "hall-1", "cleared"),
+            ("drift", "hall-1", "raised"),
+        }
+        page.wait_for_function(
+            f"document.querySelectorAll('#alerts tbody tr[data-alert-id]').length === "
+            f"{len(alerts)}",
+            timeout=30_000,
+        )
+        rows = page.locator("#alerts tbody tr")
+        for i, a in enumerate(alerts):
+            row = rows.nth(i)
+            assert row.get_attribute("data-alert-id") == str(a["id"])
+            cells = row.locator("td").evaluate_all("tds => tds.map(t => t.textContent.trim())")
+            group = "all devices" if a["group"] == "*" else a["group"]
+            assert cells[:5] == [f"#{a['id']}", a["state"], a["rule"], "v1", group]
+            assert cells[6:8] == [utc(a["raised_at"]), utc(a["cleared_at"])]
+            assert (cells[7] == "–") is (a["state"] == "raised")
+        # The hall-1 drift alert that cleared shows when; hall-2 never alerted.
+        assert not any(a["group"] == "hall-2" for a in alerts)
+
+        page.select_option("#monitor-key", "1|hall-1")
+        page.wait_for_function(
+            f"document.querySelectorAll('#chart-drift circle.breach').length === {len(DRIFTED)}",
+            timeout=30_000,
+        )
+        page.evaluate("window.scrollTo(0, 0)")  # bounding boxes below are page coordinates
+        shot = tmp_path / "dashboard-monitoring.png"
+        page.screenshot(path=str(shot), full_page=True)
+        # The monitoring panels and the alerts alone (docs/dashboard-monitoring.png).
+        top = page.locator("#monitoring").bounding_box()
+        bottom = page.locator("#alerts").bounding_box()
+        assert top is not None and bottom is not None
+        panels = tmp_path / "dashboard-monitoring-panels.png"
+        page.screenshot(
+            path=str(panels),
+            full_page=True,
+            clip={
+                "x": top["x"],
+                "y": top["y"],
+                "width": top["width"],
+                "height": bottom["y"] + bottom["height"] - top["y"],
+            },
+        )
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        for png in (shot, panels):
+            assert png.stat().st_size > 10_000
+            shutil.copy(png, ARTIFACTS / png.name)
+        assert httpx.get(f"{url}/ui/").status_code == 200
