@@ -110,6 +110,7 @@ class Options:
     timeout_s: float
     monitor_window_s: float = 1.0  # seconds per server monitoring window
     monitor_period_s: float = 1.0  # seconds per agent summary (as often as the metrics reports)
+    label_fraction: float = 0.5  # share of inferences whose true label a device learns
 
 
 @dataclass
@@ -329,6 +330,7 @@ class Demo:
                 devices=o.devices,
                 metrics_interval_s=1.0,
                 bootstrap_token=self.server.enrollment_token(max_uses=o.devices),
+                label_fraction=o.label_fraction,
             ),
             inputs,
             o.monitor_period_s,
@@ -339,6 +341,11 @@ class Demo:
         say(f"  all {o.devices} devices verified and serve v{v1['champion_version']}")
 
         phase(2, f"Healthy fleet: clean inputs, {o.rate_hz:g} inferences per device per second")
+        if o.label_fraction < 1.0:
+            say(
+                f"  a device learns the true label of {o.label_fraction:.0%} of its inferences"
+                " (labels are scarce in the field; drift monitoring needs none)"
+            )
         fleet = self.fleet
         fleet.start_traffic(o.rate_hz)
         healthy = self._measure(o.devices * o.measure_rounds)
@@ -725,7 +732,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--monitor-period", type=float, default=1.0, help="seconds per device monitoring summary"
     )
+    p.add_argument(
+        "--label-fraction",
+        type=float,
+        default=0.5,
+        help="share of inferences whose true label a device learns (a QC station samples)",
+    )
     a = p.parse_args(argv)
+    if not 0.0 < a.label_fraction <= 1.0:
+        p.error(f"--label-fraction must be within (0, 1], got {a.label_fraction:g}")
     # The server refuses windows under 1 s (EDGELOOP_MONITOR_WINDOW_S); say so before starting it.
     if not 1.0 <= a.monitor_window <= 86_400.0:
         p.error(f"--monitor-window must be within 1..86400 seconds, got {a.monitor_window:g}")
@@ -744,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
             a.timeout,
             a.monitor_window,
             a.monitor_period,
+            a.label_fraction,
         )
     )
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the broker, the server and the

@@ -70,10 +70,13 @@ class SimDevice:
     same digit never send byte-identical inputs (the server rejects exact duplicates).
     """
 
-    def __init__(self, agent: Agent, seed: int, noise: float = SENSOR_NOISE) -> None:
+    def __init__(
+        self, agent: Agent, seed: int, noise: float = SENSOR_NOISE, label_fraction: float = 1.0
+    ) -> None:
         self.agent = agent
         self.rng = np.random.default_rng(seed)
         self.noise = noise
+        self.label_fraction = label_fraction  # share of inferences whose true label is learnt
         self.served: dict[int, int] = {}  # model version -> answers this device served
 
     @property
@@ -93,7 +96,8 @@ class SimDevice:
             return
         tally.add(pred.model_version, pred.label == truth)
         self.served[pred.model_version] = self.served.get(pred.model_version, 0) + 1
-        self.agent.feedback(pred.prediction_id, truth)
+        if self.label_fraction >= 1.0 or self.rng.random() < self.label_fraction:
+            self.agent.feedback(pred.prediction_id, truth)
 
 
 @dataclass
@@ -111,6 +115,7 @@ class FleetConfig:
     confidence_floor: float = 0.6
     trusted_root: bytes | None = None  # pinned root v1 envelope; wins over trusted_keys
     bootstrap_token: str = ""  # multi-use enrollment token the devices enroll with
+    label_fraction: float = 1.0  # share of inferences a device learns the true label of
 
 
 class Fleet:
@@ -148,7 +153,7 @@ class Fleet:
         for i in range(self.config.devices):
             agent = Agent(self.agent_config(i))
             agent.start()
-            self.devices.append(SimDevice(agent, seed=i))
+            self.devices.append(SimDevice(agent, seed=i, label_fraction=self.config.label_fraction))
 
     def wait_ready(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
