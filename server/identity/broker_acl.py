@@ -12,7 +12,8 @@ the moment the API returns it, while a burst of enrollments (a fleet of 10,000 c
 one rewrite and one SIGHUP per round instead of one each (which made enrolling N devices cost
 O(N^2) file lines and N broker reloads).
 
-Rights: a device reads only its own target topic and its groups' topics, and writes only its own
+Rights: a device reads only its own target topic, its groups' topics (its groups' capture
+policies among them) and the lines' fleet-wide capture policies, and writes only its own
 status, metrics and monitor topics. The server's user reads and writes every edgeloop topic. Revoked
 devices are absent from both files.
 """
@@ -86,6 +87,7 @@ def render_acl(
         out.append(f"topic write {topics.metrics(d.device_id)}\n")
         out.append(f"topic write {topics.monitor(d.device_id)}\n")
         out += [f"topic read {prefix}/groups/{g}/#\n" for g in d.groups]
+        out.append(f"topic read {topics.all_lines_capture}\n")  # fleet-wide capture policies
         out.append("\n")
     return "".join(out)
 
