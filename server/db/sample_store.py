@@ -23,7 +23,6 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from server.db.base import Base, UTCDateTime, utcnow
 
-
 ORIGIN_DEVICE = "device"  # captured with the device's ground truth
 ORIGIN_CAPTURE = "device_capture"  # captured unlabelled under a capture policy
 LABEL_DEVICE = "device"  # ground truth from the device
