@@ -360,9 +360,7 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
             settings=settings,
             sessions=sessions,
             signer=signer,
-            publish=bridge.publish_retained
-            if bridge is not None
-            else publisher_retained(recording),
+            publish=publish_retained,
             clock=clock,
         ),
     )
