@@ -21,6 +21,7 @@ from server.api.routes import (
     auth,
     devices,
     health,
+    labels,
     lineage,
     models,
     monitoring,
@@ -115,6 +116,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
         auth,  # before devices: POST /devices/enroll and /devices/{id}/revoke
         devices,
         samples,
+        labels,
         models,
         artifacts,
         training,

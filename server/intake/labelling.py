@@ -173,6 +173,16 @@ def _line(session: Session, name: str) -> ModelLine:
     return line
 
 
+def line_labels(session: Session, *, line: str) -> tuple[list[str], InputSpec]:
+    """The line's label names and input spec (what an export needs).
+
+    Raises:
+        NotFoundError: unknown line.
+    """
+    row = _line(session, line)
+    return list(row.labels), InputSpec.from_dict(row.input_spec)
+
+
 def queue_size(session: Session, *, line: str) -> int:
     return int(
         session.scalar(
@@ -535,6 +545,7 @@ __all__ = [
     "import_labels",
     "label_config",
     "label_studio_tasks",
+    "line_labels",
     "merge_batch",
     "parse_label_studio",
     "queue_size",

@@ -48,6 +48,39 @@ log = logging.getLogger(__name__)
 RetainedPublish = Callable[[str, bytes], None]
 
 
+MAX_LISTED = 500  # policies one listing returns
+
+
+def list_policies(session: Session, *, line: str, limit: int) -> list[dict[str, Any]]:
+    """The capture policies issued for ``line``, newest first (the audit of what each group
+    was told), with whether each is still the one in force."""
+    rows = session.scalars(
+        select(CapturePolicyRow)
+        .where(CapturePolicyRow.model_line == line)
+        .order_by(CapturePolicyRow.id.desc())
+        .limit(min(limit, MAX_LISTED))
+    ).all()
+    seen: set[str] = set()
+    out = []
+    for r in rows:
+        out.append(
+            {
+                "seq": r.id,
+                "model_line": r.model_line,
+                "group": r.group_name,
+                "raised": r.raised,
+                "alert_id": r.alert_id,
+                "reason": r.reason,
+                "issued_at": r.issued_at,
+                "expires_at": r.expires_at,
+                "current": r.group_name not in seen,
+                "policy": r.policy,
+            }
+        )
+        seen.add(r.group_name)
+    return out
+
+
 def renewal_due(row: CapturePolicyRow, now: datetime) -> bool:
     """A raised policy is renewed once half its lifetime has passed."""
     return now >= row.issued_at + (row.expires_at - row.issued_at) / 2
@@ -255,4 +288,4 @@ class CapturePublisher:
         self.last_error = f"{type(exc).__name__}: {exc}"[:500]
 
 
-__all__ = ["CapturePublisher", "RetainedPublish", "capture_config"]
+__all__ = ["CapturePublisher", "RetainedPublish", "capture_config", "list_policies"]
