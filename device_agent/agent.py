@@ -560,6 +560,9 @@ class Agent:
             "model_line": cfg.model_line,
             "hardware": cfg.hardware,
             "agent_version": cfg.agent_version,
+            # Without them the server would register the device in no group (and its group's
+            # drift windows, alerts and capture policy would not count it).
+            "groups": list(cfg.groups),
         }
         attempt = 0
         while not self._stop.is_set():
