@@ -10,15 +10,22 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from typer.testing import CliRunner
 
+from server.cli.main import app as cli_app
 from server.db.audit import AuditRecord
 from server.db.registry import TrainingJob
 from server.db.sample_store import Sample
 from server.intake.labelling import LabelFileError, parse_label_studio
-from tests.server.conftest import create_line, register, sample, services_of
+from server.main import create_app
+from tests.authkit import FleetAuth
+from tests.conftest import TEST_ADMIN_TOKEN, write_key_pair
+from tests.server.conftest import create_line, make_settings, register, sample, services_of
+from tests.server.live_server import LiveServer
 from training.data import digits_pools
 from training.dataset import build_dataset
 from training.samples import load_samples
@@ -305,3 +312,41 @@ def test_parse_label_studio_takes_the_newest_annotation() -> None:
                 }
             ]
         )
+
+
+def test_the_cli_exports_and_imports_label_studio_files(tmp_path: Path, signing_key: Any) -> None:
+    """``edgeloop labels export LINE --format label-studio > tasks.json`` and ``edgeloop labels
+    import FILE`` against a real server (uvicorn on a socket)."""
+    priv, _ = write_key_pair(tmp_path / "keys", signing_key)
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path}/cli.db", signing_key_path=priv)
+    app = create_app(settings)
+    with (
+        LiveServer(app) as live,
+        httpx.Client(base_url=live.url, auth=FleetAuth(TEST_ADMIN_TOKEN), timeout=30) as http,
+    ):
+        create_line(http, retrain_threshold=100)  # type: ignore[arg-type]
+        register(http, "cam-1")  # type: ignore[arg-type]
+        r = http.post("/api/v1/samples", json={"samples": [unlabelled("cam-1", "u-0", 4)]})
+        assert r.json()["accepted"] == 1
+
+        def cli(*args: str) -> Any:
+            return CliRunner().invoke(
+                cli_app, ["--server", live.url, "--token", TEST_ADMIN_TOKEN, *args]
+            )
+
+        out = cli("labels", "export", "digits", "--format", "label-studio")
+        assert out.exit_code == 0, out.output
+        tasks = json.loads(out.stdout)
+        assert [t["data"]["sample_id"] for t in tasks] == ["u-0"]
+        labelled = tmp_path / "labelled.json"
+        labelled.write_text(json.dumps(annotated(tasks, {"u-0": "4"})))
+        done = cli("labels", "import", str(labelled))
+        assert done.exit_code == 0 and "1 sample(s) labelled by admin" in done.stdout
+        broken = tmp_path / "broken.json"
+        broken.write_text(json.dumps([{"id": 3, "data": {"sample_id": "u-0"}, "annotations": 7}]))
+        refused = cli("labels", "import", str(broken))
+        assert refused.exit_code == 1
+        assert "task 0 (id 3), sample u-0: annotations must be a list" in refused.output
+        assert cli("labels", "export", "digits", "--format", "csv").exit_code == 2
+        queue = cli("labels", "queue", "digits")
+        assert queue.exit_code == 0 and "0 sample(s) of digits wait for a label" in queue.stdout
