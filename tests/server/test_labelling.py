@@ -20,7 +20,7 @@ from server.cli.main import app as cli_app
 from server.db.audit import AuditRecord
 from server.db.registry import TrainingJob
 from server.db.sample_store import Sample
-from server.intake.labelling import LabelFileError, parse_label_studio
+from server.intake.label_studio import LabelFileError, parse_label_studio
 from server.main import create_app
 from tests.authkit import FleetAuth
 from tests.conftest import TEST_ADMIN_TOKEN, write_key_pair

@@ -17,7 +17,7 @@ from server.api.routes.samples import _read_capped
 from server.core.errors import InvalidRequestError
 from server.db import fleet, reports
 from server.identity.auth import require_same_device
-from server.intake import labelling
+from server.intake import label_studio, labelling
 from server.intake.samples import count_labelled
 from server.monitoring.capture import list_policies
 
@@ -65,14 +65,14 @@ def export_queue(
     ``.../labelling-queue/label-config``); label there, export JSON, then import it here."""
     labels, spec = labelling.line_labels(session, line=line)
     rows = labelling.queued(session, line=line, limit=limit, offset=offset)
-    return labelling.label_studio_tasks(rows, labels=labels, spec=spec)
+    return label_studio.label_studio_tasks(rows, labels=labels, spec=spec)
 
 
 @router.get("/model-lines/{line}/labelling-queue/label-config", response_class=PlainTextResponse)
 def label_config(line: str, _op: ViewerDep, session: SessionDep) -> str:
     """The Label Studio labelling config (XML) the exported tasks fit."""
     labels, _ = labelling.line_labels(session, line=line)
-    return labelling.label_config(labels)
+    return label_studio.label_config(labels)
 
 
 @router.post("/labels/import")
@@ -89,7 +89,7 @@ async def import_labels(
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidRequestError(f"import file is not JSON: {str(exc)[:200]}") from exc
-    parsed, skipped = labelling.parse_label_studio(data)
+    parsed, skipped = label_studio.parse_label_studio(data)
 
     def work() -> labelling.ImportResult:
         with services.sessions() as session:
