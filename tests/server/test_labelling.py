@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -26,6 +27,7 @@ from tests.authkit import FleetAuth
 from tests.conftest import TEST_ADMIN_TOKEN, write_key_pair
 from tests.server.conftest import create_line, make_settings, register, sample, services_of
 from tests.server.live_server import LiveServer
+from tests.server.test_poisoning import install_champion
 from training.data import digits_pools
 from training.dataset import build_dataset
 from training.samples import load_samples
@@ -350,3 +352,21 @@ def test_the_cli_exports_and_imports_label_studio_files(tmp_path: Path, signing_
         assert cli("labels", "export", "digits", "--format", "csv").exit_code == 2
         queue = cli("labels", "queue", "digits")
         assert queue.exit_code == 0 and "0 sample(s) of digits wait for a label" in queue.stdout
+
+
+def test_screening_with_a_champion_takes_no_reference_from_the_queue(client: TestClient) -> None:
+    """With a real champion, label screening runs on every upload and builds its reference from
+    the line's labelled samples: queued (unlabelled) ones must not enter it, and a label filled
+    later is screened like a new sample."""
+    create_line(client, retrain_threshold=100)
+    register(client, "cam-1")
+    install_champion(services_of(client))
+    upload(client, [unlabelled("cam-1", f"u-{i}", true_label=i) for i in range(3)])
+    r = upload(client, [sample("cam-1", sample_id="d-0", true_label=3)])
+    assert r["accepted"] == 1 and "quarantined" not in r
+    # A flipped label filled by the device: model and neighbours disagree with it, held back.
+    pool = digits_pools().field
+    x = pool.X[np.flatnonzero(pool.y == 1)[0]]
+    upload(client, [{**sample("cam-1", sample_id="u-x", x=x), "true_label": None}])
+    filled = upload(client, [sample("cam-1", sample_id="u-x", x=x, true_label=7)])
+    assert filled["accepted"] == 0 and [q["sample_id"] for q in filled["quarantined"]] == ["u-x"]
