@@ -484,14 +484,19 @@ def decode_input(b64: str, expected_values: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SampleRecord:
-    """Device -> server (HTTP): one captured sample the model got wrong or was unsure of."""
+    """Device -> server (HTTP): one captured sample the model got wrong or was unsure of.
+
+    ``true_label`` is None for an input captured unlabelled under a capture policy: it waits in
+    the server's labelling queue. When the device learns the ground truth later it sends the
+    same ``sample_id`` again with the label, which fills it (label source ``device``).
+    """
 
     sample_id: str  # globally unique (uuid4 hex); makes uploads idempotent
     device_id: str
     model_line: str
     model_version: int
     input_b64: str  # encode_input(x)
-    true_label: int
+    true_label: int | None  # None: captured without a label (labelling queue)
     predicted_label: int
     confidence: float  # top-class probability, 0..1
     captured_at: float  # unix seconds, device clock

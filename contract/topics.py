@@ -9,6 +9,11 @@ Direction and QoS:
 - ``{prefix}/devices/{device_id}/monitor``  device -> server, QoS 1. One period's signal histograms
   (``contract.monitoring.MonitorSummary``). QoS 1 because a lost period is a hole in the drift
   record: the agent's outbox holds summaries while the broker is away.
+- ``{prefix}/groups/{group}/lines/{line}/capture``  server -> devices of a group, QoS 1, retained.
+  The group's signed capture policy (``contract.capture_policy``); under the group's subtree, which
+  the broker ACL lets a member device read and nobody but the server write.
+- ``{prefix}/lines/{line}/capture``  server -> every device of a line, QoS 1, retained: the policy
+  for the line's whole fleet (group ``*``). Devices may read, never write it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,18 @@ class Topics:
 
     def monitor(self, device_id: str) -> str:
         return f"{self.prefix}/devices/{device_id}/monitor"
+
+    def capture_policy(self, model_line: str, group: str) -> str:
+        """Where the signed capture policy of (line, group) is retained; group ``*``: the line's
+        whole fleet."""
+        if group == "*":
+            return f"{self.prefix}/lines/{model_line}/capture"
+        return f"{self.prefix}/groups/{group}/lines/{model_line}/capture"
+
+    @property
+    def all_lines_capture(self) -> str:
+        """The wildcard a device's ACL grants read on (every line's fleet-wide policy)."""
+        return f"{self.prefix}/lines/+/capture"
 
     @property
     def all_status(self) -> str:

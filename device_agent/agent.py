@@ -10,7 +10,10 @@ while MQTT is disconnected, for networks that block MQTT). The four workers run 
 
 Whatever arrives from the network (MQTT target, HTTP target poll) goes through the bounded
 ``TargetInbox`` and ``parse_target``; any exception while parsing or offering it becomes a
-REFUSED report naming the reason, never the end of the update worker.
+REFUSED report naming the reason, never the end of the update worker. Capture-policy messages
+(``capture_policy.py``) go through their own bounded ``PolicyInbox`` to the supervised ``policy``
+worker; a refused one is reported to the server over HTTP (``POLICY_REFUSED_PATH``) and kept in
+``status()["capture_policy"]``, and the policy in force stays as it was.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from contract.manifest import Manifest
 from contract.messages import MAX_TARGET_BYTES, DeviceState, StatusReport, TargetMessage, bounded_id
 from contract.topics import Topics
 from device_agent.capture import Capture, PendingPrediction, Spool, Uploader
+from device_agent.capture_policy import PolicyInbox, PolicyKeeper
 from device_agent.config import AgentConfig
 from device_agent.errors import IdentityError, InferenceError, TransportError
 from device_agent.fetcher import Fetcher, HttpFetcher, backoff_delay
@@ -50,6 +54,7 @@ from device_agent.updater import Updater
 log = logging.getLogger(__name__)
 REGISTER_PATH = "/api/v1/devices/register"
 TARGET_PATH = "/api/v1/devices/{device_id}/target"
+POLICY_REFUSED_PATH = "/api/v1/devices/{device_id}/capture-policy/refusals"
 _JOIN_TIMEOUT_S = 10.0  # seconds stop() waits for each thread
 
 
@@ -120,9 +125,7 @@ class Agent:
             max_bytes=config.spool_max_bytes,
             fsync=config.spool_fsync,
         )
-        self._capture = Capture(
-            config, spool=self._spool, metrics=self._metrics, clock=self._clock, live=self._live
-        )
+        self._policy_inbox = PolicyInbox(max_topics=len(config.groups) + 1)
         self._uploader = Uploader(config, spool=self._spool, client=self._http, stop=self._stop)
         self._inbox = TargetInbox()
         self._topics = Topics()
@@ -136,6 +139,20 @@ class Agent:
             clock=self._clock,
             live=self._live,
             stop=self._stop,
+        )
+        self._capture_policy = PolicyKeeper(  # verifies with the updater's current trust
+            config,
+            trust=lambda: self._updater.trusted,
+            clock=self._clock,
+            report=self._report_policy_refusal,
+        )
+        self._capture = Capture(
+            config,
+            spool=self._spool,
+            metrics=self._metrics,
+            clock=self._clock,
+            live=self._live,
+            policy=self._capture_policy,
         )
         self._ready = threading.Event()
         self._supervisor = Supervisor(f"agent-{config.device_id}", self._stop)
@@ -168,7 +185,12 @@ class Agent:
         tune_interpreter(self.config.switch_interval_s)
         self.resume()
         self._mqtt = MqttLink(
-            self.config, self._inbox, outbox=self._outbox, credential=self._credential
+            self.config,
+            self._inbox,
+            outbox=self._outbox,
+            credential=self._credential,
+            policy_inbox=self._policy_inbox,
+            policy_topics=tuple(self._capture_policy.topics),
         )
         if self._credential is not None or not self.config.bootstrap_token:
             self._start_mqtt()  # else: after enrollment, so the first login has the credential
@@ -177,6 +199,7 @@ class Agent:
             ("upload", self._uploader.run),
             ("metrics", self._metrics_loop),
             ("bootstrap", self._bootstrap),
+            ("policy", self._policy_worker),
         ):
             self._supervisor.start(label, target)
 
@@ -235,14 +258,19 @@ class Agent:
         self._live.record_inference(loaded.sha256, raw.latency_ms)
         if loaded.monitoring is not None and self.config.monitor_interval_s > 0:
             self._monitor.observe(loaded, x, raw.probabilities)
+        flat = np.array(x, dtype=np.float32).ravel()
+        captured = self._capture.capture_uncertain(
+            flat, label=raw.label, confidence=raw.confidence, model_version=loaded.model_version
+        )
         self._capture.remember(
             pid,
             PendingPrediction(
-                x=np.array(x, dtype=np.float32).ravel(),
+                x=flat,
                 label=raw.label,
                 confidence=raw.confidence,
                 model_version=loaded.model_version,
                 sha256=loaded.sha256,
+                captured_id=captured,
             ),
         )
         return Prediction(
@@ -301,6 +329,11 @@ class Agent:
             "inferences": self._metrics.total_inferences,
             "shadow": self._shadow_status(),
             "pending_labels": len(self._capture.pending),
+            "capture_policy": {
+                **self._capture_policy.status(),
+                "unlabelled_captured": self._capture.unlabelled,
+                "labels_filled": self._capture.labels_filled,
+            },
             "spool": {
                 "pending": spool.pending,
                 "uploaded": spool.uploaded,
@@ -362,6 +395,24 @@ class Agent:
             self._mqtt.publish_status(report)
         else:  # before start() (resume) or after stop(): hold it for the next connection
             self._outbox.add(self._topics.status(self.config.device_id), report.to_json(), qos=1)
+
+    def _policy_worker(self) -> None:
+        """Verify and apply capture-policy messages (the keeper never raises out of offer)."""
+        while not self._stop.is_set():
+            for item in self._policy_inbox.take(timeout=0.5):
+                self._capture_policy.offer(item)
+
+    def _report_policy_refusal(self, group: str, reason: str) -> None:
+        """Tell the server a capture policy was refused (it lists it with the device's refused
+        reports). Best effort: a transport error is logged, the refusal stays in status."""
+        url = self.config.server_url + POLICY_REFUSED_PATH.format(device_id=self.config.device_id)
+        try:
+            resp = self._http.post(url, json={"group": group, "reason": reason})
+        except TransportError as exc:
+            log.warning("capture policy refusal not reported: %s", exc)
+            return
+        if not resp.is_success:
+            log.warning("capture policy refusal not reported: HTTP %d", resp.status_code)
 
     def _next_target(self, timeout: float) -> TargetMessage | None:
         """Wait for a target; coalesce a burst to the latest message. None on timeout, on a
@@ -514,6 +565,9 @@ class Agent:
             "model_line": cfg.model_line,
             "hardware": cfg.hardware,
             "agent_version": cfg.agent_version,
+            # Without them the server would register the device in no group (and its group's
+            # drift windows, alerts and capture policy would not count it).
+            "groups": list(cfg.groups),
         }
         attempt = 0
         while not self._stop.is_set():

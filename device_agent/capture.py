@@ -1,9 +1,13 @@
 """Capture of samples worth retraining on, a disk-backed spool, and the uploader thread.
 
 A prediction is remembered (bounded, oldest dropped) until its ground truth arrives through
-``feedback``; the sample is then captured if the model was wrong or unsure. Captured samples go
-to a durable spool (see ``Spool``: fsynced journal, sealed by rename, tombstones for exactly-once)
-and the uploader sends sealed batches to the server, oldest first, deleting each after a 2xx.
+``feedback``; the sample is then captured if the model was wrong or unsure. An uncertain input
+may also be captured at prediction time *without* a label, when the capture policy in force
+says so (``capture_policy.PolicyKeeper``: signed, bounded per device); if its ground truth
+arrives later, the same sample id is sent again with the label, which fills it on the server.
+Captured samples go to a durable spool (see ``Spool``: fsynced journal, sealed by rename,
+tombstones for exactly-once) and the uploader sends sealed batches to the server, oldest
+first, deleting each after a 2xx.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from contract.messages import SampleRecord, encode_input
+from device_agent.capture_policy import PolicyKeeper
 from device_agent.config import AgentConfig
 from device_agent.errors import ConnectError, TransportError, UnknownPredictionError
 from device_agent.faults import crash_point
@@ -53,6 +58,7 @@ class PendingPrediction:
     confidence: float
     model_version: int
     sha256: str = ""  # the artifact that made the prediction (probation statistics)
+    captured_id: str = ""  # sample id it was captured under without a label ("" if not)
 
 
 class PendingPredictions:
@@ -302,16 +308,44 @@ class Capture:
         metrics: Metrics,
         clock: Callable[[], float],
         live: LiveTracker | None = None,
+        policy: PolicyKeeper | None = None,
     ) -> None:
         self._cfg = config
         self._spool = spool
         self._metrics = metrics
         self._clock = clock
         self._live = live
+        self._policy = policy
         self.pending = PendingPredictions(config.pending_labels_max)
+        self.unlabelled = 0  # inputs captured without a label (capture policy)
+        self.labels_filled = 0  # of those, labelled later by feedback
 
     def remember(self, prediction_id: str, item: PendingPrediction) -> None:
         self.pending.add(prediction_id, item)
+
+    def capture_uncertain(
+        self, x: np.ndarray, *, label: int, confidence: float, model_version: int
+    ) -> str:
+        """Capture ``x`` without a label if the capture policy in force says so (bounded per
+        device); returns the sample id it was spooled under, or "" when not captured."""
+        if self._policy is None or not self._policy.should_capture(confidence):
+            return ""
+        sample_id = uuid.uuid4().hex
+        self._spool.add(
+            SampleRecord(
+                sample_id=sample_id,
+                device_id=self._cfg.device_id,
+                model_line=self._cfg.model_line,
+                model_version=model_version,
+                input_b64=encode_input(x),
+                true_label=None,
+                predicted_label=int(label),
+                confidence=float(confidence),
+                captured_at=self._clock(),
+            )
+        )
+        self.unlabelled += 1
+        return sample_id
 
     def feedback(self, prediction_id: str, true_label: int) -> bool:
         """Record ground truth for a prediction; returns True if the sample was captured.
@@ -330,6 +364,10 @@ class Capture:
         )
         if self._live is not None and item.sha256:
             self._live.record_label(item.sha256, item.label == true_label)
+        if item.captured_id:  # captured unlabelled: send its label under the same sample id
+            self._spool.add(self._record(item, item.captured_id, true_label))
+            self.labels_filled += 1
+            return True
         reason = capture_reason(
             item.label,
             true_label,
@@ -339,20 +377,21 @@ class Capture:
         )
         if reason is None:
             return False
-        self._spool.add(
-            SampleRecord(
-                sample_id=uuid.uuid4().hex,
-                device_id=self._cfg.device_id,
-                model_line=self._cfg.model_line,
-                model_version=item.model_version,
-                input_b64=encode_input(item.x),
-                true_label=int(true_label),
-                predicted_label=item.label,
-                confidence=item.confidence,
-                captured_at=self._clock(),
-            )
-        )
+        self._spool.add(self._record(item, uuid.uuid4().hex, true_label))
         return True
+
+    def _record(self, item: PendingPrediction, sample_id: str, true_label: int) -> SampleRecord:
+        return SampleRecord(
+            sample_id=sample_id,
+            device_id=self._cfg.device_id,
+            model_line=self._cfg.model_line,
+            model_version=item.model_version,
+            input_b64=encode_input(item.x),
+            true_label=int(true_label),
+            predicted_label=item.label,
+            confidence=item.confidence,
+            captured_at=self._clock(),
+        )
 
 
 class Uploader:

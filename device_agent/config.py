@@ -101,6 +101,13 @@ class AgentConfig:
     confidence_floor: float = 0.6  # probability: capture if the top-class confidence is below
     capture_wrong: bool = True  # capture when ground truth disagrees with the prediction
     pending_labels_max: int = 10_000  # predictions awaiting ground truth; the oldest is dropped
+    # Capture of uncertain inputs *without* a label (they wait in the server's labelling queue).
+    # The server raises the rate with a signed capture policy while a drift alert holds (see
+    # capture_policy.py); these are the default, and the hard bounds no policy can lift.
+    uncertain_capture_below: float = 0.0  # probability: capture if confidence is below (0: off)
+    uncertain_capture_rate: float = 0.0  # probability of capturing such an input
+    capture_max_per_hour: int = 60  # unlabelled captures per rolling hour, whatever a policy says
+    capture_max_per_day: int = 500  # unlabelled captures per rolling day, whatever a policy says
     upload_batch_max: int = 200  # samples per upload batch (one spool file)
     upload_interval_s: float = 1.0  # seconds between upload attempts
     upload_backoff_cap_s: float = 60.0  # seconds, cap on the upload retry delay
@@ -155,6 +162,11 @@ class AgentConfig:
             raise ConfigError("model_line is required")
         if not 0.0 <= self.confidence_floor <= 1.0:
             raise ConfigError("confidence_floor must be within 0..1")
+        for name in ("uncertain_capture_below", "uncertain_capture_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be within 0..1")
+        if self.capture_max_per_hour < 0 or self.capture_max_per_day < 0:
+            raise ConfigError("capture_max_per_hour and capture_max_per_day must be >= 0")
         for name in (
             "pending_labels_max",
             "upload_batch_max",

@@ -38,6 +38,7 @@ from contract.messages import MAX_TARGET_BYTES, MetricsReport, StatusReport
 from contract.monitoring import MonitorSummary
 from contract.mqtt_tls import MqttTlsError, describe_connect_failure, describe_early_disconnect
 from contract.topics import Topics
+from device_agent.capture_policy import PolicyInbox
 from device_agent.config import AgentConfig
 from device_agent.errors import ConfigError, TransportError
 from device_agent.inbox import Inbound, TargetInbox
@@ -62,9 +63,13 @@ class MqttLink:
         topics: Topics | None = None,
         outbox: Outbox | None = None,
         credential: str | None = None,
+        policy_inbox: PolicyInbox | None = None,
+        policy_topics: tuple[str, ...] = (),  # capture-policy topics (retained, read-only)
     ) -> None:
         self._cfg = config
         self._inbox = inbox
+        self._policy_inbox = policy_inbox
+        self._policy_topics = frozenset(policy_topics) if policy_inbox is not None else frozenset()
         self.outbox = outbox
         self._topics = topics or Topics()
         self.connected = threading.Event()
@@ -159,6 +164,8 @@ class MqttLink:
         self.last_error = None
         # Subscribe on every connect: cheap, and correct when the broker lost our session.
         client.subscribe(self.target_topic, qos=1)
+        for topic in sorted(self._policy_topics):
+            client.subscribe(topic, qos=1)
         self.connected.set()
         log.info("MQTT connected (session present: %s)", getattr(flags, "session_present", None))
 
@@ -196,6 +203,8 @@ class MqttLink:
         try:
             if msg.topic == self.target_topic:
                 self._inbox.put(Inbound.of("mqtt", msg.payload))
+            elif msg.topic in self._policy_topics and self._policy_inbox is not None:
+                self._policy_inbox.put(msg.topic, msg.payload)
         except Exception:  # never on the network thread: the message is lost, the link is not
             log.exception("MQTT message on %r dropped", getattr(msg, "_topic", b"")[:200])
 

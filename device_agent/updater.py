@@ -137,6 +137,12 @@ class Updater:
 
     # ---- read-only views -------------------------------------------------------------------
     @property
+    def trusted(self) -> ReleaseTrust:
+        """The keys that may sign now (release role of the newest trusted root; also what a
+        capture policy must be signed by)."""
+        return self._trusted
+
+    @property
     def root_version(self) -> int:
         root = self._trusted.root
         return root.version if root is not None else 0

@@ -22,6 +22,7 @@ from server.api.routes import (
     broker,
     devices,
     health,
+    labels,
     lineage,
     models,
     monitoring,
@@ -116,6 +117,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
         auth,  # before devices: POST /devices/enroll and /devices/{id}/revoke
         devices,
         samples,
+        labels,
         models,
         artifacts,
         training,

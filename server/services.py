@@ -28,6 +28,7 @@ from server.identity.enrollment import ensure_enrollment_token, revoked_device_i
 from server.intake.screening import Screener, screen_config
 from server.intake.upload_limits import SampleRateLimiter
 from server.monitoring.alerts import RaisedAlert, RetrainHook
+from server.monitoring.capture import CapturePublisher
 from server.monitoring.evaluator import MonitorEvaluator
 from server.monitoring.references import ReferenceBook
 from server.monitoring.webhook import WebhookSender
@@ -76,6 +77,8 @@ class Services:
     sample_limiter: SampleRateLimiter | None = None  # per-device upload rate (this process)
     # Revoked device ids (loaded at start, added to on revoke): the bridge drops their reports.
     revoked_devices: set[str] = field(default_factory=set)
+    # Issues signed capture policies for drifting groups (None: built without one).
+    capture: CapturePublisher | None = None
     _started: list[str] = field(default_factory=list)
     _announcing: threading.Lock = field(default_factory=threading.Lock)
 
@@ -90,6 +93,8 @@ class Services:
             try:
                 n = self.rollouts.publish_all_targets()
                 log.warning("broker had lost our session: %d targets announced again", n)
+                if self.capture is not None:
+                    self.capture.publish_current()
             except Exception:  # noqa: BLE001 - logged; the next session loss tries again
                 log.exception("announcing the targets again failed")
             finally:
@@ -139,8 +144,14 @@ class Services:
         if s.enable_webhook_sender:
             self.webhook.start()
             self._started.append("webhook")
+        if s.enable_capture_publisher and self.capture is not None:
+            self.capture.publish_current()
+            self.capture.start()
+            self._started.append("capture")
 
     def stop(self) -> None:
+        if "capture" in self._started and self.capture is not None:
+            self.capture.stop()
         if "monitor" in self._started:
             self.monitor.stop()
         if "webhook" in self._started:
@@ -271,6 +282,7 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
     )
     bridge: MqttBridge | None = None
     publisher: TargetPublisher
+    publish_retained: Callable[[str, bytes], None]  # capture policies
     with sessions() as session:
         revoked_devices = revoked_device_ids(session)
     with sessions() as session:
@@ -294,9 +306,10 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
             clock=clock,
             tls=tls,
         )
-        publisher = bridge
+        publisher, publish_retained = bridge, bridge.publish_retained
     else:
-        publisher = RecordingPublisher()
+        recording = RecordingPublisher()
+        publisher, publish_retained = recording, recording.publish_retained
     read_sessions = make_read_sessionmaker(engine)
     rollouts = RolloutEngine(
         settings=settings,
@@ -347,6 +360,13 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
             burst=settings.sample_burst_per_device,
         ),
         revoked_devices=revoked_devices,
+        capture=CapturePublisher(
+            settings=settings,
+            sessions=sessions,
+            signer=signer,
+            publish=publish_retained,
+            clock=clock,
+        ),
     )
     bootstrap(services)
     return services

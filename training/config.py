@@ -12,6 +12,14 @@ One document (JSON, or TOML read with :mod:`tomllib`) says how a line is trained
     cooldown_s = 600               # optional: seconds after a training before a threshold job
     retrain_on_alerts = ["drift"]  # optional: alert rules whose raised alert trains the line
 
+    [capture]                      # optional: raise a drifting group's capture of uncertain
+    on_alerts = ["drift"]          #   inputs (signed capture policy) while such an alert holds
+    uncertain_below = 0.6          # capture inputs whose confidence is below this
+    sample_rate = 0.25             # with this probability
+    max_per_hour = 30              # per device (the agent also caps it at its own maximum)
+    max_per_day = 200
+    ttl_s = 3600                   # each signed policy expires after this; renewed while raised
+
     [hyperparams]                  # overrides of the trainer's defaults
     max_iter = 300
 
@@ -98,6 +106,69 @@ class GateConfig:
 
 
 @dataclass(frozen=True)
+class CaptureConfig:
+    """The capture policy a line's drifting groups get while an alert of ``on_alerts`` holds."""
+
+    on_alerts: tuple[str, ...] = ("drift",)
+    uncertain_below: float = 0.6  # top-class confidence below which an input is uncertain
+    sample_rate: float = 0.25  # probability of capturing an uncertain input
+    max_per_hour: int = 30  # captures per device per rolling hour
+    max_per_day: int = 200  # captures per device per rolling day
+    ttl_s: float = 3600.0  # seconds each signed policy lives (renewed at half-life)
+
+    @classmethod
+    def from_dict(cls, value: Any, where: str = "capture") -> CaptureConfig:
+        """Raises SpecError naming an unknown key or a value out of range."""
+        if not isinstance(value, Mapping):
+            raise SpecError(f"{where} must be an object, got {value!r}")
+        known = {f.name for f in fields(cls)}
+        extra = sorted(set(value) - known)
+        if extra:
+            raise SpecError(f"unknown {where} key(s) {extra}; known: {sorted(known)}")
+        out: dict[str, Any] = {}
+        for key, v in value.items():
+            if key == "on_alerts":
+                if (
+                    not isinstance(v, list | tuple)
+                    or not 1 <= len(v) <= MAX_ALERT_RULES
+                    or not all(isinstance(a, str) and _RULE_NAME.fullmatch(a) for a in v)
+                    or len(set(v)) != len(v)
+                ):
+                    raise SpecError(
+                        f"{where}.on_alerts must list 1-{MAX_ALERT_RULES} distinct alert rule "
+                        f"names, got {str(v)[:200]}"
+                    )
+                out[key] = tuple(v)
+            elif key in ("max_per_hour", "max_per_day"):
+                if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 10_000:
+                    raise SpecError(f"{where}.{key} must be an integer in [0, 10000], got {v!r}")
+                out[key] = v
+            elif key == "ttl_s":
+                if (
+                    isinstance(v, bool)
+                    or not isinstance(v, int | float)
+                    or not 60 <= v <= 7 * 86400
+                ):
+                    raise SpecError(f"{where}.ttl_s must be 60-604800 seconds, got {v!r}")
+                out[key] = float(v)
+            else:
+                if (
+                    isinstance(v, bool)
+                    or not isinstance(v, int | float)
+                    or not math.isfinite(v)
+                    or not 0.0 <= v <= 1.0
+                ):
+                    raise SpecError(f"{where}.{key} must be a number in [0, 1], got {v!r}")
+                out[key] = float(v)
+        return cls(**out)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["on_alerts"] = list(self.on_alerts)
+        return out
+
+
+@dataclass(frozen=True)
 class LineConfig:
     """How one model line is trained, gated and triggered."""
 
@@ -115,6 +186,8 @@ class LineConfig:
     # Alert rules (the server's ``server.monitoring.rules.Rule`` names, which the server checks)
     # whose raised alert on the line queues a training, a trigger beside the sample threshold.
     retrain_on_alerts: tuple[str, ...] = ()
+    # Raised capture policy for a group while one of its alerts holds (None: never raised).
+    capture: CaptureConfig | None = None
 
     @classmethod
     def from_dict(cls, data: Any) -> LineConfig:
@@ -190,12 +263,21 @@ class LineConfig:
             schedule_s=float(schedule) if schedule is not None else None,
             cooldown_s=float(cooldown) if cooldown is not None else None,
             retrain_on_alerts=tuple(alerts),
+            capture=(
+                CaptureConfig.from_dict(data["capture"])
+                if data.get("capture") is not None
+                else None
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["gate"] = self.gate.to_dict()
         out["retrain_on_alerts"] = list(self.retrain_on_alerts)
+        if self.capture is None:
+            del out["capture"]  # stored configs written before it stay byte-identical
+        else:
+            out["capture"] = self.capture.to_dict()
         return out
 
 

@@ -184,6 +184,10 @@ def build_dataset(
     y_field = samples.y[field_rows].astype(np.int64)
 
     devices = Counter(str(samples.device_ids[accepted[s]]) for s in ids)
+    # Where the labels came from (device ground truth, or a captured input labelled later by the
+    # device or an operator): per source, and per side of the split.
+    sources = Counter(samples.source_of(accepted[s]) for s in ids)
+    field_sources = Counter(samples.source_of(accepted[s]) for s in field_ids)
     manifest: dict[str, Any] = {
         "dataset_version": version,
         "scheme": VERSION_SCHEME,
@@ -197,6 +201,10 @@ def build_dataset(
             "rejected": [{"sample_id": s, "reason": r} for s, r in rejected],
         },
         "devices": dict(sorted(devices.items())),
+        "label_sources": {
+            "accepted": dict(sorted(sources.items())),
+            "field": dict(sorted(field_sources.items())),
+        },
         "counts": {
             "train": len(y_train),
             "field_eval": len(y_field),

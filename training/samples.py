@@ -2,10 +2,12 @@
 
 The server exports the samples a model line has gathered to one ``.npz`` file with four arrays of
 equal length: ``X`` float32 [n, F] in the input range, ``y`` int64 [n] (class index), and
-``sample_ids`` / ``device_ids`` (numpy string arrays). This module defines that file once: the
-server's job runner writes it with :func:`write_samples`, the trainer reads it with
-:func:`load_samples`. The reader checks the file's *structure* only; whether each row is
-acceptable is decided by :func:`training.dataset.build_dataset`.
+``sample_ids`` / ``device_ids`` (numpy string arrays), and optionally ``label_sources`` (numpy
+strings: where each label came from, ``device``, ``device_capture+device``,
+``device_capture+operator``; absent in files of older servers, read as ``device``). This module
+defines that file once: the server's job runner writes it with :func:`write_samples`, the
+trainer reads it with :func:`load_samples`. The reader checks the file's *structure* only;
+whether each row is acceptable is decided by :func:`training.dataset.build_dataset`.
 """
 
 from __future__ import annotations
@@ -29,14 +31,22 @@ class Samples:
     y: np.ndarray  # int64 [n]
     sample_ids: np.ndarray  # str [n], unique per sample across the fleet
     device_ids: np.ndarray  # str [n], the device that uploaded the sample
+    label_sources: np.ndarray | None = None  # str [n], label provenance; None: all "device"
 
     def __post_init__(self) -> None:
         n = len(self.X)
-        if self.X.ndim != 2 or any(len(a) != n for a in (self.y, self.sample_ids, self.device_ids)):
+        arrays = [self.y, self.sample_ids, self.device_ids]
+        if self.label_sources is not None:
+            arrays.append(self.label_sources)
+        if self.X.ndim != 2 or any(len(a) != n for a in arrays):
             raise SampleError(
                 f"samples arrays disagree: X {self.X.shape}, y {self.y.shape}, "
                 f"sample_ids {self.sample_ids.shape}, device_ids {self.device_ids.shape}"
             )
+
+    def source_of(self, row: int) -> str:
+        """Where row ``row``'s label came from."""
+        return "device" if self.label_sources is None else str(self.label_sources[row])
 
     def __len__(self) -> int:
         return len(self.X)
@@ -58,13 +68,15 @@ def write_samples(path: str | Path, samples: Samples) -> Path:
     ``X`` is stored as float32, ``y`` as int64 and the ids as numpy strings, whatever the dtypes
     ``samples`` holds.
     """
-    np.savez(
-        path,
-        X=samples.X.astype(np.float32),
-        y=samples.y.astype(np.int64),
-        sample_ids=np.asarray(samples.sample_ids, dtype=str),
-        device_ids=np.asarray(samples.device_ids, dtype=str),
-    )
+    arrays: dict[str, np.ndarray] = {
+        "X": samples.X.astype(np.float32),
+        "y": samples.y.astype(np.int64),
+        "sample_ids": np.asarray(samples.sample_ids, dtype=str),
+        "device_ids": np.asarray(samples.device_ids, dtype=str),
+    }
+    if samples.label_sources is not None:
+        arrays["label_sources"] = np.asarray(samples.label_sources, dtype=str)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
     return Path(path)
 
 
@@ -87,6 +99,7 @@ def load_samples(path: str | Path, n_features: int) -> Samples:
             if missing:
                 raise SampleError(f"{path}: missing array(s) {missing}; has {sorted(npz.files)}")
             arrays = {k: npz[k] for k in REQUIRED_ARRAYS}
+            sources = npz["label_sources"] if "label_sources" in npz.files else None
     except SampleError:
         raise
     except ValueError as exc:  # object arrays need pickle, which we never allow
@@ -105,10 +118,13 @@ def load_samples(path: str | Path, n_features: int) -> Samples:
         raise SampleError(f"{path}: X must be float [n, {n_features}], got {X.dtype} {X.shape}")
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise SampleError(f"{path}: y must be an integer vector, got {y.dtype} {y.shape}")
-    for name, arr in (("sample_ids", ids), ("device_ids", devices)):
+    named = [("sample_ids", ids), ("device_ids", devices)]
+    if sources is not None:
+        named.append(("label_sources", sources))
+    for name, arr in named:
         if arr.ndim != 1 or arr.dtype.kind != "U":
             raise SampleError(f"{path}: {name} must be a string vector, got {arr.dtype}")
-    return Samples(X.astype(np.float32), y.astype(np.int64), ids, devices)
+    return Samples(X.astype(np.float32), y.astype(np.int64), ids, devices, sources)
 
 
 __all__ = ["REQUIRED_ARRAYS", "Samples", "load_samples", "write_samples"]

@@ -46,6 +46,9 @@ def lineage_model(
         f"{r['sample_counts']['field']} field (field fraction {ds['field_fraction']:g}), "
         f"{ds['rejected_count']} rejected"
     )
+    sources = ds.get("label_sources") or {}
+    if sources:
+        console.print("  labels from: " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())))
     table("devices", r["devices"], ["device_id", "samples"])
     table(f"samples (first {samples})", r["samples"], ["sample_id", "role", "device_id"])
 
@@ -57,7 +60,9 @@ def lineage_sample(sample_id: str) -> None:
     s = r["sample"]
     console.print(
         f"[bold]sample {s['sample_id']}[/bold] from device {s['device_id']} "
-        f"({s['model_line']}), label {s['true_label']}, received {s['received_at']}"
+        f"({s['model_line']}), label {s['true_label']} from {s.get('provenance')}"
+        + (f" by {s['labelled_by']}" if s.get("labelled_by") else "")
+        + f", received {s['received_at']}"
     )
     table("dataset versions", r["datasets"], ["version", "role", "created_at"])
     _print_lineage_models(r["models"])

@@ -32,6 +32,7 @@ from server.cli import (
     devices,
     jobs,
     keys,
+    labels,
     lineage,
     models,
     releases,
@@ -71,6 +72,7 @@ for group, name in (
     (lineage.app, "lineage"),
     (releases.app, "releases"),
     (alerts.app, "alerts"),
+    (labels.app, "labels"),
     (auth.tokens_app, "tokens"),
     (auth.broker_app, "broker"),
 ):

@@ -222,6 +222,13 @@ class Settings(BaseSettings):
     webhook_backoff_max_s: float = Field(default=900.0, ge=0)  # seconds, the backoff's cap
     webhook_tick_s: float = Field(default=1.0, gt=0)  # seconds between looks for deliveries
 
+    # Capture policies and the labelling queue (issue 14; server.monitoring.capture,
+    # server.intake.labelling). A line opts in with ``[capture]`` in its training config.
+    enable_capture_publisher: bool = True  # issue signed capture policies on drift alerts
+    capture_tick_s: float = Field(default=5.0, gt=0)  # seconds between publisher looks
+    capture_default_ttl_s: float = Field(default=3600.0, ge=60, le=7 * 86_400)  # default policy
+    labels_max_import_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)  # one import body
+
     # Background services (tests turn them off and drive the cores directly).
     enable_mqtt: bool = True
     enable_rollout_engine: bool = True

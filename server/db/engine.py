@@ -27,6 +27,7 @@ from server.core.errors import ConfigError
 from server.db import (  # noqa: F401 - every table module registers its tables on Base.metadata
     # (server.db.migrate compares the migrations with Base.metadata)
     audit,
+    capture,
     datasets,
     fleet,
     identity,

@@ -38,6 +38,31 @@ class RefusedReport(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+def record_refused(
+    session: Session,
+    *,
+    device_id: str,
+    kind: str,
+    reason: str,
+    excerpt: str = "",
+    now: datetime,
+) -> None:
+    """Store one refusal the device itself reports (kind ``capture_policy``: a signed capture
+    policy it refused) beside the server's; keeps the newest per device. Flushes."""
+    session.add(
+        RefusedReport(
+            device_id=device_id,
+            kind=kind,
+            reason=reason.replace("\x00", ""),
+            excerpt=excerpt.replace("\x00", ""),
+            size=None,
+            received_at=now,
+        )
+    )
+    session.flush()
+    prune_refused(session, [device_id])
+
+
 def prune_refused(session: Session, device_ids: Iterable[str]) -> None:
     """Delete all but the newest ``MAX_REFUSED_PER_DEVICE`` refused reports of each device."""
     for device_id in sorted(set(device_ids)):

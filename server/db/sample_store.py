@@ -3,6 +3,13 @@
 ``sample_quarantine`` holds one row per sample screening kept out of dataset versions, with the
 reason an operator reads; ``sample_upload_counts`` counts accepted uploads per device per UTC day,
 so the daily quota holds across server processes sharing one database.
+
+Label provenance: a sample captured with its ground truth (``feedback`` on the device) has
+``origin`` ``device`` and ``label_source`` ``device``; one captured *without* a label under a
+capture policy has ``origin`` ``device_capture`` and no label: it waits in the labelling queue
+(``server.intake.labelling``), counts toward nothing and enters no dataset until a label fills it,
+from the device (``label_source`` ``device``) or an operator's import (``operator``, with
+``labelled_by``). :func:`provenance` names the pair as the dataset manifest counts it.
 """
 
 from __future__ import annotations
@@ -15,6 +22,19 @@ from sqlalchemy import Float, ForeignKey, Index, Integer, LargeBinary, String, T
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from server.db.base import Base, UTCDateTime, utcnow
+
+ORIGIN_DEVICE = "device"  # captured with the device's ground truth
+ORIGIN_CAPTURE = "device_capture"  # captured unlabelled under a capture policy
+LABEL_DEVICE = "device"  # ground truth from the device
+LABEL_OPERATOR = "operator"  # an operator's import (labelling queue)
+
+
+def provenance(origin: str | None, label_source: str | None) -> str:
+    """Where a sample's label came from, as dataset manifests count it: ``device`` (captured
+    with its ground truth), ``device_capture+device`` or ``device_capture+operator``."""
+    if (origin or ORIGIN_DEVICE) == ORIGIN_DEVICE:
+        return label_source or LABEL_DEVICE
+    return f"{origin}+{label_source or 'unlabelled'}"
 
 
 class Sample(Base):
@@ -31,12 +51,16 @@ class Sample(Base):
     model_line: Mapped[str] = mapped_column(ForeignKey("model_lines.name"))
     model_version: Mapped[int] = mapped_column(Integer)
     input: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian
-    true_label: Mapped[int] = mapped_column(Integer)
+    true_label: Mapped[int | None] = mapped_column(Integer)  # None: waits for a label
     predicted_label: Mapped[int] = mapped_column(Integer)
     confidence: Mapped[float] = mapped_column(Float)
     captured_at: Mapped[float] = mapped_column(Float)  # unix seconds, device clock
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     content_sha256: Mapped[str | None] = mapped_column(String(64))  # of the input bytes
+    origin: Mapped[str] = mapped_column(String(16), default=ORIGIN_DEVICE, server_default="device")
+    label_source: Mapped[str | None] = mapped_column(String(16))  # LABEL_* ; None: unlabelled
+    labelled_by: Mapped[str | None] = mapped_column(String(128))  # operator name (imports)
+    labelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class SampleQuarantine(Base):
@@ -72,9 +96,21 @@ def quarantined_ids(*, line: str) -> Any:
 
 
 def samples_of_line(session: Session, *, line: str) -> Sequence[Any]:
-    """The line's samples a dataset version may include: quarantined ones are left out."""
+    """The line's samples a dataset version may include: quarantined and unlabelled ones are
+    left out."""
     return session.execute(
-        select(Sample.sample_id, Sample.device_id, Sample.input, Sample.true_label)
-        .where(Sample.model_line == line, Sample.sample_id.not_in(quarantined_ids(line=line)))
+        select(
+            Sample.sample_id,
+            Sample.device_id,
+            Sample.input,
+            Sample.true_label,
+            Sample.origin,
+            Sample.label_source,
+        )
+        .where(
+            Sample.model_line == line,
+            Sample.true_label.is_not(None),
+            Sample.sample_id.not_in(quarantined_ids(line=line)),
+        )
         .order_by(Sample.received_at, Sample.sample_id)
     ).all()

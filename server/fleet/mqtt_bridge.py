@@ -56,6 +56,11 @@ class RecordingPublisher:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.sent: list[tuple[str, TargetMessage]] = []
+        self.retained: dict[str, bytes] = {}  # topic -> last payload (capture policies)
+
+    def publish_retained(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            self.retained[topic] = payload
 
     def publish(self, device_id: str, message: TargetMessage) -> None:
         with self._lock:
@@ -229,8 +234,13 @@ class MqttBridge:
     # ------------------------------------------------------------ publishing
 
     def publish(self, device_id: str, message: TargetMessage) -> None:
+        self.publish_retained(self.topics.target(device_id), message.to_json())
+
+    def publish_retained(self, topic: str, payload: bytes) -> None:
+        """Retain ``payload`` on ``topic`` (QoS 1, latest per topic wins while the broker is
+        away): device targets, and the groups' capture policies."""
         with self._lock:
-            self._pending[device_id] = message.to_json()
+            self._pending[topic] = payload
         self._wake.set()
 
     def pending(self) -> int:
@@ -245,14 +255,12 @@ class MqttBridge:
                 continue
             with self._lock:
                 batch, self._pending = self._pending, {}
-            for n, (device_id, payload) in enumerate(batch.items()):
-                info = self._client.publish(
-                    self.topics.target(device_id), payload, qos=1, retain=True
-                )
+            for n, (topic, payload) in enumerate(batch.items()):
+                info = self._client.publish(topic, payload, qos=1, retain=True)
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:
                     with self._lock:  # keep anything newer that arrived meanwhile
-                        for did, p in list(batch.items())[n:]:
-                            self._pending.setdefault(did, p)
+                        for t, p in list(batch.items())[n:]:
+                            self._pending.setdefault(t, p)
                     break
                 self.stats.published += 1
 

@@ -13,8 +13,8 @@ one rewrite and one SIGHUP per round instead of one each (which made enrolling N
 O(N^2) file lines and N broker reloads).
 
 Rights come from ``server.identity.broker_rules`` (the same rules the HTTP auth endpoint for
-clustered brokers applies, ``server.identity.broker_http``). Revoked devices are absent from both
-files.
+clustered brokers applies, ``server.identity.broker_http``). A device also reads its groups' and
+the lines' fleet-wide capture policies. Revoked devices are absent from both files.
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ def device_rules(
         Rule(Access.write, topics.status(device_id)),
         Rule(Access.write, topics.metrics(device_id)),
         Rule(Access.write, topics.monitor(device_id)),
-        *(Rule(Access.read, f"{prefix}/groups/{g}/#") for g in groups),
+        *(Rule(Access.read, f"{prefix}/groups/{g}/#") for g in groups),  # capture policies too
+        Rule(Access.read, topics.all_lines_capture),  # every line's fleet-wide capture policy
     )
 
 

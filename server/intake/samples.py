@@ -9,6 +9,10 @@ its ``input_spec`` (value count, dtype, value range) and ``labels``. Before the 
 the line's registered spec is used. Rejections carry a reason the uploader can read; an id
 already stored is a duplicate (idempotent retry), while the same input under another id is
 rejected by content hash (sha256 of the float32 bytes).
+
+A sample may come without a label (``true_label`` null: captured under a capture policy); it is
+stored for the labelling queue and counts toward nothing until a label fills it. The filling and
+the queue live in ``server.intake.labelling``; the upload calls it for rows of stored ids.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from contract.envelope import SignedEnvelope
 from server.db import job_queue
 from server.db.fleet import Device
 from server.db.registry import ModelLine, Release
-from server.db.sample_store import Sample
+from server.db.sample_store import LABEL_DEVICE, ORIGIN_CAPTURE, ORIGIN_DEVICE, Sample
+from server.intake import labelling
 from server.intake.screening import Screener
 from server.intake.upload_limits import charge_quota
 from server.retrain.scheduler import cooldown_of, evidence_floor
@@ -65,6 +70,7 @@ class UploadResult:
     duplicates: int = 0
     rejected: list[dict[str, Any]] = field(default_factory=list)
     quarantined: list[dict[str, Any]] = field(default_factory=list)  # stored, held by screening
+    labelled: int = 0  # stored unlabelled samples whose label this upload filled
     jobs_triggered: list[int] = field(default_factory=list)
 
 
@@ -147,10 +153,13 @@ def validate_sample(
             f"input values must be whole numbers for dtype {facts.spec.dtype} "
             f"(rule from the line's {facts.source})"
         )
-    labels = {}
+    labels: dict[str, int | None] = {}
     for name in ("true_label", "predicted_label"):
-        labels[name] = _get(rec, name, int)
-        if not 0 <= labels[name] < facts.n_labels:
+        if name == "true_label" and rec.get(name) is None:  # captured unlabelled: queued
+            labels[name] = None
+            continue
+        value = labels[name] = _get(rec, name, int)
+        if not 0 <= value < facts.n_labels:
             raise SampleRejected(
                 f"{name} {labels[name]} is not in range(0, {facts.n_labels}): the line has "
                 f"{facts.n_labels} labels"
@@ -171,6 +180,9 @@ def validate_sample(
         "confidence": confidence,
         "captured_at": captured_at,
         "received_at": now,
+        "origin": ORIGIN_DEVICE if labels["true_label"] is not None else ORIGIN_CAPTURE,
+        "label_source": LABEL_DEVICE if labels["true_label"] is not None else None,
+        "labelled_at": now if labels["true_label"] is not None else None,
     }
 
 
@@ -287,14 +299,19 @@ def _upload_once(
             rows.append(validate_sample(rec, devices=devices, lines=lines, now=now))
         except SampleRejected as exc:
             result.rejected.append({"sample_id": sample_id_of(rec), "reason": str(exc)})
+    rows = labelling.merge_batch(rows)
     ids = {r["sample_id"] for r in rows}
     stored = (
         set(session.scalars(select(Sample.sample_id).where(Sample.sample_id.in_(ids))).all())
         if ids
         else set()
     )
+    filled, refused = labelling.fill_device_labels(session, rows=rows, stored=stored, now=now)
+    result.rejected += refused
+    result.labelled = len(filled)
+    handled = {r["sample_id"] for r in (*filled, *refused)}
     # Content already stored for the line, by hash: (line, sha) -> (sample_id, true_label).
-    known: dict[tuple[str, str], tuple[str, int]] = {}
+    known: dict[tuple[str, str], tuple[str, int | None]] = {}
     hashes = {(r["model_line"], r["content_sha256"]) for r in rows if r["sample_id"] not in stored}
     for line_name in {h[0] for h in hashes}:
         shas = [h[1] for h in hashes if h[0] == line_name]
@@ -306,6 +323,8 @@ def _upload_once(
             known.setdefault((line_name, str(sha)), (sid, label))
     fresh: dict[str, dict[str, Any]] = {}
     for row in rows:
+        if row["sample_id"] in handled:
+            continue
         if row["sample_id"] in stored or row["sample_id"] in fresh:
             result.duplicates += 1
             continue
@@ -332,13 +351,15 @@ def _upload_once(
         )
     if fresh:
         session.execute(insert(Sample), list(fresh.values()))
+    # Unlabelled samples wait in the labelling queue: neither screened nor counted until labelled.
+    labelled = [r for r in fresh.values() if r["true_label"] is not None] + filled
     held: dict[str, str] = {}
-    if screener is not None and fresh:
-        held = screener.screen(session, rows=list(fresh.values()), now=now)
+    if screener is not None and labelled:
+        held = screener.screen(session, rows=labelled, now=now)
         result.quarantined = [{"sample_id": s, "reason": r} for s, r in sorted(held.items())]
-    floors = evidence_floor(session, lines={row["model_line"] for row in fresh.values()})
+    floors = evidence_floor(session, lines={row["model_line"] for row in labelled})
     per_line: dict[str, int] = {}
-    for row in fresh.values():
+    for row in labelled:
         if row["sample_id"] in held:
             continue  # held back from datasets: not a reason to retrain
         if row["model_version"] < floors.get(row["model_line"], 0):
@@ -357,6 +378,17 @@ def _upload_once(
     session.commit()
     result.accepted = len(fresh)
     return result
+
+
+def count_labelled(default_cooldown_s: float) -> labelling.CountLabelled:
+    """The threshold counter for labels filled later (an operator's import)."""
+
+    def count(session: Session, line: str, added: int, now: datetime) -> int | None:
+        return _count_and_trigger(
+            session, line=line, added=added, now=now, default_cooldown_s=default_cooldown_s
+        )
+
+    return count
 
 
 def _count_and_trigger(

@@ -232,6 +232,7 @@ class Screener:
             select(Sample.sample_id, Sample.input, Sample.true_label)
             .where(
                 Sample.model_line == line.name,
+                Sample.true_label.is_not(None),  # the labelling queue is no reference
                 Sample.sample_id.not_in(quarantined_ids(line=line.name)),
             )
             .order_by(Sample.received_at.desc())

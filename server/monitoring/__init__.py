@@ -24,6 +24,8 @@ Stateful (the database, the artifact store, HTTP, a clock; each injected):
   cleared, webhook deliveries queued, the retraining hook called.
 - :mod:`server.monitoring.evaluator`: the background loop, one writer of alert state.
 - :mod:`server.monitoring.webhook`: the outbox sender (JSON POST, retried with backoff).
+- :mod:`server.monitoring.capture`: the signed capture policies of drifting device groups
+  (issued while an alert holds, the default when it clears), recorded and published retained.
 
 Exception tree::
 

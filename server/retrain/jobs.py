@@ -267,6 +267,9 @@ class JobRunner:
                     y=np.array([r.true_label for r in rows], dtype=np.int64),
                     sample_ids=np.array([r.sample_id for r in rows], dtype=str),
                     device_ids=np.array([r.device_id for r in rows], dtype=str),
+                    label_sources=np.array(
+                        [sample_store.provenance(r.origin, r.label_source) for r in rows], dtype=str
+                    ),
                 ),
             )
         with self.sessions() as session:

@@ -37,7 +37,8 @@ def config_file(settings: Settings, name: str) -> Path:
 
 
 def check_alert_rules(config: LineConfig) -> LineConfig:
-    """``config`` if every rule in its ``retrain_on_alerts`` is an alert rule of this server.
+    """``config`` if every rule in its ``retrain_on_alerts`` and ``capture.on_alerts`` is an
+    alert rule of this server.
 
     Raises:
         SpecError: naming the unknown rule and the known ones.
@@ -46,6 +47,10 @@ def check_alert_rules(config: LineConfig) -> LineConfig:
     unknown = [name for name in config.retrain_on_alerts if name not in known]
     if unknown:
         raise SpecError(f"retrain_on_alerts: unknown alert rule(s) {unknown}; known: {known}")
+    capture = config.capture.on_alerts if config.capture is not None else ()
+    unknown = [name for name in capture if name not in known]
+    if unknown:
+        raise SpecError(f"capture.on_alerts: unknown alert rule(s) {unknown}; known: {known}")
     return config
 
 

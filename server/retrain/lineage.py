@@ -21,7 +21,7 @@ from server.core.errors import InvalidRequestError, NotFoundError, TrainingError
 from server.db import fleet, registry
 from server.db.datasets import DatasetSample, DatasetVersion
 from server.db.registry import ModelVersion
-from server.db.sample_store import Sample
+from server.db.sample_store import Sample, provenance
 
 _VERSION_RE = re.compile(r"^[0-9a-f]{64}$")
 _IN_CHUNK = 2000  # ids per IN (...) list: well under every backend's parameter limit
@@ -144,6 +144,11 @@ def _dataset_public(ds: DatasetVersion) -> dict[str, Any]:
         "model_line": ds.model_line,
         "job_id": ds.job_id,
         "created_at": ds.created_at,
+        # Where the samples' labels came from (device ground truth, or captured unlabelled and
+        # labelled later by the device or an operator); {} for datasets built before.
+        "label_sources": dict(
+            ((ds.manifest or {}).get("label_sources") or {}).get("accepted") or {}
+        ),
         "manifest": ds.manifest,
     }
 
@@ -268,6 +273,13 @@ def sample_lineage(session: Session, *, sample_id: str) -> dict[str, Any]:
             "confidence": s.confidence,
             "content_sha256": s.content_sha256,
             "received_at": s.received_at,
+            "origin": s.origin,
+            "label_source": s.label_source,
+            "labelled_by": s.labelled_by,
+            "labelled_at": s.labelled_at,
+            "provenance": provenance(s.origin, s.label_source)
+            if s.true_label is not None
+            else None,
         },
         "datasets": [{"version": v, "role": r, "created_at": t} for v, r, t in datasets],
         "models": _models_of_datasets(session, [v for v, _, _ in datasets]),

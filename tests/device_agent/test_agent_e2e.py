@@ -127,6 +127,7 @@ def test_agent_installs_retained_target_and_reports(
             "model_line": "digits",
             "hardware": "generic",  # the default hardware class
             "agent_version": cfg.agent_version,
+            "groups": [],  # its configured groups (none here)
         }
         status = agent.status()
         assert status["model_version"] == 1 and status["release"] == 1

@@ -42,6 +42,7 @@ def make_settings(tmp_path: Path, db_url: str, **overrides: Any) -> Settings:
         enable_ingest_writer=False,
         enable_monitor_evaluator=False,
         enable_webhook_sender=False,
+        enable_capture_publisher=False,
         canary_min_soak_s=0,
         min_labelled=50,
         admin_token=TEST_ADMIN_TOKEN,

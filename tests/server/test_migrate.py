@@ -555,11 +555,26 @@ def fill(url: str, *, skip_tables: tuple[str, ...] = (), skip_columns: tuple = (
         engine.dispose()
 
 
-def at_head(rows: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+# Columns added after the baseline with a server default: (table, column) -> value.
+SERVER_DEFAULTS = {("samples", "origin"): "device"}
+# Columns a migration after the baseline fills in the rows it finds.
+# 0003: every sample stored before it was captured with the device's ground truth.
+FILLED_BY_MIGRATIONS = {**SERVER_DEFAULTS, ("samples", "label_source"): "device"}
+
+
+def at_head(
+    rows: dict[str, list[dict[str, Any]]], *, migrated: bool = True
+) -> dict[str, list[dict[str, Any]]]:
     """The release's rows as a database at this edgeloop's head holds them: what the migrations
-    after the baseline added is there too, tables empty and nullable columns null."""
+    after the baseline added is there too, tables empty and nullable columns null, or what the
+    migrations filled in (``migrated``: the rows were there before the upgrade) or the server
+    default (rows written at the head by a writer that did not know the column)."""
+    added = FILLED_BY_MIGRATIONS if migrated else SERVER_DEFAULTS
     return {
-        name: [{c.name: row.get(c.name) for c in table.columns} for row in rows.get(name, [])]
+        name: [
+            {c.name: row.get(c.name, added.get((name, c.name))) for c in table.columns}
+            for row in rows.get(name, [])
+        ]
         for name, table in Base.metadata.tables.items()
     }
 
@@ -773,7 +788,7 @@ def test_an_empty_database_upgrades_to_head_then_nothing_is_left_to_do(db_url: s
     assert not again.changed and again.before.up_to_date
     assert f"already at revision {head()} (head)" in upgrade_with_the_cli(db_url)
     fill(db_url)
-    assert stored_rows(db_url) == at_head(expected_rows())
+    assert stored_rows(db_url) == at_head(expected_rows(), migrated=False)
     assert refuses_update_and_delete(db_url)
 
 
@@ -872,7 +887,7 @@ def test_a_later_revision_runs_on_a_filled_database(
     assert f"upgraded from revision {release_head} to {later}" in out
     assert stored_rows(db_url) == {
         name: [row | {"note": None} for row in rows] if name == "devices" else rows
-        for name, rows in at_head(expected_rows()).items()
+        for name, rows in at_head(expected_rows(), migrated=False).items()
     }
     engine = make_engine(db_url)
     try:

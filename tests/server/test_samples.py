@@ -50,7 +50,8 @@ BAD_SAMPLES = [
     ("confidence", {"confidence": "high"}),
     ("sample_id must be 1-64", {"sample_id": "x" * 65}),
     ("sample_id must be 1-64", {"sample_id": ""}),
-    ("missing field 'true_label'", {"true_label": None}),
+    # A null true_label is an input captured without a label (tests/server/test_labelling.py).
+    ("field 'true_label' has the wrong type", {"true_label": "3"}),
     ("must be a JSON object", None),
 ]
 

@@ -73,7 +73,13 @@ def live(tmp_path_factory) -> Iterator[dict[str, Any]]:
         credential = resp.json()["credential"]
         resp = http.post(
             "/api/v1/samples",
-            json={"samples": [sample(DEVICE, sample_id="fuzz-s1")]},
+            json={
+                "samples": [
+                    sample(DEVICE, sample_id="fuzz-s1"),
+                    # One waiting in the labelling queue, so its export renders an image.
+                    {**sample(DEVICE, sample_id="fuzz-u1", true_label=4), "true_label": None},
+                ]
+            },
             headers=auth_headers(credential),
         )
         assert resp.status_code == 200, resp.text
@@ -159,6 +165,7 @@ _DEVICE_PATHS = (
     "/api/v1/devices/{device_id}/target",
     "/api/v1/devices/register",
     "/api/v1/samples",
+    "/api/v1/devices/{device_id}/capture-policy/refusals",
 )
 
 
