@@ -1,8 +1,12 @@
 """Sample intake: per-sample validation, idempotent bulk insert, threshold-triggered retraining.
 
 ``validate_sample`` is pure (a record and the facts it is checked against in, a row or a reason
-out); ``upload_samples`` runs one transaction per batch with a fixed number of queries (devices,
-lines, releases, stored ids, stored content hashes, one bulk insert, one counter update per line).
+out); ``upload_samples`` sorts a batch with a fixed number of queries (devices, lines,
+releases, stored ids, stored content hashes), screens it in a read-only transaction, then sorts
+it again in one short write transaction against what is stored by then and writes it: one bulk
+insert, the screening verdicts, one counter update per line. Screening (the champion's inference
+and a neighbour search) is the slow part; outside the write transaction it holds no lock, which
+on SQLite is the one writer every approval, report and upload waits for.
 
 The rules a sample is checked against come from the line's current *signed* release manifest:
 its ``input_spec`` (value count, dtype, value range) and ``labels``. Before the first release
@@ -32,7 +36,7 @@ from server.db import job_queue
 from server.db.fleet import Device
 from server.db.registry import ModelLine, Release
 from server.db.sample_store import Sample
-from server.intake.screening import Screener
+from server.intake.screening import Assessment, Screener
 from server.intake.upload_limits import charge_quota
 from server.retrain.scheduler import cooldown_of, evidence_floor
 
@@ -57,6 +61,15 @@ class LineFacts:
     spec: InputSpec
     n_labels: int
     source: str = "registered input_spec"  # or "signed release N"
+
+
+@dataclass
+class _Sorted:
+    """A batch sorted against what is stored: new rows by id, and what is not new."""
+
+    fresh: dict[str, dict[str, Any]]
+    duplicates: int
+    rejected: list[dict[str, Any]]
 
 
 @dataclass
@@ -237,10 +250,11 @@ def upload_samples(
     records: list[Any],
     now: datetime,
     screener: Screener | None = None,
+    reads: Session | None = None,
     daily_quota: int = 0,
     default_cooldown_s: float = 0.0,
 ) -> UploadResult:
-    """Validate and store one batch in one transaction; trigger retraining at the threshold.
+    """Validate, screen and store one batch; trigger retraining at the threshold.
 
     Duplicate sample ids (already stored, or repeated within the batch) are counted, not stored
     twice, so a device may retry an upload safely. New samples are charged to their device's
@@ -248,7 +262,12 @@ def upload_samples(
     count toward retraining, and neither do samples of a version older than the one the fleet
     is moving to (:func:`evidence_floor`). ``default_cooldown_s``: seconds after a line's last
     training before a threshold job may start, for lines whose config sets no ``cooldown_s``.
-    Commits.
+
+    Screening reads in ``reads`` (a read-only session, see
+    ``server.db.engine.make_read_sessionmaker``; None: ``session``, in its write transaction),
+    whose transaction ends before the write transaction in ``session`` begins. That one sorts the
+    batch again (what a concurrent upload stored meanwhile is a duplicate now, and neither
+    counted nor screened twice) and commits the rows with their verdicts.
 
     Raises:
         RateLimitedError: a device would pass its daily quota (nothing of the batch is stored).
@@ -260,6 +279,7 @@ def upload_samples(
                 records=records,
                 now=now,
                 screener=screener,
+                reads=reads,
                 daily_quota=daily_quota,
                 default_cooldown_s=default_cooldown_s,
             )
@@ -270,23 +290,16 @@ def upload_samples(
     raise AssertionError("unreachable")
 
 
-def _upload_once(
-    session: Session,
-    *,
-    records: list[Any],
-    now: datetime,
-    screener: Screener | None,
-    daily_quota: int,
-    default_cooldown_s: float,
-) -> UploadResult:
-    result = UploadResult()
+def _sort_batch(session: Session, records: list[Any], now: datetime) -> _Sorted:
+    """Validate ``records`` and sort out what is already stored (reads only)."""
+    rejected: list[dict[str, Any]] = []
     devices, lines = _facts(session, records)
     rows: list[dict[str, Any]] = []
     for rec in records:
         try:
             rows.append(validate_sample(rec, devices=devices, lines=lines, now=now))
         except SampleRejected as exc:
-            result.rejected.append({"sample_id": sample_id_of(rec), "reason": str(exc)})
+            rejected.append({"sample_id": sample_id_of(rec), "reason": str(exc)})
     ids = {r["sample_id"] for r in rows}
     stored = (
         set(session.scalars(select(Sample.sample_id).where(Sample.sample_id.in_(ids))).all())
@@ -305,9 +318,10 @@ def _upload_once(
         ):
             known.setdefault((line_name, str(sha)), (sid, label))
     fresh: dict[str, dict[str, Any]] = {}
+    duplicates = 0
     for row in rows:
         if row["sample_id"] in stored or row["sample_id"] in fresh:
-            result.duplicates += 1
+            duplicates += 1
             continue
         key = (row["model_line"], row["content_sha256"])
         if key in known:
@@ -317,12 +331,48 @@ def _upload_once(
                 if label == row["true_label"]
                 else f"conflicting label: same input as sample {other!r}, labelled {label}"
             )
-            result.rejected.append(
+            rejected.append(
                 {"sample_id": row["sample_id"], "reason": f"{reason} (sha256 {key[1][:12]})"}
             )
             continue
         known[key] = (row["sample_id"], row["true_label"])
         fresh[row["sample_id"]] = row
+    return _Sorted(fresh=fresh, duplicates=duplicates, rejected=rejected)
+
+
+def _assess(reads: Session, *, records: list[Any], now: datetime, screener: Screener) -> Assessment:
+    """Screen the batch's new rows as the stored state stands now, in ``reads``'s own
+    transaction, ended here."""
+    try:
+        pending = _sort_batch(reads, records, now)
+        return screener.assess(reads, rows=list(pending.fresh.values()))
+    finally:
+        reads.rollback()
+
+
+def _upload_once(
+    session: Session,
+    *,
+    records: list[Any],
+    now: datetime,
+    screener: Screener | None,
+    reads: Session | None,
+    daily_quota: int,
+    default_cooldown_s: float,
+) -> UploadResult:
+    assessment = Assessment()
+    if screener is not None and screener.config.enabled:
+        if reads is None:  # one transaction: screening holds the write lock (tests, scripts)
+            assessment = screener.assess(
+                session, rows=list(_sort_batch(session, records, now).fresh.values())
+            )
+        else:
+            assessment = _assess(reads, records=records, now=now, screener=screener)
+    # The write transaction: sorted again, since another upload may have stored some of these
+    # rows (or the same content) since the assessment.
+    batch = _sort_batch(session, records, now)
+    result = UploadResult(duplicates=batch.duplicates, rejected=batch.rejected)
+    fresh = batch.fresh
     per_device: dict[str, int] = {}
     for row in fresh.values():
         per_device[row["device_id"]] = per_device.get(row["device_id"], 0) + 1
@@ -334,7 +384,7 @@ def _upload_once(
         session.execute(insert(Sample), list(fresh.values()))
     held: dict[str, str] = {}
     if screener is not None and fresh:
-        held = screener.screen(session, rows=list(fresh.values()), now=now)
+        held = screener.apply(session, rows=list(fresh.values()), assessment=assessment, now=now)
         result.quarantined = [{"sample_id": s, "reason": r} for s, r in sorted(held.items())]
     floors = evidence_floor(session, lines={row["model_line"] for row in fresh.values()})
     per_line: dict[str, int] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from server.db import job_queue, sample_store
 from server.db.datasets import DatasetSample
 from server.db.registry import ModelLine, ModelVersion
 from server.db.sample_store import SampleUploadCount
-from server.intake.screening import ScreenConfig, label_verdicts
+from server.intake.screening import ScreenConfig, Screener, label_verdicts
 from server.intake.upload_limits import SampleRateLimiter
 from server.main import create_app
 from server.release.signing import sign_release
@@ -467,3 +468,104 @@ def test_cli_lists_the_quarantine_with_reasons(tmp_path: Path, signing_key) -> N
     assert [(q["sample_id"], q["device_id"], q["check"]) for q in listed] == [
         ("c-0", "cam-1", "label")
     ]
+
+
+# ---------------------------------------------------------------- screening and the write lock
+
+
+class GatedScreener(Screener):
+    """The real screener, held at its first champion inference until the test lets it go."""
+
+    def __init__(self, config: ScreenConfig, store: Any) -> None:
+        super().__init__(config, store)
+        self.entered = threading.Event()
+        self.proceed = threading.Event()
+        self._first = threading.Lock()
+
+    def _predict(self, sha256: str, X: np.ndarray) -> np.ndarray:
+        if self._first.acquire(blocking=False):  # only the first call waits
+            self.entered.set()
+            assert self.proceed.wait(timeout=GATE_WAIT_S), "the test never let screening go"
+        return super()._predict(sha256, X)
+
+
+GATE_WAIT_S = 120.0  # seconds: a deadline for a failing test, not a measurement
+
+
+def test_screening_holds_no_write_lock_and_a_retry_meanwhile_is_not_counted_twice(
+    tmp_path: Path, db_url: str, signing_key
+) -> None:
+    """While one upload's screening is held, an operator's approval, another device's upload
+    and the same batch retried by its device all complete; the held upload then finds its rows
+    stored and counts, charges and quarantines nothing a second time."""
+    import httpx
+
+    from tests.authkit import FleetAuth
+    from tests.conftest import TEST_ADMIN_TOKEN
+    from tests.server.conftest import add_version
+    from tests.server.live_server import LiveServer
+
+    priv, _ = write_key_pair(tmp_path / "keys", signing_key)
+    settings = make_settings(
+        tmp_path, db_url, signing_key_path=priv, sample_quota_per_device_per_day=1000
+    )
+    app = create_app(settings)
+    with LiveServer(app) as srv:
+        # A generous client timeout: on failure the approval waits out the server's writer queue.
+        http = httpx.Client(base_url=srv.url, auth=FleetAuth(TEST_ADMIN_TOKEN), timeout=90)
+        services: Services = app.state.services
+        create_line(http, retrain_threshold=1000)
+        install_champion(services)
+        add_version(services, version=2, status="candidate")
+        register(http, "mallory")
+        register(http, "honest")
+        rollout = http.post("/api/v1/rollouts", json={"model_line": LINE, "model_version": 2})
+        assert rollout.status_code == 201, rollout.text
+        assert services.screener is not None
+        gate = GatedScreener(services.screener.config, services.store)
+        services.screener = gate
+        field = digits_pools().field
+        flipped = (field.y[:10] + 3) % 10
+        # From devices on v2, the version the fleet is moving to: they count toward training.
+        batch = [
+            {**r, "model_version": 2}
+            for r in digit_samples("mallory", field.X[:10], flipped, prefix="m")
+        ]
+        honest_batch = [
+            {**r, "model_version": 2}
+            for r in digit_samples("honest", field.X[10:20], field.y[10:20], prefix="h")
+        ]
+        first: dict[str, Any] = {}
+        uploader = threading.Thread(
+            target=lambda: first.update(resp=upload(http, batch)), name="held-upload"
+        )
+        uploader.start()
+        try:
+            assert gate.entered.wait(timeout=GATE_WAIT_S), "the upload never reached screening"
+            approved = http.post(f"/api/v1/rollouts/{rollout.json()['id']}/approve", json={})
+            assert approved.status_code == 200, approved.text
+            honest = upload(http, honest_batch)
+            assert honest.status_code == 200 and honest.json()["accepted"] == 10, honest.text
+            retried = upload(http, batch)  # the device retries: its first try looks lost
+            assert retried.status_code == 200, retried.text
+        finally:
+            gate.proceed.set()
+            uploader.join(timeout=GATE_WAIT_S)
+        assert not uploader.is_alive()
+        assert retried.json()["accepted"] == 10
+        held = {q["sample_id"] for q in retried.json()["quarantined"]}
+        assert len(held) >= 8  # flipped digits: the champion and the neighbours disagree
+        late = first["resp"]
+        assert late.status_code == 200, late.text
+        assert late.json() == {"accepted": 0, "duplicates": 10, "rejected": []}
+        listed = [q for q in quarantine(http) if q["device_id"] == "mallory"]
+        assert sorted(q["sample_id"] for q in listed) == sorted(held)  # once each
+        counted = 10 - len(honest.json().get("quarantined", [])) + 10 - len(held)
+        with services.sessions() as session:
+            line_row = session.get(ModelLine, LINE)
+            assert line_row is not None and line_row.new_samples == counted > 0
+            charged = dict(
+                session.execute(select(SampleUploadCount.device_id, SampleUploadCount.count)).all()
+            )
+        assert charged == {"mallory": 10, "honest": 10}
+        http.close()

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from server.api.deps import DeviceDep, ServicesDep, SessionDep, ViewerDep
+from server.api.deps import DeviceDep, ServicesDep, SessionDep, ViewerDep, read_sessions
 from server.api.schemas import SamplesResult, SamplesUpload
 from server.core.errors import InvalidRequestError, PayloadTooLargeError
 from server.identity.auth import require_same_device
@@ -62,12 +62,14 @@ async def post_samples(request: Request, device: DeviceDep, services: ServicesDe
         services.sample_limiter.take(device.device_id, len(body.samples))
 
     def work() -> Any:
-        with services.sessions() as session:
+        # Screening reads in its own read-only session: on SQLite it then holds no write lock.
+        with services.sessions() as session, read_sessions(services)() as reads:
             return upload_samples(
                 session,
                 records=body.samples,
                 now=services.clock(),
                 screener=services.screener,
+                reads=reads,
                 daily_quota=settings.sample_quota_per_device_per_day,
                 default_cooldown_s=settings.retrain_cooldown_s,
             )
