@@ -360,14 +360,11 @@ def _upload_once(
     daily_quota: int,
     default_cooldown_s: float,
 ) -> UploadResult:
+    # Rows the assessment does not cover are screened in the write transaction (Screener.apply):
+    # all of them when there is no read session.
     assessment = Assessment()
-    if screener is not None and screener.config.enabled:
-        if reads is None:  # one transaction: screening holds the write lock (tests, scripts)
-            assessment = screener.assess(
-                session, rows=list(_sort_batch(session, records, now).fresh.values())
-            )
-        else:
-            assessment = _assess(reads, records=records, now=now, screener=screener)
+    if reads is not None and screener is not None and screener.config.enabled:
+        assessment = _assess(reads, records=records, now=now, screener=screener)
     # The write transaction: sorted again, since another upload may have stored some of these
     # rows (or the same content) since the assessment.
     batch = _sort_batch(session, records, now)

@@ -1,4 +1,5 @@
-"""Per-device sample upload limits: a rate limit (token bucket) and a daily quota.
+"""Sample upload limits: per device a rate limit (token bucket) and a daily quota; per server
+process the uploads processed at once.
 
 * Rate: ``SampleRateLimiter`` is an in-process token bucket per device, in samples: it holds up
   to ``burst`` samples and refills at ``per_min / 60`` samples a second. It lives in one server
@@ -8,15 +9,23 @@
   (``sample_upload_counts``) with one guarded ``UPDATE ... WHERE count + n <= quota``, so it
   holds across every server process sharing the database.
 
-Over either limit the whole batch is refused with 429 and Retry-After, before anything is
-stored; the device agent keeps the batch in its spool and retries later (429 is transient).
+* In flight: ``UploadSlots`` lets at most ``slots`` uploads be processed at once in one server
+  process. Uploads are bulk traffic that can wait; an operator's approval or a device's report
+  cannot. Unbounded, uploads took every request thread and queued there for the database's
+  single writer (SQLite), so an approval, which passes that queue several times, waited behind
+  forty of them each time (py-spy, ``firmware_sim.procfleet`` with 50 agents: over 30 s).
+
+Over the rate or the quota the whole batch is refused with 429 and Retry-After, with no free slot
+with 503, before anything is stored; the device agent keeps the batch in its spool and retries
+later (429 and 503 are transient).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 from sqlalchemy import update
@@ -24,7 +33,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from server.core.errors import RateLimitedError
+from server.core.errors import RateLimitedError, UnavailableError
 from server.db.sample_store import SampleUploadCount
 
 _MAX_TRACKED = 100_000  # devices remembered by the bucket map before idle ones are forgotten
@@ -71,6 +80,41 @@ class SampleRateLimiter:
             if len(self._buckets) >= _MAX_TRACKED and device_id not in self._buckets:
                 self._buckets.clear()  # forgetting a bucket only refills it
             self._buckets[device_id] = (tokens - n, now)
+
+
+class UploadSlots:
+    """At most ``slots`` sample uploads processed at once (thread-safe; see the module doc)."""
+
+    def __init__(self, slots: int) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, not {slots}")
+        self.slots = slots
+        self._lock = threading.Lock()
+        self._busy = 0
+
+    @property
+    def busy(self) -> int:
+        """Uploads being processed now."""
+        return self._busy
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold a slot for the block.
+
+        Raises:
+            UnavailableError: every slot is taken (nothing is waited for).
+        """
+        with self._lock:
+            if self._busy >= self.slots:
+                raise UnavailableError(
+                    f"sample intake is busy (all {self.slots} upload slots taken); retry later"
+                )
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy -= 1
 
 
 def charge_quota(session: Session, *, device_id: str, n: int, quota: int, now: datetime) -> None:

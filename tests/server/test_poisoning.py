@@ -569,3 +569,65 @@ def test_screening_holds_no_write_lock_and_a_retry_meanwhile_is_not_counted_twic
             )
         assert charged == {"mallory": 10, "honest": 10}
         http.close()
+
+
+def test_an_upload_past_the_slots_is_refused_with_503_and_spends_nothing(
+    tmp_path: Path, signing_key
+) -> None:
+    """With every upload slot taken (one, held in screening), another device's batch is refused
+    at once with 503: nothing stored, no rate allowance spent; once the slot is free the same
+    batch is stored whole."""
+    import httpx
+
+    from tests.authkit import FleetAuth
+    from tests.conftest import TEST_ADMIN_TOKEN
+    from tests.server.live_server import LiveServer
+
+    priv, _ = write_key_pair(tmp_path / "keys", signing_key)
+    settings = make_settings(
+        tmp_path,
+        f"sqlite:///{tmp_path}/edgeloop.db",
+        signing_key_path=priv,
+        sample_uploads_in_flight=1,
+        # 10 samples per device, refilled at one per 100 minutes: no refill during the test.
+        sample_rate_per_device_per_min=0.01,
+        sample_burst_per_device=10,
+    )
+    app = create_app(settings)
+    with LiveServer(app) as srv:
+        http = httpx.Client(base_url=srv.url, auth=FleetAuth(TEST_ADMIN_TOKEN), timeout=90)
+        services: Services = app.state.services
+        create_line(http)
+        install_champion(services)
+        register(http, "cam-1")
+        register(http, "cam-2")
+        assert services.screener is not None
+        gate = GatedScreener(services.screener.config, services.store)
+        services.screener = gate
+        field = digits_pools().field
+        first: dict[str, Any] = {}
+        held = threading.Thread(
+            target=lambda: first.update(
+                resp=upload(http, digit_samples("cam-1", field.X[:5], field.y[:5], prefix="a"))
+            )
+        )
+        held.start()
+        batch = digit_samples("cam-2", field.X[5:15], field.y[5:15], prefix="b")
+        try:
+            assert gate.entered.wait(timeout=GATE_WAIT_S), "the upload never reached screening"
+            busy = upload(http, batch)
+            assert busy.status_code == 503, busy.text
+            assert busy.json()["detail"] == (
+                "sample intake is busy (all 1 upload slots taken); retry later"
+            )
+        finally:
+            gate.proceed.set()
+            held.join(timeout=GATE_WAIT_S)
+        assert not held.is_alive() and first["resp"].json()["accepted"] == 5
+        with services.sessions() as session:
+            stored = {r.sample_id for r in sample_store.samples_of_line(session, line=LINE)}
+        assert stored == {f"a-{i}" for i in range(5)}
+        again = upload(http, batch)  # all 10 of cam-2's allowance is still there
+        assert again.status_code == 200 and again.json()["accepted"] == 10, again.text
+        assert services.upload_slots is not None and services.upload_slots.busy == 0
+        http.close()

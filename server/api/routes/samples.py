@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -58,9 +59,6 @@ async def post_samples(request: Request, device: DeviceDep, services: ServicesDe
         if isinstance(record, dict) and "device_id" in record:
             require_same_device(device, record["device_id"])
 
-    if services.sample_limiter is not None:
-        services.sample_limiter.take(device.device_id, len(body.samples))
-
     def work() -> Any:
         # Screening reads in its own read-only session: on SQLite it then holds no write lock.
         with services.sessions() as session, read_sessions(services)() as reads:
@@ -74,7 +72,11 @@ async def post_samples(request: Request, device: DeviceDep, services: ServicesDe
                 default_cooldown_s=settings.retrain_cooldown_s,
             )
 
-    result = await run_in_threadpool(work)
+    # A free slot first (503 at once without one), so a refused batch spends no rate allowance.
+    with services.upload_slots.hold() if services.upload_slots else nullcontext():
+        if services.sample_limiter is not None:
+            services.sample_limiter.take(device.device_id, len(body.samples))
+        result = await run_in_threadpool(work)
     if result.jobs_triggered:
         services.jobs.wake()
     out: dict[str, Any] = {
