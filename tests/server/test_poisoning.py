@@ -631,3 +631,38 @@ def test_an_upload_past_the_slots_is_refused_with_503_and_spends_nothing(
         assert again.status_code == 200 and again.json()["accepted"] == 10, again.text
         assert services.upload_slots is not None and services.upload_slots.busy == 0
         http.close()
+
+
+def test_rows_not_assessed_before_the_write_are_screened_in_it(line) -> None:
+    """Without a read session (a script, a test), and for a row whose content changed since the
+    assessment, screening runs in the write transaction: nothing is stored unscreened."""
+    from sqlalchemy import insert
+
+    from server.db.sample_store import Sample
+    from server.intake.samples import _sort_batch, upload_samples
+
+    client, services = line
+    register(client, "cam-1")
+    field = digits_pools().field
+    wrong = (field.y[:4] + 5) % 10
+    records = digit_samples("cam-1", field.X[:4], wrong, prefix="w")
+    assert services.screener is not None
+    with services.sessions() as session:  # no read session: all assessed in the write
+        result = upload_samples(
+            session, records=records[:2], now=services.clock(), screener=services.screener
+        )
+    assert result.accepted == 2 and {q["sample_id"] for q in result.quarantined} == {"w-0", "w-1"}
+    # An assessment of other content under the same ids covers nothing of what is stored.
+    decoy = digit_samples("cam-1", field.X[10:12], field.y[10:12], prefix="w")[:2]
+    decoy = [{**d, "sample_id": r["sample_id"]} for d, r in zip(decoy, records[2:], strict=True)]
+    with services.sessions() as session, services.sessions() as reads:
+        stale = services.screener.assess(
+            reads, rows=list(_sort_batch(reads, decoy, services.clock()).fresh.values())
+        )
+        reads.rollback()
+        assert stale.assessed and not stale.verdicts
+        rows = list(_sort_batch(session, records[2:], services.clock()).fresh.values())
+        session.execute(insert(Sample), rows)  # as the upload's write transaction does
+        held = services.screener.apply(session, rows=rows, assessment=stale, now=services.clock())
+        session.rollback()
+    assert set(held) == {"w-2", "w-3"}
