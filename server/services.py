@@ -343,7 +343,9 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
             per_min=settings.sample_rate_per_device_per_min,
             burst=settings.sample_burst_per_device,
         ),
-        upload_slots=UploadSlots(settings.sample_uploads_in_flight),
+        upload_slots=UploadSlots(
+            settings.sample_uploads_in_flight, wait_s=settings.sample_upload_wait_s
+        ),
         revoked_devices=revoked_devices,
     )
     bootstrap(services)

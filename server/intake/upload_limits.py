@@ -10,24 +10,27 @@ process the uploads processed at once.
   holds across every server process sharing the database.
 
 * In flight: ``UploadSlots`` lets at most ``slots`` uploads be processed at once in one server
-  process. Uploads are bulk traffic that can wait; an operator's approval or a device's report
-  cannot. Unbounded, uploads took every request thread and queued there for the database's
-  single writer (SQLite), so an approval, which passes that queue several times, waited behind
-  forty of them each time (py-spy, ``firmware_sim.procfleet`` with 50 agents: over 30 s).
+  process; the others wait their turn in the event loop, holding no thread. Uploads are bulk
+  traffic that can wait; an operator's approval or a device's report cannot. Unbounded, uploads
+  took every request thread and queued there for the database's single writer (SQLite), so an
+  approval, which passes that queue several times, waited behind forty of them each time
+  (py-spy, ``firmware_sim.procfleet`` with 50 agents: over 30 s). Refused at once instead, the
+  agents backed off so far that 4 samples arrived in 20 s of drift instead of about 1,800.
 
-Over the rate or the quota the whole batch is refused with 429 and Retry-After, with no free slot
-with 503, before anything is stored; the device agent keeps the batch in its spool and retries
-later (429 and 503 are transient).
+Over the rate or the quota the whole batch is refused with 429 and Retry-After, and after
+``wait_s`` without a slot with 503, before anything is stored; the device agent keeps the batch
+in its spool and retries later (429 and 503 are transient).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 
+import anyio
 from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -83,38 +86,47 @@ class SampleRateLimiter:
 
 
 class UploadSlots:
-    """At most ``slots`` sample uploads processed at once (thread-safe; see the module doc)."""
+    """At most ``slots`` sample uploads processed at once; the others wait their turn in order,
+    holding no thread, for up to ``wait_s`` seconds each (see the module doc)."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, *, wait_s: float) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
         self.slots = slots
-        self._lock = threading.Lock()
-        self._busy = 0
+        self.wait_s = wait_s
+        self._limiter = anyio.CapacityLimiter(slots)
 
     @property
     def busy(self) -> int:
         """Uploads being processed now."""
-        return self._busy
+        return int(self._limiter.borrowed_tokens)
 
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        """Hold a slot for the block.
+    @property
+    def waiting(self) -> int:
+        """Uploads waiting for a slot now."""
+        return self._limiter.statistics().tasks_waiting
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        """Hold a slot for the block, waiting up to ``wait_s`` for one.
 
         Raises:
-            UnavailableError: every slot is taken (nothing is waited for).
+            UnavailableError: no slot came free in time.
         """
-        with self._lock:
-            if self._busy >= self.slots:
+        try:
+            self._limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            with anyio.move_on_after(self.wait_s) as waited:
+                await self._limiter.acquire()
+            if waited.cancelled_caught:
                 raise UnavailableError(
-                    f"sample intake is busy (all {self.slots} upload slots taken); retry later"
-                )
-            self._busy += 1
+                    f"sample intake is busy: no upload slot (of {self.slots}) came free within "
+                    f"{self.wait_s:g} s; retry later"
+                ) from None
         try:
             yield
         finally:
-            with self._lock:
-                self._busy -= 1
+            self._limiter.release()
 
 
 def charge_quota(session: Session, *, device_id: str, n: int, quota: int, now: datetime) -> None:

@@ -37,6 +37,7 @@ from tests.server.conftest import (
     register,
     sample,
     services_of,
+    wait_for,
 )
 from training.data import digits_pools, drift
 
@@ -571,66 +572,107 @@ def test_screening_holds_no_write_lock_and_a_retry_meanwhile_is_not_counted_twic
         http.close()
 
 
-def test_an_upload_past_the_slots_is_refused_with_503_and_spends_nothing(
-    tmp_path: Path, signing_key
-) -> None:
-    """With every upload slot taken (one, held in screening), another device's batch is refused
-    at once with 503: nothing stored, no rate allowance spent; once the slot is free the same
-    batch is stored whole."""
+def _one_slot_held(tmp_path: Path, signing_key, *, wait_s: float) -> Any:
+    """A live server with one upload slot, and cam-1's upload holding it in screening."""
+    import contextlib
+
     import httpx
 
     from tests.authkit import FleetAuth
     from tests.conftest import TEST_ADMIN_TOKEN
     from tests.server.live_server import LiveServer
 
-    priv, _ = write_key_pair(tmp_path / "keys", signing_key)
-    settings = make_settings(
-        tmp_path,
-        f"sqlite:///{tmp_path}/edgeloop.db",
-        signing_key_path=priv,
-        sample_uploads_in_flight=1,
-        # 10 samples per device, refilled at one per 100 minutes: no refill during the test.
-        sample_rate_per_device_per_min=0.01,
-        sample_burst_per_device=10,
-    )
-    app = create_app(settings)
-    with LiveServer(app) as srv:
-        http = httpx.Client(base_url=srv.url, auth=FleetAuth(TEST_ADMIN_TOKEN), timeout=90)
-        services: Services = app.state.services
-        create_line(http)
-        install_champion(services)
-        register(http, "cam-1")
-        register(http, "cam-2")
-        assert services.screener is not None
-        gate = GatedScreener(services.screener.config, services.store)
-        services.screener = gate
-        field = digits_pools().field
-        first: dict[str, Any] = {}
-        held = threading.Thread(
-            target=lambda: first.update(
-                resp=upload(http, digit_samples("cam-1", field.X[:5], field.y[:5], prefix="a"))
-            )
+    @contextlib.contextmanager
+    def held() -> Any:
+        priv, _ = write_key_pair(tmp_path / "keys", signing_key)
+        settings = make_settings(
+            tmp_path,
+            f"sqlite:///{tmp_path}/edgeloop.db",
+            signing_key_path=priv,
+            sample_uploads_in_flight=1,
+            sample_upload_wait_s=wait_s,
+            # 10 samples per device, refilled at one per 100 minutes: no refill in the test.
+            sample_rate_per_device_per_min=0.01,
+            sample_burst_per_device=10,
         )
-        held.start()
-        batch = digit_samples("cam-2", field.X[5:15], field.y[5:15], prefix="b")
-        try:
-            assert gate.entered.wait(timeout=GATE_WAIT_S), "the upload never reached screening"
-            busy = upload(http, batch)
-            assert busy.status_code == 503, busy.text
-            assert busy.json()["detail"] == (
-                "sample intake is busy (all 1 upload slots taken); retry later"
-            )
-        finally:
-            gate.proceed.set()
-            held.join(timeout=GATE_WAIT_S)
-        assert not held.is_alive() and first["resp"].json()["accepted"] == 5
-        with services.sessions() as session:
-            stored = {r.sample_id for r in sample_store.samples_of_line(session, line=LINE)}
-        assert stored == {f"a-{i}" for i in range(5)}
-        again = upload(http, batch)  # all 10 of cam-2's allowance is still there
+        app = create_app(settings)
+        with LiveServer(app) as srv:
+            http = httpx.Client(base_url=srv.url, auth=FleetAuth(TEST_ADMIN_TOKEN), timeout=90)
+            services: Services = app.state.services
+            create_line(http)
+            install_champion(services)
+            register(http, "cam-1")
+            register(http, "cam-2")
+            assert services.screener is not None
+            gate = GatedScreener(services.screener.config, services.store)
+            services.screener = gate
+            field = digits_pools().field
+            first: dict[str, Any] = {}
+            batch = digit_samples("cam-1", field.X[:5], field.y[:5], prefix="a")
+            holder = threading.Thread(target=lambda: first.update(resp=upload(http, batch)))
+            holder.start()
+            try:
+                assert gate.entered.wait(timeout=GATE_WAIT_S), "the upload never reached screening"
+                yield http, services, gate
+            finally:
+                gate.proceed.set()
+                holder.join(timeout=GATE_WAIT_S)
+                http.close()
+            assert not holder.is_alive() and first["resp"].json()["accepted"] == 5
+
+    return held()
+
+
+def cam2_batch() -> list[dict[str, Any]]:
+    field = digits_pools().field
+    return digit_samples("cam-2", field.X[5:15], field.y[5:15], prefix="b")
+
+
+def stored_ids(services: Services) -> set[str]:
+    with services.sessions() as session:
+        return {r.sample_id for r in sample_store.samples_of_line(session, line=LINE)}
+
+
+def test_an_upload_waits_for_a_slot_holding_no_thread_while_an_approval_passes(
+    tmp_path: Path, signing_key
+) -> None:
+    """With the one upload slot taken (held in screening), another device's batch waits its
+    turn; an operator's write goes through meanwhile; once the slot is free the batch is stored."""
+    with _one_slot_held(tmp_path, signing_key, wait_s=GATE_WAIT_S) as (http, services, gate):
+        slots = services.upload_slots
+        assert slots is not None and slots.busy == 1
+        second: dict[str, Any] = {}
+        waiter = threading.Thread(target=lambda: second.update(resp=upload(http, cam2_batch())))
+        waiter.start()
+        wait_for(lambda: slots.waiting == 1, timeout=GATE_WAIT_S, what="cam-2 waiting for a slot")
+        assert not any(s.startswith("b-") for s in stored_ids(services))
+        token = http.post("/api/v1/enrollment-tokens", json={"max_uses": 1})  # a write
+        assert token.status_code == 201, token.text
+        gate.proceed.set()
+        waiter.join(timeout=GATE_WAIT_S)
+        assert not waiter.is_alive()
+        assert second["resp"].status_code == 200 and second["resp"].json()["accepted"] == 10
+        assert slots.busy == 0 and slots.waiting == 0
+
+
+def test_an_upload_with_no_slot_in_time_gets_503_and_spends_nothing(
+    tmp_path: Path, signing_key
+) -> None:
+    """No slot within sample_upload_wait_s (0: none at once): 503, nothing stored, no rate
+    allowance spent; once the slot is free the same batch is stored whole."""
+    with _one_slot_held(tmp_path, signing_key, wait_s=0) as (http, services, gate):
+        busy = upload(http, cam2_batch())
+        assert busy.status_code == 503, busy.text
+        assert busy.json()["detail"] == (
+            "sample intake is busy: no upload slot (of 1) came free within 0 s; retry later"
+        )
+        gate.proceed.set()
+        slots = services.upload_slots
+        assert slots is not None
+        wait_for(lambda: slots.busy == 0, timeout=GATE_WAIT_S, what="the slot free")
+        assert not any(s.startswith("b-") for s in stored_ids(services))
+        again = upload(http, cam2_batch())  # all 10 of cam-2's allowance is still there
         assert again.status_code == 200 and again.json()["accepted"] == 10, again.text
-        assert services.upload_slots is not None and services.upload_slots.busy == 0
-        http.close()
 
 
 def test_rows_not_assessed_before_the_write_are_screened_in_it(line) -> None:

@@ -72,8 +72,9 @@ async def post_samples(request: Request, device: DeviceDep, services: ServicesDe
                 default_cooldown_s=settings.retrain_cooldown_s,
             )
 
-    # A free slot first (503 at once without one), so a refused batch spends no rate allowance.
-    with services.upload_slots.hold() if services.upload_slots else nullcontext():
+    # A slot first (waited for, holding no thread; 503 when none comes free), so a batch refused
+    # for want of one spends no rate allowance.
+    async with services.upload_slots.hold() if services.upload_slots else nullcontext():
         if services.sample_limiter is not None:
             services.sample_limiter.take(device.device_id, len(body.samples))
         result = await run_in_threadpool(work)
