@@ -27,6 +27,8 @@ from server.core.config import DEV_ADMIN_TOKEN
 from server.db import migrate
 from server.identity.broker_acl import wait_catches_sighup
 
+BIND_ATTEMPTS = 3  # server starts, each on a newly picked port when its port was taken
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -202,6 +204,12 @@ class ServerProcess:
     ) -> None:
         self.data_dir = Path(data_dir)
         self.nofile = nofile  # the server's own open-file limit (None: inherit)
+        # A port picked here may be taken by another process before the server binds it (any
+        # outgoing connection on the machine may get it as its local port): then start() picks
+        # another. A port the caller chose is kept.
+        self._picked_port = port is None and not {"EDGELOOP_PORT", "EDGELOOP_PUBLIC_URL"} & set(
+            env or {}
+        )
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.python = python
@@ -261,7 +269,24 @@ class ServerProcess:
         return self.data_dir / "trust" / "1.root.json"
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(BIND_ATTEMPTS):
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                return self._start_once(timeout)
+            except RuntimeError:
+                with open(self.log_path, "rb") as log:
+                    log.seek(log_from)
+                    taken = b"address already in use" in log.read()
+                if not (taken and self._picked_port) or attempt == BIND_ATTEMPTS - 1:
+                    raise
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.env["EDGELOOP_PORT"] = str(self.port)
+            self.env["EDGELOOP_PUBLIC_URL"] = self.url
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> ServerProcess:
         env = {**os.environ, **self.env}
         # The server refuses a database that is not at the current schema; an operator runs
         # `edgeloop db upgrade` first, and so does this (its function, without a second

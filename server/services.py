@@ -26,7 +26,7 @@ from server.fleet.mqtt_bridge import IngestItem, MqttBridge, RecordingPublisher
 from server.identity.broker_acl import sync_broker
 from server.identity.enrollment import ensure_enrollment_token, revoked_device_ids
 from server.intake.screening import Screener, screen_config
-from server.intake.upload_limits import SampleRateLimiter
+from server.intake.upload_limits import SampleRateLimiter, UploadSlots
 from server.monitoring.alerts import RaisedAlert, RetrainHook
 from server.monitoring.capture import CapturePublisher
 from server.monitoring.evaluator import MonitorEvaluator
@@ -75,6 +75,7 @@ class Services:
     # server.db.engine.make_read_sessionmaker. None: use ``sessions``.
     read_sessions: sessionmaker[Session] | None = None
     sample_limiter: SampleRateLimiter | None = None  # per-device upload rate (this process)
+    upload_slots: UploadSlots | None = None  # sample uploads processed at once (this process)
     # Revoked device ids (loaded at start, added to on revoke): the bridge drops their reports.
     revoked_devices: set[str] = field(default_factory=set)
     # Issues signed capture policies for drifting groups (None: built without one).
@@ -358,6 +359,9 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
         sample_limiter=SampleRateLimiter(
             per_min=settings.sample_rate_per_device_per_min,
             burst=settings.sample_burst_per_device,
+        ),
+        upload_slots=UploadSlots(
+            settings.sample_uploads_in_flight, wait_s=settings.sample_upload_wait_s
         ),
         revoked_devices=revoked_devices,
         capture=CapturePublisher(

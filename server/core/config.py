@@ -249,6 +249,12 @@ class Settings(BaseSettings):
     sample_rate_per_device_per_min: float = Field(default=1200.0, ge=0)  # samples/min; 0: off
     sample_burst_per_device: int = Field(default=2000, ge=1)  # samples a device may send at once
     sample_quota_per_device_per_day: int = Field(default=50_000, ge=0)  # samples/UTC day; 0: off
+    # Uploads processed at once by this server process; more wait their turn holding no thread, so
+    # uploads never hold every worker thread and every turn at the database writer that approvals
+    # and device reports need. One that waits sample_upload_wait_s seconds gets 503 (the agent
+    # keeps the batch and retries); keep it under the agents' HTTP timeout (10 s).
+    sample_uploads_in_flight: int = Field(default=4, ge=1)
+    sample_upload_wait_s: float = Field(default=5.0, ge=0)
     screen_labels: bool = True  # label screening against champion + nearest neighbours
     screen_k: int = Field(default=7, ge=1)  # neighbours consulted
     screen_min_neighbour_agreement: int = Field(default=1, ge=1)  # of screen_k sharing the label

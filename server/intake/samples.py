@@ -1,8 +1,12 @@
 """Sample intake: per-sample validation, idempotent bulk insert, threshold-triggered retraining.
 
 ``validate_sample`` is pure (a record and the facts it is checked against in, a row or a reason
-out); ``upload_samples`` runs one transaction per batch with a fixed number of queries (devices,
-lines, releases, stored ids, stored content hashes, one bulk insert, one counter update per line).
+out); ``upload_samples`` sorts a batch with a fixed number of queries (devices, lines,
+releases, stored ids, stored content hashes), screens it in a read-only transaction, then sorts
+it again in one short write transaction against what is stored by then and writes it: one bulk
+insert, the screening verdicts, one counter update per line. Screening (the champion's inference
+and a neighbour search) is the slow part; outside the write transaction it holds no lock, which
+on SQLite is the one writer every approval, report and upload waits for.
 
 The rules a sample is checked against come from the line's current *signed* release manifest:
 its ``input_spec`` (value count, dtype, value range) and ``labels``. Before the first release
@@ -37,7 +41,7 @@ from server.db.fleet import Device
 from server.db.registry import ModelLine, Release
 from server.db.sample_store import LABEL_DEVICE, ORIGIN_CAPTURE, ORIGIN_DEVICE, Sample
 from server.intake import labelling
-from server.intake.screening import Screener
+from server.intake.screening import Assessment, Screener
 from server.intake.upload_limits import charge_quota
 from server.retrain.scheduler import cooldown_of, evidence_floor
 
@@ -62,6 +66,16 @@ class LineFacts:
     spec: InputSpec
     n_labels: int
     source: str = "registered input_spec"  # or "signed release N"
+
+
+@dataclass
+class _Sorted:
+    """A batch sorted against what is stored: new rows by id, and what is not new."""
+
+    fresh: dict[str, dict[str, Any]]
+    duplicates: int
+    rejected: list[dict[str, Any]]
+    filled: list[dict[str, Any]] = field(default_factory=list)  # stored captures now labelled
 
 
 @dataclass
@@ -249,10 +263,11 @@ def upload_samples(
     records: list[Any],
     now: datetime,
     screener: Screener | None = None,
+    reads: Session | None = None,
     daily_quota: int = 0,
     default_cooldown_s: float = 0.0,
 ) -> UploadResult:
-    """Validate and store one batch in one transaction; trigger retraining at the threshold.
+    """Validate, screen and store one batch; trigger retraining at the threshold.
 
     Duplicate sample ids (already stored, or repeated within the batch) are counted, not stored
     twice, so a device may retry an upload safely. New samples are charged to their device's
@@ -260,7 +275,12 @@ def upload_samples(
     count toward retraining, and neither do samples of a version older than the one the fleet
     is moving to (:func:`evidence_floor`). ``default_cooldown_s``: seconds after a line's last
     training before a threshold job may start, for lines whose config sets no ``cooldown_s``.
-    Commits.
+
+    Screening reads in ``reads`` (a read-only session, see
+    ``server.db.engine.make_read_sessionmaker``; None: ``session``, in its write transaction),
+    whose transaction ends before the write transaction in ``session`` begins. That one sorts the
+    batch again (what a concurrent upload stored meanwhile is a duplicate now, and neither
+    counted nor screened twice) and commits the rows with their verdicts.
 
     Raises:
         RateLimitedError: a device would pass its daily quota (nothing of the batch is stored).
@@ -272,6 +292,7 @@ def upload_samples(
                 records=records,
                 now=now,
                 screener=screener,
+                reads=reads,
                 daily_quota=daily_quota,
                 default_cooldown_s=default_cooldown_s,
             )
@@ -282,23 +303,20 @@ def upload_samples(
     raise AssertionError("unreachable")
 
 
-def _upload_once(
-    session: Session,
-    *,
-    records: list[Any],
-    now: datetime,
-    screener: Screener | None,
-    daily_quota: int,
-    default_cooldown_s: float,
-) -> UploadResult:
-    result = UploadResult()
+def _sort_batch(
+    session: Session, records: list[Any], now: datetime, *, fill_labels: bool = False
+) -> _Sorted:
+    """Validate ``records`` and sort out what is already stored. Reads only, unless
+    ``fill_labels``: then stored unlabelled captures get the labels the batch brings
+    (``labelling.fill_device_labels``); without it such rows count as duplicates."""
+    rejected: list[dict[str, Any]] = []
     devices, lines = _facts(session, records)
     rows: list[dict[str, Any]] = []
     for rec in records:
         try:
             rows.append(validate_sample(rec, devices=devices, lines=lines, now=now))
         except SampleRejected as exc:
-            result.rejected.append({"sample_id": sample_id_of(rec), "reason": str(exc)})
+            rejected.append({"sample_id": sample_id_of(rec), "reason": str(exc)})
     rows = labelling.merge_batch(rows)
     ids = {r["sample_id"] for r in rows}
     stored = (
@@ -306,10 +324,12 @@ def _upload_once(
         if ids
         else set()
     )
-    filled, refused = labelling.fill_device_labels(session, rows=rows, stored=stored, now=now)
-    result.rejected += refused
-    result.labelled = len(filled)
-    handled = {r["sample_id"] for r in (*filled, *refused)}
+    filled: list[dict[str, Any]] = []
+    handled: set[str] = set()
+    if fill_labels:
+        filled, refused = labelling.fill_device_labels(session, rows=rows, stored=stored, now=now)
+        rejected += refused
+        handled = {r["sample_id"] for r in (*filled, *refused)}
     # Content already stored for the line, by hash: (line, sha) -> (sample_id, true_label).
     known: dict[tuple[str, str], tuple[str, int | None]] = {}
     hashes = {(r["model_line"], r["content_sha256"]) for r in rows if r["sample_id"] not in stored}
@@ -322,11 +342,12 @@ def _upload_once(
         ):
             known.setdefault((line_name, str(sha)), (sid, label))
     fresh: dict[str, dict[str, Any]] = {}
+    duplicates = 0
     for row in rows:
         if row["sample_id"] in handled:
             continue
         if row["sample_id"] in stored or row["sample_id"] in fresh:
-            result.duplicates += 1
+            duplicates += 1
             continue
         key = (row["model_line"], row["content_sha256"])
         if key in known:
@@ -336,12 +357,48 @@ def _upload_once(
                 if label == row["true_label"]
                 else f"conflicting label: same input as sample {other!r}, labelled {label}"
             )
-            result.rejected.append(
+            rejected.append(
                 {"sample_id": row["sample_id"], "reason": f"{reason} (sha256 {key[1][:12]})"}
             )
             continue
         known[key] = (row["sample_id"], row["true_label"])
         fresh[row["sample_id"]] = row
+    return _Sorted(fresh=fresh, duplicates=duplicates, rejected=rejected, filled=filled)
+
+
+def _assess(reads: Session, *, records: list[Any], now: datetime, screener: Screener) -> Assessment:
+    """Screen the batch's new rows as the stored state stands now, in ``reads``'s own
+    transaction, ended here."""
+    try:
+        pending = _sort_batch(reads, records, now)
+        labelled = [r for r in pending.fresh.values() if r["true_label"] is not None]
+        return screener.assess(reads, rows=labelled)
+    finally:
+        reads.rollback()
+
+
+def _upload_once(
+    session: Session,
+    *,
+    records: list[Any],
+    now: datetime,
+    screener: Screener | None,
+    reads: Session | None,
+    daily_quota: int,
+    default_cooldown_s: float,
+) -> UploadResult:
+    # Rows the assessment does not cover are screened in the write transaction (Screener.apply):
+    # all of them when there is no read session.
+    assessment = Assessment()
+    if reads is not None and screener is not None and screener.config.enabled:
+        assessment = _assess(reads, records=records, now=now, screener=screener)
+    # The write transaction: sorted again, since another upload may have stored some of these
+    # rows (or the same content) since the assessment.
+    batch = _sort_batch(session, records, now, fill_labels=True)
+    result = UploadResult(
+        duplicates=batch.duplicates, rejected=batch.rejected, labelled=len(batch.filled)
+    )
+    fresh = batch.fresh
     per_device: dict[str, int] = {}
     for row in fresh.values():
         per_device[row["device_id"]] = per_device.get(row["device_id"], 0) + 1
@@ -352,10 +409,11 @@ def _upload_once(
     if fresh:
         session.execute(insert(Sample), list(fresh.values()))
     # Unlabelled samples wait in the labelling queue: neither screened nor counted until labelled.
-    labelled = [r for r in fresh.values() if r["true_label"] is not None] + filled
+    # Captures labelled by this upload were not assessed: Screener.apply screens them here.
+    labelled = [r for r in fresh.values() if r["true_label"] is not None] + batch.filled
     held: dict[str, str] = {}
     if screener is not None and labelled:
-        held = screener.screen(session, rows=labelled, now=now)
+        held = screener.apply(session, rows=labelled, assessment=assessment, now=now)
         result.quarantined = [{"sample_id": s, "reason": r} for s, r in sorted(held.items())]
     floors = evidence_floor(session, lines={row["model_line"] for row in labelled})
     per_line: dict[str, int] = {}

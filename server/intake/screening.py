@@ -2,7 +2,7 @@
 
 Runs at upload, after the per-sample checks of ``server.intake.samples`` (range, dtype, labels,
 exact duplicates, conflicting labels for the same input: those are refused outright and reported
-to the device). A sample that passes them is stored, then screened here:
+to the device). A sample that passes them is screened here, and stored with its verdict:
 
 * label check: quarantined when its label disagrees with the champion's prediction (the server
   runs the champion ONNX itself; the device's ``predicted_label`` is not trusted) AND fewer than
@@ -22,6 +22,15 @@ Quarantined samples stay stored (nothing is lost) but ``sample_store.samples_of_
 so no dataset version includes them, and they do not count toward the retraining threshold. An
 operator can release one (it then enters the next dataset version).
 
+Screening is split in two so that it holds no write lock (on SQLite, the single writer):
+:meth:`Screener.assess` runs the champion and the neighbour search in a read-only transaction
+before the upload's write transaction, and :meth:`Screener.apply` writes the verdicts in that
+transaction, with the rows, and runs the device check there (a few counts). Rows and verdicts
+commit together, so no reader ever sees a stored sample of a batch without its verdict: the
+reference set of a concurrent upload holds a batch's unquarantined samples or none of it. An
+assessment is keyed by (sample id, line, content, label): a row the write transaction stores
+that was not assessed as such (the stored state moved between the two) is screened there.
+
 :func:`label_verdicts` is the pure core; :class:`Screener` is the shell (database, artifact
 store, cached ONNX sessions).
 """
@@ -30,8 +39,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -80,6 +89,31 @@ def screen_config(settings: Any) -> ScreenConfig:
 class Verdict:
     sample_id: str
     reason: str
+
+
+RowKey = tuple[str, str, str, int]  # sample id, model line, content sha256, true label
+
+
+def row_key(row: Mapping[str, Any]) -> RowKey:
+    """What a verdict is about: the same id with other content or another label is another
+    sample as far as screening goes."""
+    return (row["sample_id"], row["model_line"], row["content_sha256"], int(row["true_label"]))
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """What :meth:`Screener.assess` found, to be written by :meth:`Screener.apply`."""
+
+    assessed: frozenset[RowKey] = frozenset()  # rows looked at (whatever the outcome)
+    screened_lines: frozenset[str] = frozenset()  # lines with a runnable champion and reference
+    verdicts: Mapping[RowKey, str] = field(default_factory=dict)  # label check: row -> reason
+
+    def __or__(self, other: Assessment) -> Assessment:
+        return Assessment(
+            self.assessed | other.assessed,
+            self.screened_lines | other.screened_lines,
+            {**self.verdicts, **other.verdicts},
+        )
 
 
 def knn_labels(X: np.ndarray, ref_X: np.ndarray, ref_y: np.ndarray, k: int) -> np.ndarray:
@@ -170,29 +204,70 @@ class Screener:
     def screen(
         self, session: Session, *, rows: list[dict[str, Any]], now: datetime
     ) -> dict[str, str]:
-        """Quarantine the label-suspect ``rows`` (already inserted) and distrusted devices'
-        pending samples; returns the quarantined ids among ``rows`` -> reason. Flushes only."""
+        """Assess and apply in ``session``'s transaction (what an upload does in two steps, see
+        :meth:`assess` and :meth:`apply`). Flushes only."""
+        return self.apply(session, rows=rows, assessment=self.assess(session, rows=rows), now=now)
+
+    def assess(self, session: Session, *, rows: list[dict[str, Any]]) -> Assessment:
+        """The label verdicts on ``rows`` (validated, not necessarily stored). Only reads: run it
+        in a read-only session, before the write transaction, so the champion's inference and
+        the neighbour search hold no write lock."""
+        keys = frozenset(row_key(r) for r in rows)
         if not self.config.enabled or not rows:
-            return {}
-        held: dict[str, str] = {}
+            return Assessment(assessed=keys)
+        found = Assessment(assessed=keys)
         for line_name in sorted({r["model_line"] for r in rows}):
             line_rows = [r for r in rows if r["model_line"] == line_name]
-            held.update(self._screen_line(session, line_name, line_rows, now))
+            found = found | self._assess_line(session, line_name, line_rows)
+        return found
+
+    def apply(
+        self,
+        session: Session,
+        *,
+        rows: list[dict[str, Any]],
+        assessment: Assessment,
+        now: datetime,
+    ) -> dict[str, str]:
+        """Quarantine the label-suspect ``rows`` (inserted in this transaction) as
+        ``assessment`` found them, then the pending samples of distrusted devices; returns the
+        quarantined ids among ``rows`` -> reason. Rows the assessment did not cover are
+        assessed here first. Flushes only."""
+        if not self.config.enabled or not rows:
+            return {}
+        missing = [r for r in rows if row_key(r) not in assessment.assessed]
+        if missing:
+            assessment = assessment | self.assess(session, rows=missing)
+        held: dict[str, str] = {}
+        for line_name in sorted({r["model_line"] for r in rows}):
+            if line_name not in assessment.screened_lines:
+                continue  # no champion to disagree with (or none we can run): no checks
+            line_rows = [r for r in rows if r["model_line"] == line_name]
+            for row in line_rows:
+                reason = assessment.verdicts.get(row_key(row))
+                if reason is not None:
+                    self._hold(session, row, "label", reason, now)
+                    held[row["sample_id"]] = reason
+            ids = {r["sample_id"] for r in line_rows}
+            for device_id in sorted({r["device_id"] for r in line_rows}):
+                for sid, reason in self._device_check(session, line_name, device_id, now).items():
+                    if sid in ids:
+                        held.setdefault(sid, reason)
         return held
 
-    def _screen_line(
-        self, session: Session, line_name: str, rows: list[dict[str, Any]], now: datetime
-    ) -> dict[str, str]:
+    def _assess_line(
+        self, session: Session, line_name: str, rows: list[dict[str, Any]]
+    ) -> Assessment:
         line = session.get(ModelLine, line_name)
         if line is None or line.champion_version is None:
-            return {}
+            return Assessment()
         champion = session.scalar(
             select(ModelVersion).where(
                 ModelVersion.line == line_name, ModelVersion.version == line.champion_version
             )
         )
         if champion is None or not champion.sha256 or not self.store.exists(champion.sha256):
-            return {}
+            return Assessment()
         X = np.stack([np.frombuffer(r["input"], dtype="<f4") for r in rows])
         y = np.array([r["true_label"] for r in rows], dtype=np.int64)
         ids = [r["sample_id"] for r in rows]
@@ -200,10 +275,10 @@ class Screener:
             pred = self._predict(champion.sha256, X)
         except Exception as exc:  # a champion we cannot run must not block uploads
             log.warning("screening skipped: champion v%s: %s", champion.version, exc)
-            return {}
+            return Assessment()
         ref = self._reference(session, line, X.shape[1], exclude=set(ids))
         if ref is None:
-            return {}
+            return Assessment()
         verdicts = label_verdicts(
             ids,
             X,
@@ -215,14 +290,10 @@ class Screener:
             config=self.config,
         )
         by_id = {r["sample_id"]: r for r in rows}
-        for v in verdicts:
-            self._hold(session, by_id[v.sample_id], "label", v.reason, now)
-        held = {v.sample_id: v.reason for v in verdicts}
-        for device_id in sorted({r["device_id"] for r in rows}):
-            for sid, reason in self._device_check(session, line_name, device_id, now).items():
-                if sid in by_id:
-                    held.setdefault(sid, reason)
-        return held
+        return Assessment(
+            screened_lines=frozenset({line_name}),
+            verdicts={row_key(by_id[v.sample_id]): v.reason for v in verdicts},
+        )
 
     def _reference(
         self, session: Session, line: ModelLine, features: int, *, exclude: set[str]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from server.db import job_queue, sample_store
 from server.db.datasets import DatasetSample
 from server.db.registry import ModelLine, ModelVersion
 from server.db.sample_store import SampleUploadCount
-from server.intake.screening import ScreenConfig, label_verdicts
+from server.intake.screening import ScreenConfig, Screener, label_verdicts
 from server.intake.upload_limits import SampleRateLimiter
 from server.main import create_app
 from server.release.signing import sign_release
@@ -36,6 +37,7 @@ from tests.server.conftest import (
     register,
     sample,
     services_of,
+    wait_for,
 )
 from training.data import digits_pools, drift
 
@@ -467,3 +469,242 @@ def test_cli_lists_the_quarantine_with_reasons(tmp_path: Path, signing_key) -> N
     assert [(q["sample_id"], q["device_id"], q["check"]) for q in listed] == [
         ("c-0", "cam-1", "label")
     ]
+
+
+# ---------------------------------------------------------------- screening and the write lock
+
+
+class GatedScreener(Screener):
+    """The real screener, held at its first champion inference until the test lets it go."""
+
+    def __init__(self, config: ScreenConfig, store: Any) -> None:
+        super().__init__(config, store)
+        self.entered = threading.Event()
+        self.proceed = threading.Event()
+        self._first = threading.Lock()
+
+    def _predict(self, sha256: str, X: np.ndarray) -> np.ndarray:
+        if self._first.acquire(blocking=False):  # only the first call waits
+            self.entered.set()
+            assert self.proceed.wait(timeout=GATE_WAIT_S), "the test never let screening go"
+        return super()._predict(sha256, X)
+
+
+GATE_WAIT_S = 120.0  # seconds: a deadline for a failing test, not a measurement
+
+
+def test_screening_holds_no_write_lock_and_a_retry_meanwhile_is_not_counted_twice(
+    tmp_path: Path, db_url: str, signing_key
+) -> None:
+    """While one upload's screening is held, an operator's approval, another device's upload
+    and the same batch retried by its device all complete; the held upload then finds its rows
+    stored and counts, charges and quarantines nothing a second time."""
+    import httpx
+
+    from tests.authkit import FleetAuth
+    from tests.conftest import TEST_ADMIN_TOKEN
+    from tests.server.conftest import add_version
+    from tests.server.live_server import LiveServer
+
+    priv, _ = write_key_pair(tmp_path / "keys", signing_key)
+    settings = make_settings(
+        tmp_path, db_url, signing_key_path=priv, sample_quota_per_device_per_day=1000
+    )
+    app = create_app(settings)
+    with LiveServer(app) as srv:
+        # A generous client timeout: on failure the approval waits out the server's writer queue.
+        http = httpx.Client(base_url=srv.url, auth=FleetAuth(TEST_ADMIN_TOKEN), timeout=90)
+        services: Services = app.state.services
+        create_line(http, retrain_threshold=1000)
+        install_champion(services)
+        add_version(services, version=2, status="candidate")
+        register(http, "mallory")
+        register(http, "honest")
+        rollout = http.post("/api/v1/rollouts", json={"model_line": LINE, "model_version": 2})
+        assert rollout.status_code == 201, rollout.text
+        assert services.screener is not None
+        gate = GatedScreener(services.screener.config, services.store)
+        services.screener = gate
+        field = digits_pools().field
+        flipped = (field.y[:10] + 3) % 10
+        # From devices on v2, the version the fleet is moving to: they count toward training.
+        batch = [
+            {**r, "model_version": 2}
+            for r in digit_samples("mallory", field.X[:10], flipped, prefix="m")
+        ]
+        honest_batch = [
+            {**r, "model_version": 2}
+            for r in digit_samples("honest", field.X[10:20], field.y[10:20], prefix="h")
+        ]
+        first: dict[str, Any] = {}
+        uploader = threading.Thread(
+            target=lambda: first.update(resp=upload(http, batch)), name="held-upload"
+        )
+        uploader.start()
+        try:
+            assert gate.entered.wait(timeout=GATE_WAIT_S), "the upload never reached screening"
+            approved = http.post(f"/api/v1/rollouts/{rollout.json()['id']}/approve", json={})
+            assert approved.status_code == 200, approved.text
+            honest = upload(http, honest_batch)
+            assert honest.status_code == 200 and honest.json()["accepted"] == 10, honest.text
+            retried = upload(http, batch)  # the device retries: its first try looks lost
+            assert retried.status_code == 200, retried.text
+        finally:
+            gate.proceed.set()
+            uploader.join(timeout=GATE_WAIT_S)
+        assert not uploader.is_alive()
+        assert retried.json()["accepted"] == 10
+        held = {q["sample_id"] for q in retried.json()["quarantined"]}
+        assert len(held) >= 8  # flipped digits: the champion and the neighbours disagree
+        late = first["resp"]
+        assert late.status_code == 200, late.text
+        assert late.json() == {"accepted": 0, "duplicates": 10, "rejected": []}
+        listed = [q for q in quarantine(http) if q["device_id"] == "mallory"]
+        assert sorted(q["sample_id"] for q in listed) == sorted(held)  # once each
+        counted = 10 - len(honest.json().get("quarantined", [])) + 10 - len(held)
+        with services.sessions() as session:
+            line_row = session.get(ModelLine, LINE)
+            assert line_row is not None and line_row.new_samples == counted > 0
+            charged = dict(
+                session.execute(select(SampleUploadCount.device_id, SampleUploadCount.count)).all()
+            )
+        assert charged == {"mallory": 10, "honest": 10}
+        http.close()
+
+
+def _one_slot_held(tmp_path: Path, signing_key, *, wait_s: float) -> Any:
+    """A live server with one upload slot, and cam-1's upload holding it in screening."""
+    import contextlib
+
+    import httpx
+
+    from tests.authkit import FleetAuth
+    from tests.conftest import TEST_ADMIN_TOKEN
+    from tests.server.live_server import LiveServer
+
+    @contextlib.contextmanager
+    def held() -> Any:
+        priv, _ = write_key_pair(tmp_path / "keys", signing_key)
+        settings = make_settings(
+            tmp_path,
+            f"sqlite:///{tmp_path}/edgeloop.db",
+            signing_key_path=priv,
+            sample_uploads_in_flight=1,
+            sample_upload_wait_s=wait_s,
+            # 10 samples per device, refilled at one per 100 minutes: no refill in the test.
+            sample_rate_per_device_per_min=0.01,
+            sample_burst_per_device=10,
+        )
+        app = create_app(settings)
+        with LiveServer(app) as srv:
+            http = httpx.Client(base_url=srv.url, auth=FleetAuth(TEST_ADMIN_TOKEN), timeout=90)
+            services: Services = app.state.services
+            create_line(http)
+            install_champion(services)
+            register(http, "cam-1")
+            register(http, "cam-2")
+            assert services.screener is not None
+            gate = GatedScreener(services.screener.config, services.store)
+            services.screener = gate
+            field = digits_pools().field
+            first: dict[str, Any] = {}
+            batch = digit_samples("cam-1", field.X[:5], field.y[:5], prefix="a")
+            holder = threading.Thread(target=lambda: first.update(resp=upload(http, batch)))
+            holder.start()
+            try:
+                assert gate.entered.wait(timeout=GATE_WAIT_S), "the upload never reached screening"
+                yield http, services, gate
+            finally:
+                gate.proceed.set()
+                holder.join(timeout=GATE_WAIT_S)
+                http.close()
+            assert not holder.is_alive() and first["resp"].json()["accepted"] == 5
+
+    return held()
+
+
+def cam2_batch() -> list[dict[str, Any]]:
+    field = digits_pools().field
+    return digit_samples("cam-2", field.X[5:15], field.y[5:15], prefix="b")
+
+
+def stored_ids(services: Services) -> set[str]:
+    with services.sessions() as session:
+        return {r.sample_id for r in sample_store.samples_of_line(session, line=LINE)}
+
+
+def test_an_upload_waits_for_a_slot_holding_no_thread_while_an_approval_passes(
+    tmp_path: Path, signing_key
+) -> None:
+    """With the one upload slot taken (held in screening), another device's batch waits its
+    turn; an operator's write goes through meanwhile; once the slot is free the batch is stored."""
+    with _one_slot_held(tmp_path, signing_key, wait_s=GATE_WAIT_S) as (http, services, gate):
+        slots = services.upload_slots
+        assert slots is not None and slots.busy == 1
+        second: dict[str, Any] = {}
+        waiter = threading.Thread(target=lambda: second.update(resp=upload(http, cam2_batch())))
+        waiter.start()
+        wait_for(lambda: slots.waiting == 1, timeout=GATE_WAIT_S, what="cam-2 waiting for a slot")
+        assert not any(s.startswith("b-") for s in stored_ids(services))
+        token = http.post("/api/v1/enrollment-tokens", json={"max_uses": 1})  # a write
+        assert token.status_code == 201, token.text
+        gate.proceed.set()
+        waiter.join(timeout=GATE_WAIT_S)
+        assert not waiter.is_alive()
+        assert second["resp"].status_code == 200 and second["resp"].json()["accepted"] == 10
+        assert slots.busy == 0 and slots.waiting == 0
+
+
+def test_an_upload_with_no_slot_in_time_gets_503_and_spends_nothing(
+    tmp_path: Path, signing_key
+) -> None:
+    """No slot within sample_upload_wait_s (0: none at once): 503, nothing stored, no rate
+    allowance spent; once the slot is free the same batch is stored whole."""
+    with _one_slot_held(tmp_path, signing_key, wait_s=0) as (http, services, gate):
+        busy = upload(http, cam2_batch())
+        assert busy.status_code == 503, busy.text
+        assert busy.json()["detail"] == (
+            "sample intake is busy: no upload slot (of 1) came free within 0 s; retry later"
+        )
+        gate.proceed.set()
+        slots = services.upload_slots
+        assert slots is not None
+        wait_for(lambda: slots.busy == 0, timeout=GATE_WAIT_S, what="the slot free")
+        assert not any(s.startswith("b-") for s in stored_ids(services))
+        again = upload(http, cam2_batch())  # all 10 of cam-2's allowance is still there
+        assert again.status_code == 200 and again.json()["accepted"] == 10, again.text
+
+
+def test_rows_not_assessed_before_the_write_are_screened_in_it(line) -> None:
+    """Without a read session (a script, a test), and for a row whose content changed since the
+    assessment, screening runs in the write transaction: nothing is stored unscreened."""
+    from sqlalchemy import insert
+
+    from server.db.sample_store import Sample
+    from server.intake.samples import _sort_batch, upload_samples
+
+    client, services = line
+    register(client, "cam-1")
+    field = digits_pools().field
+    wrong = (field.y[:4] + 5) % 10
+    records = digit_samples("cam-1", field.X[:4], wrong, prefix="w")
+    assert services.screener is not None
+    with services.sessions() as session:  # no read session: all assessed in the write
+        result = upload_samples(
+            session, records=records[:2], now=services.clock(), screener=services.screener
+        )
+    assert result.accepted == 2 and {q["sample_id"] for q in result.quarantined} == {"w-0", "w-1"}
+    # An assessment of other content under the same ids covers nothing of what is stored.
+    decoy = digit_samples("cam-1", field.X[10:12], field.y[10:12], prefix="w")[:2]
+    decoy = [{**d, "sample_id": r["sample_id"]} for d, r in zip(decoy, records[2:], strict=True)]
+    with services.sessions() as session, services.sessions() as reads:
+        stale = services.screener.assess(
+            reads, rows=list(_sort_batch(reads, decoy, services.clock()).fresh.values())
+        )
+        reads.rollback()
+        assert stale.assessed and not stale.verdicts
+        rows = list(_sort_batch(session, records[2:], services.clock()).fresh.values())
+        session.execute(insert(Sample), rows)  # as the upload's write transaction does
+        held = services.screener.apply(session, rows=rows, assessment=stale, now=services.clock())
+        session.rollback()
+    assert set(held) == {"w-2", "w-3"}

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from server.api.deps import DeviceDep, ServicesDep, SessionDep, ViewerDep
+from server.api.deps import DeviceDep, ServicesDep, SessionDep, ViewerDep, read_sessions
 from server.api.schemas import SamplesResult, SamplesUpload
 from server.core.errors import InvalidRequestError, PayloadTooLargeError
 from server.identity.auth import require_same_device
@@ -58,21 +59,25 @@ async def post_samples(request: Request, device: DeviceDep, services: ServicesDe
         if isinstance(record, dict) and "device_id" in record:
             require_same_device(device, record["device_id"])
 
-    if services.sample_limiter is not None:
-        services.sample_limiter.take(device.device_id, len(body.samples))
-
     def work() -> Any:
-        with services.sessions() as session:
+        # Screening reads in its own read-only session: on SQLite it then holds no write lock.
+        with services.sessions() as session, read_sessions(services)() as reads:
             return upload_samples(
                 session,
                 records=body.samples,
                 now=services.clock(),
                 screener=services.screener,
+                reads=reads,
                 daily_quota=settings.sample_quota_per_device_per_day,
                 default_cooldown_s=settings.retrain_cooldown_s,
             )
 
-    result = await run_in_threadpool(work)
+    # A slot first (waited for, holding no thread; 503 when none comes free), so a batch refused
+    # for want of one spends no rate allowance.
+    async with services.upload_slots.hold() if services.upload_slots else nullcontext():
+        if services.sample_limiter is not None:
+            services.sample_limiter.take(device.device_id, len(body.samples))
+        result = await run_in_threadpool(work)
     if result.jobs_triggered:
         services.jobs.wake()
     out: dict[str, Any] = {
