@@ -45,7 +45,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import update
@@ -63,6 +63,7 @@ from server.retrain.handback import HandedBack, fetch, hand_back
 from training.samples import Samples, write_samples
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STDERR_TAIL_CHARS = 4000  # characters of the trainer's stderr kept as the job error
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -399,9 +400,37 @@ class TrainingWorker:
             raise TrainingError(f"trainer left no usable report.json: {exc}") from exc
         if report["passed"] and not (output_dir / "model.onnx").is_file():
             raise TrainingError("trainer reported a pass but wrote no model.onnx")
-        base = export_base_pool(str(spec["base"]), int(spec["features"]), workdir / "base.npz")
+        base = self._heartbeating(
+            job,
+            lambda: export_base_pool(
+                str(spec["base"]), int(spec["features"]), workdir / "base.npz"
+            ),
+        )
         self._heartbeat(job.id)  # still ours before the store is written to
-        self._record(job, hand_back(self.store, output_dir, base_pool=base))
+        result = self._heartbeating(job, lambda: hand_back(self.store, output_dir, base_pool=base))
+        self._record(job, result)
+
+    def _heartbeating(self, job: TrainingJob, work: Callable[[], T]) -> T:
+        """Run ``work`` (loading the base data, uploading to the store) in a thread while this
+        one keeps the lease alive; re-raises what it raised."""
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["value"] = work()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                box["error"] = exc
+
+        thread = threading.Thread(target=run, name=f"job-{job.id}-handback", daemon=True)
+        thread.start()
+        while True:
+            thread.join(self.settings.job_heartbeat_s)
+            if not thread.is_alive():
+                break
+            self._heartbeat(job.id)
+        if "error" in box:
+            raise box["error"]
+        return box["value"]  # type: ignore[no-any-return]
 
     def _record(self, job: TrainingJob, result: HandedBack) -> None:
         """running -> trained, with the results' shas, if this worker still holds the job."""
