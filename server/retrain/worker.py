@@ -28,8 +28,10 @@ Failure handling:
   worker or server queues the job again (:func:`server.db.job_queue.recover_stale_jobs`); the
   trainer subprocess notices its parent died and exits;
 - a worker that lost its lease (the job was queued again) stops its trainer and records nothing
-  on the job: every write is guarded by ``status = 'running' AND claimed_by = me``. A result it
-  finished anyway is refused with :class:`JobLostError`, written to the audit log against the job.
+  on the job: every write is guarded by ``status = 'running' AND claimed_by = me``. What it would
+  have said (a result it finished anyway: :class:`JobLostError`) is refused and written to the
+  audit log against the job (``training.result_refused``, subject ``job:N``), since the job row
+  belongs to its new holder.
 """
 
 from __future__ import annotations
@@ -200,7 +202,7 @@ class TrainingWorker:
         try:
             self._run(job)
         except LeaseLost:
-            log.warning("training job %s: lease lost to another runner; abandoned", job.id)
+            self._refused(job, "lease lost (the job was queued again): training abandoned")
         except JobLostError as exc:
             self._refused(job, exc.message)
         except ShuttingDown as exc:
