@@ -37,10 +37,12 @@ def gated_trainer(path: Path, gate: Path) -> str:
     (never, here), exiting when its worker is gone: the worker dies before any hand-back."""
     path.write_text(
         "#!/bin/sh\n"
-        f'"{sys.executable}" "$@"\n'
+        # The trainer's parent is this script: it watches it, this watches the worker.
+        "worker=$EDGELOOP_TRAINER_PARENT_PID\n"
+        f'EDGELOOP_TRAINER_PARENT_PID=$$ "{sys.executable}" "$@"\n'
         "rc=$?\n"
         f'while [ ! -e "{gate}" ]; do\n'
-        '  kill -0 "$EDGELOOP_TRAINER_PARENT_PID" 2>/dev/null || exit 1\n'
+        '  kill -0 "$worker" 2>/dev/null || exit 1\n'
         "  sleep 0.2\n"
         "done\n"
         "exit $rc\n"
