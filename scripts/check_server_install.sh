@@ -26,4 +26,5 @@ for module in torch sklearn; do
 done
 echo "server extra installs $(wc -l <<<"$installed") packages; torch and sklearn are not importable"
 du -sh "$venv" | awk '{print "server venv size: " $1}'
-.venv/bin/python scripts/server_smoke.py "$venv"
+# The smoke script and its worker run this checkout's code (PYTHONPATH), whatever .venv points at.
+PYTHONPATH=. .venv/bin/python scripts/server_smoke.py "$venv"
