@@ -205,10 +205,11 @@ async def run_size(
     root: Path,
     quiet: bool,
     on_run: Callable[[dict[str, Any]], None] = lambda r: None,
+    tls: bool = False,
 ) -> list[dict[str, Any]]:
     """Every mode's rollout on one fleet of ``n``; ``on_run`` gets each run as soon as it ends."""
     loop = asyncio.get_running_loop()
-    stack = Stack(root / f"n{n}", pg_url=pg, devices=n)
+    stack = Stack(root / f"n{n}", pg_url=pg, devices=n, tls=tls)
     await loop.run_in_executor(None, stack.start)
     swarm: Swarm | None = None
     runs: list[dict[str, Any]] = []
@@ -220,6 +221,7 @@ async def run_size(
             mqtt_host="127.0.0.1",
             mqtt_port=stack.broker.port,
             metrics_interval_s=30.0,
+            mqtt_tls_context=stack.device_tls_context(),
         )
         swarm = Swarm(
             config,
@@ -247,7 +249,9 @@ async def run_size(
             r = await one_rollout(
                 stack, swarm, mode, timeout_s=max(300.0, 3 * poll + 120), quiet=quiet
             )
-            r.update({"enroll_s": round(enroll_s, 1), "connect_s": round(connect_s, 1)})
+            r.update(
+                {"enroll_s": round(enroll_s, 1), "connect_s": round(connect_s, 1), "mqtt_tls": tls}
+            )
             runs.append(r)
             on_run(r)
     finally:
@@ -391,6 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="report folder")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--tls", action="store_true", help="MQTT over TLS (a throwaway CA)")
     p.add_argument(
         "--report-only", action="store_true", help="redraw the report from --json, run nothing"
     )
@@ -425,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             a.json.write_text(json.dumps(result, indent=1))
 
     for n in sizes:
-        asyncio.run(run_size(n, modes, pg=pg, root=root, quiet=a.quiet, on_run=keep))
+        asyncio.run(run_size(n, modes, pg=pg, root=root, quiet=a.quiet, on_run=keep, tls=a.tls))
     report = write_report(result, a.out)
     for r in runs:
         print(

@@ -293,6 +293,11 @@ class Agent:
             "enrolled": self._credential is not None,
             "identity_error": self.identity_error,
             "mqtt_connected": bool(self._mqtt and self._mqtt.connected.is_set()),
+            # Why the broker link is down (a refused TLS certificate, a refused login); None
+            # while connected or before the first attempt.
+            "mqtt_error": None
+            if self._mqtt is None
+            else self._mqtt.last_error or self._mqtt.refused,
             "inferences": self._metrics.total_inferences,
             "shadow": self._shadow_status(),
             "pending_labels": len(self._capture.pending),

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from contract import RootError, SignatureError
 from contract.ed25519 import VerifyKey
+from contract.mqtt_tls import MqttTls, MqttTlsError, tls_problems
 from contract.topics import valid_device_id
 from contract.trust import load_pinned_root
 from device_agent.errors import ConfigError
@@ -69,6 +70,14 @@ class AgentConfig:
     mqtt_session_expiry_s: int = 0
     mqtt_reconnect_min_s: float = 1.0  # seconds, first MQTT reconnect delay
     mqtt_reconnect_max_s: float = 60.0  # seconds, cap on the MQTT reconnect delay
+    # MQTT over TLS (contract.mqtt_tls says what each does). Production refuses plain MQTT
+    # unless mqtt_allow_plaintext is set, and refuses mqtt_tls_insecure.
+    mqtt_tls: bool = False
+    mqtt_ca_file: Path | None = None  # PEM CAs trusted for the broker (None: the system's)
+    mqtt_client_cert: Path | None = None  # PEM client certificate, when the broker wants one
+    mqtt_client_key: Path | None = None  # its PEM key (None: inside mqtt_client_cert)
+    mqtt_tls_insecure: bool = False  # skip the broker host name check (development only)
+    mqtt_allow_plaintext: bool = False  # production: allow plain MQTT anyway
     state_dir: Path = Path(".edgeloop/agent")
     trusted_root: bytes | None = None  # pinned root v1 envelope (JSON); see contract.trust
     trusted_keys: list[bytes] = field(default_factory=list)  # LEGACY pinned release keys (PEM)
@@ -163,7 +172,29 @@ class AgentConfig:
             raise ConfigError("monitor_interval_s must be >= 0 seconds (0: monitoring off)")
         if self.probation_max_s < 0 or self.probation_min_labelled < 1:
             raise ConfigError("probation_max_s must be >= 0 and probation_min_labelled >= 1")
+        problems = tls_problems(
+            environment=self.environment,
+            tls=self.mqtt_tls,
+            ca_file=self.mqtt_ca_file,
+            cert_file=self.mqtt_client_cert,
+            key_file=self.mqtt_client_key,
+            insecure=self.mqtt_tls_insecure,
+            allow_plaintext=self.mqtt_allow_plaintext,
+        )
+        if problems:
+            raise ConfigError("invalid agent config: " + "; ".join(problems))
         self.server_url = self.server_url.rstrip("/")
+
+    def mqtt_tls_settings(self) -> MqttTls | None:
+        """The broker link's TLS settings; None: plain MQTT."""
+        if not self.mqtt_tls:
+            return None
+        return MqttTls(
+            ca_file=self.mqtt_ca_file,
+            cert_file=self.mqtt_client_cert,
+            key_file=self.mqtt_client_key,
+            check_hostname=not self.mqtt_tls_insecure,
+        )
 
     def probation_policy(self) -> ProbationPolicy:
         return ProbationPolicy(
@@ -408,13 +439,31 @@ def config_from_mapping(
     values["trusted_keys"] = _read_keys(key_files, keys_base)
     if root_file:
         values["trusted_root"] = _read_root(root_file, root_base)
-    for name in ("state_dir", "ca_bundle"):  # relative paths are relative to the config file
+    # Relative paths are relative to the config file.
+    for name in ("state_dir", "ca_bundle", "mqtt_ca_file", "mqtt_client_cert", "mqtt_client_key"):
         if values.get(name) is not None:
             p = Path(values[name])
             values[name] = p if p.is_absolute() else base / p
     if values.get("ca_bundle") is not None:
         _check_ca_bundle(values["ca_bundle"])
-    return AgentConfig(**values)
+    config = AgentConfig(**values)
+    check_mqtt_tls(config)
+    return config
+
+
+def check_mqtt_tls(config: AgentConfig) -> None:
+    """Load the MQTT TLS files once, so a missing or bad one stops the agent at start.
+
+    Raises:
+        ConfigError: naming the setting and the file.
+    """
+    tls = config.mqtt_tls_settings()
+    if tls is None:
+        return
+    try:
+        tls.context()
+    except MqttTlsError as exc:
+        raise ConfigError(f"invalid agent config: {exc}") from exc
 
 
 def _check_ca_bundle(path: Path) -> None:

@@ -14,11 +14,18 @@ and Mosquitto up to 2.0.22 corrupts its session-expiry list when a reload (SIGHU
 server sends after each enrollment) re-checks sessions restored from its persistence file, then
 crashes in ``session_expiry__remove`` (mosquitto#3418, PR #3341); seen here with 2.0.11 after a
 broker restart. ``mqtt_session_expiry_s`` > 0 asks for a persistent session again.
+
+Over TLS (``mqtt_tls``, see ``contract.mqtt_tls``) the broker's certificate is verified against
+``mqtt_ca_file`` and must name the host connected to. A refused certificate is a connection
+failure like a broker that is down: paho's thread goes on retrying with backoff, and
+``last_error`` says why (``"TLS: the broker's certificate was refused: ..."``), for the agent's
+status and the operator.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Any
 
@@ -29,9 +36,10 @@ from paho.mqtt.properties import Properties
 
 from contract.messages import MAX_TARGET_BYTES, MetricsReport, StatusReport
 from contract.monitoring import MonitorSummary
+from contract.mqtt_tls import MqttTlsError, describe_connect_failure, describe_early_disconnect
 from contract.topics import Topics
 from device_agent.config import AgentConfig
-from device_agent.errors import TransportError
+from device_agent.errors import ConfigError, TransportError
 from device_agent.inbox import Inbound, TargetInbox
 from device_agent.outbox import Outbox
 
@@ -61,6 +69,9 @@ class MqttLink:
         self._topics = topics or Topics()
         self.connected = threading.Event()
         self.refused: str | None = None  # the broker's reason when it refused our login
+        # Why the last connection attempt failed before MQTT (TLS, socket); None once connected.
+        self.last_error: str | None = None
+        self._answered = False  # the broker answered this connection's CONNECT (CONNACK)
         self._started = False
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -71,12 +82,19 @@ class MqttLink:
             min_delay=max(1, int(config.mqtt_reconnect_min_s)),
             max_delay=max(1, int(config.mqtt_reconnect_max_s)),
         )
+        tls = config.mqtt_tls_settings()
+        if tls is not None:
+            try:
+                self._client.tls_set_context(tls.context())
+            except MqttTlsError as exc:
+                raise ConfigError(f"invalid agent config: {exc}") from exc
         if credential:
             self.set_credential(credential)
         self._client.max_queued_messages_set(1000)  # reports kept while offline
         # An exception in a callback must not end paho's network thread (paho logs it).
         self._client.suppress_exceptions = True
         self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
 
@@ -131,23 +149,48 @@ class MqttLink:
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
+        self._answered = True
         if reason_code.is_failure:
             # Bad credentials or a revoked device: paho retries with its capped backoff.
             log.warning("MQTT connect refused: %s", reason_code)
             self.refused = str(reason_code)
             return
         self.refused = None
+        self.last_error = None
         # Subscribe on every connect: cheap, and correct when the broker lost our session.
         client.subscribe(self.target_topic, qos=1)
         self.connected.set()
         log.info("MQTT connected (session present: %s)", getattr(flags, "session_present", None))
 
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this inside its ``except OSError`` around the connect attempt, so the
+        # exception being handled is the reason (it passes none); a bad certificate is one.
+        reason = describe_connect_failure(sys.exc_info()[1])
+        if reason != self.last_error:  # once per distinct reason, not once per retry
+            log.warning(
+                "MQTT connect to %s:%s failed: %s", self._cfg.mqtt_host, self._cfg.mqtt_port, reason
+            )
+        self.last_error = reason
+
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
         self.connected.clear()
-        if reason_code != 0:
+        if not self._answered and reason_code != 0:
+            # Closed before any CONNACK: a TLS broker that wants a client certificate does
+            # this, after a handshake that looked fine from here.
+            reason = describe_early_disconnect(reason_code, tls=self._cfg.mqtt_tls)
+            if reason != self.last_error:
+                log.warning(
+                    "MQTT connect to %s:%s failed: %s",
+                    self._cfg.mqtt_host,
+                    self._cfg.mqtt_port,
+                    reason,
+                )
+            self.last_error = reason
+        elif reason_code != 0:
             log.warning("MQTT disconnected: %s", reason_code)
+        self._answered = False
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -79,8 +80,27 @@ def mosquitto_binary() -> str:
     return exe
 
 
+@dataclass(frozen=True)
+class BrokerTls:
+    """A TLS listener for :class:`Mosquitto`: the PEM files it serves and trusts."""
+
+    ca_file: Path  # CAs that sign the client certificates it accepts (``cafile``)
+    cert_file: Path  # the broker's own certificate
+    key_file: Path  # its key
+    require_certificate: bool = False  # clients must present a certificate signed by ca_file
+
+    def conf(self) -> str:
+        """The listener options of mosquitto.conf (after the ``listener`` line)."""
+        return (
+            f"cafile {self.ca_file}\ncertfile {self.cert_file}\nkeyfile {self.key_file}\n"
+            f"require_certificate {'true' if self.require_certificate else 'false'}\n"
+        )
+
+
 class Mosquitto:
     """A mosquitto broker process on a free loopback port; ``stop()``/``start()`` for outages.
+
+    ``tls`` makes the one listener a TLS listener (MQTT over TLS) with those files.
 
     ``max_connections`` (None: mosquitto's default, unlimited) and ``nofile`` (the broker's own
     open-file limit, set in the child before exec; None: inherit) let one broker hold a
@@ -95,8 +115,10 @@ class Mosquitto:
         auth_dir: Path | None = None,
         max_connections: int | None = None,
         nofile: int | None = None,
+        tls: BrokerTls | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        self.tls = tls
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.host = "127.0.0.1"
@@ -110,20 +132,23 @@ class Mosquitto:
 
     def start(self) -> Mosquitto:
         conf = self.workdir / "mosquitto.conf"
+        # Stay the user that owns the 0600 files (as root, mosquitto would drop to the
+        # "mosquitto" user, who cannot read them).
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
         if self.auth_dir is not None:
             auth = (
-                # Stay the user that owns the 0600 files (as root, mosquitto would drop to the
-                # "mosquitto" user, who cannot read them).
-                f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
-                "allow_anonymous false\n"
+                user + "allow_anonymous false\n"
                 "per_listener_settings false\n"
                 f"password_file {self.auth_dir / 'passwd'}\n"
                 f"acl_file {self.auth_dir / 'acl'}\n"
             )
         else:
-            auth = "allow_anonymous true\n"
+            auth = (user if self.tls is not None else "") + "allow_anonymous true\n"
+        listener = f"listener {self.port} 127.0.0.1\n"
+        if self.tls is not None:
+            listener += self.tls.conf()
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\n" + auth + "persistence true\n"
+            listener + auth + "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             "max_queued_messages 100000\n"
             # Connects, disconnects (with their reasons) and errors, for reading a failed run.
@@ -292,7 +317,7 @@ class WorkerProcess:
         data_dir: Path,
         *,
         database_url: str,
-        artifact_dir: Path,
+        artifact_store_url: str,
         env: Mapping[str, str] | None = None,
         python: str = sys.executable,
     ) -> None:
@@ -302,7 +327,7 @@ class WorkerProcess:
             "EDGELOOP_ENVIRONMENT": "production",
             "EDGELOOP_DATA_DIR": str(self.data_dir),
             "EDGELOOP_DATABASE_URL": database_url,
-            "EDGELOOP_ARTIFACT_DIR": str(artifact_dir),
+            "EDGELOOP_ARTIFACT_STORE_URL": artifact_store_url,
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None

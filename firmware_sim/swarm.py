@@ -29,6 +29,7 @@ import os
 import platform
 import secrets
 import shutil
+import ssl
 import sys
 import tempfile
 import threading
@@ -45,7 +46,9 @@ import numpy as np
 import psutil
 
 from contract import TargetMessage
+from contract.mqtt_tls import MqttTls
 from device_agent.verify import ReleaseTrust, verify_target
+from firmware_sim.pki import Pki
 from firmware_sim.services import Mosquitto, ServerProcess, raise_nofile
 from firmware_sim.swarm_device import (
     Behaviour,
@@ -149,8 +152,12 @@ class Stack:
         pg_url: str | None = None,
         env: dict[str, str] | None = None,
         devices: int = 10_000,
+        tls: bool = False,
     ) -> None:
         self.root = root
+        # MQTT over TLS: a throwaway CA signs the broker's certificate; the server and every
+        # device verify it (host name included) against that CA.
+        self.pki = Pki.create(root / "pki", "swarm") if tls else None
         self.pg_base = pg_url
         self.pg_name: str | None = None
         self.admin_token = secrets.token_urlsafe(24)
@@ -160,6 +167,7 @@ class Stack:
             auth_dir=self.auth_dir,
             max_connections=devices + 1000,
             nofile=NOFILE,
+            tls=self.pki.broker_tls() if self.pki is not None else None,
         )
         self.extra_env = env or {}
         self.server: ServerProcess | None = None
@@ -173,6 +181,18 @@ class Stack:
         self._broker_held = False  # stopped on purpose (a scenario's outage, the end)
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
+
+    def server_tls_env(self) -> dict[str, str]:
+        """The server's MQTT TLS settings (none for plain MQTT)."""
+        if self.pki is None:
+            return {}
+        return {"EDGELOOP_MQTT_TLS": "true", "EDGELOOP_MQTT_CA_FILE": str(self.pki.ca_file)}
+
+    def device_tls_context(self) -> ssl.SSLContext | None:
+        """The context every simulated device connects with (None: plain MQTT)."""
+        if self.pki is None:
+            return None
+        return MqttTls(ca_file=self.pki.ca_file).context()
 
     def start(self) -> Stack:
         db_url = f"sqlite:///{self.root}/server/edgeloop.db"
@@ -202,6 +222,7 @@ class Stack:
             # rollout's quality gates (tested in tests/rollouts) would roll it back at random.
             "EDGELOOP_MAX_ACCURACY_DROP": "1.0",
             "EDGELOOP_MAX_LATENCY_RATIO": "100",
+            **self.server_tls_env(),
             **self.extra_env,
         }
         self.server = ServerProcess(
@@ -583,13 +604,14 @@ class Options:
     workdir: Path | None = None
     keep: bool = False
     quiet: bool = False
+    tls: bool = False  # MQTT over TLS (server and devices verify the broker's certificate)
 
 
 async def run_scenario(o: Options) -> dict[str, Any]:
     """Start the stack, run one rollout through the swarm under the scenario, return results."""
     raise_nofile(NOFILE)
     root = o.workdir or Path(tempfile.mkdtemp(prefix="edgeloop-swarm-"))
-    stack = Stack(root, pg_url=o.pg, devices=o.devices)
+    stack = Stack(root, pg_url=o.pg, devices=o.devices, tls=o.tls)
     say = (lambda *_a: None) if o.quiet else (lambda m: print(m, flush=True))
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, stack.start)
@@ -608,6 +630,7 @@ async def run_scenario(o: Options) -> dict[str, Any]:
             poll_s=o.poll_s,
             metrics_interval_s=o.metrics_interval_s,
             probation_s=o.probation_s,
+            mqtt_tls_context=stack.device_tls_context(),
         )
         swarm = Swarm(
             config,
@@ -809,6 +832,7 @@ def summarize(
     c = swarm.ctx.counters
     return {
         "devices": n,
+        "mqtt_tls": swarm.ctx.config.mqtt_tls_context is not None,
         "release": release,
         "rollout_state": rollout.get("state"),
         "rollout_reason": rollout.get("reason"),
@@ -847,6 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=Path("swarm-results.json"))
     p.add_argument("--workdir", type=Path)
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--tls", action="store_true", help="MQTT over TLS (a throwaway CA)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     o = Options(
@@ -862,6 +887,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results=a.results,
         workdir=a.workdir,
         keep=a.keep,
+        tls=a.tls,
     )
     result = asyncio.run(run_scenario(o))
     a.results.write_text(json.dumps(result, indent=1, default=str))

@@ -31,6 +31,7 @@ import logging
 import math
 import random
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -235,6 +236,8 @@ class DeviceConfig:
     download_retries: int = 5  # attempts per download before FAILED
     retry_base_s: float = 2.0  # seconds, first FAILED retry (doubled, capped at 8x)
     max_artifact_bytes: int = 64 * 1024 * 1024  # bytes
+    # MQTT over TLS: one verified client context shared by every device (None: plain MQTT).
+    mqtt_tls_context: ssl.SSLContext | None = None
 
 
 class SwarmContext:
@@ -413,6 +416,7 @@ class SwarmDevice:
             properties=props,
             keepalive=cfg.mqtt_keepalive_s,
             timeout=30,
+            tls_context=cfg.mqtt_tls_context,
         )
 
     async def _connection_loop(self) -> None:

@@ -44,7 +44,7 @@ def main(venv: Path) -> int:
         "EDGELOOP_ADMIN_TOKEN": ADMIN_TOKEN,
         "EDGELOOP_DATA_DIR": str(root / "server"),
         "EDGELOOP_DATABASE_URL": db,
-        "EDGELOOP_ARTIFACT_DIR": str(artifacts),
+        "EDGELOOP_ARTIFACT_STORE_URL": artifacts.as_uri(),
         "EDGELOOP_SIGNING_KEY_PATH": str(root / "keys" / "signing.pem"),
         "EDGELOOP_TRUST_DIR": str(root / "trust"),
         "EDGELOOP_PORT": str(port),
@@ -56,7 +56,7 @@ def main(venv: Path) -> int:
     server = subprocess.Popen(
         [str(bin_ / "edgeloop-server")], env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT
     )
-    worker = WorkerProcess(root / "worker", database_url=db, artifact_dir=artifacts)
+    worker = WorkerProcess(root / "worker", database_url=db, artifact_store_url=artifacts.as_uri())
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     started = time.monotonic()
     try:

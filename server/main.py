@@ -19,6 +19,7 @@ from server.api.routes import (
     artifacts,
     audit,
     auth,
+    broker,
     devices,
     health,
     lineage,
@@ -126,6 +127,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
         lineage,
         trust,
         audit,
+        broker,
     ):
         app.include_router(module.router)
     ui.mount(app)

@@ -20,6 +20,7 @@ from server.db import registry
 from server.db.base import utcnow
 from server.db.engine import make_engine, make_read_sessionmaker, make_sessionmaker
 from server.db.migrate import require_current
+from server.fleet.broker_tls import bridge_tls_context
 from server.fleet.ingest import IngestWriter
 from server.fleet.mqtt_bridge import IngestItem, MqttBridge, RecordingPublisher
 from server.identity.broker_acl import sync_broker
@@ -30,7 +31,7 @@ from server.monitoring.alerts import RaisedAlert, RetrainHook
 from server.monitoring.evaluator import MonitorEvaluator
 from server.monitoring.references import ReferenceBook
 from server.monitoring.webhook import WebhookSender
-from server.release.artifacts import ArtifactStore
+from server.release.artifacts import ArtifactStore, open_artifact_store
 from server.release.signing import (
     Signer,
     audit_published_roots,
@@ -247,6 +248,8 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
         SchemaError: the database's schema is not this edgeloop's (``edgeloop db upgrade``
             makes it so; the server never migrates, so two servers cannot migrate at once).
     """
+    # MQTT TLS settings are refused (ConfigError) before anything is opened.
+    tls = bridge_tls_context(settings) if settings.mqtt_active else None
     engine = make_engine(settings.database_url)
     try:
         require_current(engine)
@@ -255,7 +258,7 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
         raise
     sessions = make_sessionmaker(engine)
     signer = load_signer(settings)
-    store = ArtifactStore(settings.artifacts_dir)
+    store = open_artifact_store(settings)
     references = ReferenceBook(
         store,
         alpha=settings.drift_alpha,
@@ -294,6 +297,7 @@ def build_services(settings: Settings, *, clock: Callable[[], datetime] = utcnow
             password=settings.mqtt_password,
             is_revoked=revoked_devices.__contains__,
             clock=clock,
+            tls=tls,
         )
         publisher = bridge
     else:

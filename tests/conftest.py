@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.engine import make_url
 
+from firmware_sim.pki import Pki
 from firmware_sim.services import (  # noqa: F401 (free_port, wait_port re-exported)
     Mosquitto,
     ServerProcess,
@@ -50,6 +51,26 @@ def broker(tmp_path_factory) -> Iterator[Mosquitto]:
     """A real mosquitto on a free port; ``.stop()``/``.start()`` simulate a broker outage."""
     try:
         b = Mosquitto(tmp_path_factory.mktemp("mosquitto")).start()
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    """A throwaway CA (``firmware_sim.pki``) that signs broker and client certificates."""
+    return Pki.create(tmp_path / "pki", "fleet")
+
+
+@pytest.fixture
+def tls_broker(tmp_path_factory, pki: Pki) -> Iterator[Mosquitto]:
+    """A real mosquitto whose one listener is TLS only (a server certificate of ``pki`` for
+    127.0.0.1 and localhost) and requires a client certificate signed by ``pki``."""
+    try:
+        b = Mosquitto(
+            tmp_path_factory.mktemp("mosquitto-tls"), tls=pki.broker_tls(require_certificate=True)
+        ).start()
     except FileNotFoundError as exc:
         pytest.fail(str(exc))
     yield b

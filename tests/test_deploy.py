@@ -81,7 +81,7 @@ def test_compose_wires_broker_database_upgrade_servers_worker_and_devices():
     for s in (*servers, worker):
         env = s["environment"]
         assert env["EDGELOOP_DATABASE_URL"].startswith("postgresql+psycopg://")
-        assert env["EDGELOOP_ARTIFACT_DIR"] == "/artifacts"
+        assert env["EDGELOOP_ARTIFACT_STORE_URL"] == "file:///artifacts"
         # One named volume for the artifact store, mounted by both servers and the worker.
         assert ("artifacts", "/artifacts") in _mounts(s)
     for s in servers:

@@ -2,10 +2,11 @@
 
 The worker reads its settings from the same ``EDGELOOP_*`` variables as the server: it needs the
 database (``EDGELOOP_DATABASE_URL``), the artifact store every server reads
-(``EDGELOOP_ARTIFACT_DIR``, default ``EDGELOOP_DATA_DIR/artifacts``), a scratch directory
-(``EDGELOOP_DATA_DIR/jobs``) and the training extra (``pip install 'edgeloop[worker]'``). It never
-needs the signing key: the servers register, sign and roll out what it trained. SIGTERM or Ctrl-C
-stops the trainer and puts its job back in the queue; a SIGKILL does too, once the lease expires.
+(``EDGELOOP_ARTIFACT_STORE_URL``: a ``file:///dir`` every machine mounts, or ``s3://bucket``), a
+scratch directory (``EDGELOOP_DATA_DIR/jobs``) and the training extra
+(``pip install 'edgeloop[worker]'``). It never needs the signing key: the servers register, sign
+and roll out what it trained. SIGTERM or Ctrl-C stops the trainer and puts its job back in the
+queue; a SIGKILL does too, once the lease expires.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from server.core.config import Settings
 from server.core.errors import ConfigError
 from server.db.engine import make_engine, make_sessionmaker
 from server.db.migrate import require_current
-from server.release.artifacts import ArtifactStore
+from server.release.artifacts import open_artifact_store
 from server.retrain.worker import TrainingWorker
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,13 @@ def worker(
         engine.dispose()
         err_console.print(f"edgeloop worker refuses to start: {exc.message}", markup=False)
         raise typer.Exit(2) from exc
-    training = TrainingWorker(
-        settings=settings,
-        sessions=make_sessionmaker(engine),
-        store=ArtifactStore(settings.artifacts_dir),
-    )
+    try:
+        store = open_artifact_store(settings)
+    except ConfigError as exc:
+        engine.dispose()
+        err_console.print(f"edgeloop worker refuses to start: {exc.message}", markup=False)
+        raise typer.Exit(2) from exc
+    training = TrainingWorker(settings=settings, sessions=make_sessionmaker(engine), store=store)
 
     def stop(signum: int, _frame: object) -> None:
         log.warning("signal %d: stopping (a running job goes back to the queue)", signum)
@@ -61,7 +64,7 @@ def worker(
         "training worker %s on %s, artifacts in %s",
         training.identity,
         engine.url.render_as_string(hide_password=True),
-        settings.artifacts_dir,
+        store.url,
     )
     try:
         ran = training.serve(max_jobs=1 if once else (max_jobs or None))

@@ -6,11 +6,12 @@ test) and handed to ``create_app``.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The bootstrap admin token used in development when EDGELOOP_ADMIN_TOKEN is empty. Public by
@@ -42,6 +43,34 @@ class Settings(BaseSettings):
     public_url: str = ""
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+
+    # Artifact store (server.release.artifacts). Empty: the directory data_dir/artifacts, one
+    # process's disk. file:///absolute/dir, or s3://bucket[/prefix]: an S3-compatible object
+    # store that several server processes and training workers share (the `s3` extra).
+    artifact_store_url: str = ""
+    # S3 connection; each empty one falls back to the standard AWS environment (AWS_ENDPOINT_URL,
+    # AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) and instance
+    # credentials. An http:// endpoint, named here or there, is allowed (a local MinIO).
+    artifact_s3_endpoint_url: str = ""
+    artifact_s3_region: str = ""
+    artifact_s3_access_key_id: str = ""
+    artifact_s3_secret_access_key: str = ""
+    # Base of the artifact URLs given to devices: BASE/<sha256> (a CDN, or the bucket's public
+    # HTTP endpoint, serving the store's objects with Range). Empty: this server's own route,
+    # public_url/api/v1/artifacts. Devices check the signed sha256 and size, not the host.
+    artifact_base_url: str = ""
+
+    @field_validator("artifact_base_url")
+    @classmethod
+    def _http_base(cls, value: str) -> str:
+        if value and not re.fullmatch(r"https?://[^\s?#]+", value):
+            raise ValueError("must be an http(s):// URL without query or fragment")
+        return value.rstrip("/")
+
+    @property
+    def artifact_url_base(self) -> str:
+        """What devices prepend to ``/<sha256>`` to download an artifact."""
+        return self.artifact_base_url or f"{self.public_url.rstrip('/')}/api/v1/artifacts"
 
     # MQTT: mqtt_enabled says the deployment uses a broker; enable_mqtt lets a test build an
     # app without the bridge thread.
@@ -102,8 +131,6 @@ class Settings(BaseSettings):
     # development (one machine, the demo), off in production (run `edgeloop worker` instead).
     embedded_worker: bool | None = None
     registrar_poll_s: float = Field(default=1.0, gt=0)  # seconds between looks for trained jobs
-    # The artifact store, shared by every server and worker (default data_dir/artifacts).
-    artifact_dir: Path | None = None
 
     # Rollouts.
     auto_rollout: bool = True  # a gated new version gets a rollout in pending_approval
@@ -153,6 +180,21 @@ class Settings(BaseSettings):
     enrollment_token_uses: int = Field(default=1000, ge=1)  # devices it may enroll
     mqtt_username: str = ""  # the server's own broker login; empty: anonymous
     mqtt_password: str = ""
+
+    # MQTT over TLS and brokers that are a cluster (issue 15; docs/operating-the-server.md).
+    # The bridge's TLS (contract.mqtt_tls): production refuses plain MQTT unless
+    # mqtt_allow_plaintext, and refuses mqtt_tls_insecure (no host name check).
+    mqtt_tls: bool = False
+    mqtt_ca_file: Path | None = None  # PEM CAs trusted for the broker (None: the system's)
+    mqtt_client_cert: Path | None = None  # PEM client certificate, when the broker wants one
+    mqtt_client_key: Path | None = None  # its PEM key (None: inside mqtt_client_cert)
+    mqtt_tls_insecure: bool = False  # skip the broker host name check (development only)
+    mqtt_allow_plaintext: bool = False  # production: allow plain MQTT anyway
+    # Shared secret of the HTTP auth/ACL endpoint clustered brokers call (/api/v1/broker/...,
+    # server.api.routes.broker): sent as "Authorization: Bearer <secret>" or as the password
+    # of HTTP basic auth. Empty: the endpoint answers anyone in development and no one in
+    # production.
+    broker_auth_secret: str = Field(default="", repr=False)
 
     # Monitoring (server.monitoring): device summaries are merged per model version, device
     # group and window of the server's receive clock, scored against the model's reference and
@@ -226,7 +268,7 @@ class Settings(BaseSettings):
 
     @property
     def artifacts_dir(self) -> Path:
-        return self.artifact_dir or self.data_dir / "artifacts"
+        return self.data_dir / "artifacts"
 
     @property
     def runs_embedded_worker(self) -> bool:

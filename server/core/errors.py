@@ -6,12 +6,14 @@ Exception tree::
     ├── ConfigError               (settings or key material unusable; fatal at startup)
     │   └── SchemaError           (the database's schema is not this edgeloop's: db upgrade)
     ├── NotFoundError             (404: the named thing does not exist)
+    │   └── ArtifactNotFoundError (no object under that sha256 in the artifact store)
     ├── AuthenticationError       (401: no credential, or an unknown one)
     ├── ForbiddenError            (403: known caller, not allowed: role, other device, revoked)
     ├── ConflictError             (409: the request clashes with the current state)
     ├── InvalidRequestError       (422: the request is well-formed JSON but not acceptable)
     ├── PayloadTooLargeError      (413: the request body is over its limit)
     ├── UnavailableError          (503, transient: a queue is full or a dependency is down)
+    │   └── ArtifactStoreUnavailableError (the object store failed or refused a request)
     ├── RateLimitedError          (429, transient: over a rate limit or quota; Retry-After)
     ├── ArtifactError             (stored bytes do not match their hash)
     └── TrainingError             (a training run crashed or wrote no usable output)
@@ -66,6 +68,14 @@ class UnavailableError(EdgeloopError):
 
 class ArtifactError(EdgeloopError):
     """Bytes in the artifact store (or offered to it) do not match their sha256."""
+
+
+class ArtifactNotFoundError(NotFoundError):
+    """The artifact store holds no object under the sha256 asked for."""
+
+
+class ArtifactStoreUnavailableError(UnavailableError):
+    """The artifact store's backend (an object store over HTTP) failed or refused a request."""
 
 
 class TrainingError(EdgeloopError):

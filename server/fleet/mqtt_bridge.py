@@ -13,12 +13,18 @@ broker is down the pending map holds at most one message per device and is flush
 A reconnect that finds no session of ours on the broker (a broker that restarted without its
 state: crashed, replaced, a new cluster node) may also have lost the retained targets, so it
 calls ``on_session_lost``, which the server uses to announce every target again.
+
+Over TLS (``tls``: a context from ``contract.mqtt_tls``, built by ``server.fleet.broker_tls``)
+a refused broker certificate is a failed connection attempt like a broker that is down: paho
+retries with backoff, ``stats.connect_failures`` counts it and ``last_error`` says why.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import ssl
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -33,6 +39,7 @@ from paho.mqtt.properties import Properties
 
 from contract import TargetMessage, Topics
 from contract.messages import MAX_MESSAGE_BYTES
+from contract.mqtt_tls import describe_connect_failure
 from server.db.base import utcnow
 from server.fleet.ingest_parse import Oversize
 
@@ -74,6 +81,7 @@ class BridgeStats:
     oversize: int = 0  # payloads over MAX_MESSAGE_BYTES, queued as size and head only
     errors: int = 0  # messages whose handling raised (logged; the network thread goes on)
     sessions_lost: int = 0  # reconnects that found no session of ours on the broker
+    connect_failures: int = 0  # attempts that failed before MQTT (socket, TLS certificate)
 
 
 class MqttBridge:
@@ -96,6 +104,7 @@ class MqttBridge:
         password: str = "",
         is_revoked: Callable[[str], bool] | None = None,  # drop reports of revoked devices
         clock: Callable[[], datetime] = utcnow,  # stamps received_at (windows are on it)
+        tls: ssl.SSLContext | None = None,  # None: plain MQTT
     ) -> None:
         self.host, self.port, self.keepalive_s = host, port, keepalive_s
         self.is_revoked = is_revoked
@@ -109,6 +118,7 @@ class MqttBridge:
         self.topics = topics or Topics()
         self.ingest_queue = ingest_queue
         self.stats = BridgeStats()
+        self.last_error: str | None = None  # why the last connection attempt failed
         self.connected = threading.Event()
         self._pending: dict[str, bytes] = {}
         self._lock = threading.Lock()
@@ -125,8 +135,11 @@ class MqttBridge:
         self.session_expiry_s = session_expiry_s
         if username:
             self._client.username_pw_set(username, password or None)
+        if tls is not None:
+            self._client.tls_set_context(tls)
         self._client.reconnect_delay_set(reconnect_min_s, reconnect_max_s)
         self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         # A callback that raises anyway is logged by paho instead of ending its network thread.
@@ -150,6 +163,7 @@ class MqttBridge:
         reconnect = self.stats.connects > 0  # the first connect follows the startup announcement
         self.stats.connects += 1
         log.info("MQTT connected (session present: %s)", present)
+        self.last_error = None
         self.connected.set()
         self._wake.set()
         if reconnect and not present:
@@ -159,6 +173,15 @@ class MqttBridge:
                     self.on_session_lost()
                 except Exception:  # noqa: BLE001 - never raise into paho's network thread
                     log.exception("on_session_lost failed")
+
+    def _on_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
+        # paho calls this inside its ``except OSError`` around the attempt, so the exception
+        # being handled is the reason (paho passes none): a refused certificate, say.
+        reason = describe_connect_failure(sys.exc_info()[1])
+        self.stats.connect_failures += 1
+        if reason != self.last_error:  # once per distinct reason, not once per retry
+            log.warning("MQTT connect to %s:%s failed: %s", self.host, self.port, reason)
+        self.last_error = reason
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.connected.clear()

@@ -152,7 +152,7 @@ class Screener:
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = 1
                 sess = ort.InferenceSession(
-                    str(self.store.path(sha256)), opts, providers=["CPUExecutionProvider"]
+                    self.store.read_bytes(sha256), opts, providers=["CPUExecutionProvider"]
                 )
                 self._sessions = {sha256: sess}  # keep only the current champion
             return sess
@@ -255,7 +255,7 @@ class Screener:
             cached = self._bases.get(sha)
         if cached is None:
             try:
-                pool = load_samples(self.store.path(sha), features)
+                pool = load_samples(self.store.local_path(sha), features)
             except SampleError as exc:
                 log.warning("screening without the base pool of %s: %s", line.name, exc)
                 return None

@@ -108,7 +108,7 @@ class ReferenceBook:
         if not self.store.exists(sha):
             return f"{what}: its model file {sha[:12]} is not in the artifact store"
         try:
-            raw = onnx_metadata(self.store.path(sha).read_bytes()).get(METADATA_KEY)
+            raw = onnx_metadata(self.store.read_bytes(sha)).get(METADATA_KEY)
         except Exception as exc:  # noqa: BLE001 - onnx raises its own untyped errors
             return f"{what}: its model file cannot be read ({type(exc).__name__}: {exc})"[:500]
         if raw is None:

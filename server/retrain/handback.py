@@ -7,14 +7,16 @@ directory today, object storage next) meet the retrain stage in one place:
   attempt's output (:func:`hand_back`): ``model.onnx``, ``weights.npz``, ``report.json``,
   ``dataset.json`` and the line's base pool, each stored under its sha256, which it verifies
   while storing;
-- the registrar, on a server, reads them back (:func:`read_verified`), checking that the bytes
-  still hash to what the job recorded.
+- the registrar, on a server, reads them back (:func:`read_verified`, :func:`verify_stored`),
+  checking that the bytes still hash to what the job recorded.
+
+The store may be a directory every machine mounts or an object store (``server.release.
+artifacts``); nothing here assumes a local path.
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,13 +85,13 @@ def read_verified(store: ArtifactStore, sha256: str, *, what: str, limit: int) -
 
     Raises:
         ArtifactError: missing from the store, over ``limit`` bytes, or hashing to another sha.
+        ArtifactStoreUnavailableError: the store's backend failed (transient).
     """
     if not store.exists(sha256):
         raise ArtifactError(f"{what} {sha256} is not in the artifact store")
-    path = store.path(sha256)
-    if path.stat().st_size > limit:
+    if store.size(sha256) > limit:
         raise ArtifactError(f"{what} {sha256} is over {limit} bytes")
-    data = path.read_bytes()
+    data = store.read_bytes(sha256)
     got = hashlib.sha256(data).hexdigest()
     if got != sha256:
         raise ArtifactError(f"{what}: the store's bytes hash to {got}, the job recorded {sha256}")
@@ -97,26 +99,36 @@ def read_verified(store: ArtifactStore, sha256: str, *, what: str, limit: int) -
 
 
 def verify_stored(store: ArtifactStore, sha256: str, *, what: str) -> int:
-    """Check that the store holds ``sha256`` whole; returns its size in bytes.
+    """Check that the store holds ``sha256`` whole (streamed, not kept); returns its size.
 
     Raises:
         ArtifactError: missing, or its bytes hash to another sha.
+        ArtifactStoreUnavailableError: the store's backend failed (transient).
     """
     if not store.exists(sha256):
         raise ArtifactError(f"{what} {sha256} is not in the artifact store")
-    path = store.path(sha256)
-    got = sha256_file(path)
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in store.iter_range(sha256):
+        digest.update(chunk)
+        size += len(chunk)
+    got = digest.hexdigest()
     if got != sha256:
         raise ArtifactError(f"{what}: the store's bytes hash to {got}, the job recorded {sha256}")
-    return path.stat().st_size
+    return size
 
 
 def fetch(store: ArtifactStore, sha256: str, dest: Path) -> Path | None:
-    """Copy an artifact to ``dest`` for the trainer (the champion); None when the store lacks it."""
+    """A verified copy of an artifact at ``dest`` for the trainer (the champion it warm-starts
+    from); None when the store lacks it.
+
+    Raises:
+        ArtifactError: the stored bytes do not hash to ``sha256``.
+    """
     if not store.exists(sha256):
         return None
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(store.path(sha256), dest)
+    store.get_file(sha256, dest)
     return dest
 
 

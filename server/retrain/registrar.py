@@ -34,7 +34,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.core.background import Worker
 from server.core.config import Settings
-from server.core.errors import ArtifactError, EdgeloopError, TrainingError
+from server.core.errors import (
+    ArtifactError,
+    ArtifactNotFoundError,
+    EdgeloopError,
+    TrainingError,
+    UnavailableError,
+)
 from server.db import registry
 from server.db.base import utcnow
 from server.db.registry import TrainingJob
@@ -57,7 +63,9 @@ def read_outputs(store: ArtifactStore, job: TrainingJob) -> tuple[dict[str, Any]
 
     Raises:
         ArtifactError: an artifact is missing or its bytes do not hash to the recorded sha.
+        ArtifactNotFoundError: an artifact vanished while being read.
         TrainingError: the report or the manifest is not what a trainer writes.
+        UnavailableError: the store's backend failed (transient: the job stays trained).
     """
     if not job.result_report_sha256:
         raise TrainingError("the worker recorded no report.json")
@@ -152,9 +160,13 @@ class Registrar:
                 return None
             try:
                 report, outputs = read_outputs(self.store, job)
-            except (ArtifactError, TrainingError) as exc:
+            except (ArtifactError, ArtifactNotFoundError, TrainingError) as exc:
                 self._refuse(session, job, exc.message)
                 return job.id
+            except UnavailableError as exc:  # the store is down: the result may be fine
+                session.rollback()
+                self._note(job.id, f"registration waits for the artifact store: {exc.message}")
+                raise
             try:
                 line = registry.get_model_line(session, name=job.model_line)
                 version = register_version(

@@ -349,7 +349,10 @@ class RolloutEngine(RolloutTransitions):
         for line in lines:
             with self.sessions() as session:
                 targets = targets_for_line(
-                    session, line=line, public_url=self.settings.public_url, roots=self.signer.roots
+                    session,
+                    line=line,
+                    artifact_base=self.settings.artifact_url_base,
+                    roots=self.signer.roots,
                 )
             for device_id, message in targets:
                 self.publisher.publish(device_id, message)

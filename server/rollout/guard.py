@@ -122,7 +122,7 @@ class RolloutGuards:
                 targets = targets_for_line(
                     session,
                     line=line,
-                    public_url=self.settings.public_url,
+                    artifact_base=self.settings.artifact_url_base,
                     device_ids=device_ids,
                     roots=self.signer.roots,
                 )

@@ -44,20 +44,22 @@ class TargetPublisher(Protocol):
 NOT_SENT_STATES = (ServerState.QUEUED, ServerState.QUARANTINED, DeviceState.ROLLED_BACK)
 
 
-def artifact_url(public_url: str, sha256: str) -> str:
-    return f"{public_url.rstrip('/')}/api/v1/artifacts/{sha256}"
+def artifact_url(artifact_base: str, sha256: str) -> str:
+    """Where a device downloads artifact ``sha256``: ``Settings.artifact_url_base``/<sha256>
+    (this server's route, a CDN or the bucket; the bytes are checked against the signed hash)."""
+    return f"{artifact_base.rstrip('/')}/{sha256}"
 
 
 Roots = Sequence[dict[str, Any]]
 
 
 def message_for_release(
-    release: Release, *, public_url: str, rollout_id: int | None, roots: Roots = ()
+    release: Release, *, artifact_base: str, rollout_id: int | None, roots: Roots = ()
 ) -> TargetMessage:
     return TargetMessage(
         model_line=release.line,
         envelope=dict(release.envelope),
-        artifact_url=artifact_url(public_url, release.sha256),
+        artifact_url=artifact_url(artifact_base, release.sha256),
         rollout_id=rollout_id,
         roots=tuple(dict(r) for r in roots),
     )
@@ -76,7 +78,7 @@ def targets_for_line(
     session: Session,
     *,
     line: str,
-    public_url: str,
+    artifact_base: str,
     device_ids: list[str] | None = None,
     roots: Roots = (),
 ) -> list[tuple[str, TargetMessage]]:
@@ -87,15 +89,15 @@ def targets_for_line(
         stmt = stmt.where(Device.device_id.in_(device_ids))
     rows = session.execute(stmt).tuples().all()
     devices = [d for d, _, _ in rows]
-    current = _current_message(session, model_line, public_url=public_url, roots=roots)
-    outside = _fallbacks(session, model_line, rows, public_url=public_url, roots=roots)
+    current = _current_message(session, model_line, artifact_base=artifact_base, roots=roots)
+    outside = _fallbacks(session, model_line, rows, artifact_base=artifact_base, roots=roots)
     rollout = active_rollout(session, line=line)
     in_rollout: set[str] = set()
     rollout_msg: TargetMessage | None = None
     if rollout is not None and rollout.release is not None:
         rollout_msg = message_for_release(
             registry.get_release(session, line=line, release=rollout.release),
-            public_url=public_url,
+            artifact_base=artifact_base,
             rollout_id=rollout.id,
             roots=roots,
         )
@@ -148,7 +150,7 @@ def _fallbacks(
     line: ModelLine,
     devices: Sequence[tuple[str, str | None, list[str] | None]],
     *,
-    public_url: str,
+    artifact_base: str,
     roots: Roots = (),
 ) -> dict[str, TargetMessage | None]:
     """For the devices the line's current release does not admit: the newest serve release of
@@ -178,7 +180,7 @@ def _fallbacks(
                     older.append((rel, rel_targeting))
         found = next((rel for rel, tg in older if _admits(tg, facts)), None)
         out[device_id] = (
-            message_for_release(found, public_url=public_url, rollout_id=None, roots=roots)
+            message_for_release(found, artifact_base=artifact_base, rollout_id=None, roots=roots)
             if found is not None
             else None
         )
@@ -186,16 +188,16 @@ def _fallbacks(
 
 
 def _current_message(
-    session: Session, line: ModelLine, *, public_url: str, roots: Roots = ()
+    session: Session, line: ModelLine, *, artifact_base: str, roots: Roots = ()
 ) -> TargetMessage | None:
     if line.current_release is None:
         return None
     release = registry.get_release(session, line=line.name, release=line.current_release)
-    return message_for_release(release, public_url=public_url, rollout_id=None, roots=roots)
+    return message_for_release(release, artifact_base=artifact_base, rollout_id=None, roots=roots)
 
 
 def resolve_target(
-    session: Session, *, device_id: str, public_url: str, roots: Roots = ()
+    session: Session, *, device_id: str, artifact_base: str, roots: Roots = ()
 ) -> TargetMessage:
     """The target of one device.
 
@@ -204,7 +206,11 @@ def resolve_target(
     """
     device = fleet.get_device(session, device_id=device_id)
     found = targets_for_line(
-        session, line=device.model_line, public_url=public_url, device_ids=[device_id], roots=roots
+        session,
+        line=device.model_line,
+        artifact_base=artifact_base,
+        device_ids=[device_id],
+        roots=roots,
     )
     if not found:
         raise NotFoundError(

@@ -235,7 +235,13 @@ def test_redirected_download_with_the_signed_bytes_installs(
 def test_production_device_refuses_a_redirect_to_plain_http_and_keeps_serving(
     tmp_path, signing_key, fake_server: FakeServer
 ) -> None:
-    rig = Rig(tmp_path / "state", signing_key, environment="production", download_retries=3)
+    rig = Rig(
+        tmp_path / "state",
+        signing_key,
+        environment="production",
+        mqtt_allow_plaintext=True,  # no broker here; production refuses plain MQTT otherwise
+        download_retries=3,
+    )
     cdn = FakeServer().start()
     try:
         m1, m2 = make_model(1), make_model(2)

@@ -67,3 +67,24 @@ def test_swarm_survives_broker_and_server_restarts_and_power_loss(tmp_path: Path
     assert c["power_cuts"] >= 1 and c["reconnects"] >= 1 and c["http_drops"] >= 1
     committed = result["device_states"].get("committed", 0)
     assert committed >= DEVICES * 0.9, result["device_states"]
+
+
+def test_a_small_swarm_rolls_out_over_mqtt_tls(tmp_path: Path) -> None:
+    """``--tls``: the broker serves only TLS, the server and every device verify it."""
+    n = 20
+    result = asyncio.run(
+        run_scenario(
+            Options(
+                devices=n,
+                scenario="healthy",
+                metrics_interval_s=5.0,
+                timeout_s=200.0,
+                workdir=tmp_path / "swarm",
+                quiet=True,
+                tls=True,
+            )
+        )
+    )
+    assert result["mqtt_tls"] is True
+    assert result["device_states"] == {"committed": n}, result["device_states"]
+    assert result["reports_unsent"] == 0 and result["reports_lost"] == 0

@@ -110,7 +110,7 @@ def test_a_drift_alert_trains_a_version_that_points_to_it_and_the_webhook_gets_i
             with services.sessions() as session:
                 v1 = session.scalars(select(ModelVersion)).one()
             assert v1.status == "champion" and v1.alert_id is None and v1.sha256
-            onnx = services.store.path(v1.sha256).read_bytes()
+            onnx = services.store.read_bytes(v1.sha256)
             reference = MonitoringReference.from_json(read_metadata(onnx)[METADATA_KEY])
             clean, drifted = views_of(onnx)
             for hall, devices in HALLS.items():

@@ -106,7 +106,7 @@ def test_two_servers_and_workers_train_register_and_roll_out_once(
         "EDGELOOP_ENVIRONMENT": "production",
         "EDGELOOP_ADMIN_TOKEN": TEST_ADMIN_TOKEN,
         "EDGELOOP_DATABASE_URL": pg_url,
-        "EDGELOOP_ARTIFACT_DIR": str(artifacts),
+        "EDGELOOP_ARTIFACT_STORE_URL": artifacts.as_uri(),
         "EDGELOOP_SIGNING_KEY_PATH": str(key),
         "EDGELOOP_TRUST_DIR": str(trust),
         "EDGELOOP_MQTT_SHARED_GROUP": "edgeloop-server",
@@ -120,14 +120,14 @@ def test_two_servers_and_workers_train_register_and_roll_out_once(
     first = WorkerProcess(
         workdir / "worker-1",
         database_url=pg_url,
-        artifact_dir=artifacts,
+        artifact_store_url=artifacts.as_uri(),
         env={
             **queue,
             "EDGELOOP_TRAINING_PYTHON": gated_trainer(workdir / "gated", workdir / "never"),
         },
     )
     second = WorkerProcess(
-        workdir / "worker-2", database_url=pg_url, artifact_dir=artifacts, env=queue
+        workdir / "worker-2", database_url=pg_url, artifact_store_url=artifacts.as_uri(), env=queue
     )
     fleet: LenientFleet | None = None
     try:

@@ -80,7 +80,7 @@ def server_target(services: Services, device: str) -> dict[str, Any]:
         return resolve_target(
             s,
             device_id=device,
-            public_url=services.settings.public_url,
+            artifact_base=services.settings.artifact_url_base,
             roots=services.signer.roots,
         ).to_dict()
 

@@ -21,8 +21,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 ROOT_MODULES = {"__init__.py", "main.py", "services.py"}
 # Function-level imports of server modules that are allowed, as (importing module, imported
-# module): none. Add one only for a reason other than dodging a cycle, and say it here.
-ALLOWED_LATE: set[tuple[str, str]] = set()
+# module). Add one only for a reason other than dodging a cycle, and say it here.
+ALLOWED_LATE: set[tuple[str, str]] = {
+    # The S3 backend imports obstore, the optional `s3` extra: loaded only for an s3:// store.
+    ("server.release.artifacts", "server.release.artifacts._object"),
+}
 # Top-level packages each package must never import (contract is the bottom layer).
 FORBIDDEN = {
     "contract": {"device_agent", "training", "server", "firmware_sim", "benchmarks"},

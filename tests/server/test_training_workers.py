@@ -101,7 +101,7 @@ def test_the_registrar_refuses_an_artifact_whose_bytes_do_not_match(
         assert job_id is not None
         sha = _job(services, job_id).result_sha256
         assert sha is not None
-        services.store.path(sha).write_bytes(b"not the model the worker trained")
+        services.store.local_path(sha).write_bytes(b"not the model the worker trained")
         assert services.jobs.run_once() == job_id
         got = client.get(f"/api/v1/training-jobs/{job_id}").json()
         assert got["status"] == "queued", got
@@ -112,7 +112,7 @@ def test_the_registrar_refuses_an_artifact_whose_bytes_do_not_match(
         assert worker.run_once() == job_id
         sha = _job(services, job_id).result_sha256
         assert sha is not None
-        services.store.path(sha).unlink()
+        services.store.delete(sha)
         assert services.jobs.run_once() == job_id
         got = client.get(f"/api/v1/training-jobs/{job_id}").json()
         assert got["status"] == "failed" and got["attempts"] == 2

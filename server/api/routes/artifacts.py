@@ -1,10 +1,14 @@
-"""Model bytes by sha256, with HTTP Range.
+"""Model bytes by sha256, with HTTP Range, from whichever artifact store the server uses.
 
-Artifacts are content-addressed and immutable, so a model is read from disk once and served from
-memory to every device that downloads it (``ArtifactCache``, bounded): a fleet downloading one
+Artifacts are content-addressed and immutable, so a model is read from the store once and served
+from memory to every device that downloads it (``ArtifactCache``, bounded): a fleet downloading one
 release costs one event-loop response per request, not a thread-pool hop, a database query and a
-file open each (measured: about 50 downloads/s on 2 cores with 1,000 devices downloading at
-once, the rollout's bottleneck). Artifacts too large for the cache are streamed from disk.
+store read each (measured: about 50 downloads/s on 2 cores with 1,000 devices downloading at
+once, the rollout's bottleneck). Artifacts too large for the cache are streamed from the store,
+one bounded chunk at a time, only the range asked for.
+
+Any server process sharing the database and the store serves any artifact, whichever process
+stored it. With ``Settings.artifact_base_url`` devices download from a CDN or the bucket instead.
 
 Range: one ``bytes=a-b`` / ``a-`` / ``-n`` range is answered 206 with Content-Range; an
 unsatisfiable one 416 with ``Content-Range: bytes */size``; several ranges, or an ``If-Range``
@@ -16,21 +20,21 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from pathlib import Path
+from collections.abc import Iterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.api.deps import ServicesDep
-from server.core.errors import NotFoundError
+from server.core.errors import ArtifactNotFoundError, NotFoundError
 from server.db import registry
 from server.release.artifacts import check_sha256
 from server.services import Services
 
 router = APIRouter(prefix="/api/v1/artifacts", tags=["artifacts"])
 
-CACHE_MAX_ARTIFACT_BYTES = 32 * 1024 * 1024  # bytes; larger artifacts are streamed from disk
+CACHE_MAX_ARTIFACT_BYTES = 32 * 1024 * 1024  # bytes; larger artifacts are streamed from the store
 CACHE_MAX_TOTAL_BYTES = 256 * 1024 * 1024  # bytes held by one server process
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -38,8 +42,13 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 class ArtifactCache:
     """sha256 -> bytes of artifacts known to the registry (LRU, bounded in bytes)."""
 
-    def __init__(self, max_total: int = CACHE_MAX_TOTAL_BYTES) -> None:
+    def __init__(
+        self,
+        max_total: int = CACHE_MAX_TOTAL_BYTES,
+        max_artifact: int = CACHE_MAX_ARTIFACT_BYTES,
+    ) -> None:
         self.max_total = max_total
+        self.max_artifact = min(max_artifact, max_total)  # bytes of the largest one cached
         self._lock = threading.Lock()
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self._total = 0
@@ -52,7 +61,7 @@ class ArtifactCache:
             return blob
 
     def put(self, sha: str, blob: bytes) -> None:
-        if len(blob) > min(CACHE_MAX_ARTIFACT_BYTES, self.max_total):
+        if len(blob) > self.max_artifact:
             return
         with self._lock:
             if sha in self._blobs:
@@ -72,16 +81,23 @@ def _cache(request: Request) -> ArtifactCache:
     return cache
 
 
-def _load(services: Services, sha256: str) -> tuple[Path, bytes | None]:
-    """Registry check and file read (thread pool). Raises NotFoundError."""
+def _load(services: Services, sha256: str, max_cached: int) -> tuple[int, bytes | None]:
+    """Registry check, size, and the bytes when they are cacheable (thread pool).
+
+    Raises:
+        NotFoundError: the registry or the store does not know the artifact.
+    """
     with services.sessions() as session:
         known = registry.artifact_known(session, sha256=sha256)
-    if not known or not services.store.exists(sha256):
+    if not known:
         raise NotFoundError(f"no artifact {sha256}")
-    path = services.store.path(sha256)
-    if path.stat().st_size > CACHE_MAX_ARTIFACT_BYTES:
-        return path, None
-    return path, path.read_bytes()
+    try:
+        size = services.store.size(sha256)
+        if size > max_cached:
+            return size, None
+        return size, services.store.read_bytes(sha256)
+    except ArtifactNotFoundError as exc:  # without the store's URL: it is not the client's business
+        raise NotFoundError(f"no artifact {sha256}") from exc
 
 
 def _headers(sha256: str) -> dict[str, str]:
@@ -120,14 +136,12 @@ async def get_artifact(sha256: str, request: Request, services: ServicesDep) -> 
     cache = _cache(request)
     blob = cache.get(sha256)
     if blob is None:
-        path, blob = await run_in_threadpool(_load, services, sha256)
-        if blob is None:  # too large for memory: Starlette streams it (and answers Range)
-            return FileResponse(
-                path, media_type="application/octet-stream", headers=_headers(sha256)
-            )
-        cache.put(sha256, blob)
+        size, blob = await run_in_threadpool(_load, services, sha256, cache.max_artifact)
+        if blob is not None:
+            cache.put(sha256, blob)
+    else:
+        size = len(blob)
     headers = _headers(sha256)
-    size = len(blob)
     if_range = request.headers.get("if-range")
     wanted = _byte_range(request.headers.get("range"), size)
     if if_range is not None and if_range.strip() != headers["ETag"]:
@@ -135,13 +149,24 @@ async def get_artifact(sha256: str, request: Request, services: ServicesDep) -> 
     if wanted is False:
         headers["Content-Range"] = f"bytes */{size}"
         return Response(status_code=416, headers=headers)
-    if wanted is None or wanted is True:
-        return Response(blob, media_type="application/octet-stream", headers=headers)
-    first, last = wanted
-    headers["Content-Range"] = f"bytes {first}-{last}/{size}"
-    return Response(
-        blob[first : last + 1],
-        status_code=206,
-        media_type="application/octet-stream",
-        headers=headers,
+    status = 200
+    first, last = 0, size - 1
+    if isinstance(wanted, tuple):
+        status = 206
+        first, last = wanted
+        headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+    if blob is not None:
+        return Response(
+            blob[first : last + 1],
+            status_code=status,
+            media_type="application/octet-stream",
+            headers=headers,
+        )
+    # Too large for memory: stream the range from the store (checked before the status is sent).
+    chunks: Iterator[bytes] = await run_in_threadpool(
+        services.store.iter_range, sha256, first, last + 1
+    )
+    headers["Content-Length"] = str(last + 1 - first)
+    return StreamingResponse(
+        chunks, status_code=status, media_type="application/octet-stream", headers=headers
     )

@@ -86,7 +86,7 @@ def get_target(
     return resolve_target(
         session,
         device_id=device_id,
-        public_url=services.settings.public_url,
+        artifact_base=services.settings.artifact_url_base,
         roots=services.signer.roots,
     ).to_dict()
 

@@ -123,7 +123,7 @@ def get_artifacts(
     name: Name, version: VersionPath, session: SessionDep, services: ServicesDep
 ) -> Any:
     mv = registry.get_version(session, line=name, version=version)
-    base = services.settings.public_url.rstrip("/") + "/api/v1/artifacts/"
+    base = services.settings.artifact_url_base + "/"
     return {
         "line": mv.line,
         "version": mv.version,
