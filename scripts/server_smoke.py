@@ -49,6 +49,7 @@ def main(venv: Path) -> int:
         "EDGELOOP_TRUST_DIR": str(root / "trust"),
         "EDGELOOP_PORT": str(port),
         "EDGELOOP_MQTT_PORT": str(broker.port),
+        "EDGELOOP_MQTT_ALLOW_PLAINTEXT": "true",  # a loopback broker
         "EDGELOOP_BOOTSTRAP_LINE": "digits",
         "EDGELOOP_REGISTRAR_POLL_S": "0.5",
     }

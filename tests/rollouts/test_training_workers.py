@@ -104,6 +104,7 @@ def test_two_servers_and_workers_train_register_and_roll_out_once(
         **SERVER_ENV,
         **queue,
         "EDGELOOP_ENVIRONMENT": "production",
+        "EDGELOOP_MQTT_ALLOW_PLAINTEXT": "true",  # a loopback broker
         "EDGELOOP_ADMIN_TOKEN": TEST_ADMIN_TOKEN,
         "EDGELOOP_DATABASE_URL": pg_url,
         "EDGELOOP_ARTIFACT_STORE_URL": artifacts.as_uri(),
