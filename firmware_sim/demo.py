@@ -40,6 +40,7 @@ import httpx
 from device_agent import AgentConfig
 from firmware_sim.fleet import Fleet, FleetConfig, Inputs, Tally
 from firmware_sim.services import Mosquitto, ServerProcess
+from server.db.job_queue import ACTIVE_JOB_STATES  # queued, running, trained: not done yet
 
 BOLD, DIM, GREEN, RED, RESET = "\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[0m"
 
@@ -477,7 +478,7 @@ class Demo:
                 f"training job #{job['id']} to finish",
                 lambda j=job: (
                     (got := self.get(f"/training-jobs/{j['id']}"))["status"]
-                    not in ("queued", "running")
+                    not in ACTIVE_JOB_STATES
                     and got
                 ),
                 timeout=self.o.timeout_s,

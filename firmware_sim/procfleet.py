@@ -37,6 +37,7 @@ import psutil
 from firmware_sim.demo import LoopDidNotClose, wait_for
 from firmware_sim.fleet import SENSOR_NOISE, Inputs
 from firmware_sim.services import Mosquitto, ServerProcess
+from server.db.job_queue import ACTIVE_JOB_STATES  # queued, running, trained: not done yet
 
 LINE = "digits"
 START_TIMEOUT_S = 120.0  # seconds for all agent processes to print their listening line
@@ -286,7 +287,7 @@ def run(fleet: ProcFleet, *, drift_s: float, timeout_s: float) -> dict[str, Any]
         f"training job #{job['id']}",
         lambda: (
             (j := fleet.api("GET", f"/training-jobs/{job['id']}"))["status"]
-            not in ("queued", "running")
+            not in ACTIVE_JOB_STATES
             and j
         ),
         timeout_s,

@@ -331,3 +331,71 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         self.proc = None
+
+
+class WorkerProcess:
+    """A training worker (``edgeloop worker``) in a subprocess, configured through EDGELOOP_*
+    variables: it needs only the database and the artifact store the servers use."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        database_url: str,
+        artifact_store_url: str,
+        env: Mapping[str, str] | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.python = python
+        self.env = {
+            "EDGELOOP_ENVIRONMENT": "production",
+            "EDGELOOP_DATA_DIR": str(self.data_dir),
+            "EDGELOOP_DATABASE_URL": database_url,
+            "EDGELOOP_ARTIFACT_STORE_URL": artifact_store_url,
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.data_dir / "worker.log"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    def holds(self, claimed_by: str | None) -> bool:
+        """Whether a job's ``claimed_by`` names this process (``host:pid:nonce``)."""
+        return self.proc is not None and f":{self.proc.pid}:" in f"{claimed_by or ''}"
+
+    def start(self) -> WorkerProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [self.python, "-m", "server.cli.main", "worker"],
+            env={**os.environ, **self.env},
+            cwd=Path(__file__).resolve().parents[1],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        return self
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, *, kill: bool = False) -> None:
+        """SIGTERM (the running job goes back to the queue) or, with ``kill``, SIGKILL."""
+        if self.proc and self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            try:
+                self.proc.wait(40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None

@@ -58,6 +58,7 @@ from firmware_sim.swarm_device import (
     SwarmDevice,
     check_bytes,
 )
+from server.db.job_queue import ACTIVE_JOB_STATES  # queued, running, trained: not done yet
 
 log = logging.getLogger("edgeloop.swarm")
 
@@ -284,7 +285,7 @@ class Stack:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             j = self.api("GET", f"/training-jobs/{job['id']}")
-            if j["status"] not in ("queued", "running"):
+            if j["status"] not in ACTIVE_JOB_STATES:
                 if j["status"] != "succeeded":
                     raise RuntimeError(f"training job ended {j['status']}: {j.get('error')}")
                 return int(j["result_version"])

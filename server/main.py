@@ -139,7 +139,9 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
 
 SERVER_HELP = """\
 Run the edgeloop server: the API, the dashboard, the MQTT bridge, the rollout engine and the
-training job runner, in one process.
+registrar of trained models (registers, signs, rolls out), in one process. Training runs in
+workers (`edgeloop worker`, on any machine); in development the server also runs one itself
+(EDGELOOP_EMBEDDED_WORKER, default: on in development, off in production).
 
 Every setting comes from an EDGELOOP_* environment variable (the list below, with defaults);
 --host and --port override EDGELOOP_HOST and EDGELOOP_PORT. In development a missing signing

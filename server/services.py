@@ -137,8 +137,13 @@ class Services:
             self.rollouts.start()
             self._started.append("rollouts")
         if s.enable_job_runner:
+            # The registrar always; a worker thread only on one machine (development).
             self.jobs.start()
             self._started.append("jobs")
+            log.info(
+                "training: registrar on; embedded worker %s",
+                f"on ({self.jobs.identity})" if self.jobs.worker else "off (run `edgeloop worker`)",
+            )
         if s.enable_monitor_evaluator:
             self.monitor.start()
             self._started.append("monitor")

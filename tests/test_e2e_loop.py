@@ -39,6 +39,7 @@ from contract import (
     Topics,
     load_private_key,
 )
+from server.db.job_queue import ACTIVE_JOB_STATES  # queued, running, trained: not done yet
 from tests.conftest import poll
 from training.data import digits_pools
 
@@ -173,7 +174,7 @@ def test_agent_process_installs_signed_model_over_mqtt_and_refuses_attacks(
             "training job",
             lambda: (
                 (j := httpx.get(f"{api}/training-jobs/{job['id']}", headers=H).json())["status"]
-                not in ("queued", "running")
+                not in ACTIVE_JOB_STATES
                 and j
             ),
         )

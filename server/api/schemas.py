@@ -290,6 +290,8 @@ class TrainingJobPublic(BaseModel):
     not_before: datetime | None
     dataset_version: str | None
     alert_id: int | None  # trigger "alert": the alert that queued it
+    trained_at: datetime | None = None  # when a worker handed the result back
+    result_sha256: str | None = None  # the handed-back model.onnx (artifact store)
 
 
 # ---------------------------------------------------------------- monitoring

@@ -15,6 +15,7 @@ edgeloop releases export digits 7 ./bundle   # for `edgeloop-agent install ./bun
 edgeloop db upgrade                      # the database to this edgeloop's schema (servers stopped)
 edgeloop alerts list --line digits --state raised
 edgeloop alerts show 4                   # the figures that raised it, its training, webhook
+edgeloop worker                          # train queued jobs here (reads EDGELOOP_* like the server)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from server.cli import (
     models,
     releases,
     rollouts,
+    worker,
 )
 
 app = typer.Typer(help="Operate an edgeloop server.", no_args_is_help=True)
@@ -78,6 +80,7 @@ for group, name in (
 ):
     app.add_typer(group, name=name)
 app.command("whoami")(auth.whoami)
+app.command("worker")(worker.worker)
 app.add_typer(audit.audit_app, name="audit")
 app.add_typer(audit.samples_app, name="samples")
 app.add_typer(db.db_app, name="db")

@@ -125,6 +125,13 @@ class Settings(BaseSettings):
     job_heartbeat_s: float = Field(default=2.0, gt=0)  # seconds between runner heartbeats
     job_lease_s: float = Field(default=30.0, gt=0)  # seconds without heartbeat = runner is dead
 
+    # Training workers (server.retrain.worker; `edgeloop worker` on any machine). The server
+    # registers, signs and rolls out what workers trained (server.retrain.registrar).
+    # embedded_worker: this server process also trains (a worker thread). None: on in
+    # development (one machine, the demo), off in production (run `edgeloop worker` instead).
+    embedded_worker: bool | None = None
+    registrar_poll_s: float = Field(default=1.0, gt=0)  # seconds between looks for trained jobs
+
     # Rollouts.
     auto_rollout: bool = True  # a gated new version gets a rollout in pending_approval
     rollout_tick_s: float = Field(default=2.0, gt=0)  # seconds between engine ticks
@@ -275,6 +282,13 @@ class Settings(BaseSettings):
     @property
     def artifacts_dir(self) -> Path:
         return self.data_dir / "artifacts"
+
+    @property
+    def runs_embedded_worker(self) -> bool:
+        """Whether this server process trains too (see ``embedded_worker``)."""
+        if self.embedded_worker is not None:
+            return self.embedded_worker
+        return self.environment == "development"
 
     @property
     def jobs_dir(self) -> Path:

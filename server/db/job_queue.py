@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from server.core.errors import ConflictError, NotFoundError
 from server.db.registry import ModelLine, TrainingJob, lock_model_line
 
-ACTIVE_JOB_STATES = ("queued", "running")
+ACTIVE_JOB_STATES = ("queued", "running", "trained")  # see registry._ACTIVE_JOB
 
 
 def active_job(session: Session, *, line: str) -> TrainingJob | None:

@@ -51,6 +51,9 @@ class ModelLine(Base):
     training_config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     schedule_s: Mapped[float | None] = mapped_column(Float)  # seconds; None: no schedule
     last_job_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # last enqueue
+    # The line's base training pool in the artifact store (npz of X, y), as the last registered
+    # job's worker exported it: label screening's trusted neighbours (server.intake.screening).
+    base_pool_sha256: Mapped[str | None] = mapped_column(String(64))
 
 
 class ModelVersion(Base):
@@ -93,7 +96,9 @@ class Release(Base):
 
 # At most one queued or running job per line: the database, not the code, guarantees that one
 # trigger gives one training, whatever number of server processes share it.
-_ACTIVE_JOB = text("status IN ('queued', 'running')")
+# A trained job counts until a server registered it: the next training of the line starts from
+# the version it makes.
+_ACTIVE_JOB = text("status IN ('queued', 'running', 'trained')")
 
 
 class TrainingJob(Base):
@@ -111,7 +116,9 @@ class TrainingJob(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     model_line: Mapped[str] = mapped_column(ForeignKey("model_lines.name"))
-    status: Mapped[str] = mapped_column(String(16))  # queued/running/succeeded/failed/rejected
+    # queued -> running (a worker's lease) -> trained (results in the artifact store, shas
+    # below) -> succeeded/rejected (a server registered the version); or failed.
+    status: Mapped[str] = mapped_column(String(16))
     trigger: Mapped[str] = mapped_column(String(16))  # threshold/manual/initial/schedule/alert
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -128,6 +135,17 @@ class TrainingJob(Base):
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)  # retry backoff
     dataset_version: Mapped[str | None] = mapped_column(String(64))
     alert_id: Mapped[int | None] = mapped_column(BigInteger)  # trigger "alert": which alert
+    # What the worker handed back (written with status trained, read by the registrar): the
+    # artifact store's sha256 of each file of the attempt's output.
+    trained_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    result_sha256: Mapped[str | None] = mapped_column(String(64))  # model.onnx (None: none)
+    result_size: Mapped[int | None] = mapped_column(BigInteger)  # bytes of model.onnx
+    result_weights_sha256: Mapped[str | None] = mapped_column(String(64))  # weights.npz
+    result_report_sha256: Mapped[str | None] = mapped_column(String(64))  # report.json
+    result_dataset_sha256: Mapped[str | None] = mapped_column(String(64))  # dataset.json
+    # The line's base training pool (npz of X, y) for label screening on servers without the
+    # training libraries; None when the base is not one the worker can export.
+    result_base_sha256: Mapped[str | None] = mapped_column(String(64))
 
 
 # ---------------------------------------------------------------- model lines

@@ -12,8 +12,10 @@ to the device). A sample that passes them is screened here, and stored with its 
   champion is wrong on them, by definition of a capture, and their clean-data neighbours are
   scattered over several labels): on sklearn's digits with the torchvision drift it holds 2 % of
   honest drifted samples instead of 16 %, and still 95 % of flipped clean labels. Trusted data is
-  the line's base data set (sklearn's digits for ``base: digits``) plus the line's latest
-  accepted, unquarantined samples. No champion yet: nothing to disagree with, no label check.
+  the line's base data set (sklearn's digits for ``base: digits``, as the training worker stored
+  it in the artifact store: ``ModelLine.base_pool_sha256``; the server has no scikit-learn) plus
+  the line's latest accepted, unquarantined samples. No champion yet: nothing to disagree with,
+  no label check.
 * device check: once a device has ``device_min_samples`` samples on the line and more than
   ``device_max_ratio`` of them are quarantined, all its samples not yet in a dataset version are
   quarantined too ("device X: 80% of its labels contradict model and neighbours").
@@ -53,7 +55,8 @@ from server.db import audit
 from server.db.datasets import DatasetSample
 from server.db.registry import ModelLine, ModelVersion
 from server.db.sample_store import Sample, SampleQuarantine, quarantined_ids
-from training.data import digits_pools
+from training.errors import SampleError
+from training.samples import load_samples
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +167,6 @@ def label_verdicts(
     return verdicts
 
 
-def _base_reference(base: str, features: int) -> tuple[np.ndarray, np.ndarray] | None:
-    if base != "digits" or features != 64:
-        return None
-    pools = digits_pools()
-    return pools.train.X, pools.train.y
-
-
 class Screener:
     """Screens freshly stored samples of one upload (shell around :func:`label_verdicts`)."""
 
@@ -179,6 +175,7 @@ class Screener:
         self.store = store
         self._lock = threading.Lock()
         self._sessions: dict[str, Any] = {}  # champion sha256 -> onnxruntime session
+        self._bases: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # base pool sha256 -> X, y
 
     def _onnx(self, sha256: str) -> Any:
         with self._lock:
@@ -298,7 +295,7 @@ class Screener:
     def _reference(
         self, session: Session, line: ModelLine, features: int, *, exclude: set[str]
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        base = _base_reference(str((line.training_config or {}).get("base", "digits")), features)
+        base = self._base_reference(line, features)
         trusted = session.execute(
             select(Sample.sample_id, Sample.input, Sample.true_label)
             .where(
@@ -318,6 +315,26 @@ class Screener:
         if not parts_X:
             return None
         return np.concatenate(parts_X).astype(np.float32), np.concatenate(parts_y)
+
+    def _base_reference(
+        self, line: ModelLine, features: int
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The line's base pool from the artifact store (None: no worker stored one)."""
+        sha = line.base_pool_sha256
+        if not sha or not self.store.exists(sha):
+            return None
+        with self._lock:
+            cached = self._bases.get(sha)
+        if cached is None:
+            try:
+                pool = load_samples(self.store.local_path(sha), features)
+            except SampleError as exc:
+                log.warning("screening without the base pool of %s: %s", line.name, exc)
+                return None
+            cached = (pool.X, pool.y)
+            with self._lock:
+                self._bases = {sha: cached}  # keep only the current one
+        return cached
 
     def _device_check(
         self, session: Session, line: str, device_id: str, now: datetime

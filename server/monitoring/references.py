@@ -25,7 +25,7 @@ from server.db.registry import ModelVersion
 from server.monitoring._errors import NoReferenceError
 from server.monitoring.drift import DEFAULT_ALPHA, NULL_DRAWS, NullCalibrator
 from server.release.artifacts import ArtifactStore
-from training.export import read_metadata
+from server.release.onnx_meta import onnx_metadata
 
 MAX_CACHED = 256  # model files whose reference (or reason for none) is kept
 
@@ -108,7 +108,7 @@ class ReferenceBook:
         if not self.store.exists(sha):
             return f"{what}: its model file {sha[:12]} is not in the artifact store"
         try:
-            raw = read_metadata(self.store.read_bytes(sha)).get(METADATA_KEY)
+            raw = onnx_metadata(self.store.read_bytes(sha)).get(METADATA_KEY)
         except Exception as exc:  # noqa: BLE001 - onnx raises its own untyped errors
             return f"{what}: its model file cannot be read ({type(exc).__name__}: {exc})"[:500]
         if raw is None:

@@ -24,6 +24,7 @@ from device_agent import AgentConfig
 from device_agent.identity import load_credential
 from firmware_sim.fleet import Fleet, FleetConfig, Inputs
 from firmware_sim.services import Mosquitto, ServerProcess
+from server.db.job_queue import ACTIVE_JOB_STATES  # queued, running, trained: not done yet
 from tests.conftest import TEST_ADMIN_TOKEN, auth_headers, poll
 from training.data import digits_pools
 
@@ -187,8 +188,7 @@ class World:
         done = poll(
             "the training job",
             lambda: (
-                (j := self.get(f"/training-jobs/{job['id']}"))["status"]
-                not in ("queued", "running")
+                (j := self.get(f"/training-jobs/{job['id']}"))["status"] not in ACTIVE_JOB_STATES
                 and j
             ),
             timeout=240,

@@ -235,7 +235,8 @@ def test_two_servers_on_one_postgres_train_each_trigger_once(
 
     def idle() -> list[dict] | None:
         jobs = _jobs(a.url)
-        return jobs if all(j["status"] not in ("queued", "running") for j in jobs) else None
+        active = ("queued", "running", "trained")  # trained: not registered yet
+        return jobs if all(j["status"] not in active for j in jobs) else None
 
     jobs = wait_for(idle, timeout=120, what="all jobs finished")
     threshold_jobs = [j for j in jobs if j["trigger"] == "threshold"]

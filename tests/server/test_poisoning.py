@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from server.intake.screening import ScreenConfig, Screener, label_verdicts
 from server.intake.upload_limits import SampleRateLimiter
 from server.main import create_app
 from server.release.signing import sign_release
+from server.retrain.worker import export_base_pool
 from server.services import Services
 from tests.conftest import write_key_pair
 from tests.server.conftest import (
@@ -56,13 +58,19 @@ _CHAMPION: list[bytes] = []
 
 
 def install_champion(services: Services) -> None:
-    """A real ONNX champion (v1) with its signed release."""
+    """A real ONNX champion (v1) with its signed release, and the line's base pool in the store
+    (what the training worker that trained it hands back: the server screens against it)."""
     if not _CHAMPION:
         _CHAMPION.append(champion_onnx())
     sha, size = services.store.put_bytes(_CHAMPION[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        base = export_base_pool("digits", 64, Path(tmp) / "base.npz")
+        assert base is not None
+        base_sha, _ = services.store.put_file(base)
     with services.sessions() as session:
         ml = session.get(ModelLine, LINE)
         assert ml is not None
+        ml.base_pool_sha256 = base_sha
         session.add(
             ModelVersion(
                 line=LINE,

@@ -1,0 +1,245 @@
+"""Registrar: on a server, a ``trained`` job becomes a model version, signed and rolled out.
+
+Workers train and hand their results back through the artifact store (``server.retrain.worker``);
+registration needs the signing key, which lives with the servers. Every server runs a registrar
+loop; whichever gets a trained job first registers it, exactly once:
+
+- the job is read with ``FOR UPDATE SKIP LOCKED`` (PostgreSQL), so a second server skips it while
+  the first holds it, and the whole registration (version, lineage, signature, rollout, the job's
+  ``trained -> succeeded/rejected``) is one transaction: a server that dies half-way leaves the
+  job ``trained`` for the next one;
+- the job's move out of ``trained`` is guarded by its state (``register_version``), so on SQLite
+  too, where the row lock does not exist, a second registration writes nothing.
+
+A result the registrar cannot use (an artifact missing from the store or whose bytes do not hash
+to the sha the worker recorded, a malformed report or dataset manifest) is refused: the job goes
+back to the queue for another attempt, or fails once out of attempts, with the reason on the job.
+A registration that fails for a reason of the server's (a signing error, the database) leaves the
+job ``trained``, with the reason on it, and is tried again.
+
+The loop also runs the queue's server-side chores: it queues scheduled trainings
+(``enqueue_due``) and re-queues the jobs of dead workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.core.background import Worker
+from server.core.config import Settings
+from server.core.errors import (
+    ArtifactError,
+    ArtifactNotFoundError,
+    EdgeloopError,
+    TrainingError,
+    UnavailableError,
+)
+from server.db import registry
+from server.db.base import utcnow
+from server.db.registry import TrainingJob
+from server.release.artifacts import ArtifactStore
+from server.retrain import handback
+from server.retrain.registration import (
+    RegisteredVersion,
+    TrainerOutputs,
+    register_version,
+    trained,
+)
+from server.retrain.scheduler import enqueue_due
+from server.retrain.worker import recover
+
+log = logging.getLogger(__name__)
+
+
+def read_outputs(store: ArtifactStore, job: TrainingJob) -> tuple[dict[str, Any], TrainerOutputs]:
+    """The report and the outputs a worker recorded on ``job``, verified against the store.
+
+    Raises:
+        ArtifactError: an artifact is missing or its bytes do not hash to the recorded sha.
+        ArtifactNotFoundError: an artifact vanished while being read.
+        TrainingError: the report or the manifest is not what a trainer writes.
+        UnavailableError: the store's backend failed (transient: the job stays trained).
+    """
+    if not job.result_report_sha256:
+        raise TrainingError("the worker recorded no report.json")
+    raw = handback.read_verified(
+        store,
+        job.result_report_sha256,
+        what="report.json",
+        limit=handback.MAX_RESULT_JSON_BYTES,
+    )
+    try:
+        report = json.loads(raw)
+    except ValueError as exc:
+        raise TrainingError(f"report.json is not JSON: {exc}") from exc
+    if not isinstance(report, dict) or not isinstance(report.get("passed"), bool):
+        raise TrainingError("report.json needs a boolean 'passed'")
+    if report["passed"] and not job.result_sha256:
+        raise TrainingError("the trainer reported a pass but handed back no model.onnx")
+    size = None
+    if job.result_sha256:
+        size = handback.verify_stored(store, job.result_sha256, what="model.onnx")
+        if job.result_size is not None and size != job.result_size:
+            raise ArtifactError(
+                f"model.onnx {job.result_sha256}: {size} bytes stored, the job recorded "
+                f"{job.result_size}"
+            )
+    others = ((job.result_weights_sha256, "weights.npz"), (job.result_base_sha256, "base pool"))
+    for sha, what in others:
+        if sha:
+            handback.verify_stored(store, sha, what=what)
+    manifest: Any = None
+    if job.result_dataset_sha256:
+        raw = handback.read_verified(
+            store,
+            job.result_dataset_sha256,
+            what="dataset.json",
+            limit=handback.MAX_RESULT_JSON_BYTES,
+        )
+        try:
+            manifest = json.loads(raw)
+        except ValueError as exc:
+            raise TrainingError(f"dataset.json is not JSON: {exc}") from exc
+    return report, TrainerOutputs(
+        job.result_sha256, size, job.result_weights_sha256, manifest, job.result_base_sha256
+    )
+
+
+class Registrar:
+    """Registers trained jobs; ``run_once`` is what the thread calls (tests call it too).
+
+    Args:
+        on_registered: what follows a registration (release, rollout), in its transaction.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        store: ArtifactStore,
+        on_registered: Callable[[Session, RegisteredVersion], None],
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.store = store
+        self.on_registered = on_registered
+        self.clock = clock
+        self._worker = Worker("registrar", self._step, error_wait_s=settings.registrar_poll_s)
+
+    def wake(self) -> None:
+        self._worker.wake()
+
+    def chores(self) -> None:
+        """Re-queue dead workers' jobs and queue the scheduled trainings that are due."""
+        recover(self.sessions, self.settings, self.clock())
+        with self.sessions() as session:
+            enqueue_due(session, now=self.clock())
+
+    def run_once(self) -> int | None:
+        """Register the oldest trained job, if any; returns its id (None: none was waiting, or
+        another server holds it)."""
+        with self.sessions() as session:
+            job = session.scalar(
+                select(TrainingJob)
+                .where(TrainingJob.status == "trained")
+                .order_by(TrainingJob.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+            if job is None:
+                session.rollback()
+                return None
+            try:
+                report, outputs = read_outputs(self.store, job)
+            except (ArtifactError, ArtifactNotFoundError, TrainingError) as exc:
+                self._refuse(session, job, exc.message)
+                return job.id
+            except UnavailableError as exc:  # the store is down: the result may be fine
+                session.rollback()
+                self._note(job.id, f"registration waits for the artifact store: {exc.message}")
+                raise
+            try:
+                line = registry.get_model_line(session, name=job.model_line)
+                version = register_version(
+                    session,
+                    job=job,
+                    line=line,
+                    report=report,
+                    outputs=outputs,
+                    now=self.clock(),
+                )
+                if version is None:  # another server registered it
+                    session.rollback()
+                    return None
+                self.on_registered(session, version)
+                session.commit()
+            except TrainingError as exc:  # the manifest is malformed: the worker's fault
+                session.rollback()
+                self._refuse(session, job, exc.message)
+                return job.id
+            except EdgeloopError as exc:  # ours (signing, ...): keep it trained, try again
+                session.rollback()
+                self._note(job.id, f"registration failed, will retry: {exc.message}")
+                raise
+        log.info("training job %s: version %s %s", version.job_id, version.version, version.status)
+        return version.job_id
+
+    def _refuse(self, session: Session, job: TrainingJob, why: str) -> None:
+        """trained -> queued (another attempt) or failed, with the reason; commits."""
+        now = self.clock()
+        attempt = f"attempt {job.attempts}: result refused by the server: {why}"
+        retry = job.attempts < job.max_attempts
+        values: dict[str, Any]
+        if retry:
+            wait_s = self.settings.training_retry_backoff_s * 2 ** (job.attempts - 1)
+            values = {
+                "status": "queued",
+                "claimed_by": None,
+                "not_before": now + timedelta(seconds=wait_s),
+                "error": f"{attempt} (will retry)"[:8000],
+            }
+        else:
+            values = {"status": "failed", "finished_at": now, "error": attempt[:8000]}
+        session.execute(
+            update(TrainingJob)
+            .where(trained(job.id))
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        log.warning("training job %s: %s", job.id, attempt)
+
+    def _note(self, job_id: int, error: str) -> None:
+        with self.sessions() as session:
+            session.execute(
+                update(TrainingJob)
+                .where(trained(job_id))
+                .values(error=error[:8000])
+                .execution_options(synchronize_session=False)
+            )
+            session.commit()
+
+    # ------------------------------------------------------------ thread
+
+    def start(self) -> None:
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._worker.stop(timeout=30)
+
+    def _step(self) -> float:
+        self.chores()
+        registered = self.run_once()
+        return 0.0 if registered is not None else self.settings.registrar_poll_s
+
+
+__all__ = ["Registrar", "read_outputs"]
