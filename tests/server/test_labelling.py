@@ -18,7 +18,9 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from server.cli.main import app as cli_app
+from server.db import job_queue
 from server.db.audit import AuditRecord
+from server.db.base import utcnow
 from server.db.registry import TrainingJob
 from server.db.sample_store import Sample
 from server.intake.label_studio import LabelFileError, parse_label_studio
@@ -264,12 +266,17 @@ def test_the_dataset_manifest_counts_where_labels_came_from(
         line.post("/api/v1/labels/import", json=annotated(tasks, {"c-1": "6"})).status_code == 200
     )
     # c-2 is still unlabelled: exported to the trainer it would have no label.
+    worker = services.jobs.worker
+    assert worker is not None  # the embedded worker (development)
     with services.sessions() as s:
-        job = s.scalars(select(TrainingJob)).first()
-    assert job is not None
+        queued = s.scalars(select(TrainingJob)).first()
+        assert queued is not None
+        # Claimed as the worker claims it: the dataset is read under the job's lease.
+        job = job_queue.claim_job(s, now=utcnow(), runner=worker.identity)
+    assert job is not None and job.id == queued.id
     workdir = tmp_path / "job"
     workdir.mkdir()
-    services.jobs._prepare(job, workdir)  # what the runner hands the trainer
+    worker._prepare(job, workdir)  # what the worker hands the trainer
     exported = load_samples(workdir / "samples.npz", 64)
     by_id = dict(zip(exported.sample_ids.tolist(), exported.label_sources.tolist(), strict=True))
     assert by_id == {
