@@ -189,7 +189,35 @@ class Mosquitto:
         self.proc = None
 
 
-class ServerProcess:
+class _ChildProcess:
+    """A child process writing to ``log_path``: the log's tail, and a stop that waits for it
+    (SIGTERM, or SIGKILL with ``kill``; SIGKILL anyway after ``stop_wait_s``)."""
+
+    proc: subprocess.Popen[bytes] | None
+    log_path: Path
+    stop_wait_s = 20.0
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.proc and self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            try:
+                self.proc.wait(self.stop_wait_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+
+class ServerProcess(_ChildProcess):
     """The edgeloop server (uvicorn) in a subprocess, configured through EDGELOOP_* variables."""
 
     def __init__(
@@ -313,29 +341,13 @@ class ServerProcess:
             time.sleep(0.2)
         raise TimeoutError(f"server not healthy after {timeout}s:\n{self.log_tail()}")
 
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
-    def stop(self, *, kill: bool = False) -> None:
-        if self.proc and self.proc.poll() is None:
-            if kill:
-                self.proc.kill()
-            else:
-                self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-
-class WorkerProcess:
+class WorkerProcess(_ChildProcess):
     """A training worker (``edgeloop worker``) in a subprocess, configured through EDGELOOP_*
-    variables: it needs only the database and the artifact store the servers use."""
+    variables: it needs only the database and the artifact store the servers use. ``stop``
+    SIGTERMs it (the running job goes back to the queue) or, with ``kill``, SIGKILLs it."""
+
+    stop_wait_s = 40.0
 
     def __init__(
         self,
@@ -379,23 +391,3 @@ class WorkerProcess:
         )
         log.close()
         return self
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self, *, kill: bool = False) -> None:
-        """SIGTERM (the running job goes back to the queue) or, with ``kill``, SIGKILL."""
-        if self.proc and self.proc.poll() is None:
-            if kill:
-                self.proc.kill()
-            else:
-                self.proc.terminate()
-            try:
-                self.proc.wait(40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
