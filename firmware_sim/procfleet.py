@@ -202,7 +202,12 @@ class ProcFleet:
         self.traffic: Traffic | None = None
 
     def api(self, method: str, path: str, **kw: Any) -> Any:
-        r = self.http.request(method, f"{self.server.url}/api/v1{path}", **kw)
+        """One API call; a timeout, a refused connection or an HTTP error is FleetFailed,
+        naming the call (main prints it with the server log's tail, not a traceback)."""
+        try:
+            r = self.http.request(method, f"{self.server.url}/api/v1{path}", **kw)
+        except httpx.HTTPError as exc:
+            raise FleetFailed(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
         if r.is_error:
             raise FleetFailed(f"{method} {path}: HTTP {r.status_code} {r.text[:300]}")
         return r.json()
