@@ -474,15 +474,13 @@ class Demo:
         the fleet keeps sending samples, and the next threshold trains again on more of them.
         """
         for _ in range(MAX_TRAININGS):
-            job = wait_for(
-                f"training job #{job['id']} to finish",
-                lambda j=job: (
-                    (got := self.get(f"/training-jobs/{j['id']}"))["status"]
-                    not in ACTIVE_JOB_STATES
-                    and got
-                ),
-                timeout=self.o.timeout_s,
-            )
+            job_id = job["id"]
+
+            def finished(job_id: int = job_id) -> dict[str, Any] | None:
+                got: dict[str, Any] = self.get(f"/training-jobs/{job_id}")
+                return got if got["status"] not in ACTIVE_JOB_STATES else None
+
+            job = wait_for(f"training job #{job_id} to finish", finished, self.o.timeout_s)
             if job["status"] == "succeeded":
                 return job
             if job["status"] != "rejected":
@@ -492,16 +490,16 @@ class Demo:
                 "  the loop goes on: the fleet keeps sending samples; waiting for the next training"
             )
             done = job["id"]
+
+            def next_threshold_job(done: int = done) -> dict[str, Any] | None:
+                jobs: list[dict[str, Any]] = self.get("/training-jobs?model_line=digits")
+                return next(
+                    (j for j in jobs if j.get("trigger") == "threshold" and j["id"] > done), None
+                )
+
             job = wait_for(
                 "the next threshold training",
-                lambda done=done: next(
-                    (
-                        j
-                        for j in self.get("/training-jobs?model_line=digits")
-                        if j.get("trigger") == "threshold" and j["id"] > done
-                    ),
-                    None,
-                ),
+                next_threshold_job,
                 timeout=self.o.timeout_s,
                 every=0.25,
             )

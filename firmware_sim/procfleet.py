@@ -159,7 +159,7 @@ class Traffic:
                 jobs = []
                 for agent in self.agents:
                     i = int(rng.integers(len(self.inputs.labels)))
-                    noise = rng.normal(0.0, SENSOR_NOISE, self.inputs.clean.shape[1])
+                    noise = np.asarray(rng.normal(0.0, SENSOR_NOISE, self.inputs.clean.shape[1]))
                     jobs.append(pool.submit(one, agent, i, noise))
                 for j in jobs:
                     j.result()
