@@ -355,3 +355,43 @@ class _NullSessions:
 
         self.opened += 1
         return contextlib.nullcontext(None)
+
+
+def test_a_burst_of_rewrites_ends_with_one_trailing_reload_after_the_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mosquitto loses a SIGHUP that lands while it reloads; the last rewrite of a burst is
+    signalled once more after the burst (seen at 10,000 devices: 55 locked out)."""
+    import threading
+
+    from server.identity import broker_acl
+
+    events: list[str] = []
+    lock = threading.Lock()
+
+    def write(*_a: Any, **_k: Any) -> None:
+        with lock:
+            events.append("write")
+
+    def reload(_pid: Path | None) -> bool:
+        with lock:
+            events.append("reload")
+        return True
+
+    monkeypatch.setattr(broker_acl, "write_broker_config", write)
+    monkeypatch.setattr(broker_acl, "reload_broker", reload)
+    sync = broker_acl.BrokerSync(min_interval_s=0.0, settle_s=0.3)
+    settings = make_settings(
+        tmp_path, "sqlite://", broker_config_dir=tmp_path / "b", broker_pid_file=tmp_path / "pid"
+    )
+    for _ in range(3):  # a burst: each rewrite re-arms the trailing reload
+        sync.sync(_NullSessions(), settings)
+    poll("the trailing reload", lambda: sync.settle_reloads == 1, timeout=30)
+    # Exactly one trailing reload, after the last rewrite and its own signal; nothing pending.
+    assert events == ["write", "reload"] * 3 + ["reload"]
+    assert sync._settle is None
+
+    # Without a pid file there is no broker to signal: no trailing reload is armed.
+    quiet = broker_acl.BrokerSync(min_interval_s=0.0, settle_s=0.01)
+    quiet.sync(_NullSessions(), make_settings(tmp_path, "sqlite://", broker_config_dir=tmp_path))
+    assert quiet._settle is None and quiet.settle_reloads == 0

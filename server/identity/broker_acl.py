@@ -44,6 +44,13 @@ log = logging.getLogger(__name__)
 # most this long plus one rewrite for its credential to work).
 SYNC_MIN_INTERVAL_S = 0.25
 
+# Seconds after the last rewrite of a burst before one more SIGHUP. Mosquitto (2.0) clears its
+# reload flag after a reload finishes, so a SIGHUP that lands during a reload is lost: seen at
+# 10,000 devices, where the last two rewrites' signals fell into the previous reload and 55
+# enrolled devices stayed "not authorised" until the next enrollment. The trailing signal comes
+# after the burst, once the broker is idle, and loads the last files.
+SETTLE_RELOAD_S = 2.0
+
 # Seconds a reload waits for a just-started broker to install its SIGHUP handler (Mosquitto does
 # so after it opens its listeners; a SIGHUP before that kills it).
 SIGHUP_READY_WAIT_S = 5.0
@@ -203,8 +210,12 @@ class BrokerSync:
         min_interval_s: float = SYNC_MIN_INTERVAL_S,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        settle_s: float = SETTLE_RELOAD_S,
     ) -> None:
         self.min_interval_s = min_interval_s
+        self.settle_s = settle_s
+        self._settle: threading.Timer | None = None  # the pending trailing reload
+        self.settle_reloads = 0  # trailing reloads sent (observability, tests)
         self._monotonic = monotonic
         self._sleep = sleep
         self._last_write = -float("inf")  # monotonic time the last rewrite finished
@@ -249,6 +260,29 @@ class BrokerSync:
             self.writes += 1
             with self._state:
                 self._done = max(self._done, covers)
+            self._schedule_settle(settings.broker_pid_file)
+
+    def _schedule_settle(self, pid_file: Path | None) -> None:
+        """(Re)arm the trailing reload: ``settle_s`` after the last rewrite (see
+        ``SETTLE_RELOAD_S``); a newer rewrite pushes it back, so a burst ends with one."""
+        if pid_file is None or self.settle_s <= 0:
+            return
+        timer = threading.Timer(self.settle_s, self._settle_reload, (pid_file,))
+        timer.daemon = True
+        with self._state:
+            if self._settle is not None:
+                self._settle.cancel()
+            self._settle = timer
+        timer.start()
+
+    def _settle_reload(self, pid_file: Path) -> None:
+        with self._write_lock:  # never between a rewrite and its own signal
+            with self._state:
+                if self._settle is None or self._settle is not threading.current_thread():
+                    return  # re-armed by a later rewrite: that one's timer will signal
+                self._settle = None
+            reload_broker(pid_file)
+            self.settle_reloads += 1
 
 
 # One BrokerSync per broker directory in this process: the files are process-global state, so
