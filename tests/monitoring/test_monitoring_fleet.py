@@ -24,7 +24,7 @@ understate the repetition and raise false fleet-wide alerts.)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,7 +115,9 @@ class Run:
     def alerts_of(self, groups: set[str] | frozenset[str]) -> list[Alert]:
         return [a for _, a in self.alerts.values() if a.group_name in groups]
 
-    def false_alarms(self, clean: Any) -> tuple[int, int, list[tuple[str, int, list[str]]]]:
+    def false_alarms(
+        self, clean: Callable[[str, int], bool]
+    ) -> tuple[int, int, list[tuple[str, int, list[str]]]]:
         """(clean group windows scored for drift, those whose drift verdict breached, every
         clean window that breached any rule) over the windows ``clean(group, k)`` admits."""
         scored = breached = 0
@@ -208,7 +210,7 @@ def run_windows(fleet: Fleet, sim: FleetSim, periods: range) -> Run:
     ingest writer stored all of them the clock moves past the window's close and the evaluator
     closes it."""
     services, stats = fleet.services, fleet.services.ingest.stats
-    alerts: dict[int, tuple[int, Alert]] = {}
+    raised_in: dict[int, int] = {}  # alert id -> the window whose evaluation raised it
     for k in periods:
         fleet.clock.set(inside(k))
         for topic, payload in sim.period(k):
@@ -227,15 +229,15 @@ def run_windows(fleet: Fleet, sim: FleetSim, periods: range) -> Run:
         fleet.clock.set(closed(k))
         assert services.monitor.run_once() == 1, f"window {k} evaluated once"
         with services.sessions() as session:
-            for a in session.scalars(select(Alert)):
-                alerts.setdefault(a.id, (k, a))
+            for alert_id in session.scalars(select(Alert.id)):
+                raised_in.setdefault(alert_id, k)
     with services.sessions() as session:
         rows = list(session.scalars(select(MonitorWindow)))
     index = {window_start(k): k for k in periods}
     windows = {(w.group_name, index[w.window_start]): w for w in rows}
     with services.sessions() as session:  # the alerts as they stand at the end of the run
         final = {a.id: a for a in session.scalars(select(Alert))}
-    return Run(windows, {i: (k, final[i]) for i, (k, _) in alerts.items()})
+    return Run(windows, {i: (k, final[i]) for i, k in raised_in.items()})
 
 
 def check_windows(run: Run, periods: range) -> None:
