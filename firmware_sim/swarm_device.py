@@ -508,6 +508,7 @@ class SwarmDevice:
                 await self._delay()
                 await client.publish(topic, payload, qos=qos, timeout=60)
                 box.popleft()  # acknowledged (QoS 1) or handed to the socket (QoS 0)
+                _raise_if_cancelled()
                 self.ctx.counters.mqtt_bytes_out += len(payload)
                 self.mqtt_bytes += len(payload)
                 if qos:
@@ -600,6 +601,7 @@ class SwarmDevice:
                 delay = self.ctx.config.retry_base_s * min(8, 2 ** max(0, job.attempts - 1))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay * (0.5 + self.rng.random()))
+                _raise_if_cancelled()
                 if self._next is not None:
                     return  # a newer target wins over the retry
                 job.state = S.NOTIFIED
@@ -984,6 +986,20 @@ def _p95(values: list[float]) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(math.ceil(0.95 * len(ordered))) - 1)]
+
+
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation that an ``asyncio.wait_for`` swallowed.
+
+    On Python 3.11, ``wait_for`` returns its awaitable's result when the awaitable completes in
+    the same loop iteration as the cancellation of the task awaiting it (CPython gh-86296, fixed
+    in 3.12), leaving the task "cancelling" but running. Seen in the 10,000-device benchmark: 5
+    devices' outbox tasks went on to wait for their next report forever after a mode switch
+    cancelled them in the middle of a publish (aiomqtt waits for the PUBACK with wait_for).
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _first_error(*coros: Any) -> None:
