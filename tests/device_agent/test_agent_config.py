@@ -136,7 +136,7 @@ def test_ca_bundle_is_relative_to_the_config_file_and_must_load(tmp_path: Path) 
     from tests.device_agent.netkit import tls_files
 
     tls = tls_files(tmp_path / "tls")
-    cfg = load_config(write(tmp_path, ca_bundle="tls/ca.pem"), env={})
+    cfg = load_config(write(tmp_path, ca_bundle=str(tls.ca.relative_to(tmp_path))), env={})
     assert cfg.ca_bundle == tls.ca
     (tmp_path / "bad.pem").write_text("not a certificate")
     for name in ("missing.pem", "bad.pem"):
