@@ -16,10 +16,10 @@ import numpy as np
 
 from contract import MetricsReport
 from contract.monitoring import MonitoringReference, MonitorSummary
-from server.db.registry import ModelLine, ModelVersion
-from server.release.signing import sign_release
+from server.db.registry import ModelVersion
 from server.services import Services
 from tests.monitoring.conftest import View
+from tests.server.conftest import add_version
 
 LINE = "digits"
 WINDOW_S = 60.0  # seconds per monitoring window in these tests
@@ -75,39 +75,15 @@ def register_model(
     services: Services, onnx: bytes, *, version: int, line: str = LINE, champion: bool = True
 ) -> ModelVersion:
     """Register ``onnx`` as a version (as the job runner would), the champion with its release."""
-    sha, size = services.store.put_bytes(onnx)
-    with services.sessions() as session:
-        ml = session.get(ModelLine, line)
-        assert ml is not None
-        mv = ModelVersion(
-            line=line,
-            version=version,
-            status="champion" if champion else "candidate",
-            sha256=sha,
-            size=size,
-            parent_version=ml.champion_version,
-            dataset_version=f"ds-{version}",
-            trainer="sklearn-mlp",
-            hyperparams={},
-            metrics={},
-            report={},
-            sample_count=0,
-        )
-        session.add(mv)
-        session.flush()
-        if champion:
-            rel = sign_release(
-                session,
-                signer=services.signer,
-                line_name=line,
-                model_version=version,
-                now=services.clock(),
-                ttl_days=30,
-            )
-            ml.champion_version = version
-            ml.current_release = rel.release
-        session.commit()
-        return mv
+    return add_version(
+        services,
+        line=line,
+        version=version,
+        status="champion" if champion else "candidate",
+        champion_release=champion,
+        onnx=onnx,
+        metrics={},
+    )
 
 
 def summary(

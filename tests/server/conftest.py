@@ -110,10 +110,14 @@ def add_version(
     status: str,
     champion_release: bool = False,
     golden: float = 0.9,
+    onnx: bytes | None = None,
+    metrics: dict[str, Any] | None = None,
 ) -> ModelVersion:
     """Register a trained version directly (as the job runner would), optionally as the
-    champion with its factory release."""
-    sha, size = services.store.put_bytes(fake_onnx_bytes(version))
+    champion with its factory release. ``onnx``: the model's bytes (default: distinct fake
+    bytes); ``metrics``: the version's metrics (default: the challenger's golden accuracy)."""
+    data = onnx if onnx is not None else fake_onnx_bytes(version)
+    sha, size = services.store.put_bytes(data)
     with services.sessions() as session:
         ml = session.get(ModelLine, line)
         assert ml is not None
@@ -127,7 +131,7 @@ def add_version(
             dataset_version=f"ds-{version}",
             trainer="sklearn-mlp",
             hyperparams={},
-            metrics={"challenger": {"golden_accuracy": golden}},
+            metrics=metrics if metrics is not None else {"challenger": {"golden_accuracy": golden}},
             report={},
             sample_count=0,
         )
