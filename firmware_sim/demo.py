@@ -189,6 +189,7 @@ class Demo:
             timeout=HTTP_TIMEOUT_S, headers={"Authorization": f"Bearer {self.admin_token}"}
         )
         self.rollout_id: int | None = None  # the rollout being watched, for a failure report
+        self._canary_left_at: float | None = None  # when the watched rollout left its canary
         self.failed = False  # a failed run keeps its work directory
         self.operator_token = self.admin_token  # what the CLI uses; an approver's, once made
         self.v_old: int | None = None  # the version that serves when the drift begins
@@ -397,6 +398,8 @@ class Demo:
         version = self.get(f"/model-lines/digits/versions/{job['result_version']}")
         self._print_gate(version)
 
+        t_signed = time.monotonic()
+
         phase(6, "Staged rollout waits for an operator; approving with the edgeloop CLI")
         rollout = wait_for(
             "a rollout pending approval",
@@ -434,6 +437,8 @@ class Demo:
         if state == "pending_approval":
             raise LoopDidNotClose(f"rollout #{rollout['id']} is still pending after approval")
 
+        t_approved = time.monotonic()
+
         phase(7, f"Canary ({o.canary_percent}% of the fleet), gated on live metrics, then everyone")
         self.rollout_id = rollout["id"]
         final = self._watch_rollout(rollout["id"])
@@ -442,6 +447,12 @@ class Demo:
                 f"rollout #{rollout['id']} ended {final['state']}: {final.get('reason')}"
             )
         t_done = time.monotonic()
+        t_canary = self._canary_left_at or t_done
+        stages = (
+            f"training, gate, signing {t_signed - t_threshold:.1f} s; approval "
+            f"{t_approved - t_signed:.1f} s; canary {t_canary - t_approved:.1f} s; "
+            f"the rest {t_done - t_canary:.1f} s"
+        )
         fleet = self.fleet
         fleet.stop_traffic()
         new_version = final["to_version"]
@@ -464,6 +475,7 @@ class Demo:
             v1["champion_version"],
             new_version,
             t_done - t_threshold,
+            stages,
             time.monotonic() - t_start,
         )
 
@@ -621,6 +633,8 @@ class Demo:
             if line != last:
                 say(line)
                 last = line
+            if r["state"] != "canary" and self._canary_left_at is None:
+                self._canary_left_at = time.monotonic()  # the canary wave's gates held
             if r["state"] in ("completed", "rolled_back", "aborted"):
                 return r
             time.sleep(0.5)
@@ -635,6 +649,7 @@ class Demo:
         v_old: int,
         v_new: int,
         loop_s: float,
+        stages: str,
         total_s: float,
     ) -> int:
         closed = after.accuracy > drifted_old.accuracy and not math.isnan(after.accuracy)
@@ -646,6 +661,7 @@ class Demo:
             (f"fleet accuracy under drift, new model (v{v_new})", f"{after.accuracy:.3f}"),
             ("versions", f"v{v_old} -> v{v_new}"),
             ("threshold -> full fleet updated", f"{loop_s:.1f} s"),
+            ("  of which", stages),
             ("demo wall time", f"{total_s:.1f} s"),
             ("failed inferences", f"{healthy.failed + drifted_old.failed + after.failed}"),
             *timeline.lines(self.o.threshold),

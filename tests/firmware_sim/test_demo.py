@@ -50,6 +50,17 @@ def test_demo_closes_the_loop_on_a_small_fleet(tmp_path):
     assert new > old + 0.2, "the retrained model must recover much of the loss"
     assert re.search(r"failed inferences\s+0$", out, re.M)
     assert "The loop closed" in out
+    # Threshold -> fleet, and the stages it is made of (they add up to it, to the rounding)
+    loop_s = figure("threshold -> full fleet updated")
+    stages = re.search(
+        r"of which\s+training, gate, signing ([0-9.]+) s; approval ([0-9.]+) s; "
+        r"canary ([0-9.]+) s; the rest ([0-9.]+) s$",
+        out,
+        re.M,
+    )
+    assert stages, out[-3000:]
+    assert sum(float(g) for g in stages.groups()) == pytest.approx(loop_s, abs=0.25)
+    assert float(stages.group(1)) > 0 and float(stages.group(3)) > 0
     # The label-free path: the first drift alert on v1 and the retraining threshold, each timed
     # from the drift's start, and one sentence saying which came first (either may, on a loaded
     # machine; the demo must say which, not assume it).
