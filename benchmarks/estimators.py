@@ -26,6 +26,10 @@ Estimators (each a fraction of correct predictions):
   naive-Bayes ratio: the device only sends marginals).
 - ``prior_bound``: the label-free ceiling ``sum_k min(predicted share, class prior)`` (an upper
   bound, not an estimate).
+
+Last, how often the drift verdict breaches on windows of ``--window`` inferences drawn from each
+pool (the judge of ``benchmarks.monitoring``: alpha 0.01, dispersion ``1 + window / 497``): a
+breaching window's estimate is marked untrusted (``server.monitoring.estimate.estimate_trusted``).
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ def atc_threshold(score: np.ndarray, correct: np.ndarray) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="estimators", description=__doc__.splitlines()[0])
     ap.add_argument("--drift-seeds", type=int, nargs="+", default=[1])
+    ap.add_argument("--window", type=int, default=120, help="inferences per judged window")
+    ap.add_argument("--windows", type=int, default=200, help="windows judged per severity")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
@@ -62,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.monitoring import train_model
     from contract.monitoring import METADATA_KEY, MonitoringReference
-    from server.monitoring.estimate import class_prior_bound, estimate_accuracy
+    from server.monitoring.drift import NullCalibrator, score_window
+    from server.monitoring.estimate import class_prior_bound, estimate_accuracy, estimate_trusted
     from training.data import digits_pools, drift
     from training.export import onnx_predict_proba, read_metadata
     from training.trainers import train
@@ -118,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             else np.searchsorted(np.asarray(s.edges), v, side="right")
         )
 
+    calibrator = NullCalibrator(
+        {s.name: s.counts for s in ref.signals},
+        alpha=0.01,
+        dispersion=1.0 + args.window / len(pools.field.y),
+    )
     rows: list[dict[str, Any]] = []
     for dseed in args.drift_seeds:
         for sev in SEVERITIES:
@@ -149,7 +161,26 @@ def main(argv: list[str] | None = None) -> int:
             w = np.exp(logw_all - logw_all.max())
             est["iw_all"] = float((w * correct_ho).sum() / w.sum())
             est["prior_bound"] = class_prior_bound(hist["predicted"], cal.labels) or float("nan")
-            rows.append({"drift_seed": dseed, "severity": sev, "true": true, "est": est})
+            rng = np.random.default_rng([dseed, int(sev * 100)])
+            untrusted, cbpe_err = 0, []
+            for _ in range(args.windows):
+                idx = rng.integers(0, len(X), args.window)
+                h = ref.histogram(X[idx], P[idx])
+                w_est = estimate_accuracy(h["confidence"], cal)
+                assert w_est is not None
+                verdict = score_window(calibrator, h, min_samples=100)
+                untrusted += estimate_trusted(w_est.accuracy, verdict.to_dict()) is False
+                cbpe_err.append(abs(w_est.accuracy - float((pred[idx] == y[idx]).mean())))
+            rows.append(
+                {
+                    "drift_seed": dseed,
+                    "severity": sev,
+                    "true": true,
+                    "est": est,
+                    "untrusted_share": untrusted / args.windows,
+                    "window_cbpe_error_p95": float(np.percentile(cbpe_err, 95)),
+                }
+            )
 
     methods = list(rows[0]["est"])
     print(f"holdout: {len(Xho)} rows, accuracy {acc_ho:.3f}; ATC thresholds mc {t_mc:.3f}")
@@ -168,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
             errs = [abs(r["est"][m] - r["true"]) for r in sel]
             cells = "".join(f"{r['est'][m]:9.3f} ({e:.3f})" for r, e in zip(sel, errs, strict=True))
             print(f"{m:18s}{cells}{max(errs):9.3f}")
+        print(f"windows of {args.window}: untrusted (drift verdict breaches), CBPE p95 error")
+        for r in sel:
+            print(
+                f"  sev {r['severity']:<5g} untrusted {r['untrusted_share']:6.1%}"
+                f"   p95 |cbpe - true| {r['window_cbpe_error_p95']:.3f}"
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
