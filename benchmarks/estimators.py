@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="estimators-") as tmp:
         onnx = train_model(Path(tmp)).read_bytes()
     ref = MonitoringReference.from_json(read_metadata(onnx)[METADATA_KEY])
-    cal = ref.calibration
-    assert cal is not None and ref.pca is not None
+    cal, pca = ref.calibration, ref.pca
+    assert cal is not None and pca is not None
 
     Xtr, ytr = pools.train.X, pools.train.y
     Xho, yho = pools.golden.X, pools.golden.y
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return onnx_predict_proba(onnx, X)
 
     def project(X: np.ndarray) -> np.ndarray:
-        return (X - ref.pca.mean) @ ref.pca.components.T
+        return (X - pca.mean) @ pca.components.T
 
     # Second models: trained on the training rows only.
     second: dict[str, Any] = {}

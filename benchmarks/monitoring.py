@@ -399,7 +399,7 @@ def summarise(
             tot[1] += right
             tot[2] += n
         untrusted[phase] += w.trusted is False
-    phases = {
+    phases: dict[str, dict[str, Any]] = {
         p: {
             "estimated": t[0] / t[2],
             "true": t[1] / t[2],
