@@ -24,6 +24,7 @@ from server.db.fleet import Device, DeviceMetric
 from server.db.registry import TrainingJob
 from server.db.rollouts import Rollout
 from server.db.sample_store import Sample
+from server.monitoring.estimate import estimate_trusted
 from server.services import Services
 
 INSTANCE = f"{socket.gethostname()}:{os.getpid()}"
@@ -129,6 +130,12 @@ def _monitoring(session: Session, services: Services) -> Iterator[Metric]:
             labels=key,
         ),
     }
+    trusted = GaugeMetricFamily(
+        "edgeloop_monitor_estimate_trusted",
+        "Latest window: 1 if the estimate can be read as accuracy, 0 if its drift verdict "
+        "breaches (the estimate may be far off)",
+        labels=key,
+    )
     window_s = services.settings.monitor_window_s
     since = services.clock() - timedelta(seconds=window_s * EXPORTED_WINDOWS)
     for w in monitoring.latest_windows(session, since=since):
@@ -137,7 +144,11 @@ def _monitoring(session: Session, services: Services) -> Iterator[Metric]:
             value = getattr(w, name)
             if value is not None:
                 gauge.add_metric(labels, float(value))
+        ok = estimate_trusted(w.estimated_accuracy, w.drift)
+        if ok is not None:
+            trusted.add_metric(labels, float(ok))
     yield from gauges.values()
+    yield trusted
     deliveries = GaugeMetricFamily(
         "edgeloop_alert_webhook_deliveries",
         "Alert webhook deliveries by status (pending, delivered, failed)",

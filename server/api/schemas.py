@@ -15,12 +15,14 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    computed_field,
     field_validator,
 )
 
 from contract import ContractError, InputSpec
 from server.identity.auth import Role
 from server.identity.enrollment import MAX_ENROLLMENT_USES
+from server.monitoring.estimate import estimate_trusted
 
 MAX_INT32 = 2**31 - 1
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
@@ -369,6 +371,12 @@ class MonitorWindowPublic(BaseModel):
     breaches: list[str]
     note: str | None
     drift: dict[str, Any] | None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def estimate_trusted(self) -> bool | None:
+        """False when the drift verdict breaches: the label-free estimate may be far off."""
+        return estimate_trusted(self.estimated_accuracy, self.drift)
 
 
 # ---------------------------------------------------------------- rollouts

@@ -13,6 +13,9 @@ changes nothing.
 - Accuracy floor: the version's reference accuracy minus ``alert_max_accuracy_drop``. The
   ``estimated_accuracy`` rule breaches when the estimate is under it, ``live_accuracy`` when even
   the live accuracy's upper bound is (``server.monitoring.rules.observe``).
+- Estimate trusted: False for a window whose drift verdict breaches, where the label-free
+  estimate's assumption does not hold (``server.monitoring.estimate.estimate_trusted``); the
+  dashboard marks such an estimate unreliable.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from server.db.monitoring import ALL_DEVICES, MAX_LISTED, MonitorWindow
+from server.monitoring.estimate import estimate_trusted
 
 DRIFT_THRESHOLD = 1.0  # a drift score above this is a breach (each signal's own threshold)
 
@@ -65,6 +69,7 @@ class SeriesPoint:
     estimated_accuracy: float | None
     estimated_low: float | None
     estimated_high: float | None
+    estimate_trusted: bool | None  # False: the drift verdict breaches (None: cannot tell)
     reference_accuracy: float | None
     accuracy_floor: float | None  # reference_accuracy - max_accuracy_drop
     labelled: int
@@ -112,6 +117,7 @@ def point_of(w: MonitorWindow, *, max_accuracy_drop: float) -> SeriesPoint:
         estimated_accuracy=w.estimated_accuracy,
         estimated_low=w.estimated_low,
         estimated_high=w.estimated_high,
+        estimate_trusted=estimate_trusted(w.estimated_accuracy, w.drift),
         reference_accuracy=ref,
         accuracy_floor=ref - max_accuracy_drop if ref is not None else None,
         labelled=w.labelled,

@@ -166,7 +166,8 @@ function utc(iso) { return iso ? new Date(iso).toISOString().slice(0, 19).replac
 function groupName(g) { return g === "*" ? "all devices" : g; }
 
 // A time chart of several series and horizontal lines. opts: {series: [{name, color, pts: [{t, v,
-// breach}], band: [{t, lo, hi}]}], hlines: [{y, label, cls, below}], yMin, yMax, log, legend}.
+// breach, untrusted}], band: [{t, lo, hi}]}], hlines: [{y, label, cls, below}], yMin, yMax, log,
+// legend}. An untrusted point is drawn hollow.
 function timeChart(svg, opts) {
   const W = 640, H = 220, L = 44, R = 10, T = 10, B = 24;
   const all = opts.series.flatMap((s) => s.pts);
@@ -198,9 +199,9 @@ function timeChart(svg, opts) {
     if (!s.pts.length) return;
     out += `<polyline class="series" data-series="${esc(s.name)}" fill="none" stroke="${s.color}" stroke-width="2" ` +
       `points="${s.pts.map((p) => `${x(p.t)},${y(p.v)}`).join(" ")}"/>`;
-    out += s.pts.map((p) => `<circle class="pt${p.breach ? " breach" : ""}" data-series="${esc(s.name)}" ` +
-      `data-t="${p.t}" data-v="${p.v}" data-breach="${!!p.breach}" cx="${x(p.t)}" cy="${y(p.v)}" r="2.5" fill="${s.color}">` +
-      `<title>${esc(s.name)} ${fmt(p.v)} at ${utc(new Date(p.t * 1000).toISOString())}</title></circle>`).join("");
+    out += s.pts.map((p) => `<circle class="pt${p.breach ? " breach" : ""}${p.untrusted ? " untrusted" : ""}" data-series="${esc(s.name)}" ` +
+      `data-t="${p.t}" data-v="${p.v}" data-breach="${!!p.breach}" data-untrusted="${!!p.untrusted}" cx="${x(p.t)}" cy="${y(p.v)}" r="2.5" fill="${s.color}" stroke="${s.color}">` +
+      `<title>${esc(s.name)} ${fmt(p.v)} at ${utc(new Date(p.t * 1000).toISOString())}${p.untrusted ? " (unreliable: the inputs drifted)" : ""}</title></circle>`).join("");
     if (opts.legend !== false) out += `<text x="${L + 8 + i * 120}" y="${T + 12}" style="fill:${s.color}">${esc(s.name)}</text>`;
   });
   [t0, (t0 + t1) / 2, t1].forEach((t, i) => {
@@ -237,7 +238,7 @@ function renderMonitoring(ser) {
   ] : [];
   timeChart($("#chart-monitor-accuracy"), {
     series: [
-      { name: "estimated", color: COLORS[0], pts: est.map((p) => ({ t: p.t, v: p.estimated_accuracy, breach: p.breaches.includes("estimated_accuracy") })),
+      { name: "estimated", color: COLORS[0], pts: est.map((p) => ({ t: p.t, v: p.estimated_accuracy, breach: p.breaches.includes("estimated_accuracy"), untrusted: p.estimate_trusted === false })),
         band: est.filter((p) => typeof p.estimated_low === "number").map((p) => ({ t: p.t, lo: p.estimated_low, hi: p.estimated_high })) },
       { name: "live (labelled)", color: COLORS[1], pts: live.map((p) => ({ t: p.t, v: p.live_accuracy, breach: p.breaches.includes("live_accuracy") })) },
     ],
@@ -248,7 +249,9 @@ function renderMonitoring(ser) {
   $("#monitor-latest").innerHTML = [
     item("window", `latest window ${esc(utc(last.window_start))} · ${last.samples} samples from ${last.devices} devices`),
     item("drift", `drift score ${fmt(last.drift_score, 2)} (threshold ${ser.drift_threshold}${last.drift_breach ? ", breach: " + esc(last.drifted.join(", ")) : ""})`),
-    item("estimated", `estimated accuracy ${fmt(last.estimated_accuracy)}`),
+    // A window whose drift verdict breaches breaks the estimate's assumption (a model can be
+    // confidently wrong on drifted inputs): its estimate is shown, marked unreliable.
+    item("estimated", `estimated accuracy ${fmt(last.estimated_accuracy)}${last.estimate_trusted === false ? " (unreliable: the inputs drifted)" : ""}`),
     item("live", `live accuracy ${fmt(last.live_accuracy)} (${last.labelled} labels)`),
     item("floor", `alert floor ${fmt(last.accuracy_floor)}`),
   ].join("");

@@ -112,6 +112,11 @@ def test_the_api_lists_filters_and_shows_alerts_and_windows(
     w = windows[0]
     assert (w["group"], w["devices"], w["samples"], w["drift_breach"]) == ("hall-2", 1, 120, False)
     assert w["breaches"] == [] and 0 < w["estimated_accuracy"] <= 1
+    assert w["estimate_trusted"] is True  # no drift: the estimate holds
+    drifted = client.get(
+        f"/api/v1/model-lines/{LINE}/monitoring/windows", params={"version": 1, "group": "hall-1"}
+    ).json()
+    assert [(x["drift_breach"], x["estimate_trusted"]) for x in drifted] == [(True, False)] * 2
     scores = w["drift"]["scores"]
     assert {s["signal"] for s in scores} >= {"confidence", "input_std", "predicted"}
     assert all(s["psi"] <= s["psi_threshold"] and s["js"] <= s["js_threshold"] for s in scores)
@@ -168,6 +173,8 @@ def test_prometheus_exports_active_alerts_and_the_latest_window(
         in text
     )
     assert "edgeloop_monitor_estimated_accuracy{" in text
+    trusted = 'edgeloop_monitor_estimate_trusted{group="%s",model_line="digits",model_version="1"}'
+    assert f"{trusted % 'hall-1'} 0.0" in text and f"{trusted % 'hall-2'} 1.0" in text
     assert "edgeloop_ingest_monitor_written_total{" in text
     assert "edgeloop_monitor_windows_evaluated_total{" in text
     # A version that stopped reporting drops out of the window gauges (its alert stays).

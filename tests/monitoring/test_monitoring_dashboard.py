@@ -121,6 +121,12 @@ def test_the_dashboard_draws_drift_and_accuracy_against_thresholds_and_lists_ale
             assert [float(v) for v in dots.evaluate_all("ds => ds.map(d => d.dataset.v)")] == [
                 pytest.approx(p[key]) for p in points
             ]
+        # An estimate of a drifted window cannot be trusted: its dot is drawn hollow.
+        hollow = page.locator("#chart-monitor-accuracy circle.pt[data-series='estimated']")
+        assert hollow.evaluate_all("ds => ds.map(d => d.dataset.untrusted)") == [
+            "true" if k in DRIFTED else "false" for k in range(WINDOWS)
+        ]
+        assert [p["estimate_trusted"] for p in points] == [k not in DRIFTED for k in range(WINDOWS)]
         floor = page.locator("#chart-monitor-accuracy line.threshold")
         assert float(floor.get_attribute("data-y")) == pytest.approx(last["accuracy_floor"])
         assert page.locator("#chart-monitor-accuracy text.threshold-label").text_content() == (
@@ -134,8 +140,9 @@ def test_the_dashboard_draws_drift_and_accuracy_against_thresholds_and_lists_ale
             .inner_text()
             .startswith(f"drift score {last['drift_score']:.2f} (threshold 1, breach: ")
         )
+        assert last["estimate_trusted"] is False  # the last hall-1 window drifted
         assert latest.locator("[data-k='estimated']").inner_text() == (
-            f"estimated accuracy {last['estimated_accuracy']:.3f}"
+            f"estimated accuracy {last['estimated_accuracy']:.3f} (unreliable: the inputs drifted)"
         )
         assert latest.locator("[data-k='live']").inner_text() == (
             f"live accuracy {last['live_accuracy']:.3f} ({LABELLED} labels)"
@@ -150,6 +157,7 @@ def test_the_dashboard_draws_drift_and_accuracy_against_thresholds_and_lists_ale
         )
         assert page.locator("#chart-drift circle.pt").count() == WINDOWS
         assert page.locator("#chart-drift circle.breach").count() == 0
+        assert page.locator("#chart-monitor-accuracy circle.untrusted").count() == 0
 
         # Alerts: every one the API lists, newest first, with its state and times.
         alerts = client.get("/api/v1/alerts", params={"model_line": LINE}).json()

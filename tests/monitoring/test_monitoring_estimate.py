@@ -13,6 +13,7 @@ from server.monitoring.drift import NullCalibrator, score_window
 from server.monitoring.estimate import (
     class_prior_bound,
     estimate_accuracy,
+    estimate_trusted,
     live_accuracy,
     reference_accuracy,
 )
@@ -48,6 +49,17 @@ def test_class_prior_bound_and_live_accuracy() -> None:
     assert live_accuracy(0, 0) is None
     with pytest.raises(MonitoringError):
         live_accuracy(5, 4)
+
+
+def test_an_estimate_is_trusted_only_under_a_verdict_without_breach() -> None:
+    scores = [{"signal": "confidence", "psi": 0.01, "psi_threshold": 0.1}]
+    assert estimate_trusted(0.9, {"enough": True, "breach": False, "scores": scores}) is True
+    assert estimate_trusted(0.9, {"enough": True, "breach": True, "scores": scores}) is False
+    # No estimate, no verdict, no signal scored, or too few samples for a verdict: cannot tell.
+    assert estimate_trusted(None, {"enough": True, "breach": False, "scores": scores}) is None
+    assert estimate_trusted(0.9, None) is None and estimate_trusted(0.9, {}) is None
+    assert estimate_trusted(0.9, {"enough": True, "breach": False, "scores": []}) is None
+    assert estimate_trusted(0.9, {"enough": False, "breach": False, "scores": scores}) is None
 
 
 @pytest.mark.parametrize("severity", [0.0, 0.25, 0.5])
@@ -88,4 +100,6 @@ def test_severe_drift_breaks_cbpe_and_the_drift_verdict_and_prior_bound_catch_it
     assert est.accuracy - view.accuracy > 0.2  # the known limitation, measured
     assert view.accuracy <= bound < est.accuracy - 0.2
     cal = NullCalibrator({s.name: s.counts for s in ref.signals})
-    assert score_window(cal, hist).breach
+    verdict = score_window(cal, hist)
+    assert verdict.breach
+    assert estimate_trusted(est.accuracy, verdict.to_dict()) is False  # shown as unreliable

@@ -81,6 +81,7 @@ def test_the_series_draws_each_window_against_its_thresholds(
         assert p["drift_score"] >= w["drift_ratio"]  # the stored ratio is PSI's only
         assert p["drifted"] == w["drifted"] and p["breaches"] == w["breaches"]
         assert p["estimated_accuracy"] == w["estimated_accuracy"]
+        assert p["estimate_trusted"] is w["estimate_trusted"] is (not w["drift_breach"])
         assert p["live_accuracy"] == w["live_accuracy"] and p["labelled"] == LABELLED
         assert p["accuracy_floor"] == pytest.approx(w["reference_accuracy"] - 0.05)
     for k, p in enumerate(points):

@@ -41,6 +41,7 @@ class SeriesPointPublic(BaseModel):
     estimated_accuracy: float | None
     estimated_low: float | None
     estimated_high: float | None
+    estimate_trusted: bool | None  # False: the drift verdict breaches, the estimate may be far off
     reference_accuracy: float | None
     accuracy_floor: float | None
     labelled: int
