@@ -103,7 +103,8 @@ def monitored_line(
             if line_config is None:
                 create_line(cast(Any, client))
             else:
-                create_line(cast(Any, client), config=line_config)
+                config = {"trainer": "sklearn-mlp", **line_config}
+                create_line(cast(Any, client), trainer=None, config=config)
             register_model(services, trained.onnx, version=1)
             enroll(client, "cam-1", LINE, groups=["hall-1"])
             enroll(client, "cam-2", LINE, groups=["hall-2"])
