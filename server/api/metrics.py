@@ -108,6 +108,14 @@ def _monitoring(session: Session, services: Services) -> Iterator[Metric]:
     for a in monitoring.active_alerts(session):
         active.add_metric([a.model_line, str(a.model_version), a.group_name, a.rule], 1.0)
     yield active
+    acknowledged = GaugeMetricFamily(
+        "edgeloop_alerts_acknowledged",
+        "1 for each raised alert an operator acknowledged (e.g. to inhibit re-paging)",
+        labels=[*key, "rule"],
+    )
+    for a in monitoring.acknowledged_active_alerts(session):
+        acknowledged.add_metric([a.model_line, str(a.model_version), a.group_name, a.rule], 1.0)
+    yield acknowledged
     gauges = {
         "drift_ratio": GaugeMetricFamily(
             "edgeloop_monitor_drift_ratio",

@@ -322,6 +322,16 @@ class AlertPublic(BaseModel):
     samples: int
     retrain_job_id: int | None
     retrain_note: str | None
+    # Who acknowledged it, when, and their note (None: not acknowledged).
+    acknowledged_by: str | None = None
+    acknowledged_at: datetime | None = None
+    ack_note: str | None = None
+
+
+class AlertAcknowledge(BaseModel):
+    """An operator acknowledges a raised alert (who: the bearer token's operator)."""
+
+    note: Reason | None = None  # at most 1000 characters
 
 
 class WebhookDeliveryPublic(BaseModel):

@@ -1,4 +1,4 @@
-"""``edgeloop alerts``: monitoring alerts (list, show) and the windows behind them."""
+"""``edgeloop alerts``: monitoring alerts (list, show, ack) and the windows behind them."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ ALERT_COLUMNS = [
     "last_window",
     "value",
     "retrain_job_id",
+    "acknowledged_by",
 ]
 
 
@@ -82,6 +83,12 @@ def alerts_show(alert_id: int) -> None:
         f"error rate {_num(f.get('error_rate'))}",
         highlight=False,
     )
+    if a.get("acknowledged_by"):
+        console.print(
+            f"acknowledged by {a['acknowledged_by']} at {a['acknowledged_at']}"
+            + (f": {a['ack_note']}" if a.get("ack_note") else ""),
+            highlight=False,
+        )
     if a.get("retrain_job_id") is not None:
         console.print(f"training job {a['retrain_job_id']} queued by this alert", highlight=False)
     elif a.get("retrain_note"):
@@ -92,6 +99,28 @@ def alerts_show(alert_id: int) -> None:
             a["deliveries"],
             ["id", "event", "status", "attempts", "last_status", "last_error", "delivered_at"],
         )
+
+
+@app.command("ack")
+def alerts_ack(
+    alert_id: int,
+    note: Annotated[
+        str | None, typer.Option("--note", help="What you are doing about it (audited).")
+    ] = None,
+) -> None:
+    """Acknowledge a raised alert (operator role): recorded with your name, audited, sent to
+    the webhook. The alert stays raised until clean windows clear it; its training goes on."""
+    body = {"note": note} if note is not None else {}
+    a = base.call("POST", f"/api/v1/alerts/{alert_id}/acknowledge", json=body)
+    if base.state.json:
+        print(json.dumps(a, default=str))
+        return
+    console.print(
+        f"alert {a['id']} {a['rule']} on {a['model_line']} v{a['model_version']} group "
+        f"{a['group']}: acknowledged by {a['acknowledged_by']} at {a['acknowledged_at']} "
+        f"(still {a['state']})",
+        highlight=False,
+    )
 
 
 @app.command("windows")

@@ -50,6 +50,22 @@ def labels_queue(
     )
 
 
+@app.command("summary")
+def labels_summary(line: str) -> None:
+    """Where labelling stands on LINE: waiting, labelled by source, capture policies in force."""
+    r = base.call("GET", f"/api/v1/model-lines/{line}/labelling-summary")
+    if base.state.json:
+        console.print_json(json.dumps(r, default=str))
+        return
+    by = ", ".join(f"{n} by {source}" for source, n in r["labelled"].items())
+    console.print(f"{line}: {r['queued']} sample(s) wait for a label; labelled {by}")
+    table(
+        "capture policies in force",
+        r["capture_policies"],
+        ["group", "seq", "alert_id", "uncertain_below", "sample_rate", "expires_at"],
+    )
+
+
 @app.command("export")
 def labels_export(
     line: str,

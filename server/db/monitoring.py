@@ -13,8 +13,13 @@
   open alert. One writer: the evaluator.
 - ``alerts``: one row per raised alert, updated while it stays raised and when it clears, with
   the figures of the window that raised it and the training job it queued, if any.
-- ``webhook_deliveries``: the durable outbox of webhook POSTs (one per alert transition), with
-  attempts, the next attempt's time and the last error; a restart resumes pending ones.
+- ``alert_acknowledgements``: who acknowledged a raised alert, when, and their note (at most one
+  per alert). A table of its own, not columns on ``alerts``, so each keeps one writer: the
+  evaluator writes alerts, ``server.monitoring.acknowledge`` writes acknowledgements. An alert
+  that clears and is raised again is a new alert, unacknowledged.
+- ``webhook_deliveries``: the durable outbox of webhook POSTs (one per alert transition or
+  acknowledgement), with attempts, the next attempt's time and the last error; a restart resumes
+  pending ones.
 
 Group ``*`` (:data:`ALL_DEVICES`) is every device of the model version, whatever its groups.
 """
@@ -151,13 +156,22 @@ class Alert(Base):
     retrain_note: Mapped[str | None] = mapped_column(Text)  # why it queued no training
 
 
+class AlertAcknowledgement(Base):
+    __tablename__ = "alert_acknowledgements"
+
+    alert_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    acknowledged_by: Mapped[str] = mapped_column(String(128))  # the operator's name
+    acknowledged_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    note: Mapped[str | None] = mapped_column(Text)
+
+
 class WebhookDelivery(Base):
     __tablename__ = "webhook_deliveries"
     __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     alert_id: Mapped[int] = mapped_column(BigInteger, index=True)
-    event: Mapped[str] = mapped_column(String(32))  # alert.raised / alert.cleared
+    event: Mapped[str] = mapped_column(String(32))  # alert.raised / .cleared / .acknowledged
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default=DELIVERY_PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -202,6 +216,20 @@ def get_alert(session: Session, *, alert_id: int) -> Alert:
     return alert
 
 
+def acknowledgements_of(
+    session: Session, *, alert_ids: Sequence[int]
+) -> dict[int, AlertAcknowledgement]:
+    """The acknowledgements of the alerts given, by alert id (an unacknowledged one is absent)."""
+    if not alert_ids:
+        return {}
+    return {
+        a.alert_id: a
+        for a in session.scalars(
+            select(AlertAcknowledgement).where(AlertAcknowledgement.alert_id.in_(alert_ids))
+        )
+    }
+
+
 def deliveries_of(session: Session, *, alert_id: int) -> Sequence[WebhookDelivery]:
     return session.scalars(
         select(WebhookDelivery)
@@ -234,6 +262,15 @@ def list_windows(
 
 def active_alerts(session: Session) -> Sequence[Alert]:
     return session.scalars(select(Alert).where(Alert.state == ALERT_RAISED)).all()
+
+
+def acknowledged_active_alerts(session: Session) -> Sequence[Alert]:
+    """Raised alerts an operator acknowledged."""
+    return session.scalars(
+        select(Alert)
+        .join(AlertAcknowledgement, AlertAcknowledgement.alert_id == Alert.id)
+        .where(Alert.state == ALERT_RAISED)
+    ).all()
 
 
 def latest_windows(session: Session, *, since: datetime) -> Sequence[MonitorWindow]:
@@ -278,11 +315,14 @@ __all__ = [
     "DELIVERY_FAILED",
     "DELIVERY_PENDING",
     "Alert",
+    "AlertAcknowledgement",
     "AlertStateRow",
     "MonitorCursor",
     "MonitorSummaryRow",
     "MonitorWindow",
     "WebhookDelivery",
+    "acknowledged_active_alerts",
+    "acknowledgements_of",
     "active_alerts",
     "delivery_counts",
     "deliveries_of",

@@ -184,6 +184,24 @@ def queue_size(session: Session, *, line: str) -> int:
     )
 
 
+def labelled_by_source(session: Session, *, line: str) -> dict[str, int]:
+    """The line's labelled samples by where the label came from (``device``, ``operator``);
+    quarantined ones left out, as from :func:`queue_size`. Every source appears, 0 if none."""
+    source = func.coalesce(Sample.label_source, LABEL_DEVICE)
+    counts = {LABEL_DEVICE: 0, LABEL_OPERATOR: 0}
+    for name, n in session.execute(
+        select(source, func.count())
+        .where(
+            Sample.model_line == line,
+            Sample.true_label.is_not(None),
+            Sample.sample_id.not_in(quarantined_ids(line=line)),
+        )
+        .group_by(source)
+    ):
+        counts[str(name)] = int(n)
+    return counts
+
+
 def queued(session: Session, *, line: str, limit: int, offset: int = 0) -> list[QueuedSample]:
     """The line's samples waiting for a label, oldest first (quarantined ones left out).
 

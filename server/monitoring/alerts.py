@@ -35,6 +35,7 @@ from server.db.monitoring import (
     ALERT_CLEARED,
     ALERT_RAISED,
     Alert,
+    AlertAcknowledgement,
     AlertStateRow,
     MonitorWindow,
     WebhookDelivery,
@@ -202,12 +203,27 @@ def _window_row(
     )
 
 
-def alert_payload(alert: Alert, *, event: str, public_url: str) -> dict[str, Any]:
-    """The JSON document a webhook receives for one alert transition."""
+def alert_payload(
+    alert: Alert,
+    *,
+    event: str,
+    public_url: str,
+    acknowledgement: AlertAcknowledgement | None = None,
+) -> dict[str, Any]:
+    """The JSON document a webhook receives for one alert transition (or acknowledgement:
+    ``acknowledgement`` then says who, when and their note)."""
     iso = lambda t: t.isoformat() if t is not None else None  # noqa: E731
+    extra: dict[str, Any] = {}
+    if acknowledgement is not None:
+        extra["acknowledgement"] = {
+            "by": acknowledgement.acknowledged_by,
+            "at": iso(acknowledgement.acknowledged_at),
+            "note": acknowledgement.note,
+        }
     return json_safe(
         {
             "event": event,
+            **extra,
             "alert": {
                 "id": alert.id,
                 "rule": alert.rule,

@@ -81,6 +81,34 @@ def list_policies(session: Session, *, line: str, limit: int) -> list[dict[str, 
     return out
 
 
+def raised_in_force(session: Session, *, line: str, now: datetime) -> list[dict[str, Any]]:
+    """Per device group of ``line``, the raised capture policy in force at ``now`` (the group's
+    newest policy, raised and not expired), by group name."""
+    newest: dict[str, CapturePolicyRow] = {}
+    for row in session.scalars(
+        select(CapturePolicyRow)
+        .where(CapturePolicyRow.model_line == line)
+        .order_by(CapturePolicyRow.id)
+    ):
+        newest[row.group_name] = row
+    return [
+        {
+            "group": group,
+            "seq": r.id,
+            "alert_id": r.alert_id,
+            "reason": r.reason,
+            "issued_at": r.issued_at,
+            "expires_at": r.expires_at,
+            "uncertain_below": r.policy.get("uncertain_below"),
+            "sample_rate": r.policy.get("sample_rate"),
+            "max_per_hour": r.policy.get("max_per_hour"),
+            "max_per_day": r.policy.get("max_per_day"),
+        }
+        for group, r in sorted(newest.items())
+        if r.raised and r.expires_at > now
+    ]
+
+
 def renewal_due(row: CapturePolicyRow, now: datetime) -> bool:
     """A raised policy is renewed once half its lifetime has passed."""
     return now >= row.issued_at + (row.expires_at - row.issued_at) / 2

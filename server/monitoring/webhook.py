@@ -1,7 +1,8 @@
 """Alert webhook delivery: the outbox (``webhook_deliveries``) POSTed as JSON, with backoff.
 
-The evaluator queues one delivery per alert transition in the transaction that records it; this
-sender, on a thread of its own (never a request thread), POSTs each due one to
+The evaluator queues one delivery per alert transition in the transaction that records it (and
+``server.monitoring.acknowledge`` one per acknowledgement, in its own); this sender, on a thread
+of its own (never a request thread), POSTs each due one to
 ``alert_webhook_url``. A 2xx answer delivers it. Anything else (another status, a refused
 connection, a timeout) is recorded on the row (``attempts``, ``last_status``, ``last_error``) and
 the next attempt is put ``webhook_backoff_s * 2 ** (attempts - 1)`` seconds later, capped at

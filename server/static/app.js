@@ -9,7 +9,8 @@ const COLORS = ["#58a6ff", "#3fb950", "#d29922", "#f85149", "#bc8cff", "#39c5cf"
 const $ = (sel) => document.querySelector(sel);
 const ROLES = ["viewer", "operator", "approver", "admin"];
 // The least role each action needs (the server's rule; see server/api/routes/rollouts.py).
-const NEEDS = { approve: "approver", pause: "operator", resume: "operator", abort: "operator", rollback: "operator" };
+const NEEDS = { approve: "approver", pause: "operator", resume: "operator", abort: "operator", rollback: "operator",
+  ack: "operator" }; // ack: server/api/routes/alerts.py
 let me = null; // {name, role} of the token's operator, or null
 function token() { return $("#token").value.trim(); }
 function authHeaders() { return token() ? { Authorization: `Bearer ${token()}` } : {}; }
@@ -257,13 +258,56 @@ function renderMonitoring(ser) {
   ].join("");
 }
 
+// The acknowledged column: who and when (the note as a tooltip), an Ack button on a raised alert
+// nobody acknowledged yet (disabled below the operator role), or a dash.
+function ackCell(a) {
+  if (a.acknowledged_by) {
+    return `<span class="acked" title="${esc(a.ack_note ?? "")}">${esc(a.acknowledged_by)}</span> ` +
+      `<span class="muted">${esc(utc(a.acknowledged_at))}</span>`;
+  }
+  if (a.state !== "raised") return "–";
+  const why = allowed("ack") ? "" : ` disabled title="needs the ${NEEDS.ack} role"`;
+  return `<button class="secondary" data-ack="${a.id}"${why}>Ack</button>`;
+}
+
 function renderAlerts(alerts) {
-  $("#alerts tbody").innerHTML = alerts.length ? alerts.map((a) => `<tr data-alert-id="${a.id}" data-state="${esc(a.state)}">
+  $("#alerts tbody").innerHTML = alerts.length ? alerts.map((a) => `<tr data-alert-id="${a.id}" data-state="${esc(a.state)}"
+      data-acked="${!!a.acknowledged_by}">
     <td>#${a.id}</td><td><span class="state ${esc(a.state)}">${esc(a.state)}</span></td><td>${esc(a.rule)}</td>
     <td>v${a.model_version}</td><td>${esc(groupName(a.group))}</td><td>${fmt(a.value)}</td>
     <td>${esc(utc(a.raised_at))}</td><td>${esc(utc(a.cleared_at))}</td>
-    <td class="reason">${a.retrain_job_id !== null ? "job #" + a.retrain_job_id : esc(a.retrain_note ?? "–")}</td></tr>`).join("")
-    : `<tr><td colspan="9" class="muted">No alerts.</td></tr>`;
+    <td class="reason">${a.retrain_job_id !== null ? "job #" + a.retrain_job_id : esc(a.retrain_note ?? "–")}</td>
+    <td class="ack">${ackCell(a)}</td></tr>`).join("")
+    : `<tr><td colspan="10" class="muted">No alerts.</td></tr>`;
+  document.querySelectorAll("#alerts button[data-ack]").forEach((b) =>
+    b.addEventListener("click", () => acknowledge(b.dataset.ack)));
+}
+
+async function acknowledge(alertId) {
+  if (!me) { toast("Paste your operator token first"); $("#token").focus(); return; }
+  const note = prompt(`Acknowledge alert #${alertId}: a note (optional)`, "");
+  if (note === null) return; // cancelled
+  // The server records the token's operator; the alert stays raised until it clears.
+  const r = await fetch(`${API}/alerts/${alertId}/acknowledge`, {
+    method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() },
+    body: JSON.stringify(note.trim() ? { note: note.trim() } : {}),
+  });
+  const data = await r.json().catch(() => ({}));
+  toast(r.ok ? `alert #${alertId} acknowledged by ${data.acknowledged_by}` : `refused: ${JSON.stringify(data.detail ?? r.status)}`);
+  refresh();
+}
+
+// ---------------------------------------------------------------- labelling
+// One row per line from GET /model-lines/{line}/labelling-summary.
+function renderLabelling(summaries) {
+  $("#labelling tbody").innerHTML = summaries.length ? summaries.map((s) => {
+    const policies = s.capture_policies.map((p) => `<span data-group="${esc(p.group)}">${esc(groupName(p.group))}: ` +
+      `rate ${fmt(p.sample_rate, 2)} below ${fmt(p.uncertain_below, 2)} until ${esc(utc(p.expires_at))}</span>`).join("");
+    return `<tr data-line="${esc(s.model_line)}">
+      <td>${esc(s.model_line)}</td><td data-k="queued">${s.queued}</td>
+      <td data-k="device">${s.labelled.device ?? 0}</td><td data-k="operator">${s.labelled.operator ?? 0}</td>
+      <td class="policies" data-k="policies" data-count="${s.capture_policies.length}">${policies || "none (devices on their default)"}</td></tr>`;
+  }).join("") : `<tr><td colspan="5" class="muted">No model lines.</td></tr>`;
 }
 
 async function refreshMonitoring(line) {
@@ -319,6 +363,8 @@ async function refresh() {
     const details = await Promise.all(rollouts.slice(-10).reverse().map((r) => getJSON(`${API}/rollouts/${r.id}`)));
     renderRollouts(details);
     renderDevices(devices);
+    renderLabelling(await Promise.all(lines.map((l) =>
+      getJSON(`${API}/model-lines/${encodeURIComponent(l.name)}/labelling-summary`))));
     if (lines.length) {
       const line = lines[0].name;
       const [versions, series] = await Promise.all([

@@ -4,7 +4,9 @@ stays clean).
 
 Signed in as a viewer, the page shows each (version, group)'s drift score against its threshold
 line and estimated and live accuracy against the alert floor, with the same values as the API,
-and lists every alert with its state. A screenshot is saved to the test's tmp dir and to
+and lists every alert with its state. An operator acknowledges a raised alert with a click (a
+viewer's button is disabled), and the labelling panel shows the queue, the labels by source and
+the capture policies in force as the API does. Screenshots are saved to the test's tmp dir and to
 ``$EDGELOOP_TEST_ARTIFACTS`` (default ``var/test-artifacts``).
 """
 
@@ -23,6 +25,7 @@ import pytest
 from tests.monitoring.conftest import Trained, View
 from tests.monitoring.dashboard_kit import DRIFTED, LABELLED, WINDOWS, monitored_line
 from tests.monitoring.monitoring_kit import LINE
+from tests.server.conftest import sample
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -210,3 +213,144 @@ def test_the_dashboard_draws_drift_and_accuracy_against_thresholds_and_lists_ale
             assert png.stat().st_size > 10_000
             shutil.copy(png, ARTIFACTS / png.name)
         assert httpx.get(f"{url}/ui/").status_code == 200
+
+
+CAPTURE = {
+    "on_alerts": ["drift"],
+    "uncertain_below": 0.9,
+    "sample_rate": 0.5,
+    "max_per_hour": 500,
+    "max_per_day": 2000,
+    "ttl_s": 3600,
+}
+
+
+def sign_in(page: Any, token: str, who: str) -> None:
+    page.fill("#token", token)
+    page.dispatch_event("#token", "change")
+    page.wait_for_function(
+        f"document.querySelector('#whoami').textContent === {who!r}", timeout=30_000
+    )
+
+
+def test_an_operator_acknowledges_an_alert_and_the_labelling_panel_matches_the_api(
+    tmp_path: Path,
+    signing_key: Any,
+    trained: Trained,
+    views: dict[float, View],
+    browser_page: Any,
+) -> None:
+    """A viewer sees the Ack button disabled; an operator clicks it, types a note, and the row
+    shows who acknowledged it while the alert stays raised. The labelling panel shows the
+    line's queue, its labels by source and the capture policies in force as the API does."""
+    db = f"sqlite:///{tmp_path}/edgeloop.db"
+    with monitored_line(
+        tmp_path, db, signing_key, trained, views, line_config={"capture": CAPTURE}
+    ) as (client, services, url):
+        # Labelling: the drifting groups get raised capture policies; cam-1 sends six samples
+        # without a label and two with one; an operator labels two of the six.
+        assert services.capture is not None
+        issued = services.capture.run_once()
+        assert issued and all(p.raised for p in issued)
+        samples = [
+            {**sample("cam-1", sample_id=f"u-{i}", true_label=i), "true_label": None}
+            for i in range(6)
+        ] + [sample("cam-1", sample_id=f"d-{i}", true_label=i) for i in range(2)]
+        r = client.post("/api/v1/samples", json={"samples": samples})
+        assert r.status_code == 200 and r.json()["accepted"] == 8, r.text
+        export = [
+            {
+                "id": i,
+                "data": {"sample_id": f"u-{i}"},
+                "annotations": [{"result": [{"value": {"choices": [str(i)]}}]}],
+            }
+            for i in range(2)
+        ]
+        assert client.post("/api/v1/labels/import", json=export).json()["labelled"] == 2
+        summary = client.get(f"/api/v1/model-lines/{LINE}/labelling-summary").json()
+        assert summary["queued"] == 4 and summary["labelled"]["operator"] == 2
+        assert {p["group"] for p in summary["capture_policies"]} == {p.group for p in issued}
+
+        viewer = client.post(
+            "/api/v1/operators/tokens", json={"name": "vic", "role": "viewer"}
+        ).json()["token"]
+        operator = client.post(
+            "/api/v1/operators/tokens", json={"name": "olga", "role": "operator"}
+        ).json()["token"]
+        page = browser_page
+        page.goto(f"{url}/")
+        sign_in(page, viewer, "vic (viewer)")
+
+        # The labelling panel: the API's numbers, one row for the line.
+        row = page.locator(f"#labelling tbody tr[data-line='{LINE}']")
+        row.wait_for(timeout=30_000)
+        cell = lambda k: row.locator(f"td[data-k='{k}']").inner_text()  # noqa: E731
+        assert int(cell("queued")) == summary["queued"]
+        assert int(cell("device")) == summary["labelled"]["device"]
+        assert int(cell("operator")) == summary["labelled"]["operator"]
+        policies = row.locator("td[data-k='policies'] span[data-group]")
+        assert policies.count() == len(summary["capture_policies"])
+        for i, p in enumerate(summary["capture_policies"]):
+            shown = policies.nth(i)
+            assert shown.get_attribute("data-group") == p["group"]
+            group = "all devices" if p["group"] == "*" else p["group"]
+            assert shown.inner_text() == (
+                f"{group}: rate {p['sample_rate']:.2f} below {p['uncertain_below']:.2f} "
+                f"until {utc(p['expires_at'])}"
+            )
+
+        # The raised hall-1 drift alert: a viewer's Ack button is disabled.
+        raised = client.get(
+            "/api/v1/alerts",
+            params={"model_line": LINE, "group": "hall-1", "rule": "drift", "state": "raised"},
+        ).json()[0]
+        alert_row = page.locator(f"#alerts tbody tr[data-alert-id='{raised['id']}']")
+        alert_row.wait_for(timeout=30_000)
+        button = alert_row.locator("button[data-ack]")
+        assert button.is_disabled() and button.get_attribute("title") == "needs the operator role"
+        assert alert_row.get_attribute("data-acked") == "false"
+        # Cleared alerts offer no button.
+        assert page.locator("#alerts tr[data-state='cleared'] button[data-ack]").count() == 0
+
+        # Signed in as an operator: click Ack, type a note, the row shows who.
+        sign_in(page, operator, "olga (operator)")
+        page.wait_for_function(
+            f"!document.querySelector(\"#alerts tr[data-alert-id='{raised['id']}'] "
+            'button[data-ack]").disabled',
+            timeout=30_000,
+        )
+        page.once("dialog", lambda d: d.accept("lens fogged, cleaning it"))
+        alert_row.locator("button[data-ack]").click()
+        page.wait_for_function(
+            f"document.querySelector(\"#alerts tr[data-alert-id='{raised['id']}']\")"
+            ".dataset.acked === 'true'",
+            timeout=30_000,
+        )
+        acked = client.get(f"/api/v1/alerts/{raised['id']}").json()
+        assert (acked["state"], acked["acknowledged_by"]) == ("raised", "olga")
+        assert acked["ack_note"] == "lens fogged, cleaning it"
+        cells = alert_row.locator("td").evaluate_all("tds => tds.map(t => t.textContent.trim())")
+        assert cells[1] == "raised"
+        assert cells[9] == f"olga {utc(acked['acknowledged_at'])}"
+        assert alert_row.locator(".acked").get_attribute("title") == "lens fogged, cleaning it"
+        assert alert_row.locator("button[data-ack]").count() == 0
+
+        shot = tmp_path / "dashboard-alert-ack.png"
+        page.screenshot(path=str(shot), full_page=True)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, ARTIFACTS / shot.name)
+
+        # The policies expire: the panel says so.
+        services.clock.set(  # type: ignore[attr-defined]
+            max(datetime.fromisoformat(p["expires_at"]) for p in summary["capture_policies"])
+        )
+        assert (
+            client.get(f"/api/v1/model-lines/{LINE}/labelling-summary").json()["capture_policies"]
+            == []
+        )
+        page.wait_for_function(
+            f"document.querySelector(\"#labelling tr[data-line='{LINE}'] td[data-k='policies']\")"
+            ".dataset.count === '0'",
+            timeout=30_000,
+        )
+        assert cell("policies") == "none (devices on their default)"

@@ -323,6 +323,33 @@ def test_parse_label_studio_takes_the_newest_annotation() -> None:
         )
 
 
+def test_the_labelling_summary_counts_the_queue_and_the_labels_by_source(
+    line: TestClient,
+) -> None:
+    """What the dashboard's labelling panel reads (capture policies: the dashboard test)."""
+    summary = "/api/v1/model-lines/digits/labelling-summary"
+    assert line.get(summary).json() == {
+        "model_line": "digits",
+        "queued": 0,
+        "labelled": {"device": 0, "operator": 0},
+        "capture_policies": [],
+    }
+    upload(line, [sample("cam-1", sample_id=f"d-{i}", true_label=i) for i in range(2)])
+    upload(line, [unlabelled("cam-2", f"u-{i}", true_label=i) for i in range(5)])
+    upload(line, [sample("cam-2", sample_id="u-4", true_label=4)])  # the device fills one
+    tasks = line.get("/api/v1/model-lines/digits/labelling-queue/export").json()
+    imported = line.post("/api/v1/labels/import", json=annotated(tasks, {"u-0": "0", "u-1": "1"}))
+    assert imported.json()["labelled"] == 2
+    got = line.get(summary).json()
+    assert (
+        got["queued"]
+        == 2
+        == line.get("/api/v1/model-lines/digits/labelling-queue").json()["queued"]
+    )
+    assert got["labelled"] == {"device": 3, "operator": 2}
+    assert line.get("/api/v1/model-lines/nope/labelling-summary").status_code == 404
+
+
 def test_the_cli_exports_and_imports_label_studio_files(tmp_path: Path, signing_key: Any) -> None:
     """``edgeloop labels export LINE --format label-studio > tasks.json`` and ``edgeloop labels
     import FILE`` against a real server (uvicorn on a socket)."""
@@ -359,6 +386,11 @@ def test_the_cli_exports_and_imports_label_studio_files(tmp_path: Path, signing_
         assert cli("labels", "export", "digits", "--format", "csv").exit_code == 2
         queue = cli("labels", "queue", "digits")
         assert queue.exit_code == 0 and "0 sample(s) of digits wait for a label" in queue.stdout
+        summary = cli("labels", "summary", "digits")
+        assert summary.exit_code == 0, summary.output
+        assert "digits: 0 sample(s) wait for a label; labelled 0 by device, 1 by operator" in (
+            summary.stdout
+        )
 
 
 def test_screening_with_a_champion_takes_no_reference_from_the_queue(client: TestClient) -> None:

@@ -1,5 +1,6 @@
-"""The labelling queue (unlabelled samples; Label Studio export and import), the capture
-policies issued to drifting device groups, and a device's report of a policy it refused."""
+"""The labelling queue (unlabelled samples; Label Studio export and import, a summary for the
+dashboard), the capture policies issued to drifting device groups, and a device's report of a
+policy it refused."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from server.db import fleet, reports
 from server.identity.auth import require_same_device
 from server.intake import label_studio, labelling
 from server.intake.samples import count_labelled
-from server.monitoring.capture import list_policies
+from server.monitoring.capture import list_policies, raised_in_force
 
 router = APIRouter(prefix="/api/v1", tags=["labels"])
 
@@ -49,6 +50,22 @@ def get_queue(
             }
             for r in rows
         ],
+    }
+
+
+@router.get("/model-lines/{line}/labelling-summary")
+def get_labelling_summary(
+    line: str, _op: ViewerDep, session: SessionDep, services: ServicesDep
+) -> dict[str, Any]:
+    """What labelling stands at on the line: samples waiting for a label, labelled samples by
+    the label's source (quarantined ones left out of both), and the raised capture policy in
+    force per device group, with its expiry."""
+    labelling.line_labels(session, line=line)  # 404 for an unknown line
+    return {
+        "model_line": line,
+        "queued": labelling.queue_size(session, line=line),
+        "labelled": labelling.labelled_by_source(session, line=line),
+        "capture_policies": raised_in_force(session, line=line, now=services.clock()),
     }
 
 
