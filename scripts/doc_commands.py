@@ -56,6 +56,7 @@ PROGRAMS = (
     "mkdir",
     "cp",
     "kill",
+    "sqlite3",
     "pg_dump",
     "py-spy",
 )
