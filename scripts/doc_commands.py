@@ -7,7 +7,8 @@ A command is either a line of a fenced ``bash``/``sh``/``shell``/``console`` blo
 skipped, ``\\`` continuations and ``for``/``while``/``if`` bodies joined, a ``$ `` prompt
 stripped), a line of an untagged block that starts with a known program (or ``$ ``), or an
 inline code span that starts with one (``.venv/bin/python -m ...``, ``edgeloop ...``,
-``curl ...``), program and at least one argument. It is the list that issue 13's "every command
+``curl ...``), program and at least one argument. The section of docs/development.md that
+records the run quotes commands and is skipped. It is the list that issue 13's "every command
 in the README and docs/ was run as written" is checked against (docs/development.md).
 """
 
@@ -60,6 +61,9 @@ PROGRAMS = (
     "pg_dump",
     "py-spy",
 )
+# Sections that quote commands to report on them (development.md's record of this check).
+SKIPPED_SECTIONS = {"Commands in the docs, run as written"}
+_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*$")
 # Inline spans that quote a program's output rather than invoke it.
 OUTPUT_SPANS = re.compile(r"^edgeloop-agent listening on ")
 SHELL_LANGS = {"bash", "sh", "shell", "console", "shell-session"}
@@ -141,7 +145,17 @@ def commands_in(path: Path, root: Path = ROOT) -> list[Command]:
     lang = ""
     block: list[tuple[int, str]] = []
     prose: list[tuple[int, str]] = []  # the paragraph being read: a span may cross its lines
+    skipping = 0  # the level of the skipped section's heading, 0: none
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        heading = _HEADING.match(line) if fence is None else None
+        if heading:
+            level = len(heading.group(1))
+            if skipping and level <= skipping:
+                skipping = 0
+            if heading.group(2) in SKIPPED_SECTIONS:
+                skipping = level
+        if skipping:
+            continue
         match = _FENCE.match(line)
         if fence is None and match:
             found += _inline_commands(name, prose)

@@ -1,4 +1,5 @@
-"""scripts/doc_commands.py: the commands it finds in a page, and the ones it must not take."""
+"""scripts/doc_commands.py: the commands it finds in a page, and the ones it must not take
+(quoted output, non-shell blocks, the section that records the run)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,18 @@ backend  batched/s
 ```toml
 trainer = "sklearn-mlp"
 ```
+
+## Commands in the docs, run as written
+
+`pip install 'edgeloop[server,s3]'` failed: quoted in the record, not a command to run.
+
+### Its subsection
+
+`edgeloop jobs trigger digits`
+
+## Next
+
+`edgeloop whoami --help`
 """
 
 
@@ -72,6 +85,7 @@ def test_blocks_and_inline_spans_in_page_order(tmp_path: Path) -> None:
         ("README.md", 13, "block", "for i in $(seq 3); do echo $i; done"),
         ("README.md", 21, "block", "edgeloop-agent install --config agent.json ./digits-2"),
         ("README.md", 25, "block", ".venv/bin/python -m benchmarks.ingest_bench"),
+        ("README.md", 43, "inline", "edgeloop whoami --help"),
     ]
 
 
