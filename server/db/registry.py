@@ -132,7 +132,9 @@ class TrainingJob(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     claimed_by: Mapped[str | None] = mapped_column(String(128))  # host:pid:nonce of the runner
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)  # retry backoff
+    # Retry backoff: no worker claims a queued job, and no registrar registers a trained one,
+    # before this time.
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
     dataset_version: Mapped[str | None] = mapped_column(String(64))
     alert_id: Mapped[int | None] = mapped_column(BigInteger)  # trigger "alert": which alert
     # What the worker handed back (written with status trained, read by the registrar): the
@@ -146,6 +148,9 @@ class TrainingJob(Base):
     # The line's base training pool (npz of X, y) for label screening on servers without the
     # training libraries; None when the base is not one the worker can export.
     result_base_sha256: Mapped[str | None] = mapped_column(String(64))
+    # Registrations of this job that failed for a reason of the server's (signing, database);
+    # at Settings.register_attempts the registrar fails the job (server.retrain.registrar).
+    register_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 # ---------------------------------------------------------------- model lines
