@@ -21,6 +21,13 @@ store down) is counted on the job (``register_attempts``) and tried again after 
 (``training.registration_failed``), so the line, which holds one active job at a time, can train
 again.
 
+Each server's registrar polls for trained jobs (``registrar_poll_s``). On PostgreSQL it is also
+woken at once: a worker's hand-back sends ``NOTIFY`` on ``job_queue.TRAINED_CHANNEL`` in the
+transaction that sets the job trained, and the registrar LISTENs on a connection of its own
+(``server.db.notify.Listener``, which reconnects when that connection drops and wakes the
+registrar after each reconnection, in case it missed one). The poll stays as the fallback, and is
+all there is on SQLite.
+
 The loop also runs the queue's server-side chores: it queues scheduled trainings
 (``enqueue_due``) and re-queues the jobs of dead workers.
 """
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -46,6 +54,8 @@ from server.core.errors import (
 )
 from server.db import audit, registry
 from server.db.base import utcnow
+from server.db.job_queue import TRAINED_CHANNEL
+from server.db.notify import Listener, listens
 from server.db.registry import TrainingJob
 from server.release.artifacts import ArtifactStore
 from server.retrain import handback
@@ -61,6 +71,7 @@ from server.retrain.worker import recover
 log = logging.getLogger(__name__)
 
 MAX_REGISTER_BACKOFF_S = 3600.0  # seconds: the longest wait before a registration is tried again
+NOTIFIED_KEPT = 100  # job ids of recent hand-back notifications kept (Registrar.notified)
 
 
 def read_outputs(store: ArtifactStore, job: TrainingJob) -> tuple[dict[str, Any], TrainerOutputs]:
@@ -139,9 +150,27 @@ class Registrar:
         self.on_registered = on_registered
         self.clock = clock
         self._worker = Worker("registrar", self._step, error_wait_s=settings.registrar_poll_s)
+        # Ids of the jobs whose hand-back notification woke this registrar, the latest last.
+        self.notified: deque[int] = deque(maxlen=NOTIFIED_KEPT)
+        engine = sessions.kw.get("bind")  # the engine the sessions are bound to
+        self.listener: Listener | None = None
+        if listens(engine):
+            self.listener = Listener(
+                engine,
+                TRAINED_CHANNEL,
+                on_notify=self._on_trained,
+                on_connect=self.wake,
+                name="registrar-listener",
+            )
 
     def wake(self) -> None:
         self._worker.wake()
+
+    def _on_trained(self, payload: str) -> None:
+        """A worker's hand-back notification (on the listener's thread): register it now."""
+        if payload.isdigit():
+            self.notified.append(int(payload))
+        self.wake()
 
     def chores(self) -> None:
         """Re-queue dead workers' jobs and queue the scheduled trainings that are due."""
@@ -276,8 +305,12 @@ class Registrar:
 
     def start(self) -> None:
         self._worker.start()
+        if self.listener is not None:
+            self.listener.start()
 
     def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.stop()
         self._worker.stop(timeout=30)
 
     def _step(self) -> float:
