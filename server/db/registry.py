@@ -273,6 +273,34 @@ def artifact_known(session: Session, *, sha256: str) -> bool:
     )
 
 
+def artifact_references(session: Session) -> set[str]:
+    """Every artifact sha256 the database refers to: each model version's model and weights,
+    each release's model, each line's base pool, and every result of a job not finished yet
+    (queued, running or trained: ``_ACTIVE_JOB``). What else is in the store is garbage."""
+    job = TrainingJob
+    columns = (
+        (ModelVersion.sha256, None),
+        (ModelVersion.weights_sha256, None),
+        (Release.sha256, None),
+        (ModelLine.base_pool_sha256, None),
+        *(
+            (column, _ACTIVE_JOB)
+            for column in (
+                job.result_sha256,
+                job.result_weights_sha256,
+                job.result_report_sha256,
+                job.result_dataset_sha256,
+                job.result_base_sha256,
+            )
+        ),
+    )
+    refs: set[str] = set()
+    for column, where in columns:
+        stmt = select(column).where(column.is_not(None)).distinct()
+        refs.update(session.scalars(stmt if where is None else stmt.where(where)))
+    return refs
+
+
 # ---------------------------------------------------------------- aliases and config
 
 ALIASES = ("champion", "candidate", "latest")
