@@ -294,6 +294,7 @@ class TrainingJobPublic(BaseModel):
     alert_id: int | None  # trigger "alert": the alert that queued it
     trained_at: datetime | None = None  # when a worker handed the result back
     result_sha256: str | None = None  # the handed-back model.onnx (artifact store)
+    register_attempts: int = 0  # registrations that failed for a reason of the server's
 
 
 # ---------------------------------------------------------------- monitoring

@@ -16,6 +16,7 @@ edgeloop db upgrade                      # the database to this edgeloop's schem
 edgeloop alerts list --line digits --state raised
 edgeloop alerts show 4                   # the figures that raised it, its training, webhook
 edgeloop worker                          # train queued jobs here (reads EDGELOOP_* like the server)
+edgeloop artifacts gc --older-than 7     # unreferenced store objects (dry run; --apply deletes)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import typer
 
 from server.cli import (
     alerts,
+    artifacts,
     audit,
     auth,
     base,
@@ -84,6 +86,7 @@ app.command("worker")(worker.worker)
 app.add_typer(audit.audit_app, name="audit")
 app.add_typer(audit.samples_app, name="samples")
 app.add_typer(db.db_app, name="db")
+app.add_typer(artifacts.artifacts_app, name="artifacts")
 
 
 def main() -> None:

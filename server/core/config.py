@@ -131,6 +131,11 @@ class Settings(BaseSettings):
     # development (one machine, the demo), off in production (run `edgeloop worker` instead).
     embedded_worker: bool | None = None
     registrar_poll_s: float = Field(default=1.0, gt=0)  # seconds between looks for trained jobs
+    # A registration that fails for a reason of the server's (signing, the database, the artifact
+    # store) is tried again after register_retry_backoff_s (seconds, doubled per failure); the
+    # register_attempts-th failure fails the job, so the line can train again.
+    register_attempts: int = Field(default=5, ge=1, le=100)
+    register_retry_backoff_s: float = Field(default=30.0, ge=0)
 
     # Rollouts.
     auto_rollout: bool = True  # a gated new version gets a rollout in pending_approval

@@ -14,9 +14,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from server.core.errors import ConflictError, NotFoundError
+from server.db.notify import notify
 from server.db.registry import ModelLine, TrainingJob, lock_model_line
 
 ACTIVE_JOB_STATES = ("queued", "running", "trained")  # see registry._ACTIVE_JOB
+# PostgreSQL channel on which a worker's hand-back announces a trained job (payload: its id) to
+# every server's registrar (server.db.notify); the registrar's poll stays the fallback.
+TRAINED_CHANNEL = "edgeloop_job_trained"
+
+
+def announce_trained(session: Session, *, job_id: int) -> None:
+    """Tell the registrars, when the caller's transaction commits, that ``job_id`` is trained."""
+    notify(session, TRAINED_CHANNEL, str(job_id))
 
 
 def active_job(session: Session, *, line: str) -> TrainingJob | None:

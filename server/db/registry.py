@@ -132,7 +132,9 @@ class TrainingJob(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     claimed_by: Mapped[str | None] = mapped_column(String(128))  # host:pid:nonce of the runner
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)  # retry backoff
+    # Retry backoff: no worker claims a queued job, and no registrar registers a trained one,
+    # before this time.
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
     dataset_version: Mapped[str | None] = mapped_column(String(64))
     alert_id: Mapped[int | None] = mapped_column(BigInteger)  # trigger "alert": which alert
     # What the worker handed back (written with status trained, read by the registrar): the
@@ -146,6 +148,9 @@ class TrainingJob(Base):
     # The line's base training pool (npz of X, y) for label screening on servers without the
     # training libraries; None when the base is not one the worker can export.
     result_base_sha256: Mapped[str | None] = mapped_column(String(64))
+    # Registrations of this job that failed for a reason of the server's (signing, database);
+    # at Settings.register_attempts the registrar fails the job (server.retrain.registrar).
+    register_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 # ---------------------------------------------------------------- model lines
@@ -266,6 +271,34 @@ def artifact_known(session: Session, *, sha256: str) -> bool:
         session.scalar(select(ModelVersion.id).where(ModelVersion.sha256 == sha256).limit(1))
         is not None
     )
+
+
+def artifact_references(session: Session) -> set[str]:
+    """Every artifact sha256 the database refers to: each model version's model and weights,
+    each release's model, each line's base pool, and every result of a job not finished yet
+    (queued, running or trained: ``_ACTIVE_JOB``). What else is in the store is garbage."""
+    job = TrainingJob
+    columns = (
+        (ModelVersion.sha256, None),
+        (ModelVersion.weights_sha256, None),
+        (Release.sha256, None),
+        (ModelLine.base_pool_sha256, None),
+        *(
+            (column, _ACTIVE_JOB)
+            for column in (
+                job.result_sha256,
+                job.result_weights_sha256,
+                job.result_report_sha256,
+                job.result_dataset_sha256,
+                job.result_base_sha256,
+            )
+        ),
+    )
+    refs: set[str] = set()
+    for column, where in columns:
+        stmt = select(column).where(column.is_not(None)).distinct()
+        refs.update(session.scalars(stmt if where is None else stmt.where(where)))
+    return refs
 
 
 # ---------------------------------------------------------------- aliases and config

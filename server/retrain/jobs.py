@@ -6,8 +6,17 @@ A job lives ``queued -> running -> trained -> succeeded | rejected`` (or ``faile
 - running: a worker's claim and lease (``server.retrain.worker``), on any machine; a dead
   worker's job is queued again by whoever notices first (guarded by the lease);
 - trained: the worker's hand-back (its results' shas on the row, the files in the store);
-- succeeded / rejected: a server's registration (``server.retrain.registrar``): version,
-  lineage, signature, rollout, in one transaction.
+- succeeded / rejected: a server's registration (``server.retrain.registration``, called by
+  the registrar): version, lineage, signature, rollout, in one transaction;
+- out of trained otherwise: the registrar alone (``registrar._leave_trained``): a result it
+  refuses goes back to queued (or failed, out of training attempts); a registration that fails
+  for a reason of the server's is counted and retried after a backoff, and fails the job at
+  ``register_attempts``.
+
+Each transition has one writer, every write guarded by the state it leaves (and, while running,
+by the lease). The one move with two callers is running -> queued/failed: the worker gives up
+its own attempt, or, once its lease has expired, whoever notices re-queues it
+(``server.db.job_queue.recover_stale_jobs``); the guard on ``claimed_by`` lets only one win.
 
 :class:`JobRunner` is what a server runs: its registrar loop always, and a worker thread of its
 own when ``Settings.runs_embedded_worker`` (development, the demo); in production workers are

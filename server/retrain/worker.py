@@ -16,8 +16,9 @@ per job is left in the store.
 
 The result leaves the worker as files in the artifact store (:mod:`server.retrain.handback`): the
 worker stores them, then records their shas on the job and sets it ``trained``, in one guarded
-update. It never registers, signs or rolls out: a server does (:mod:`server.retrain.registrar`),
-since the signing key lives with the servers.
+update whose transaction also wakes the servers' registrars (PostgreSQL ``NOTIFY``). It never
+registers, signs or rolls out: a server does (:mod:`server.retrain.registrar`), since the signing
+key lives with the servers.
 
 Failure handling:
 
@@ -456,6 +457,8 @@ class TrainingWorker:
                 )
                 .execution_options(synchronize_session=False)
             )
+            if res.rowcount:  # type: ignore[attr-defined]
+                job_queue.announce_trained(session, job_id=job.id)  # delivered on commit
             session.commit()
         if not res.rowcount:  # type: ignore[attr-defined]
             raise JobLostError(

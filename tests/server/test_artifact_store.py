@@ -207,6 +207,19 @@ def test_delete(store: ArtifactStore) -> None:
         store.local_path(name)
 
 
+def test_list_objects_names_every_object_and_nothing_else(
+    store: ArtifactStore, backend: Any
+) -> None:
+    a, b = blob(100, seed=7), blob(CHUNK_BYTES + 5, seed=8)
+    names = {store.put_bytes(a)[0]: len(a), store.put_bytes(b)[0]: len(b)}
+    overwrite_behind_back(backend, "not-an-artifact.tmp", b"a stray file")
+    listed = list(store.list_objects())
+    assert {o.sha256: o.size for o in listed} == names
+    assert all(o.stored_at.utcoffset() is not None for o in listed)  # aware: compared in UTC
+    store.delete(sha(a))
+    assert [o.sha256 for o in store.list_objects()] == [sha(b)]
+
+
 def test_unreachable_object_store_is_a_transient_error(tmp_path: Path) -> None:
     from firmware_sim.services import free_port
 

@@ -556,7 +556,7 @@ def fill(url: str, *, skip_tables: tuple[str, ...] = (), skip_columns: tuple = (
 
 
 # Columns added after the baseline with a server default: (table, column) -> value.
-SERVER_DEFAULTS = {("samples", "origin"): "device"}
+SERVER_DEFAULTS = {("samples", "origin"): "device", ("training_jobs", "register_attempts"): 0}
 # Columns a migration after the baseline fills in the rows it finds.
 # 0003: every sample stored before it was captured with the device's ground truth.
 FILLED_BY_MIGRATIONS = {**SERVER_DEFAULTS, ("samples", "label_source"): "device"}

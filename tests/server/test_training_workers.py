@@ -8,11 +8,12 @@ version (two servers, worker processes, a fleet) is ``tests/rollouts/test_traini
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import text, update
 from typer.testing import CliRunner
 
 from server.cli.main import app as cli_app
@@ -149,6 +150,87 @@ def test_a_worker_that_lost_its_job_records_nothing_on_it(
             refused = audit.list_entries(s, action="training.result_refused", subject="job:1")
         assert len(refused) == 1 and "lease lost" in refused[0].details["reason"]
         assert refused[0].actor == f"worker:{worker.identity}"
+
+
+REFUSE_VERSIONS = {  # a database that refuses the registration's insert (a server-side failure)
+    "sqlite": [
+        "CREATE TRIGGER refuse_versions BEFORE INSERT ON model_versions "
+        "BEGIN SELECT RAISE(ABORT, 'model_versions refused (test)'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse_versions() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'model_versions refused (test)'; END $$",
+        "CREATE TRIGGER refuse_versions BEFORE INSERT ON model_versions "
+        "FOR EACH ROW EXECUTE FUNCTION refuse_versions()",
+    ],
+}
+ACCEPT_VERSIONS = {
+    "sqlite": ["DROP TRIGGER refuse_versions"],
+    "postgresql": ["DROP TRIGGER refuse_versions ON model_versions"],
+}
+
+
+def _execute(services: Services, statements: dict[str, list[str]]) -> None:
+    with services.sessions() as s:
+        for sql in statements[s.get_bind().dialect.name]:
+            s.execute(text(sql))
+        s.commit()
+
+
+def test_a_registration_that_keeps_failing_fails_the_job_and_frees_the_line(
+    tmp_path: Path, db_url: str, signing_key
+) -> None:
+    settings = {"register_attempts": 3, "register_retry_backoff_s": 60}
+    with _app(tmp_path, db_url, signing_key, **settings) as client:
+        create_line(client, initial_training=True)
+        services = services_of(client)
+        registrar = services.jobs.registrar
+        now = [datetime.now(UTC)]
+        registrar.clock = lambda: now[0]
+        worker = _worker(services)
+        job_id = worker.run_once()
+        assert job_id is not None and _job(services, job_id).status == "trained"
+        _execute(services, REFUSE_VERSIONS)
+
+        # Each failure is counted and backs off (60 s, doubled); the job stays trained meanwhile.
+        for tried, wait_s in ((1, 60), (2, 120)):
+            assert registrar.run_once() == job_id
+            job = _job(services, job_id)
+            assert (job.status, job.register_attempts) == ("trained", tried)
+            assert job.not_before == now[0] + timedelta(seconds=wait_s)
+            assert job.error is not None
+            assert job.error.startswith(f"registration failed ({tried} of 3), will retry in")
+            assert "model_versions refused (test)" in job.error
+            assert registrar.run_once() is None  # backing off
+            assert _job(services, job_id).register_attempts == tried
+            now[0] += timedelta(seconds=wait_s)
+
+        # The third failure fails the job, audited; the line is free to train again.
+        assert registrar.run_once() == job_id
+        got = client.get(f"/api/v1/training-jobs/{job_id}").json()
+        assert (got["status"], got["register_attempts"]) == ("failed", 3), got
+        assert got["error"].startswith("registration failed 3 time(s), gave up:")
+        assert "model_versions refused (test)" in got["error"]
+        with services.sessions() as s:
+            entries = audit.list_entries(
+                s, action="training.registration_failed", subject=f"job:{job_id}"
+            )
+        assert len(entries) == 1 and entries[0].actor == "registrar"
+        assert entries[0].details["attempts"] == 3
+        assert "model_versions refused (test)" in entries[0].details["reason"]
+        assert client.get("/api/v1/model-lines/digits/versions").json() == []
+
+        _execute(services, ACCEPT_VERSIONS)
+        again = client.post("/api/v1/training-jobs", json={"model_line": "digits"})
+        assert again.status_code == 201, again.text
+        assert worker.run_once() == again.json()["id"]
+        assert registrar.run_once() == again.json()["id"]
+        got = client.get(f"/api/v1/training-jobs/{again.json()['id']}").json()
+        assert (got["status"], got["register_attempts"], got["result_version"]) == (
+            "succeeded",
+            0,
+            1,
+        )
 
 
 def _production_settings(tmp_path: Path, db_url: str, **kw):

@@ -14,12 +14,13 @@ from urllib.parse import unquote, urlsplit
 from server.core.config import Settings
 from server.core.errors import ConfigError
 from server.release.artifacts._local import LocalArtifactStore
-from server.release.artifacts._store import SHA256_RE, ArtifactStore, check_sha256
+from server.release.artifacts._store import SHA256_RE, ArtifactStore, StoredObject, check_sha256
 
 __all__ = [
     "SHA256_RE",
     "ArtifactStore",
     "LocalArtifactStore",
+    "StoredObject",
     "check_sha256",
     "open_artifact_store",
 ]

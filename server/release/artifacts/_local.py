@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
 from server.core.errors import ArtifactError, ArtifactNotFoundError
 from server.release.artifacts._store import (
     CHUNK_BYTES,
+    SHA256_RE,
     ArtifactStore,
+    StoredObject,
     check_range,
     check_sha256,
     write_atomic,
@@ -72,6 +75,17 @@ class LocalArtifactStore(ArtifactStore):
 
     def delete(self, sha: str) -> None:
         (self.root / check_sha256(sha)).unlink(missing_ok=True)
+
+    def list_objects(self) -> Iterator[StoredObject]:
+        for entry in os.scandir(self.root):
+            if not SHA256_RE.fullmatch(entry.name):
+                continue
+            try:
+                st = entry.stat()
+            except FileNotFoundError:  # deleted while listing
+                continue
+            if entry.is_file():
+                yield StoredObject(entry.name, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
 
 
 def _file_range(fh: BinaryIO, start: int, stop: int) -> Iterator[bytes]:

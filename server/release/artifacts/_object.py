@@ -36,7 +36,9 @@ from server.core.errors import (
 )
 from server.release.artifacts._store import (
     CHUNK_BYTES,
+    SHA256_RE,
     ArtifactStore,
+    StoredObject,
     check_range,
     check_sha256,
     verified_chunks,
@@ -209,6 +211,18 @@ class ObjectArtifactStore(ArtifactStore):
         check_sha256(sha)
         self._call(sha, obstore.delete)  # S3 answers a delete of a missing key with success
         (self.cache_dir / sha).unlink(missing_ok=True)
+
+    def list_objects(self) -> Iterator[StoredObject]:
+        try:
+            for batch in obstore.list(self._store):
+                for meta in batch:  # paths are relative to the store's prefix
+                    name = str(meta["path"]).rsplit("/", 1)[-1]
+                    if SHA256_RE.fullmatch(name):
+                        yield StoredObject(name, int(meta["size"]), meta["last_modified"])
+        except (ObstoreError, OSError) as exc:
+            raise ArtifactStoreUnavailableError(
+                f"artifact store {self.url} failed listing its objects: {_short(exc)}"
+            ) from exc
 
 
 class _Source:

@@ -13,6 +13,8 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,6 +29,15 @@ def check_sha256(sha: str) -> str:
     if not isinstance(sha, str) or not SHA256_RE.fullmatch(sha):
         raise InvalidRequestError("artifact id must be a sha256: 64 lowercase hex characters")
     return sha
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object as the store lists it."""
+
+    sha256: str
+    size: int  # bytes
+    stored_at: datetime  # when its bytes were stored (UTC): a file's mtime, an object's date
 
 
 class ArtifactStore(abc.ABC):
@@ -136,6 +147,11 @@ class ArtifactStore(abc.ABC):
     @abc.abstractmethod
     def delete(self, sha: str) -> None:
         """Remove the object; no error when it is already gone."""
+
+    @abc.abstractmethod
+    def list_objects(self) -> Iterator[StoredObject]:
+        """Every object in the store, in no order; names that are not a sha256 (a temp file of
+        a write in progress, something else in the bucket) are skipped."""
 
 
 class _Counted:
