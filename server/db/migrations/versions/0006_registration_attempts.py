@@ -1,7 +1,7 @@
 """registration attempts
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0006
+Revises: 0005
 
 A registration that fails for a reason of the server's (signing, the database) is counted on the
 job and retried with a backoff; after ``EDGELOOP_REGISTER_ATTEMPTS`` the job fails, so the line
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0005"
-down_revision: str | None = "0004"
+revision: str = "0006"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
