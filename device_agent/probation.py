@@ -34,6 +34,7 @@ class LiveSummary:
     correct: int = 0
     latency_samples: int = 0
     p95_ms: float | None = None
+    p50_ms: float | None = None
 
     @property
     def accuracy(self) -> float | None:
@@ -48,7 +49,7 @@ class LiveSummary:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LiveSummary:
-        p95 = d.get("p95_ms")
+        p95, p50 = d.get("p95_ms"), d.get("p50_ms")
         return cls(
             inferences=int(d.get("inferences", 0)),
             errors=int(d.get("errors", 0)),
@@ -56,6 +57,7 @@ class LiveSummary:
             correct=int(d.get("correct", 0)),
             latency_samples=int(d.get("latency_samples", 0)),
             p95_ms=float(p95) if p95 is not None else None,
+            p50_ms=float(p50) if p50 is not None else None,
         )
 
 
@@ -143,14 +145,14 @@ class LiveTracker:
             lat = list(r.latencies)
             labels = list(r.labels)
         ok = sorted(v for v in lat if not math.isnan(v))
-        p95 = ok[min(len(ok) - 1, int(math.ceil(0.95 * len(ok))) - 1)] if ok else None
         return LiveSummary(
             inferences=len(lat),
             errors=len(lat) - len(ok),
             labelled=len(labels),
             correct=sum(labels),
             latency_samples=len(ok),
-            p95_ms=p95,
+            p95_ms=quantile(ok, 0.95),
+            p50_ms=quantile(ok, 0.50),
         )
 
 
@@ -166,8 +168,8 @@ class ProbationPolicy:
     min_inferences_to_judge: int = 20  # inferences before the error rate is compared
     max_error_rate_increase: float = 0.02  # absolute increase of errors/inferences tolerated
     min_latency_samples: int = 50  # latencies (trial and baseline) before p95 is compared
-    max_latency_ratio: float = 2.0  # trial p95 may reach baseline p95 * ratio + slack
-    latency_slack_ms: float = 5.0  # ms added to the latency bound (absorbs scheduler noise)
+    max_latency_ratio: float = 2.0  # trial p95 (and p50) may reach baseline's * ratio + slack
+    latency_slack_ms: float = 5.0  # ms added to the latency bounds (absorbs scheduler noise)
 
 
 class Action(StrEnum):
@@ -190,6 +192,17 @@ def _z_drop(base_c: int, base_n: int, trial_c: int, trial_n: int) -> float:
     return (p1 - p2) / se
 
 
+def quantile(ordered: list[float], q: float) -> float | None:
+    """The ``q`` quantile (nearest rank) of an ascending list; None when it is empty."""
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, int(math.ceil(q * len(ordered))) - 1))]
+
+
+def _latency_bound(base_ms: float | None, policy: ProbationPolicy) -> float | None:
+    return None if base_ms is None else base_ms * policy.max_latency_ratio + policy.latency_slack_ms
+
+
 def judge(
     trial: LiveSummary, baseline: LiveSummary | None, elapsed_s: float, policy: ProbationPolicy
 ) -> Verdict:
@@ -210,12 +223,24 @@ def judge(
         and trial.latency_samples >= policy.min_latency_samples
         and base.latency_samples >= policy.min_latency_samples
     ):
+        # A slower model is slower on every inference: its median moves with its tail. A busy
+        # host (a neighbour, the scheduler, the GIL) stretches only the tail, and p95 over a
+        # few dozen inferences is a handful of them. So the tail over its bound rolls back only
+        # when the median is over its own bound too (the baseline was measured at another time,
+        # under another load: comparing tails alone rolled back good models on loaded hosts).
         bound = base.p95_ms * policy.max_latency_ratio + policy.latency_slack_ms
-        if trial.p95_ms > bound:
+        mid = _latency_bound(base.p50_ms, policy)
+        slower = trial.p50_ms is None or mid is None or trial.p50_ms > mid
+        if trial.p95_ms > bound and slower:
+            median = (
+                f"; p50 {trial.p50_ms:.2f} ms vs {base.p50_ms:.2f} ms"
+                if trial.p50_ms is not None and base.p50_ms is not None
+                else ""
+            )
             return Verdict(
                 Action.ROLLBACK,
                 f"p95 latency {trial.p95_ms:.2f} ms vs {base.p95_ms:.2f} ms for the previous "
-                f"model (bound {bound:.2f} ms)",
+                f"model (bound {bound:.2f} ms){median}",
             )
     if (
         trial.labelled >= policy.min_labelled_to_judge

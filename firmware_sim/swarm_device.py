@@ -57,7 +57,7 @@ from device_agent.errors import (
     TransportError,
     VersionRefusedError,
 )
-from device_agent.probation import Action, LiveSummary, ProbationPolicy, judge
+from device_agent.probation import Action, LiveSummary, ProbationPolicy, judge, quantile
 from device_agent.verify import DeviceFacts, ReleaseTrust, verify_installed, verify_target
 from firmware_sim.swarm_http import HttpError, HttpPool
 
@@ -797,8 +797,14 @@ class SwarmDevice:
             got, correct, ms = self._infer(per_step)
             n, ok = n + got, ok + correct
             lat.extend([ms] * got)
+            ordered = sorted(lat)
             trial = LiveSummary(
-                inferences=n, labelled=n, correct=ok, latency_samples=len(lat), p95_ms=_p95(lat)
+                inferences=n,
+                labelled=n,
+                correct=ok,
+                latency_samples=len(lat),
+                p95_ms=quantile(ordered, 0.95),
+                p50_ms=quantile(ordered, 0.50),
             )
             verdict = judge(trial, self._baseline, time.monotonic() - t0, policy)
             if verdict.action == Action.CONTINUE:
@@ -976,16 +982,19 @@ def _key(envelope: dict[str, Any]) -> str:
 
 def _summary(w: list[Any]) -> LiveSummary:
     """A traffic window ``[n, correct, latencies, classes]`` as the probation's LiveSummary."""
+    ordered = sorted(w[2])
     return LiveSummary(
-        inferences=w[0], labelled=w[0], correct=w[1], latency_samples=len(w[2]), p95_ms=_p95(w[2])
+        inferences=w[0],
+        labelled=w[0],
+        correct=w[1],
+        latency_samples=len(ordered),
+        p95_ms=quantile(ordered, 0.95),
+        p50_ms=quantile(ordered, 0.50),
     )
 
 
 def _p95(values: list[float]) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(math.ceil(0.95 * len(ordered))) - 1)]
+    return quantile(sorted(values), 0.95)
 
 
 def _raise_if_cancelled() -> None:

@@ -185,7 +185,9 @@ def test_probation_survives_restart_and_crash_loop_rolls_back(
 
 def test_judge_rules() -> None:
     p = ProbationPolicy(min_labelled=30, max_s=60)
-    base = LiveSummary(inferences=500, labelled=100, correct=95, latency_samples=500, p95_ms=1.0)
+    base = LiveSummary(
+        inferences=500, labelled=100, correct=95, latency_samples=500, p95_ms=1.0, p50_ms=0.4
+    )
     ok = LiveSummary(inferences=40, labelled=30, correct=28, latency_samples=40, p95_ms=1.1)
     assert judge(ok, base, 5, p).action == Action.COMMIT
     few = LiveSummary(inferences=5, labelled=3, correct=3, latency_samples=5, p95_ms=1.0)
@@ -196,8 +198,25 @@ def test_judge_rules() -> None:
     # A small, insignificant dip does not roll back a good model.
     dip = LiveSummary(inferences=30, labelled=30, correct=26, latency_samples=30, p95_ms=1.0)
     assert judge(dip, base, 5, p).action == Action.COMMIT
-    slow = LiveSummary(inferences=100, labelled=5, correct=5, latency_samples=100, p95_ms=9.0)
-    assert judge(slow, base, 5, p).action == Action.ROLLBACK
+    slow = LiveSummary(
+        inferences=100, labelled=5, correct=5, latency_samples=100, p95_ms=9.0, p50_ms=7.0
+    )
+    verdict = judge(slow, base, 5, p)
+    assert verdict.action == Action.ROLLBACK
+    assert verdict.reason == (
+        "p95 latency 9.00 ms vs 1.00 ms for the previous model (bound 7.00 ms); "
+        "p50 7.00 ms vs 0.40 ms"
+    )
+    # A busy host stretches the tail, not the median: the model is not slower, nothing rolls
+    # back (a demo device on a loaded machine did: p95 7.41 ms against a 0.20 ms baseline).
+    tail = LiveSummary(
+        inferences=60, labelled=30, correct=29, latency_samples=60, p95_ms=7.41, p50_ms=0.3
+    )
+    verdict = judge(tail, base, 5, p)
+    assert verdict.action == Action.COMMIT, verdict.reason
+    # A summary without a median (written by an older agent) is judged on the tail alone.
+    old = LiveSummary(inferences=100, labelled=5, correct=5, latency_samples=100, p95_ms=9.0)
+    assert judge(old, base, 5, p).action == Action.ROLLBACK
     errs = LiveSummary(inferences=50, errors=10, latency_samples=40, p95_ms=1.0)
     assert judge(errs, base, 5, p).action == Action.ROLLBACK
     # No baseline labels (e.g. an unlabelled device): commit on the time bound.
