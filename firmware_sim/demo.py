@@ -442,6 +442,11 @@ class Demo:
         phase(7, f"Canary ({o.canary_percent}% of the fleet), gated on live metrics, then everyone")
         self.rollout_id = rollout["id"]
         final = self._watch_rollout(rollout["id"])
+        if final["state"] == "paused":
+            raise LoopDidNotClose(
+                f"rollout #{rollout['id']} paused for an operator (resume or roll back): "
+                f"{final.get('reason')}"
+            )
         if final["state"] != "completed":
             raise LoopDidNotClose(
                 f"rollout #{rollout['id']} ended {final['state']}: {final.get('reason')}"
@@ -636,6 +641,11 @@ class Demo:
             if r["state"] != "canary" and self._canary_left_at is None:
                 self._canary_left_at = time.monotonic()  # the canary wave's gates held
             if r["state"] in ("completed", "rolled_back", "aborted"):
+                return r
+            if r["state"] == "paused":
+                # The engine paused for an operator's decision (resume or roll back): the demo
+                # has no operator to ask, so it stops here and says why rather than wait out
+                # its timeout.
                 return r
             time.sleep(0.5)
         raise LoopDidNotClose(f"rollout #{rollout_id} did not finish in {self.o.timeout_s:.0f}s")
