@@ -51,7 +51,9 @@ def test_demo_closes_the_loop_on_a_small_fleet(tmp_path):
     assert re.search(r"failed inferences\s+0$", out, re.M)
     assert "The loop closed" in out
     # Threshold -> fleet, and the stages it is made of (they add up to it, to the rounding)
-    loop_s = figure("threshold -> full fleet updated")
+    loop = re.search(r"threshold -> full fleet updated\s+([0-9.]+) s$", out, re.M)
+    assert loop, out[-3000:]
+    loop_s = float(loop.group(1))
     stages = re.search(
         r"of which\s+training, gate, signing ([0-9.]+) s; approval ([0-9.]+) s; "
         r"canary ([0-9.]+) s; the rest ([0-9.]+) s$",
