@@ -242,13 +242,29 @@ class ModelRuntime:
             SelfTestError: the bundle's self-test vectors give other labels.
         """
         self.check_headroom(manifest.artifact.size)
+        return self.prepare(self.build(path), manifest)
+
+    def build(self, path: Path) -> Any:
+        """Build an ONNX Runtime session for ``path`` (the first half of ``load``).
+
+        Raises:
+            ModelLoadError: ONNX Runtime rejects the file.
+        """
         try:
-            session = self._build(path)
+            return self._build(path)
         except Exception as exc:  # onnxruntime raises its own exception zoo
             raise ModelLoadError(f"onnxruntime cannot load {path.name}: {exc}") from exc
+
+    def prepare(self, session: Any, manifest: Manifest) -> Loaded:
+        """Check, warm up and self-test a built session (the second half of ``load``).
+
+        Raises:
+            ModelLoadError: the input/output do not match the manifest, or the warm-up fails.
+            SelfTestError: the bundle's self-test vectors give other labels.
+        """
+        spec = manifest.input_spec
         inputs = session.get_inputs()
         names = [i.name for i in inputs]
-        spec = manifest.input_spec
         if spec.name not in names:
             raise ModelLoadError(f"model inputs {names} lack the manifest input {spec.name!r}")
         outputs = [o.name for o in session.get_outputs()]
