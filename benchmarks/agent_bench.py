@@ -275,11 +275,11 @@ def swap_bench(
     rounds: int,
     gap_s: float,
     controls: bool = False,
-    cap: int = 2_000_000,
+    cap_per_phase: int = 1_000_000,
 ) -> SwapRun:
     """Run ``rounds`` steady / swap rounds with ``threads`` inference threads (see the module
-    docstring), with the control arms in each iteration if ``controls``; ``cap`` bounds the
-    inferences recorded per thread."""
+    docstring), with the control arms in each iteration if ``controls``; ``cap_per_phase`` x
+    the phases of a round bounds the inferences recorded per thread."""
     import numpy as np
 
     from device_agent.config import AgentConfig
@@ -354,6 +354,7 @@ def swap_bench(
     # pre-touched: recording does not grow RSS, and the buffers' bytes are subtracted from the
     # RSS figures.
     arms = 2 + (len(CONTROL_ARMS) if controls else 0)
+    cap = cap_per_phase * arms
     ends = [np.ones(cap) for _ in range(threads)]
     lats = [np.ones(cap) for _ in range(threads)]
     tags = [np.full(cap, -1, dtype=np.int16) for _ in range(threads)]
@@ -623,6 +624,8 @@ def judged_rows(run: SwapRun, cores: int) -> list[Row]:
 
 def control_rows(run: SwapRun) -> list[Row]:
     """The control arms of the judged run, against the same steady phase: information."""
+    if not run.arms:
+        return []
     rows = [
         Row(
             "  control arms vs steady (median round)",
