@@ -22,8 +22,9 @@ Control arms (``--no-controls`` skips them), printed as information: after each 
 slice, one slice per arm, each followed by the same gap, compared with the round's steady phase
 as the swap is. The updater burns the swap's CPU time in C with the GIL released (what the
 machine alone does to the inference on the other core), or in a pure-Python loop (GIL contention
-alone); builds a session only; checks and warms it up only; frees it only; or does nothing (how
-far the ratio strays from 1 by chance).
+alone); builds a session only; checks and warms it up only; frees it only; only flips to a
+session built and warmed up before the slice (flipping back and freeing it after the slice,
+unmeasured); or does nothing (how far the ratio strays from 1 by chance).
 
 Before that, ``benchmarks.agent_footprint`` starts real Agents in fresh processes and reports
 resident memory and import-to-serving time (cold and warm page cache; see that module). Prints a
@@ -75,6 +76,9 @@ CONTROL_ARMS = (
     "build only",
     "warm-up + checks only",
     "release + malloc_trim only",
+    # Only the flip to a session built and warmed up before the slice (the flip back and the
+    # release come after it, unmeasured): the new session's first inferences on the serving core.
+    "flip only",
     # Nothing at all, like steady: how far the ratio strays from 1 by chance.
     "idle (null arm)",
 )
@@ -382,11 +386,23 @@ def swap_bench(
         rt.retire(pending.pop())
         rt.release_retired(5.0)
 
+    def flip_before(which: int) -> None:
+        pending.append(rt.load(paths[which], manifests[which]))
+
+    def flip_part(cpu_s: float, which: int) -> None:
+        pending.append(rt.swap(pending.pop()))  # keeps the replaced model: it comes back after
+
+    def flip_after(which: int) -> None:
+        rt.swap(pending.pop(), retire=True)
+        rt.release_retired(5.0)
+        time.sleep(gap_s / 5)  # the restored session's first inferences stay unmeasured too
+
     def idle(cpu_s: float, which: int) -> None:
         pass
 
-    control_work = (c_work, python_work, build_part, prepare_part, release_part, idle)
+    control_work = (c_work, python_work, build_part, prepare_part, release_part, flip_part, idle)
     assert len(control_work) == len(CONTROL_ARMS)
+    unmeasured = {flip_part: (flip_before, flip_after)}  # around the arm's slice, phase -1
     arm_cpu: list[list[float]] = [[] for _ in control_work]
     swap_cpu: list[float] = []
     counts = [0] * threads
@@ -459,12 +475,19 @@ def swap_bench(
             rss_peak = max(rss_peak, rss_bytes())
             time.sleep(max(0.0, slice_s - (time.perf_counter() - t_steady)))
             for k, work in enumerate(control_work[: arms - 2]):
+                before, after = unmeasured.get(work, (None, None))
+                if before:
+                    phase[0] = -1
+                    before((warm + 1 + i) % 2)
                 phase[0] = arms * r + 2 + k
                 c0 = time.thread_time()
                 work(cpu_s, (warm + 1 + i) % 2)
                 arm_cpu[k].append(time.thread_time() - c0)
                 if gap_s:
                     time.sleep(gap_s)
+                if after:
+                    phase[0] = -1
+                    after((warm + 1 + i) % 2)
     phase[0] = -1
     gc.callbacks.remove(on_gc)
     gc.collect()
