@@ -8,7 +8,8 @@ one thread calls ``ModelRuntime.predict`` without pause while the main thread pe
 their parts, as ``ModelRuntime.load`` / ``swap`` / ``release_retired`` do them: build the session,
 check and warm it up, flip the reference, free the old one (waiting for the in-flight call, then
 ``malloc_trim``), then the gap; an idle slice follows each swap as a control. A marker system
-call (``getppid``) delimits each part, so every futex wait of the inference thread falls in one.
+call (``getppid``) delimits each part; each futex wait of the inference thread is counted in the
+part in which it ends.
 
 A thread blocks in a futex wait when it wants the GIL while another thread holds it (or a lock
 such as a malloc arena's); while one thread serves alone it takes the GIL without waiting. The
@@ -125,10 +126,12 @@ def analyse(perf_data: Path, child_out: str, swaps: int) -> list[str]:
     if edges.size != swaps * slices + 1:
         raise SystemExit(f"expected {swaps * slices + 1} markers, perf saw {edges.size}")
     span = np.diff(edges).reshape(swaps, slices) * 1e6
-    start = np.asarray([w[0] for w in waits])
+    # A wait belongs to the part in which it ends: the holder let go of the GIL there, so that
+    # part held it (a wait that starts as the updater wakes from the gap ends in the build).
+    end = np.asarray([w[1] for w in waits])
     length = np.asarray([w[1] - w[0] for w in waits]) * 1e6
-    which = (np.searchsorted(edges, start, side="right") - 1) % slices
-    inside = (start >= edges[0]) & (start < edges[-1])
+    which = (np.searchsorted(edges, end, side="right") - 1) % slices
+    inside = (end >= edges[0]) & (end < edges[-1])
     rows = [
         f"{'part':28s} {'us (p50)':>9s} {'waits/swap':>10s} {f'>{SLOW_US:g}us/swap':>12s} "
         f"{'blocked us/swap':>15s} {'wait p50 us':>11s}"
