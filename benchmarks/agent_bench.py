@@ -18,6 +18,14 @@ p99.9; no failed inference over >= 1,000 swaps; RSS after the last swap within 1
 the first (the harness's own latency buffers subtracted). The same run then repeats with every
 core inferring, for information: the updater then competes with inference for a core.
 
+Control arms (``--no-controls`` skips them), printed as information: after each swap's steady
+slice, one slice per arm, each followed by the same gap, compared with the round's steady phase
+as the swap is. The updater burns the swap's CPU time in C with the GIL released (what the
+machine alone does to the inference on the other core), or in a pure-Python loop (GIL contention
+alone); builds a session only; checks and warms it up only; frees it only; only flips to a
+session built and warmed up before the slice (flipping back and freeing it after the slice,
+unmeasured); or does nothing (how far the ratio strays from 1 by chance).
+
 Before that, ``benchmarks.agent_footprint`` starts real Agents in fresh processes and reports
 resident memory and import-to-serving time (cold and warm page cache; see that module). Prints a
 table with PASS/FAIL per target; exits 1 on any FAIL.
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import os
 import statistics
 import sys
@@ -50,6 +59,31 @@ RSS_GROWTH_LIMIT = 0.10  # RSS after the last swap vs after the first
 MIN_SWAPS = 1000
 
 FEATURES, HIDDEN, CLASSES = 64, 128, 10
+
+# Phases of a round, after its steady (0) and swap (1) slices: the control arms, printed as
+# information. Each runs in every swap's iteration, right after the steady slice, followed by
+# the same gap, so a neighbour's burst lands on them as on the judged phases.
+CONTROL_ARMS = (
+    # The updater burns the swap's CPU time in one C call that releases the GIL (sha256 over a
+    # buffer): what the machine alone (shared caches, memory, the host's cores) does to an
+    # inference on the other core.
+    "C work, GIL released",
+    # The same CPU time in a pure-Python loop: GIL contention alone (the loop lets go of the GIL
+    # every switch interval when the inference thread asks for it).
+    "Python loop, GIL held",
+    # The swap in its parts, one per slice: ONNX Runtime's session build; the checks, warm-up
+    # run and self-test on the built session; freeing it (destructor and malloc_trim).
+    "build only",
+    "warm-up + checks only",
+    "release + malloc_trim only",
+    # Only the flip to a session built and warmed up before the slice (the flip back and the
+    # release come after it, unmeasured): the new session's first inferences on the serving core.
+    "flip only",
+    # Nothing at all, like steady: how far the ratio strays from 1 by chance.
+    "idle (null arm)",
+)
+STEADY, SWAP = 0, 1
+HASH_BUFFER = 16 * 1024 * 1024  # bytes the C-work arm hashes from (at most one pass a slice)
 
 
 def digits_mlp(seed: int) -> bytes:
@@ -174,6 +208,23 @@ class RoundStats:
 
 
 @dataclass
+class ArmRun:
+    """A control arm's rounds, each against the same round's steady phase."""
+
+    name: str
+    rounds: list[RoundStats]
+    cpu_ms: float  # updater CPU per slice, median (the swap's, for the two duty-cycle arms)
+
+    @property
+    def median_ratio(self) -> float:
+        return statistics.median(r.ratio for r in self.rounds)
+
+    @property
+    def median_delta(self) -> float:
+        return statistics.median(r.delta for r in self.rounds)
+
+
+@dataclass
 class SwapRun:
     threads: int
     rounds: list[RoundStats]
@@ -193,6 +244,8 @@ class SwapRun:
     gc_count: int
     gc_longest_ms: float
     full_gc_ms: tuple[float, float]  # before / after gc.freeze()
+    swap_cpu_ms: float  # updater CPU per swap, median
+    arms: list[ArmRun]  # control arms; empty without controls
 
     @property
     def median_ratio(self) -> float:
@@ -207,11 +260,30 @@ class SwapRun:
         return (self.rss_after - self.rss_first) / self.rss_first
 
 
+def hash_rate() -> float:
+    """Bytes per CPU second sha256 hashes here, in one call on one thread (best of five)."""
+    buf = memoryview(bytes(4 * 1024 * 1024))
+    best = 0.0
+    for _ in range(5):
+        c0 = time.thread_time()
+        hashlib.sha256(buf)
+        best = max(best, len(buf) / max(time.thread_time() - c0, 1e-6))
+    return best
+
+
 def swap_bench(
-    workdir: Path, *, swaps: int, threads: int, rounds: int, gap_s: float, cap: int = 2_000_000
+    workdir: Path,
+    *,
+    swaps: int,
+    threads: int,
+    rounds: int,
+    gap_s: float,
+    controls: bool = False,
+    cap_per_phase: int = 1_000_000,
 ) -> SwapRun:
     """Run ``rounds`` steady / swap rounds with ``threads`` inference threads (see the module
-    docstring); ``cap`` bounds the inferences recorded per thread."""
+    docstring), with the control arms in each iteration if ``controls``; ``cap_per_phase`` x
+    the phases of a round bounds the inferences recorded per thread."""
     import numpy as np
 
     from device_agent.config import AgentConfig
@@ -281,13 +353,58 @@ def swap_bench(
     gc.collect()
     gc_after = (time.perf_counter() - g0) * 1000
 
-    # Per thread: end time and latency of each inference, and its phase (2 * round, + 1 while
-    # swapping; -1 outside the measured phases). Written in place, pre-touched: recording does
-    # not grow RSS, and the buffers' bytes are subtracted from the RSS figures.
+    # Per thread: end time and latency of each inference, and its phase (arms * round + arm:
+    # STEADY, SWAP, then the control arms; -1 outside the measured phases). Written in place,
+    # pre-touched: recording does not grow RSS, and the buffers' bytes are subtracted from the
+    # RSS figures.
+    arms = 2 + (len(CONTROL_ARMS) if controls else 0)
+    cap = cap_per_phase * arms
     ends = [np.ones(cap) for _ in range(threads)]
     lats = [np.ones(cap) for _ in range(threads)]
-    tags = [np.full(cap, -1, dtype=np.int8) for _ in range(threads)]
+    tags = [np.full(cap, -1, dtype=np.int16) for _ in range(threads)]
     harness = sum(e.nbytes + v.nbytes + t.nbytes for e, v, t in zip(ends, lats, tags, strict=True))
+    rate = hash_rate()
+    hash_buf = memoryview(np.random.default_rng(2).bytes(HASH_BUFFER if controls else 0))
+    harness += len(hash_buf)
+    pending: list[Any] = []  # the session the part arms build, check, then free
+
+    def c_work(cpu_s: float, which: int) -> None:
+        hashlib.sha256(hash_buf[: min(len(hash_buf), int(cpu_s * rate))])  # GIL released
+
+    def python_work(cpu_s: float, which: int) -> None:
+        end_cpu = time.thread_time() + cpu_s
+        while time.thread_time() < end_cpu:
+            pass
+
+    def build_part(cpu_s: float, which: int) -> None:
+        pending.append(rt.build(paths[which]))
+
+    def prepare_part(cpu_s: float, which: int) -> None:
+        pending.append(rt.prepare(pending.pop(), manifests[which]))
+
+    def release_part(cpu_s: float, which: int) -> None:
+        rt.retire(pending.pop())
+        rt.release_retired(5.0)
+
+    def flip_before(which: int) -> None:
+        pending.append(rt.load(paths[which], manifests[which]))
+
+    def flip_part(cpu_s: float, which: int) -> None:
+        pending.append(rt.swap(pending.pop()))  # keeps the replaced model: it comes back after
+
+    def flip_after(which: int) -> None:
+        rt.swap(pending.pop(), retire=True)
+        rt.release_retired(5.0)
+        time.sleep(gap_s / 5)  # the restored session's first inferences stay unmeasured too
+
+    def idle(cpu_s: float, which: int) -> None:
+        pass
+
+    control_work = (c_work, python_work, build_part, prepare_part, release_part, flip_part, idle)
+    assert len(control_work) == len(CONTROL_ARMS)
+    unmeasured = {flip_part: (flip_before, flip_after)}  # around the arm's slice, phase -1
+    arm_cpu: list[list[float]] = [[] for _ in control_work]
+    swap_cpu: list[float] = []
     counts = [0] * threads
     dropped = [0] * threads
     phase = [-1]
@@ -341,19 +458,36 @@ def swap_bench(
     swap_s = 0.0
     for r in range(rounds):
         # Within a round, each swap slice (the swap and the gap after it) is followed by a
-        # steady slice as long: a neighbour's burst lands on both phases alike.
+        # steady slice as long, then by one slice of each control arm: a neighbour's burst
+        # lands on all phases alike.
         for i in range(r * swaps // rounds, (r + 1) * swaps // rounds):
-            phase[0] = 2 * r + 1
-            t_start = time.perf_counter()
+            phase[0] = arms * r + SWAP
+            t_start, c_start = time.perf_counter(), time.thread_time()
             one_swap(warm + 1 + i)
+            cpu_s = time.thread_time() - c_start
+            swap_cpu.append(cpu_s)
             if gap_s:
                 time.sleep(gap_s)
             slice_s = time.perf_counter() - t_start
             swap_s += slice_s
-            phase[0] = 2 * r
+            phase[0] = arms * r + STEADY
             t_steady = time.perf_counter()
             rss_peak = max(rss_peak, rss_bytes())
             time.sleep(max(0.0, slice_s - (time.perf_counter() - t_steady)))
+            for k, work in enumerate(control_work[: arms - 2]):
+                before, after = unmeasured.get(work, (None, None))
+                if before:
+                    phase[0] = -1
+                    before((warm + 1 + i) % 2)
+                phase[0] = arms * r + 2 + k
+                c0 = time.thread_time()
+                work(cpu_s, (warm + 1 + i) % 2)
+                arm_cpu[k].append(time.thread_time() - c0)
+                if gap_s:
+                    time.sleep(gap_s)
+                if after:
+                    phase[0] = -1
+                    after((warm + 1 + i) % 2)
     phase[0] = -1
     gc.callbacks.remove(on_gc)
     gc.collect()
@@ -367,31 +501,40 @@ def swap_bench(
     lat = np.concatenate([v[:c] for v, c in zip(lats, counts, strict=True)]) * 1000
     tag = np.concatenate([t[:c] for t, c in zip(tags, counts, strict=True)])
     rng = np.random.default_rng(1)
-    stats = []
-    for r in range(rounds):
-        st, sw = lat[tag == 2 * r], lat[tag == 2 * r + 1]
-        n = min(st.size, sw.size)
-        st = rng.choice(st, n, replace=False) if st.size > n else st
-        sw = rng.choice(sw, n, replace=False) if sw.size > n else sw
-        stats.append(
-            RoundStats(
-                n,
-                float(np.percentile(st, 99)),
-                float(np.percentile(sw, 99)),
-                float(np.percentile(st, 99.9)),
-                float(np.percentile(sw, 99.9)),
+
+    def versus_steady(arm: int) -> list[RoundStats]:
+        stats = []
+        for r in range(rounds):
+            st, sw = lat[tag == arms * r + STEADY], lat[tag == arms * r + arm]
+            n = min(st.size, sw.size)
+            st = rng.choice(st, n, replace=False) if st.size > n else st
+            sw = rng.choice(sw, n, replace=False) if sw.size > n else sw
+            stats.append(
+                RoundStats(
+                    n,
+                    float(np.percentile(st, 99)),
+                    float(np.percentile(sw, 99)),
+                    float(np.percentile(st, 99.9)),
+                    float(np.percentile(sw, 99.9)),
+                )
             )
-        )
+        return stats
+
+    stats = versus_steady(SWAP)
+    arm_runs = [
+        ArmRun(name, versus_steady(2 + k), float(np.median(arm_cpu[k])) * 1000)
+        for k, name in enumerate(CONTROL_ARMS[: arms - 2])
+    ]
     # Informational: the excess latency of every inference in flight while a swap ran (load,
     # flip or release) over the steady median, against steady inferences as the noise floor.
     win = np.asarray(windows)
     order = np.argsort(win[:, 0])
     w_start, w_end = win[order, 0], win[order, 5]
-    swap_rows = tag % 2 == 1
+    swap_rows = tag % arms == SWAP
     sw_end, sw_lat = end[swap_rows], lat[swap_rows]
     k = np.searchsorted(w_start, sw_end, side="right") - 1
     hit = (k >= 0) & (w_end[np.maximum(k, 0)] >= sw_end - sw_lat / 1000)
-    steady = lat[tag % 2 == 0]
+    steady = lat[tag % arms == STEADY]
     p50 = float(np.percentile(steady, 50))
     at_swap = sw_lat[hit] - p50
     floor = rng.choice(steady, min(at_swap.size, steady.size), replace=False) - p50
@@ -421,6 +564,8 @@ def swap_bench(
         gc_count=len(gc_ms),
         gc_longest_ms=max(gc_ms, default=0.0),
         full_gc_ms=(gc_before, gc_after),
+        swap_cpu_ms=float(np.median(swap_cpu)) * 1000,
+        arms=arm_runs,
     )
 
 
@@ -500,6 +645,34 @@ def judged_rows(run: SwapRun, cores: int) -> list[Row]:
     ]
 
 
+def control_rows(run: SwapRun) -> list[Row]:
+    """The control arms of the judged run, against the same steady phase: information."""
+    if not run.arms:
+        return []
+    rows = [
+        Row(
+            "  control arms vs steady (median round)",
+            f"p99 ratio; p99.9 delta; updater CPU per slice (a swap's: {run.swap_cpu_ms:.2f} ms)",
+            "",
+            None,
+        )
+    ]
+    for arm in run.arms:
+        med = min(arm.rounds, key=lambda r: abs(r.ratio - arm.median_ratio))
+        rows.append(
+            Row(
+                f"  [{arm.name}]",
+                f"{arm.median_ratio:.2f} (rounds: "
+                + ", ".join(f"{r.ratio:.2f}" for r in arm.rounds)
+                + f"; {med.p99_swap:.3f} / {med.p99_steady:.3f} ms); "
+                f"{arm.median_delta:+.3f} ms; {arm.cpu_ms:.2f} ms",
+                "",
+                None,
+            )
+        )
+    return rows
+
+
 def info_rows(run: SwapRun) -> list[Row]:
     """The same run with every core inferring: printed beside, not judged."""
     mib = 1024 * 1024
@@ -547,6 +720,9 @@ def main(argv: list[str] | None = None) -> int:
         "--no-all-cores", action="store_true", help="skip the informational all-cores run"
     )
     ap.add_argument("--no-footprint", action="store_true", help="skip the footprint starts")
+    ap.add_argument(
+        "--no-controls", action="store_true", help="skip the control arms (information only)"
+    )
     args = ap.parse_args(argv)
     gap = args.gap_ms / 1000
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
@@ -558,9 +734,14 @@ def main(argv: list[str] | None = None) -> int:
             (work / "footprint").mkdir()
             rows = footprint_rows(work / "footprint")
         run = swap_bench(
-            work, swaps=args.swaps, threads=args.threads, rounds=args.rounds, gap_s=gap
+            work,
+            swaps=args.swaps,
+            threads=args.threads,
+            rounds=args.rounds,
+            gap_s=gap,
+            controls=not args.no_controls,
         )
-        rows = judged_rows(run, cores) + rows
+        rows = judged_rows(run, cores) + control_rows(run) + rows
         if not args.no_all_cores and cores != args.threads:
             (work / "all").mkdir()
             every = swap_bench(

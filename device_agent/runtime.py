@@ -15,9 +15,13 @@ self-test vectors when the ONNX file carries them: metadata property ``edgeloop.
 ``edgeloop.monitoring``, see ``device_agent.monitor``). The metadata is inside the signed bytes.
 
 Sessions are onnxruntime ``InferenceSession`` objects, built on the caller's thread (the
-updater's, never a serving thread). ONNX Runtime releases the GIL for most of a build, so
-inferences on other threads keep running; what a swap still costs them is measured by
-``benchmarks/agent_bench.py`` on a device that leaves the updater one core.
+updater's, never a serving thread). ONNX Runtime releases the GIL for most of a build (model
+load and session initialisation, about four fifths of it), so inferences on other threads keep
+running. Its binding holds the GIL while it constructs the C++ session (~0.1 ms for digits) and
+while it destroys one, and so does the Python around them: an inference that comes back from its
+run during such a stretch waits for the rest of it. What a swap costs inferences is measured by
+``benchmarks/agent_bench.py`` (on a device that leaves the updater one core) and located by
+``benchmarks/swap_gil_trace.py``.
 
 The cyclic garbage collector is a worse stall: a full collection holds the GIL for tens of
 milliseconds once numpy and ONNX Runtime are loaded. ``freeze_heap`` (called once the agent
@@ -242,13 +246,29 @@ class ModelRuntime:
             SelfTestError: the bundle's self-test vectors give other labels.
         """
         self.check_headroom(manifest.artifact.size)
+        return self.prepare(self.build(path), manifest)
+
+    def build(self, path: Path) -> Any:
+        """Build an ONNX Runtime session for ``path`` (the first half of ``load``).
+
+        Raises:
+            ModelLoadError: ONNX Runtime rejects the file.
+        """
         try:
-            session = self._build(path)
+            return self._build(path)
         except Exception as exc:  # onnxruntime raises its own exception zoo
             raise ModelLoadError(f"onnxruntime cannot load {path.name}: {exc}") from exc
+
+    def prepare(self, session: Any, manifest: Manifest) -> Loaded:
+        """Check, warm up and self-test a built session (the second half of ``load``).
+
+        Raises:
+            ModelLoadError: the input/output do not match the manifest, or the warm-up fails.
+            SelfTestError: the bundle's self-test vectors give other labels.
+        """
+        spec = manifest.input_spec
         inputs = session.get_inputs()
         names = [i.name for i in inputs]
-        spec = manifest.input_spec
         if spec.name not in names:
             raise ModelLoadError(f"model inputs {names} lack the manifest input {spec.name!r}")
         outputs = [o.name for o in session.get_outputs()]
