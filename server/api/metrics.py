@@ -180,6 +180,7 @@ def _process(services: Services) -> Iterator[Metric]:
         "unknown_device",
         "batches",
         "failed_writes",
+        "conflict_retries",
     ):
         c = CounterMetricFamily(
             f"edgeloop_ingest_{name}",

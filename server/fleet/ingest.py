@@ -18,12 +18,19 @@ metrics, status events and refusals, one UPDATE per device, one per rollout devi
 fails to write, it is split in halves and each half written on its own, down to the single report
 the database refuses, which is then stored as refused: one poison message cannot drop the others,
 and nothing a device sends can end the writer's thread.
+
+Several server processes write the same devices' rows (a shared subscription hands a device's
+reports to any of them). Each batch updates its rows in device order, so two batches lock them in
+the same order; a batch the database still aborts as a deadlock or a serialization failure is
+written again (``CONFLICT_RETRIES``, with a short random pause): such an abort is no outage, and
+no report of the batch is lost to it.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +65,9 @@ from server.rollout.members import apply_reports
 log = logging.getLogger(__name__)
 
 Report = StatusReport | MetricsReport | MonitorSummary
+CONFLICT_RETRIES = 5  # times a batch aborted by a deadlock or serialization failure is retried
+# SQLSTATEs of a transaction the database aborted to break a conflict: retrying succeeds.
+_CONFLICT_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock_detected, serialization_failure
 # Why a summary does not fit its model (None: it fits); runs in the writer's transaction.
 SummaryCheck = Callable[[Session, MonitorSummary], str | None]
 Entry = tuple[Accepted | Refusal, datetime]  # a classified message and when it was received
@@ -76,6 +86,7 @@ class IngestStats:
     batches: int = 0
     failed_writes: int = 0  # reports lost: neither they nor their refusal could be stored
     batch_fallbacks: int = 0  # batches (or halves) that failed whole and were split
+    conflict_retries: int = 0  # batches written again after a deadlock or serialization abort
     last_error: str | None = None
 
 
@@ -173,7 +184,7 @@ class IngestWriter:
         if not entries:
             return
         try:
-            written = self._write(entries)
+            written = self._write_retrying(entries)
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy's, or a driver's own (encoding)
             if _is_outage(exc):
                 # No report is to blame: splitting would only repeat the failure (or the
@@ -225,6 +236,20 @@ class IngestWriter:
         self.stats.failed_writes += 1
         self.stats.last_error = str(exc)[:500]
         log.error("could not store report from %s: %s", item.device_id, exc)
+
+    def _write_retrying(self, entries: list[Entry]) -> _Written:
+        """``_write``, again when the database aborted it to break a conflict with another
+        writer (a deadlock, a serialization failure); other errors are raised at once."""
+        for attempt in range(CONFLICT_RETRIES + 1):
+            try:
+                return self._write(entries)
+            except DBAPIError as exc:
+                if not _is_conflict(exc) or attempt == CONFLICT_RETRIES:
+                    raise
+                self.stats.conflict_retries += 1
+                log.info("batch of %d aborted by a conflict, written again: %s", len(entries), exc)
+                time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def _write(self, entries: list[Entry]) -> _Written:
         written = _Written()
@@ -319,7 +344,10 @@ class IngestWriter:
         last_status: dict[str, tuple[StatusReport, datetime]],
     ) -> None:
         dev = cast(Table, Device.__table__)
-        seen_only = [{"d_id": d, "seen": t} for d, t in seen.items() if d not in last_status]
+        # In device order, like every batch of every server: no two batches deadlock here.
+        seen_only = [
+            {"d_id": d, "seen": t} for d, t in sorted(seen.items()) if d not in last_status
+        ]
         if seen_only:
             session.execute(
                 update(dev)
@@ -336,7 +364,7 @@ class IngestWriter:
                 "rel": r.release,
                 "why": _clean(r.reason),
             }
-            for d, (r, _) in last_status.items()
+            for d, (r, _) in sorted(last_status.items())
         ]
         if rows:
             session.execute(
@@ -376,6 +404,12 @@ class IngestWriter:
     def _record_error(self, exc: Exception) -> None:
         self.stats.failed_writes += 1
         self.stats.last_error = str(exc)[:500]
+
+
+def _is_conflict(exc: DBAPIError) -> bool:
+    """The database aborted the transaction to break a conflict (PostgreSQL SQLSTATE 40P01 or
+    40001): the same write, tried again, succeeds."""
+    return getattr(exc.orig, "sqlstate", None) in _CONFLICT_SQLSTATES
 
 
 def _is_outage(exc: Exception) -> bool:

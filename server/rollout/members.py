@@ -431,7 +431,9 @@ def apply_reports(
                 "ok": r.state in SUCCESS_STATES or r.state == SHADOW_STATE,
                 "terminal": r.state in TERMINAL_STATES,
             }
-            for (rid, did), (r, t) in latest.items()
+            # In key order: every writer (two servers' ingest, the engine) then locks the
+            # rows it shares in the same order, so two batches cannot deadlock on them.
+            for (rid, did), (r, t) in sorted(latest.items())
         ],
     )
 
