@@ -285,6 +285,18 @@ def downloads(server: ServerProcess, sha: str) -> int:
     return len(pattern.findall(server.log_path.read_text(errors="replace")))
 
 
+def ingest_losses(log_path: Path) -> dict[str, int]:
+    """Reports a server's ingest writer dropped ("database unavailable, N reports lost"), and
+    how many of those drops were PostgreSQL deadlocks, from its log."""
+    text = log_path.read_text(errors="replace")
+    lost = re.findall(r"database unavailable, (\d+) reports lost: (.*)", text)
+    return {
+        "reports_lost": sum(int(k) for k, _ in lost),
+        "drops": len(lost),
+        "deadlocks": sum(1 for _, why in lost if "DeadlockDetected" in why),
+    }
+
+
 def registered_by(servers: Sequence[ServerProcess], job_id: int) -> str | None:
     """Which server's registrar registered job ``job_id`` (its log line)."""
     for name, s in zip("AB", servers, strict=False):
@@ -515,6 +527,7 @@ async def run_mode(mode: str, n: int, *, pg: str, root: Path, quiet: bool) -> di
             servers[name] = {
                 "url": p.url,
                 "artifact_downloads": downloads(p, sha),
+                **ingest_losses(p.log_path),
                 "mqtt_received": h1.get("received", 0) - h0.get("received", 0),
                 "mqtt_published": h1.get("published", 0) - h0.get("published", 0),
                 **meters[name].figures(),

@@ -11,9 +11,9 @@ def summary_rows(runs: Sequence[dict[str, Any]]) -> list[str]:
     """The markdown table: one row per measured mode."""
     lines = [
         "| mode | devices | claimed s | trained s | registered s | by | t50 s | t99 s | t100 s "
-        "| committed | downloads A/B | reports A/B | server CPU s A/B | server RSS MiB A/B "
-        "| worker CPU s | worker RSS MiB (trainer) | load 1m start/end |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| committed | downloads A/B | reports A/B | lost A/B | server CPU s A/B "
+        "| server RSS MiB A/B | worker CPU s | worker RSS MiB (trainer) | load 1m start/end |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in runs:
         tr, sv = r["training"], r["servers"]
@@ -29,6 +29,7 @@ def summary_rows(runs: Sequence[dict[str, Any]]) -> list[str]:
             f"| {tr['trained_to_registered_s']} | {tr['registered_by']} | {r['t50_s']} "
             f"| {r['t99_s']} | {'never' if r['t100_s'] is None else r['t100_s']} "
             f"| {r['committed']} | {both('artifact_downloads')} | {both('mqtt_received')} "
+            f"| {both('reports_lost')} "
             f"| {both('cpu_s')} | {both('rss_peak_mib')} | {wk['cpu_s']} "
             f"| {wk['rss_peak_mib']} ({wk.get('children_rss_peak_mib')}) "
             f"| {r['load_avg_start'][0]}/{r['load_avg_end'][0]} |"
@@ -45,6 +46,9 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     m, cfg = result["machine"], result["settings"]
+    losses = [v for s in result["sets"] for r in s for v in r["servers"].values()]
+    drops = sum(v.get("drops", 0) for v in losses)
+    deadlocks = sum(v.get("deadlocks", 0) for v in losses)
     sets = result["sets"]
     dates = sorted({str(r.get("started_at", ""))[:10] for s in sets for r in s} - {""})
     lines = [
@@ -65,7 +69,11 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
         "server). Two servers share one MQTT shared subscription group; half the devices "
         "enrolled through each (their HTTP base). Every pushed target names the approving "
         "server's artifact URL (`EDGELOOP_PUBLIC_URL`/api/v1/artifacts; "
-        "`EDGELOOP_ARTIFACT_BASE_URL` unset), so B serves every download. Polls: worker "
+        "`EDGELOOP_ARTIFACT_BASE_URL` unset), so B serves every download. `failover`: A is "
+        "SIGKILLed at 25 % committed; if B's record of the rollout is not complete 30 s after "
+        "the fleet settled, A is restarted. `failover-pinned`: approved on A, so every device "
+        "downloads from A; A is SIGKILLed at 25 % and restarted at the same address 30 s "
+        "later. Polls: worker "
         f"{cfg['job_poll_s']} s for queued jobs, registrar {cfg['registrar_poll_s']} s for trained "
         f"ones, rollout tick {cfg['rollout_tick_s']} s (production defaults).",
         "",
@@ -73,7 +81,10 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
         "hand-back); registered: hand-back -> registered and signed by a server's registrar "
         "(by: which one). t50/t99/t100: approval -> that share of the fleet committed (on the "
         "devices). downloads: the candidate's artifact GETs in each server's access log "
-        "(200/206); reports: MQTT messages each server received over the rollout; server CPU "
+        "(200/206); reports: MQTT messages each server received over the rollout; lost: "
+        'reports its ingest writer dropped ("database unavailable, N reports lost" in its '
+        f"log; {deadlocks} of the {drops} drops were PostgreSQL deadlocks between the two "
+        "servers' batches); server CPU "
         "and RSS over the rollout (approval -> settled); worker CPU (with its trainer child) "
         "and RSS over the training.",
     ]
@@ -126,10 +137,14 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for r in sets[-1]:
         times = r["commit_times_s"]
+        color = None
         if times:
-            ax.step(times, range(1, len(times) + 1), where="post", label=r["mode"])
+            (line,) = ax.step(times, range(1, len(times) + 1), where="post", label=r["mode"])
+            color = line.get_color()
         if r.get("killed_a_at_s") is not None:
-            ax.axvline(r["killed_a_at_s"], color="grey", linestyle=":", label="A SIGKILLed")
+            ax.axvline(
+                r["killed_a_at_s"], color=color, linestyle=":", label=f"{r['mode']}: A killed"
+            )
     ax.set(
         xlabel="seconds since approval",
         ylabel="devices committed",
