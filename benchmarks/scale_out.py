@@ -489,8 +489,8 @@ async def run_mode(mode: str, n: int, *, pg: str, root: Path, quiet: bool) -> di
         # The server's view: the rollout's state through a live server, until it completes.
         view = await server_view(api, b, rid, t0, SERVER_SETTLE_S)
         for name, p in cluster.named():
-            if p.proc is not None:
-                health_last[name] = health(p)
+            if p.proc is not None and not (name == "A" and killed_at is not None):
+                health_last[name] = health(p)  # a killed A's counters: read before the kill
         restart: dict[str, Any] | None = None
         if killed_at is not None and restarting is None and view["state"] != "completed":
             # The reports the broker queued for A's persistent session (its share of the

@@ -134,6 +134,8 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
             reg = [r["training"]["trained_to_registered_s"] for r in rs]
             parts.append(f"registered {min(reg)} - {max(reg)} s")
             lines.append(f"- {mode}: " + ", ".join(parts))
+    if result.get("note"):
+        lines += ["", f"Note: {result['note']}"]
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for r in sets[-1]:
         times = r["commit_times_s"]
