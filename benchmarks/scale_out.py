@@ -377,7 +377,7 @@ async def run_mode(mode: str, n: int, *, pg: str, root: Path, quiet: bool) -> di
             await swarm.open()
             swarms.append(swarm)
             token = await loop.run_in_executor(
-                None, lambda s=server, c=count: s.enrollment_token(max_uses=c)
+                None, functools.partial(server.enrollment_token, max_uses=count)
             )
             t = time.time()
             await swarm.enroll(token, swarm.plan_groups())
@@ -454,12 +454,12 @@ async def run_mode(mode: str, n: int, *, pg: str, root: Path, quiet: bool) -> di
         while time.monotonic() < deadline:
             for m in meters.values():
                 m.sample()
-            t = tally(swarms, release)
-            done = t.get("committed", 0)
+            counts = tally(swarms, release)
+            done = counts.get("committed", 0)
             if not quiet:
                 print(
                     f"\r  [{mode}] t+{time.time() - t0:6.1f}s committed {done:>6}/{n} "
-                    f"retrying {t.get('retrying', 0):>5} failed {t.get('failed', 0):>5}",
+                    f"retrying {counts.get('retrying', 0):>5} failed {counts.get('failed', 0):>5}",
                     end="",
                     flush=True,
                 )
@@ -477,7 +477,7 @@ async def run_mode(mode: str, n: int, *, pg: str, root: Path, quiet: bool) -> di
                 # Its supervisor restarts A (the same address: the URL the devices hold).
                 restarted_at = time.time() - t0
                 restarting = loop.run_in_executor(None, functools.partial(a.start, timeout=120))
-            if done + t.get("failed", 0) >= n:
+            if done + counts.get("failed", 0) >= n:
                 break
             await asyncio.sleep(SAMPLE_S)
         if not quiet:
