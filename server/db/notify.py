@@ -2,8 +2,8 @@
 
 A writer calls :func:`notify` inside its transaction; PostgreSQL delivers the notification to
 every connection listening on the channel when, and only if, that transaction commits. A
-:class:`Listener` is a daemon thread holding one connection of its own (outside the pool) that
-listens on a channel and hands each payload to a callback.
+:class:`Listener` is a background ``Worker`` (``server.core.background``) holding one connection of
+its own (outside the pool) that listens on a channel and hands each payload to a callback.
 
 A notification is a hint, never the record: one sent while a listener was disconnected is lost.
 So a listener calls ``on_connect`` after every (re)connection, and its owner looks at the
@@ -16,13 +16,14 @@ to ``RECONNECT_MAX_S``), and a connection that stays quiet is checked every ``CH
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeGuard
 
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
+
+from server.core.background import Worker
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,9 @@ def listens(engine: object) -> TypeGuard[Engine]:
 
 
 class Listener:
-    """LISTENs on ``channel`` in a thread of its own; ``on_notify(payload)`` per notification,
-    ``on_connect()`` after each (re)connection. Callbacks run on the listener's thread and must
-    be quick (wake something up); one that raises is logged, never fatal.
+    """LISTENs on ``channel`` in a background ``Worker`` of its own; ``on_notify(payload)`` per
+    notification, ``on_connect()`` after each (re)connection. Callbacks run on the listener's
+    thread and must be quick (wake something up); one that raises is logged, never fatal.
 
     ``connects`` counts the connections made, ``received`` the notifications handed over.
     """
@@ -68,52 +69,49 @@ class Listener:
         self.name = name
         self._on_notify = on_notify
         self._on_connect = on_connect
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker(name, self._step)
         self._conn: Any = None  # the driver's connection (psycopg), while connected
+        self._quiet_since = 0.0
+        self._delay = RECONNECT_MIN_S  # the wait before the next reconnection
         self.connects = 0
         self.received = 0
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._worker.running
 
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the thread (within ``WAIT_S``, or a connection attempt)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._worker.stop(timeout)
+        self._close()
 
-    def _run(self) -> None:
-        delay = RECONNECT_MIN_S
-        while not self._stop.is_set():
-            try:
-                driver = self._connect()
-                delay = RECONNECT_MIN_S
+    def _step(self) -> float:
+        """Connect if need be, then wait ``WAIT_S`` for notifications; on any failure close the
+        connection and wait ``_delay`` (doubling) before the next attempt."""
+        try:
+            if self._conn is None:
+                self._connect()
+                self._delay = RECONNECT_MIN_S
                 self._call(self._on_connect)
-                self._listen(driver)
-            except Exception as exc:  # noqa: BLE001 - any failure: reconnect, never die
-                log.warning(
-                    "%s: LISTEN %s lost (%s: %s); reconnecting in %.1f s",
-                    self.name,
-                    self.channel,
-                    type(exc).__name__,
-                    " ".join(str(exc).split())[:300],
-                    delay,
-                )
-            finally:
-                self._close()
-            if self._stop.wait(delay):
-                break
-            delay = min(delay * 2, RECONNECT_MAX_S)
+            self._listen_once()
+            return 0.0
+        except Exception as exc:  # noqa: BLE001 - any failure: reconnect, never die
+            log.warning(
+                "%s: LISTEN %s lost (%s: %s); reconnecting in %.1f s",
+                self.name,
+                self.channel,
+                type(exc).__name__,
+                " ".join(str(exc).split())[:300],
+                self._delay,
+            )
+            self._close()
+            delay, self._delay = self._delay, min(self._delay * 2, RECONNECT_MAX_S)
+            return delay
 
-    def _connect(self) -> Any:
+    def _connect(self) -> None:
         """A connection of the listener's own (detached from the pool), listening."""
         # The engine's URL and driver, but not its pool: the connection lives as long as the
         # listener keeps it, and a broken one is simply closed.
@@ -122,20 +120,18 @@ class Listener:
         driver.autocommit = True
         driver.execute(f"SET application_name = '{self.name[:60]}'")
         driver.execute(f"LISTEN {self.channel}")
+        self._quiet_since = time.monotonic()
         self.connects += 1
         log.info("%s: listening on %s", self.name, self.channel)
-        return driver
 
-    def _listen(self, driver: Any) -> None:
-        quiet_since = time.monotonic()
-        while not self._stop.is_set():
-            for note in driver.notifies(timeout=WAIT_S):
-                quiet_since = time.monotonic()
-                self.received += 1
-                self._call(self._on_notify, note.payload)
-            if time.monotonic() - quiet_since >= CHECK_S:
-                driver.execute("SELECT 1")  # a dead connection raises here, not silently
-                quiet_since = time.monotonic()
+    def _listen_once(self) -> None:
+        for note in self._conn.notifies(timeout=WAIT_S):
+            self._quiet_since = time.monotonic()
+            self.received += 1
+            self._call(self._on_notify, note.payload)
+        if time.monotonic() - self._quiet_since >= CHECK_S:
+            self._conn.execute("SELECT 1")  # a dead connection raises here, not silently
+            self._quiet_since = time.monotonic()
 
     def _call(self, callback: Callable[..., None], *args: Any) -> None:
         try:
