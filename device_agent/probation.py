@@ -199,8 +199,9 @@ def quantile(ordered: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, int(math.ceil(q * len(ordered))) - 1))]
 
 
-def _latency_bound(base_ms: float | None, policy: ProbationPolicy) -> float | None:
-    return None if base_ms is None else base_ms * policy.max_latency_ratio + policy.latency_slack_ms
+def _latency_bound(base_ms: float, policy: ProbationPolicy) -> float:
+    """How slow the trial may get: the baseline's figure * ratio + slack (ms)."""
+    return base_ms * policy.max_latency_ratio + policy.latency_slack_ms
 
 
 def judge(
@@ -228,9 +229,12 @@ def judge(
         # few dozen inferences is a handful of them. So the tail over its bound rolls back only
         # when the median is over its own bound too (the baseline was measured at another time,
         # under another load: comparing tails alone rolled back good models on loaded hosts).
-        bound = base.p95_ms * policy.max_latency_ratio + policy.latency_slack_ms
-        mid = _latency_bound(base.p50_ms, policy)
-        slower = trial.p50_ms is None or mid is None or trial.p50_ms > mid
+        bound = _latency_bound(base.p95_ms, policy)
+        slower = (
+            trial.p50_ms is None
+            or base.p50_ms is None
+            or trial.p50_ms > _latency_bound(base.p50_ms, policy)
+        )
         if trial.p95_ms > bound and slower:
             median = (
                 f"; p50 {trial.p50_ms:.2f} ms vs {base.p50_ms:.2f} ms"
