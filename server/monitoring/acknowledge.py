@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session
 
 from server.core.errors import ConflictError, InvalidRequestError, NotFoundError
 from server.db import audit
-from server.db.monitoring import ALERT_RAISED, Alert, AlertAcknowledgement, WebhookDelivery
-from server.monitoring.alerts import alert_payload
+from server.db.monitoring import ALERT_RAISED, Alert, AlertAcknowledgement
+from server.monitoring.alerts import queue_webhook
 
 EVENT = "alert.acknowledged"  # the webhook event (X-Edgeloop-Event)
 MAX_NOTE_CHARS = 1000  # characters of an operator's note
@@ -100,17 +100,7 @@ def acknowledge(
         now=now,
     )
     if webhook:
-        session.add(
-            WebhookDelivery(
-                alert_id=alert_id,
-                event=EVENT,
-                payload=alert_payload(
-                    alert, event=EVENT, public_url=public_url, acknowledgement=ack
-                ),
-                next_attempt_at=now,
-                created_at=now,
-            )
-        )
+        queue_webhook(session, alert, EVENT, now=now, public_url=public_url, acknowledgement=ack)
     session.commit()
     return alert, ack
 

@@ -361,16 +361,32 @@ def _queue(
     if not config.webhook:
         return 0
     session.flush()
+    queue_webhook(session, alert, event, now=now, public_url=url)
+    return 1
+
+
+def queue_webhook(
+    session: Session,
+    alert: Alert,
+    event: str,
+    *,
+    now: datetime,
+    public_url: str,
+    acknowledgement: AlertAcknowledgement | None = None,
+) -> None:
+    """Add ``event``'s delivery for ``alert`` to the webhook outbox (sent by
+    ``server.monitoring.webhook``), in the caller's transaction."""
     session.add(
         WebhookDelivery(
             alert_id=alert.id,
             event=event,
-            payload=alert_payload(alert, event=event, public_url=url),
+            payload=alert_payload(
+                alert, event=event, public_url=public_url, acknowledgement=acknowledgement
+            ),
             next_attempt_at=now,
             created_at=now,
         )
     )
-    return 1
 
 
 __all__ = [
@@ -381,5 +397,6 @@ __all__ = [
     "alert_payload",
     "figures_dict",
     "json_safe",
+    "queue_webhook",
     "record_window",
 ]
