@@ -207,13 +207,10 @@ class RoundStats:
         return self.p999_swap - self.p999_steady
 
 
-@dataclass
-class ArmRun:
-    """A control arm's rounds, each against the same round's steady phase."""
+class _Judged:
+    """The verdict figures of a run or arm: medians over its rounds."""
 
-    name: str
     rounds: list[RoundStats]
-    cpu_ms: float  # updater CPU per slice, median (the swap's, for the two duty-cycle arms)
 
     @property
     def median_ratio(self) -> float:
@@ -225,7 +222,16 @@ class ArmRun:
 
 
 @dataclass
-class SwapRun:
+class ArmRun(_Judged):
+    """A control arm's rounds, each against the same round's steady phase."""
+
+    name: str
+    rounds: list[RoundStats]
+    cpu_ms: float  # updater CPU per slice, median (the swap's, for the two duty-cycle arms)
+
+
+@dataclass
+class SwapRun(_Judged):
     threads: int
     rounds: list[RoundStats]
     swaps: int
@@ -246,14 +252,6 @@ class SwapRun:
     full_gc_ms: tuple[float, float]  # before / after gc.freeze()
     swap_cpu_ms: float  # updater CPU per swap, median
     arms: list[ArmRun]  # control arms; empty without controls
-
-    @property
-    def median_ratio(self) -> float:
-        return statistics.median(r.ratio for r in self.rounds)
-
-    @property
-    def median_delta(self) -> float:
-        return statistics.median(r.delta for r in self.rounds)
 
     @property
     def growth(self) -> float:
